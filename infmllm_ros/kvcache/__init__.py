@@ -1,0 +1,6 @@
+"""Fixed-size KV cache with Inf-MLLM eviction: buffer, policies, torch reference math."""
+from .cache import CacheFullError, KVCache, SlotKind
+from .policies import POLICIES, EvictionPolicy, make_policy
+from .rope import Rope
+
+__all__ = ["CacheFullError", "KVCache", "SlotKind", "POLICIES", "EvictionPolicy", "make_policy", "Rope"]

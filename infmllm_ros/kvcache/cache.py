@@ -1,0 +1,194 @@
+"""The fixed-size KV cache: one preallocated buffer, per-slot metadata, chunked attention, eviction.
+
+Memory never grows with the stream: K and V are ``[layers, kv_heads, capacity + max_chunk,
+head_dim]`` from the start. A chunk of ``n`` tokens is written after the ``length`` occupied
+slots (RoPE positions ``length..length+n-1``: positions are slot indices, as in StreamingLLM),
+attended, and then, if ``length + n > capacity``, the policy chooses ``capacity`` slots per
+(layer, kv_head) row to keep and they are compacted to the front with their keys re-rotated.
+"""
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+
+import torch
+
+from .policies import EvictionPolicy
+from .reference import column_scores, kv_compact
+from .rope import Rope
+
+
+class SlotKind(IntEnum):
+    """What a cached token is: protected system prompt, text, or a vision token."""
+
+    SINK = 0
+    TEXT = 1
+    VISION = 2
+
+
+class CacheFullError(RuntimeError):
+    """A chunk does not fit and the policy does not evict (``full``)."""
+
+
+class KVCache:
+    """Preallocated KV buffer with slot metadata and an eviction policy.
+
+    Args:
+        layers, kv_heads, head_dim: model shape.
+        capacity: slots kept after eviction (tokens), ``>= sinks + recent + max_chunk``
+            (:meth:`EvictionPolicy.check_capacity`).
+        max_chunk: largest chunk (tokens) written at once; the buffer has
+            ``capacity + max_chunk`` slots.
+        policy: eviction policy (:mod:`.policies`).
+        rope: the model's RoPE, used to re-rotate keys on compaction (None: keys without RoPE).
+        dtype, device: buffer dtype/device (scores and softmax are always fp32).
+
+    Attributes:
+        k, v: ``[layers, kv_heads, slots, head_dim]``.
+        position: int64 ``[layers, kv_heads, slots]`` stream position of each token.
+        kind: int8 ``[layers, kv_heads, slots]`` (:class:`SlotKind`).
+        frame: int32 ``[layers, kv_heads, slots]`` frame id (-1 for text).
+        stamp: float64 ``[layers, kv_heads, slots]`` frame time in seconds (NaN for text).
+        length: occupied slots per row (same for all rows).
+        stream_tokens: tokens seen since the last reset.
+        evicted_tokens: tokens dropped per row since the last reset.
+
+    Raises:
+        ValueError: on inconsistent sizes.
+    """
+
+    def __init__(self, *, layers: int, kv_heads: int, head_dim: int, capacity: int, max_chunk: int,
+                 policy: EvictionPolicy, rope: Rope | None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        if min(layers, kv_heads, head_dim) < 1:
+            raise ValueError("layers, kv_heads and head_dim must be >= 1")
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+        policy.check_capacity(capacity, max_chunk)
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.max_chunk = max_chunk
+        self.policy = policy
+        self.rope = rope
+        self.scale = head_dim ** -0.5
+        slots = capacity + max_chunk
+        shape = (layers, kv_heads, slots)
+        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.position = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.kind = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.frame = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.stamp = torch.full(shape, math.nan, dtype=torch.float64, device=device)
+        spec = policy.score_spec
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
+        self._window = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
+        self._causal = torch.ones(max_chunk, max_chunk, dtype=torch.bool, device=device).triu(1)
+        self.reset()
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``(layers, kv_heads)``."""
+        return self.k.shape[0], self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K/V buffers (the part that scales with capacity)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset(self) -> None:
+        """Forget everything (the buffers stay allocated)."""
+        self.length = 0
+        self.pending = 0
+        self.stream_tokens = 0
+        self.evicted_tokens = 0
+
+    def begin_chunk(self, n: int, kind: SlotKind = SlotKind.TEXT, frame_id: int = -1,
+                    stamp_s: float = math.nan) -> torch.Tensor:
+        """Reserve slots for a chunk of ``n`` tokens and record their metadata.
+
+        Returns:
+            int64 ``[n]`` RoPE positions (the slot indices) for the chunk.
+
+        Raises:
+            ValueError: ``n`` outside ``1..max_chunk``.
+            CacheFullError: the policy never evicts and the chunk would exceed capacity.
+            RuntimeError: a previous chunk was begun and not committed.
+        """
+        if self.pending:
+            raise RuntimeError("begin_chunk called twice without commit")
+        if not 1 <= n <= self.max_chunk:
+            raise ValueError(f"chunk of {n} tokens is outside 1..max_chunk={self.max_chunk}")
+        if not self.policy.evicts and self.length + n > self.capacity:
+            raise CacheFullError(
+                f"full KV cache of {self.capacity} tokens cannot take {n} more "
+                f"(holds {self.length}); use an evicting policy or a larger capacity")
+        s, e = self.length, self.length + n
+        dev = self.k.device
+        self.position[:, :, s:e] = torch.arange(self.stream_tokens, self.stream_tokens + n, device=dev)
+        self.kind[:, :, s:e] = int(kind)
+        self.frame[:, :, s:e] = frame_id
+        self.stamp[:, :, s:e] = stamp_s
+        if self.scores is not None:
+            self.scores[:, :, s:e] = 0.0
+        self.pending = n
+        return torch.arange(s, e, device=dev)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the chunk's keys/values for ``layer`` and attend to cache + chunk.
+
+        Args:
+            layer: layer index.
+            q: post-RoPE queries ``[q_heads, n, head_dim]``.
+            k, v: post-RoPE keys and values ``[kv_heads, n, head_dim]``.
+
+        Returns:
+            attention output ``[q_heads, n, head_dim]`` in q's dtype (softmax in fp32).
+        """
+        n = self.pending
+        s, t = self.length, self.length + n
+        self.k[layer, :, s:t] = k
+        self.v[layer, :, s:t] = v
+        keys, values = self.k[layer, :, :t], self.v[layer, :, :t]
+        hq, _, d = q.shape
+        hkv = keys.shape[0]
+        qg = q.reshape(hkv, hq // hkv, n, d)
+        logits = torch.matmul(qg, keys.transpose(-1, -2)[:, None]).float() * self.scale
+        mask = torch.zeros(n, t, dtype=torch.bool, device=q.device)
+        mask[:, s:] = self._causal[:n, :n]
+        probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values[:, None]).reshape(hq, n, d)
+        spec = self.policy.score_spec
+        if spec is not None:
+            self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
+        return out
+
+    def rollback(self) -> None:
+        """Drop a begun chunk (e.g. after an error mid-forward); the cache is as before it."""
+        self.pending = 0
+
+    def commit(self) -> int:
+        """Finish the chunk: update scores, and evict down to capacity if needed.
+
+        Returns:
+            tokens evicted per row by this call (0 when the chunk fitted).
+        """
+        t = self.length + self.pending
+        spec = self.policy.score_spec
+        if spec is not None:
+            self.scores[:, :, :t] = spec.decay * self.scores[:, :, :t] + self._window[:, :, :t]
+        self.length = t
+        self.stream_tokens += self.pending
+        self.pending = 0
+        if t <= self.capacity:
+            return 0
+        scores = self.scores[:, :, :t] if spec is not None else None
+        keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device)
+        meta = (self.position, self.kind, self.frame, self.stamp)
+        if self.scores is not None:
+            meta += (self.scores,)
+        kv_compact(self.k, self.v, keep, self.rope, meta)
+        self.length = self.capacity
+        evicted = t - self.capacity
+        self.evicted_tokens += evicted
+        return evicted

@@ -1,0 +1,70 @@
+"""Rotary position embedding (RoPE) with slot-index positions and key re-rotation.
+
+Layout: the "rotate half" (GPT-NeoX / Hugging Face) convention, where dimension ``i`` is
+paired with ``i + head_dim/2``. GGUF files store LLaMA Q/K weights permuted for the
+interleaved convention; the GGUF loader undoes that permutation, so every model in this
+package uses this layout.
+
+Formula (Su et al., RoFormer, eq. 34): for position ``p`` and pair frequency
+``inv_freq[i] = theta ** (-2i / rotary_dim)``, ``x' = x * cos(p * f) + rotate_half(x) * sin(p * f)``.
+Rotations compose additively, so a key stored post-RoPE at slot ``s`` moves to slot ``s'``
+by one more rotation of angle ``(s' - s) * f`` (StreamingLLM, Xiao et al. 2023, §3.2:
+positions are assigned within the cache).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Return ``[-x2, x1]`` for ``x = [x1, x2]`` split on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope:
+    """RoPE angles for a head dimension and base ``theta``.
+
+    Args:
+        head_dim: per-head dimension D (even); the whole head is rotated.
+        theta: RoPE base (e.g. 1e5 for SmolLM2, 1e6 for Qwen2).
+
+    Raises:
+        ValueError: if ``head_dim`` is odd or ``theta`` is not positive.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        if head_dim % 2:
+            raise ValueError(f"RoPE head_dim must be even, got {head_dim}")
+        if theta <= 0:
+            raise ValueError(f"RoPE theta must be positive, got {theta}")
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        # fp32 inverse frequencies, computed as transformers' LlamaRotaryEmbedding does.
+        self.inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables for integer ``positions`` of any shape ``[...]``.
+
+        Returns two tensors of shape ``[..., head_dim]`` and dtype ``dtype``.
+        Angles are computed in fp32 (as transformers does) and then cast.
+        """
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[heads, n, head_dim]`` by tables ``[n, head_dim]`` from :meth:`cos_sin`."""
+        return x * cos + rotate_half(x) * sin
+
+    def rerotate(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Move post-RoPE ``keys`` ``[..., n, head_dim]`` by ``shift`` slots ``[..., n]`` (int).
+
+        ``shift`` is ``new_slot - old_slot`` (zero or negative after compaction). The rotation
+        is done in fp32 and cast back to the keys' dtype.
+        """
+        cos, sin = self.cos_sin(shift, torch.float32)
+        return self.apply(keys.to(torch.float32), cos, sin).to(keys.dtype)

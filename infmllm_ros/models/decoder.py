@@ -1,0 +1,199 @@
+"""LLaMA / Qwen2-family decoder that runs chunks against the fixed-size KV cache.
+
+Module and parameter names follow transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+(``model.layers.N.self_attn.q_proj.weight`` ...), so Hugging Face state dicts load directly.
+One stream, no batch dimension: activations are ``[n, hidden]`` for a chunk of ``n`` tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kvcache import KVCache, Rope, SlotKind
+from ..kvcache.policies import EvictionPolicy
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape of a LLaMA/Qwen2 decoder.
+
+    Attributes:
+        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+        head_dim: sizes (tokens / features / heads).
+        rope_theta: RoPE base.
+        rms_norm_eps: RMSNorm epsilon.
+        tie_word_embeddings: LM head shares the input embedding.
+        attention_bias: q/k/v projections have biases (Qwen2).
+        max_position_embeddings: trained context (tokens); the cache never exceeds it.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+        if min(self.vocab_size, self.hidden_size, self.num_layers, self.head_dim) < 1:
+            raise ValueError(f"invalid decoder config {self}")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in fp32 as transformers' LlamaRMSNorm."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention whose keys/values live in the :class:`KVCache`."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        d = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache) -> torch.Tensor:
+        n, d = x.shape[0], self.cfg.head_dim
+        q = self.q_proj(x).view(n, self.cfg.num_heads, d).transpose(0, 1)
+        k = self.k_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
+        v = self.v_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
+        q, k = Rope.apply(q, *rope_cs), Rope.apply(k, *rope_cs)
+        out = cache.attend(self.layer, q, k, v)
+        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope_cs, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """LLaMA/Qwen2 causal LM that reads a stream chunk by chunk through a :class:`KVCache`.
+
+    Args:
+        cfg: model shape.
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+        self.model = _Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.requires_grad_(False)  # inference only
+
+    def new_cache(self, capacity: int, max_chunk: int, policy: EvictionPolicy,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache shaped for this model (see :class:`KVCache` for the errors it raises).
+
+        Raises:
+            ValueError: also when ``capacity + max_chunk`` exceeds the trained context, since
+                slot positions must stay inside it.
+        """
+        slots = capacity + max_chunk
+        if slots > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"capacity + max_chunk = {slots} slots exceeds the model's trained context "
+                f"({self.cfg.max_position_embeddings} tokens)")
+        p = next(self.parameters())
+        return KVCache(layers=self.cfg.num_layers, kv_heads=self.cfg.num_kv_heads,
+                       head_dim=self.cfg.head_dim, capacity=capacity, max_chunk=max_chunk,
+                       policy=policy, rope=self.rope, dtype=dtype or p.dtype, device=p.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids int64 ``[n]`` -> input embeddings ``[n, hidden]``."""
+        return self.model.embed_tokens(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[n, hidden]`` -> fp32 logits ``[n, vocab]``."""
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind = SlotKind.TEXT,
+                frame_id: int = -1, stamp_s: float = math.nan) -> torch.Tensor:
+        """Run one chunk through the model and the cache (evicting if it overflows).
+
+        Args:
+            embeds: input embeddings ``[n, hidden]``, ``1 <= n <= cache.max_chunk``.
+            cache: this stream's KV cache.
+            kind, frame_id, stamp_s: slot metadata of the chunk.
+
+        Returns:
+            final normed hidden states ``[n, hidden]`` (apply :meth:`logits` where needed).
+
+        Raises:
+            ValueError / CacheFullError: from :meth:`KVCache.begin_chunk`; the cache is unchanged.
+        """
+        if embeds.dim() != 2 or embeds.shape[1] != self.cfg.hidden_size:
+            raise ValueError(f"embeds must be [n, {self.cfg.hidden_size}], got {tuple(embeds.shape)}")
+        positions = cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
+        try:
+            x = embeds
+            rope_cs = self.rope.cos_sin(positions, embeds.dtype)
+            for layer in self.model.layers:
+                x = layer(x, rope_cs, cache)
+            x = self.model.norm(x)
+        except BaseException:
+            cache.rollback()
+            raise
+        cache.commit()
+        return x

@@ -1,0 +1,110 @@
+"""Tokenizer + chat template for the language model, on the `tokenizers` library and Jinja2.
+
+The byte-level BPE is built by `tokenizers` from the vocabulary and merges stored in a GGUF
+file (``tokenizer.ggml.*``) or loaded from a Hugging Face ``tokenizer.json``; the chat template
+is the model's own Jinja template, rendered in a sandbox as transformers does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+# GGUF token_type values (llama.cpp's llama_token_type): 3 = control, 4 = user-defined.
+_SPECIAL_TOKEN_TYPES = (3, 4)
+
+
+class ChatTokenizer:
+    """Text <-> token ids, plus the chat template and stop tokens.
+
+    Args:
+        tokenizer: a `tokenizers.Tokenizer`.
+        chat_template: Jinja chat template (``messages`` -> prompt text).
+        eos_id: end-of-sequence token id.
+        extra_stop: other token strings that end a reply (e.g. ``<|im_end|>``).
+
+    Raises:
+        ValueError: if a stop token is not in the vocabulary.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, eos_id: int,
+                 extra_stop: tuple[str, ...] = ("<|im_end|>",)):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.eos_id = eos_id
+        stops = {eos_id}
+        for tok in extra_stop:
+            tid = tokenizer.token_to_id(tok)
+            if tid is not None:
+                stops.add(tid)
+        self.stop_ids = frozenset(stops)
+        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+            chat_template) if chat_template else None
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including special tokens."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (special-token strings in the text are recognised)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` with special tokens removed."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) by the chat template.
+
+        Raises:
+            ValueError: if the model has no chat template.
+        """
+        if self._template is None:
+            raise ValueError("this model has no chat template")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token="", eos_token=self.tokenizer.id_to_token(self.eos_id))
+
+    @classmethod
+    def from_bpe(cls, tokens: list[str], merges: list[str], token_types: list[int], eos_id: int,
+                 chat_template: str, pre: str = "gpt2") -> "ChatTokenizer":
+        """Byte-level BPE from GGUF-style vocab/merges.
+
+        Args:
+            tokens: vocabulary, index = id.
+            merges: ``"a b"`` merge rules in priority order.
+            token_types: GGUF token types; control/user-defined tokens become special tokens.
+            pre: llama.cpp pre-tokenizer name; ``smollm`` splits digits individually first.
+        """
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre == "smollm":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([t for t, ty in zip(tokens, token_types) if ty in _SPECIAL_TOKEN_TYPES])
+        return cls(tok, chat_template, eos_id)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> "ChatTokenizer":
+        """From a Hugging Face checkpoint folder (``tokenizer.json`` + ``tokenizer_config.json``).
+
+        Raises:
+            FileNotFoundError: if ``tokenizer.json`` is missing.
+        """
+        path = Path(path)
+        tjson = path / "tokenizer.json"
+        if not tjson.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        tok = Tokenizer.from_file(str(tjson))
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        eos = cfg.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos_id = tok.token_to_id(eos) if eos else None
+        return cls(tok, cfg.get("chat_template") or "", eos_id if eos_id is not None else 0)

@@ -1,0 +1,31 @@
+"""ament_python package setup for infmllm_ros (also a plain pip-installable package)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "infmllm_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+        (f"share/{PACKAGE}/cuda", glob("cuda/*")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="infmllm_ros developers",
+    maintainer_email="dev@infmllm-ros.invalid",
+    description="Streaming multimodal LLM memory with an Inf-MLLM fixed-size KV cache for ROS 2.",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "infmllm-bench-ppl = infmllm_ros.bench.perplexity:main",
+        ],
+    },
+)

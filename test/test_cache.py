@@ -1,0 +1,96 @@
+"""The fixed-size KV cache on a tiny random LLaMA: memory bound, policies, errors, state safety."""
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from infmllm_ros.kvcache import POLICIES, CacheFullError, KVCache, SlotKind, make_policy
+from infmllm_ros.models import Decoder, DecoderConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hf = tiny_hf_model()
+    c = hf.config
+    dec = Decoder(DecoderConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers,
+                                num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                                head_dim=c.hidden_size // c.num_attention_heads, rope_theta=1e4,
+                                rms_norm_eps=c.rms_norm_eps, max_position_embeddings=512))
+    dec.load_state_dict(hf.state_dict())
+    return dec
+
+
+def stream_logits(dec, cache, ids, chunk):
+    return torch.cat([dec.logits(dec(dec.embed(ids[s:s + chunk]), cache)) for s in range(0, len(ids), chunk)])
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_equals_full_when_nothing_is_evicted(tiny, name):
+    ids = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(0))
+    full = stream_logits(tiny, tiny.new_cache(128, 16, make_policy("full")), ids, 16)
+    got = stream_logits(tiny, tiny.new_cache(128, 16, make_policy(name, sinks=4, recent=16)), ids, 16)
+    assert torch.equal(got, full)
+
+
+@pytest.mark.parametrize("name", ["window", "streaming_llm", "h2o", "inf_mllm"])
+def test_memory_is_fixed_and_length_stays_at_capacity(tiny, name):
+    cache = tiny.new_cache(48, 8, make_policy(name, sinks=4, recent=8))
+    ptr, shape = cache.k.data_ptr(), tuple(cache.k.shape)
+    ids = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(1))
+    stream_logits(tiny, cache, ids, 8)
+    assert cache.k.data_ptr() == ptr and tuple(cache.k.shape) == shape == (3, 2, 56, 16)
+    assert cache.length == 48 and cache.stream_tokens == 400 and cache.evicted_tokens == 352
+    pos = cache.position[:, :, :48]
+    assert bool((pos[..., 1:] > pos[..., :-1]).all()), "kept tokens must stay in temporal order"
+    if name != "window":
+        assert pos[..., :4].tolist() == [[[0, 1, 2, 3]] * 2] * 3, "sinks must survive"
+    assert bool((pos[..., -8:] == torch.arange(392, 400)).all()), "recent tokens must survive"
+
+
+def test_h2o_and_inf_mllm_keep_different_tokens_per_row(tiny):
+    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=2, recent=8, beta=0.0))
+    stream_logits(tiny, cache, torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(2)), 8)
+    rows = cache.position[:, :, :40].reshape(-1, 40)
+    assert len({tuple(r.tolist()) for r in rows}) > 1
+
+
+def test_slot_metadata_follows_tokens(tiny):
+    cache = tiny.new_cache(40, 8, make_policy("streaming_llm", sinks=4))
+    tiny(tiny.embed(torch.arange(8)), cache, SlotKind.SINK)
+    for f in range(8):
+        tiny(tiny.embed(torch.arange(8)), cache, SlotKind.VISION, frame_id=f, stamp_s=10.0 + f)
+    # 72 tokens streamed into 40 slots: sinks (4) + the newest 36 = frames 4..7 and half of 3.
+    frames = cache.frame[0, 0, :40]
+    assert cache.kind[0, 0, :4].tolist() == [SlotKind.SINK] * 4
+    assert frames[4:].tolist() == [3] * 4 + [4] * 8 + [5] * 8 + [6] * 8 + [7] * 8
+    assert cache.stamp[0, 0, 39].item() == 17.0
+
+
+def test_bad_sizes_and_names_are_clear_errors(tiny):
+    with pytest.raises(ValueError, match=r"capacity 40 is smaller than sinks \(4\) \+ recent \(32\) \+ chunk \(8\)"):
+        tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=32))
+    with pytest.raises(ValueError, match="unknown KV-cache policy 'lru'.*inf_mllm"):
+        make_policy("lru")
+    with pytest.raises(ValueError, match="trained context"):
+        tiny.new_cache(500, 32, make_policy("window", sinks=0, recent=8))
+    with pytest.raises(ValueError, match="beta"):
+        make_policy("inf_mllm", beta=-1.0)
+
+
+def test_rejected_chunks_leave_the_cache_unchanged(tiny):
+    cache = tiny.new_cache(32, 8, make_policy("full"))
+    stream_logits(tiny, cache, torch.arange(32), 8)
+    k_before = cache.k.clone()
+    with pytest.raises(CacheFullError, match="cannot take 8 more"):
+        tiny(tiny.embed(torch.arange(8)), cache)
+    with pytest.raises(ValueError, match="outside 1..max_chunk=8"):
+        tiny(tiny.embed(torch.arange(9)), cache)
+    with pytest.raises(ValueError, match=r"embeds must be \[n, 64\]"):
+        tiny(torch.zeros(3, 5), cache)
+    assert cache.length == 32 and cache.pending == 0 and torch.equal(cache.k, k_before)
+
+
+def test_kvcache_validates_shape_arguments():
+    with pytest.raises(ValueError, match="max_chunk"):
+        KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=0,
+                policy=make_policy("full"), rope=None)
