@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench-ppl clean
+.PHONY: venv test demo bench-ppl clean
+
+# Real text for the demo: the shared WikiText-2 file when present, else this README.
+DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
 
 venv: $(STAMP)
 
@@ -27,4 +30,9 @@ bench-ppl: $(STAMP)
 	$(VENV)/bin/infmllm-bench-ppl --text ../shared/data/wikitext2_test.txt --json bench/results/perplexity.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo-out
+
+# The main job. Until the ROS node lands (issue 4) this is a short streaming-perplexity run.
+demo: $(STAMP)
+	$(VENV)/bin/infmllm-bench-ppl --text $(DEMO_TEXT) --tokens 2000 --capacity 128 --recent 32 \
+	    --policy window,streaming_llm,h2o,inf_mllm --hf-contexts '' --json demo-out/perplexity.json

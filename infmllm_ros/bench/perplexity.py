@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -120,6 +121,22 @@ def _run_job(job: dict, ids: torch.Tensor, chunk: int, buckets: int) -> dict:
     return out
 
 
+def _run_all(jobs: list[dict], ids: torch.Tensor, args, model_path: Path, threads: int):
+    """Yield finished runs: in this process for ``--jobs 1``, else in a spawned process pool
+    (fork after torch has started its thread pool can deadlock the children)."""
+    if args.jobs <= 1:
+        _init_worker(str(model_path), threads)
+        for job in jobs:
+            yield _run_job(job, ids, args.chunk, args.buckets)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(model_path), threads)) as pool:
+        futures = [pool.submit(_run_job, j, ids, args.chunk, args.buckets) for j in jobs]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
 def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[int], chunk: int,
                            repeats: int = 3) -> dict:
     """Per-chunk time (ms) of transformers' LlamaForCausalLM with a growing full DynamicCache.
@@ -168,15 +185,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4, help="protected leading tokens (default 4)")
     p.add_argument("--recent", type=int, default=None,
                    help="protected recent tokens (default: capacity/4)")
-    p.add_argument("--beta", type=_csv(float), default=[1e-3],
+    p.add_argument("--beta", type=_csv(float), default=[1e-2],
                    help="comma list of inf_mllm attention-bias slopes (logit per slot)")
-    p.add_argument("--decay", type=_csv(float), default=[0.0],
-                   help="comma list of inf_mllm score-carry decays (0 = window only)")
+    p.add_argument("--decay", type=_csv(float), default=[0.9],
+                   help="comma list of inf_mllm score-carry decays (0 = retrieval window only)")
     p.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct wheel)")
     p.add_argument("--buckets", type=int, default=10, help="stream-position buckets (default 10)")
     p.add_argument("--hf-contexts", type=_csv(int), default=[2048, 4096, 8160],
                    help="contexts for the transformers full-cache timing ('' to skip)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
+    p.add_argument("--order", choices=["capacity", "policy"], default="capacity",
+                   help="job order (policy: all capacities of one policy before the next)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG written beside it)")
     p.add_argument("--resume", action="store_true", help="keep finished runs found in --json")
     return p.parse_args(argv)
@@ -272,19 +291,17 @@ def main(argv=None) -> int:
         if "hf_full_cache_chunk_ms" in old:
             data["hf_full_cache_chunk_ms"] = old["hf_full_cache_chunk_ms"]
     todo = [j for j in jobs if j["key"] not in data["runs"]]
+    if args.order == "policy":
+        todo.sort(key=lambda j: args.policy.index(j["policy"]))
     threads = max(1, torch.get_num_threads() // max(1, args.jobs))
     print(f"infmllm-bench-ppl: {len(todo)} runs of {ids.numel()} tokens, {args.jobs} at a time "
           f"on {threads} thread(s) each", file=sys.stderr)
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
-                             initargs=(str(model_path), threads)) as pool:
-        futures = [pool.submit(_run_job, j, ids, args.chunk, args.buckets) for j in todo]
-        for fut in as_completed(futures):
-            r = fut.result()
-            data["runs"][r["key"]] = r
-            write_json(out, data)
-            report(data, out)
-            print(f"done {r['key']}: ppl {r['ppl']:.2f}, d10/d2 {r['last_over_second_decile']:.3f}",
-                  file=sys.stderr, flush=True)
+    for r in _run_all(todo, ids, args, model_path, threads):
+        data["runs"][r["key"]] = r
+        write_json(out, data)
+        report(data, out)
+        print(f"done {r['key']}: ppl {r['ppl']:.2f}, d10/d2 {r['last_over_second_decile']:.3f}",
+              file=sys.stderr, flush=True)
     if args.hf_contexts and "hf_full_cache_chunk_ms" not in data:
         torch.set_num_threads(threads)
         contexts = [c for c in args.hf_contexts if c + args.chunk <= ids.numel()]
