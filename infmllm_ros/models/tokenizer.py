@@ -67,6 +67,23 @@ class ChatTokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token="", eos_token=self.tokenizer.id_to_token(self.eos_id))
 
+    def render_turn(self, role: str, content: str, add_generation_prompt: bool = False) -> str:
+        """Prompt text of one more turn in an ongoing chat (no default system prompt injected).
+
+        Templates such as SmolLM2's insert their own system prompt when the first message is not
+        a system message; a streaming session appends turns one at a time, so the turn is rendered
+        after a placeholder system message and that prefix is cut off.
+
+        Raises:
+            ValueError: no chat template, or a template whose output does not extend its prefix.
+        """
+        head = [{"role": "system", "content": "-"}]
+        prefix = self.render_chat(head, add_generation_prompt=False)
+        full = self.render_chat(head + [{"role": role, "content": content}], add_generation_prompt)
+        if not full.startswith(prefix):
+            raise ValueError("chat template does not render turns incrementally")
+        return full[len(prefix):]
+
     @classmethod
     def from_bpe(cls, tokens: list[str], merges: list[str], token_types: list[int], eos_id: int,
                  chat_template: str, pre: str = "gpt2") -> "ChatTokenizer":

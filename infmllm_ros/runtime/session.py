@@ -1,0 +1,187 @@
+"""StreamSession: one camera stream's memory in a fixed-size KV cache, and questions about it.
+
+The stream in the cache is: the system prompt (protected sinks), then one chunk per frame
+(``<frame t=12.0s cam=front>`` tag + vision tokens + newline), then chat turns. Frames and
+questions take one lock around the cache, so one ingest thread and one ask thread can share a
+session; the vision encoder runs outside the lock, so ingest of the next frame overlaps decoding
+only in its vision part.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..kvcache import SlotKind, make_policy
+from ..models import ChatTokenizer, Decoder
+from ..models.vision import LabelEmbeddingProjector, VisionEncoder
+from .generate import greedy_decode
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
+    "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """What ingesting one frame did. Times in milliseconds, counts in tokens."""
+
+    frame_id: int
+    tokens: int
+    top_label: str
+    vision_ms: float
+    prefill_ms: float
+    evicted_tokens: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer and the state it was answered from.
+
+    Attributes:
+        text: the reply. latency_s: wall time of the whole ask (seconds).
+        ttft_s: time to the first generated token (prompt prefill + first step, seconds).
+        decode_tokens_per_s: generated tokens per second after the first.
+        new_tokens: generated tokens. tokens_in_cache: occupied slots per row after answering.
+        frames_in_context: frames with at least one token in the cache.
+        first_frame_s / last_frame_s: stamps (seconds) of the oldest / newest frame in context
+            (NaN when none).
+    """
+
+    text: str
+    latency_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    new_tokens: int
+    tokens_in_cache: int
+    frames_in_context: int
+    first_frame_s: float
+    last_frame_s: float
+
+
+class StreamSession:
+    """Frames in, questions answered, memory bounded by the KV-cache capacity.
+
+    Args:
+        decoder, tokenizer: the language model.
+        vision: the frame classifier; projector: maps its probabilities to LM embeddings.
+        capacity: KV slots (tokens) kept. policy: policy name (:data:`kvcache.POLICIES`).
+        recent: protected newest tokens. beta, decay: inf_mllm attention bias and score carry.
+        max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
+        system_prompt: protected prefix; its tokens are the policy's sinks.
+
+    Raises:
+        ValueError: bad sizes or policy (see :class:`KVCache`), or a system prompt that does not
+            fit in a chunk.
+    """
+
+    def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
+                 projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
+                 recent: int = 256, beta: float = 1e-2, decay: float = 0.9, max_chunk: int = 64,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.decoder, self.tokenizer, self.vision, self.projector = decoder, tokenizer, vision, projector
+        system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
+                                            add_generation_prompt=False)
+        self._system_ids = tokenizer.encode(system_text)
+        if len(self._system_ids) > max_chunk:
+            raise ValueError(f"system prompt of {len(self._system_ids)} tokens exceeds max_chunk={max_chunk}")
+        pol = make_policy(policy, sinks=len(self._system_ids), recent=recent, beta=beta, decay=decay)
+        self.cache = decoder.new_cache(capacity, max_chunk, pol)
+        self._lock = threading.Lock()
+        # Each frame is a short user turn, so the chat model reads frames as things it was told.
+        prefix, suffix = tokenizer.render_turn("user", "\0").split("\0")
+        self._frame_prefix, self._frame_suffix = tokenizer.encode(prefix), tokenizer.encode(suffix)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream; keep the system prompt."""
+        with self._lock:
+            self.cache.reset()
+            self.frames_ingested = 0
+            self.last_stamp_s = -math.inf
+            self.decoder(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        return self.decoder.embed(torch.tensor(ids, dtype=torch.int64))
+
+    def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
+        """Append one frame (tag + vision tokens) and run the eviction policy.
+
+        Args:
+            rgb: uint8 ``[H, W, 3]`` RGB (or float in [0, 1]).
+            stamp_s: frame time in seconds (stream or ROS time), not older than the last frame.
+            camera: camera name for the tag.
+
+        Raises:
+            TypeError / ValueError: bad frame (see :func:`check_rgb`), a NaN or older stamp, an
+                empty camera name. The stream is unchanged.
+        """
+        if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
+            raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
+        if stamp_s < self.last_stamp_s:
+            raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame ({self.last_stamp_s:.3f}s)")
+        if not camera or not camera.strip():
+            raise ValueError("camera name is empty")
+        t0 = time.perf_counter()
+        glob, cells = self.vision(self.vision.preprocess(rgb))
+        vis = self.projector(glob, cells)
+        tag = self._embed_ids(self._frame_prefix + self.tokenizer.encode(
+            f"<frame t={stamp_s:.1f}s cam={camera.strip()}> I see"))
+        embeds = torch.cat((tag, vis.to(tag.dtype), self._embed_ids(self._frame_suffix)))
+        t1 = time.perf_counter()
+        with self._lock:
+            if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
+                raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
+            before = self.cache.evicted_tokens
+            self.decoder(embeds, self.cache, SlotKind.VISION, frame_id=self.frames_ingested, stamp_s=float(stamp_s))
+            frame_id = self.frames_ingested
+            self.frames_ingested += 1
+            self.last_stamp_s = float(stamp_s)
+            evicted = self.cache.evicted_tokens - before
+        t2 = time.perf_counter()
+        return FrameResult(frame_id, embeds.shape[0], self.projector.top_label(glob),
+                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted)
+
+    def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
+        """Answer ``question`` from what is in the cache (greedy decoding).
+
+        Args:
+            question: the operator's question (non-empty).
+            max_new_tokens: most tokens generated (>= 1).
+            keep_in_context: keep the question and answer in the cache for later rounds; if
+                False the cache is restored to its state before the question.
+
+        Raises:
+            ValueError: empty question, ``max_new_tokens < 1``. The stream is unchanged.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt = self.tokenizer.render_turn("user", question.strip(), add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        t0 = time.perf_counter()
+        with self._lock:
+            snap = None if keep_in_context else self.cache.snapshot()
+            try:
+                step = self.cache.max_chunk
+                for s in range(0, len(ids), step):
+                    hidden = self.decoder(self._embed_ids(ids[s:s + step]), self.cache)
+                last = self.decoder.logits(hidden)[-1]
+                t1 = time.perf_counter()
+                out = greedy_decode(self.decoder, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
+                t2 = time.perf_counter()
+                frames, stamps = self.cache.frames()
+                length = self.cache.length
+            finally:
+                if snap is not None:
+                    self.cache.restore(snap)
+        rate = (len(out) - 1) / (t2 - t1) if len(out) > 1 and t2 > t1 else 0.0
+        return Answer(text=self.tokenizer.decode(out).strip(), latency_s=t2 - t0, ttft_s=t1 - t0,
+                      decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
+                      frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
+                      last_frame_s=stamps[-1] if stamps else math.nan)
