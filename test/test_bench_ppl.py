@@ -48,7 +48,7 @@ def test_summary_buckets_and_flatness():
 def test_small_run_writes_json_markdown_and_plot(tmp_path, text_file):
     out = tmp_path / "ppl.json"
     code = main(["--text", str(text_file), "--tokens", "300", "--capacity", "64", "--recent", "8",
-                 "--chunk", "16", "--policy", "window,inf_mllm", "--beta", "0,0.01", "--jobs", "1",
+                 "--chunk", "16", "--policy", "window,inf_mllm", "--beta", "0,0.01", "--decay", "0", "--jobs", "1",
                  "--hf-contexts", "", "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())

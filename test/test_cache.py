@@ -48,7 +48,7 @@ def test_memory_is_fixed_and_length_stays_at_capacity(tiny, name):
 
 
 def test_h2o_and_inf_mllm_keep_different_tokens_per_row(tiny):
-    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=2, recent=8, beta=0.0))
+    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=2, recent=8, beta=0.0, decay=0.0))
     stream_logits(tiny, cache, torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(2)), 8)
     rows = cache.position[:, :, :40].reshape(-1, 40)
     assert len({tuple(r.tolist()) for r in rows}) > 1
