@@ -218,7 +218,12 @@ class KVCache:
         meta = (self.position, self.kind, self.frame, self.stamp)
         if self.scores is not None:
             meta += (self.scores,)
-        kv_compact(self.k, self.v, keep, self.rope, meta)
+        if self.k.is_cuda:
+            from . import kernels
+
+            kernels.kv_compact(self.k, self.v, keep, self.rope, meta)
+        else:
+            kv_compact(self.k, self.v, keep, self.rope, meta)
         self.length = self.capacity
         evicted = t - self.capacity
         self.evicted_tokens += evicted

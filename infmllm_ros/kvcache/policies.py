@@ -83,6 +83,7 @@ class EvictionPolicy:
 
         Args:
             scores: float32 ``[layers, kv_heads, length]`` (policies with a score spec) or None.
+                On CUDA the :mod:`.kernels` selection runs, on CPU the torch reference.
             rows: ``(layers, kv_heads)``.
             length: occupied slots before eviction (> budget).
             budget: slots to keep.
@@ -90,6 +91,10 @@ class EvictionPolicy:
         sinks, recent = self.protected(budget)
         if scores is None:
             scores = torch.zeros(*rows, length, device=device)
+        if scores.is_cuda:
+            from . import kernels
+
+            return kernels.saddle_select(scores.contiguous(), length, sinks, recent, budget)
         return saddle_select(scores, sinks, recent, budget)
 
 
