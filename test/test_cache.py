@@ -7,8 +7,8 @@ from infmllm_ros.kvcache import POLICIES, CacheFullError, KVCache, SlotKind, mak
 from infmllm_ros.models import Decoder, DecoderConfig
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_decoder() -> Decoder:
+    """Our decoder carrying the weights of :func:`tiny_hf_model`."""
     hf = tiny_hf_model()
     c = hf.config
     dec = Decoder(DecoderConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -18,6 +18,11 @@ def tiny():
                                 rms_norm_eps=c.rms_norm_eps, max_position_embeddings=512))
     dec.load_state_dict(hf.state_dict())
     return dec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_decoder()
 
 
 def stream_logits(dec, cache, ids, chunk):
