@@ -1,0 +1,174 @@
+"""Bag-free drives for tests and benchmarks: real video looped to any length, with real photos
+("events") inserted at known times, a manifest of events and questions, and answer scoring.
+
+Frames are sampled from the video by time (``fps`` sampled frames per second of drive), looping
+the clip as needed; an event replaces the sampled frame at its time. Events default to photos
+bundled in scikit-image's wheel; ``events_from_dir`` reads images named by label
+(``cat.jpg``, ``fire_truck.png``) with OpenCV.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+# Words that count as naming each bundled event (its ImageNet class's main word and synonyms).
+BUNDLED_EVENT_WORDS = {
+    "cat": ("cat", "tabby", "kitten"),
+    "coffee": ("coffee", "espresso", "cup", "mug"),
+    "rocket": ("rocket", "missile", "shuttle"),
+    "motorcycle": ("motorcycle", "moped", "scooter", "motorbike"),
+    "astronaut": ("astronaut", "spacesuit", "space suit"),
+    "camera": ("camera", "tripod", "photographer"),
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A photo shown at ``time_s`` seconds into the drive; ``words`` name it in an answer."""
+
+    label: str
+    time_s: float
+    words: tuple[str, ...]
+
+    @property
+    def question(self) -> str:
+        """The question asked about this event."""
+        return f"Did you see a {self.label.replace('_', ' ')}? When?"
+
+
+def bundled_events() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Real photos from scikit-image: label -> (uint8 RGB image, accepted words)."""
+    from skimage import data
+
+    images = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
+              "motorcycle": data.stereo_motorcycle()[0], "astronaut": data.astronaut(),
+              "camera": np.repeat(data.camera()[..., None], 3, axis=2)}
+    return {k: (np.ascontiguousarray(v[..., :3]), BUNDLED_EVENT_WORDS[k]) for k, v in images.items()}
+
+
+def events_from_dir(path: str | Path) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Images in ``path`` named by label (``fire_truck.jpg`` -> "fire truck").
+
+    Raises:
+        FileNotFoundError: missing folder or no readable image in it.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"events folder not found: {path}")
+    out = {}
+    for f in sorted(path.iterdir()):
+        img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if img is not None:
+            label = f.stem.replace("_", " ")
+            out[label] = (cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (label.split()[-1],))
+    if not out:
+        raise FileNotFoundError(f"no readable images in {path}")
+    return out
+
+
+def video_frames(path: str | Path, fps: float) -> Callable[[float], np.ndarray]:
+    """A function t (seconds) -> uint8 RGB frame of ``path`` at ``t`` modulo the clip length.
+
+    The clip is decoded once at ``fps`` samples per second (memory: one frame per sample of
+    one loop of the clip, e.g. 8 s x 1 fps = 8 frames).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: OpenCV cannot decode it.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    cap = cv2.VideoCapture(str(path))
+    native = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    frames, i, next_t = [], 0, 0.0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if i / native >= next_t:
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            next_t += 1.0 / fps
+        i += 1
+    cap.release()
+    if not frames:
+        raise ValueError(f"{path}: no frames could be decoded")
+    return lambda t: frames[int(round(t * fps)) % len(frames)]
+
+
+@dataclass
+class Drive:
+    """A drive of ``minutes`` at ``fps`` sampled frames/s with events at seeded random times.
+
+    Args:
+        background: t (seconds) -> RGB frame (e.g. :func:`video_frames`, or a test's generator).
+        minutes: drive length. fps: sampled frames per second.
+        events: label -> (image, words) (e.g. :func:`bundled_events`).
+        seed: RNG seed for event times (spread over the drive, >= 20 s apart, not in the last
+            10% so a question can follow).
+
+    Raises:
+        ValueError: non-positive length or rate, or too many events for the drive.
+    """
+
+    background: Callable[[float], np.ndarray]
+    minutes: float
+    fps: float
+    events: dict[str, tuple[np.ndarray, tuple[str, ...]]]
+    seed: int = 0
+    schedule: list[Event] = field(init=False)
+
+    def __post_init__(self):
+        if self.minutes <= 0 or self.fps <= 0:
+            raise ValueError(f"minutes and fps must be > 0, got {self.minutes}, {self.fps}")
+        stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
+        candidates = int(self.n_frames * 0.9) // stride
+        if len(self.events) > candidates:
+            raise ValueError(f"{len(self.events)} events do not fit in a {self.minutes}-minute drive")
+        rng = np.random.default_rng(self.seed)
+        slots = np.sort(rng.choice(candidates, len(self.events), replace=False))
+        order = rng.permutation(sorted(self.events))
+        self.schedule = [Event(str(label), float(s * stride / self.fps), self.events[label][1])
+                         for s, label in zip(slots, order)]
+
+    @property
+    def n_frames(self) -> int:
+        """Sampled frames in the drive."""
+        return int(self.minutes * 60 * self.fps)
+
+    def frames(self) -> Iterator[tuple[float, np.ndarray, str | None]]:
+        """Yield ``(t_s, rgb, event label or None)`` for every sampled frame."""
+        at = {round(e.time_s * self.fps): e.label for e in self.schedule}
+        for i in range(self.n_frames):
+            t = i / self.fps
+            label = at.get(i)
+            yield t, (self.events[label][0] if label else self.background(t)), label
+
+    def manifest(self) -> dict:
+        """Events with times, words and questions (JSON-ready)."""
+        return {"minutes": self.minutes, "fps": self.fps, "seed": self.seed,
+                "events": [{"label": e.label, "time_s": e.time_s, "words": list(e.words),
+                            "question": e.question} for e in self.schedule]}
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def score_answer(answer: str, event: Event, tolerance_s: float = 30.0) -> dict:
+    """Did ``answer`` name the event, and give a time within ``tolerance_s`` of it?
+
+    Returns:
+        ``{"named": bool, "timed": bool, "correct": named and timed}``; any number in the answer
+        within the tolerance counts as the time (answers quote ``t=312.0s`` style tags).
+    """
+    text = answer.lower()
+    named = any(w in text for w in event.words)
+    timed = any(abs(float(x) - event.time_s) <= tolerance_s for x in _NUMBER.findall(text))
+    return {"named": named, "timed": timed, "correct": named and timed}

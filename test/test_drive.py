@@ -1,0 +1,71 @@
+"""Bag-free drive generator: events at known times, looping video, manifest, answer scoring."""
+import cv2
+import numpy as np
+import pytest
+
+from infmllm_ros.runtime.drive import Drive, Event, bundled_events, events_from_dir, score_answer, video_frames
+
+
+def background(t):
+    return np.full((48, 64, 3), int(t) % 256, np.uint8)
+
+
+def test_events_appear_exactly_at_their_times():
+    events = bundled_events()
+    drive = Drive(background, minutes=5, fps=1, events=events, seed=3)
+    shown = {label: t for t, _, label in drive.frames() if label}
+    assert shown == {e.label: e.time_s for e in drive.schedule}
+    assert set(shown) == set(events) and len(list(drive.frames())) == 300
+    times = sorted(shown.values())
+    assert all(b - a >= 20 for a, b in zip(times, times[1:])) and times[-1] < 270
+    frame_at = {t: img for t, img, label in drive.frames() if label == "cat"}
+    assert next(iter(frame_at.values())) is events["cat"][0]
+
+
+def test_seed_changes_schedule_and_manifest_has_questions():
+    a = Drive(background, 5, 1, bundled_events(), seed=1).manifest()
+    b = Drive(background, 5, 1, bundled_events(), seed=2).manifest()
+    assert a["events"] != b["events"]
+    assert {e["question"] for e in a["events"]} >= {"Did you see a cat? When?"}
+
+
+def test_too_many_events_and_bad_rates():
+    with pytest.raises(ValueError, match="do not fit"):
+        Drive(background, 1, 1, bundled_events())
+    with pytest.raises(ValueError, match="must be > 0"):
+        Drive(background, 0, 1, {})
+
+
+def test_video_is_sampled_by_time_and_looped(tmp_path):
+    path = tmp_path / "clip.avi"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(30):  # 3 s at 10 fps, brightness = frame index * 8
+        out.write(np.full((48, 64, 3), i * 8, np.uint8))
+    out.release()
+    frame = video_frames(path, fps=1)
+    levels = [int(frame(t).mean()) for t in (0, 1, 2, 3)]
+    assert abs(levels[0] - 0) < 6 and abs(levels[1] - 80) < 6 and abs(levels[2] - 160) < 6
+    assert levels[3] == levels[0]  # looped
+    with pytest.raises(FileNotFoundError, match="video not found"):
+        video_frames(tmp_path / "none.mp4", 1)
+
+
+def test_events_from_dir(tmp_path):
+    cv2.imwrite(str(tmp_path / "fire_truck.png"), np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    ev = events_from_dir(tmp_path)
+    assert list(ev) == ["fire truck"] and ev["fire truck"][1] == ("truck",)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no readable images"):
+        events_from_dir(empty)
+    with pytest.raises(FileNotFoundError, match="events folder not found"):
+        events_from_dir(tmp_path / "missing")
+
+
+def test_score_answer():
+    e = Event("cat", 312.0, ("cat", "tabby"))
+    assert score_answer("I saw a tabby cat at <frame t=300.0s cam=front>.", e)["correct"]
+    assert score_answer("Yes, a cat.", e) == {"named": True, "timed": False, "correct": False}
+    assert not score_answer("A truck at t=312.0s", e)["named"]
+    assert not score_answer("A cat at t=400s", e)["timed"]
