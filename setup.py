@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "infmllm-bench-ppl = infmllm_ros.bench.perplexity:main",
+            "infmllm-bench-needle = infmllm_ros.bench.needle:main",
         ],
     },
 )

@@ -1,0 +1,47 @@
+"""infmllm-bench-needle: bad input is a clear error; a one-minute drive runs end to end."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from skimage.data import chelsea
+
+from infmllm_ros.bench.needle import main
+
+
+@pytest.fixture
+def clip(tmp_path):
+    path = tmp_path / "road.avi"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for i in range(20):
+        img = np.full((120, 160, 3), 90, np.uint8)
+        img[:50] = (210, 170, 135)
+        cv2.line(img, (80, 50), (20 + i, 119), (240, 240, 240), 3)
+        out.write(img)
+    out.release()
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--video", "/nonexistent.mp4"], "video not found"),
+    (["--policy", "lru"], "unknown KV-cache policy 'lru'"),
+    (["--events", "/nonexistent_dir"], "events folder not found"),
+])
+def test_bad_input(tmp_path, clip, capsys, args, message):
+    base = ["--video", str(clip), "--json", str(tmp_path / "o.json")]
+    assert main(base + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_minute_drive(tmp_path, clip):
+    events = tmp_path / "events"
+    events.mkdir()
+    cv2.imwrite(str(events / "cat.png"), cv2.cvtColor(chelsea(), cv2.COLOR_RGB2BGR))
+    out = tmp_path / "needle.json"
+    code = main(["--video", str(clip), "--events", str(events), "--minutes", "1", "--fps", "0.5",
+                 "--policy", "streaming_llm", "--capacity", "256", "--json", str(out)])
+    assert code == 0
+    run = json.loads(out.read_text())["runs"]["streaming_llm@256,1min"]
+    assert [a["label"] for a in run["answers"]] == ["cat"]
+    assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
+    assert "| 1 | streaming_llm | 256 |" in out.with_suffix(".md").read_text()
