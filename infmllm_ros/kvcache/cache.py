@@ -131,6 +131,9 @@ class KVCache:
         self.stamp[:, :, s:e] = stamp_s
         if self.scores is not None:
             self.scores[:, :, s:e] = 0.0
+        # Causal mask of the chunk's queries over cache + chunk, shared by every layer.
+        self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
+        self._mask[:, s:] = self._causal[:n, :n]
         self.pending = n
         return torch.arange(s, e, device=dev)
 
@@ -154,9 +157,7 @@ class KVCache:
         hkv = keys.shape[0]
         qg = q.reshape(hkv, hq // hkv, n, d)
         logits = torch.matmul(qg, keys.transpose(-1, -2)[:, None]).float() * self.scale
-        mask = torch.zeros(n, t, dtype=torch.bool, device=q.device)
-        mask[:, s:] = self._causal[:n, :n]
-        probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
+        probs = torch.softmax(logits.masked_fill(self._mask, float("-inf")), dim=-1).to(values.dtype)
         out = torch.matmul(probs, values[:, None]).reshape(hq, n, d)
         spec = self.policy.score_spec
         if spec is not None:
