@@ -24,6 +24,7 @@ def meta(shape, device="cpu"):
     (lambda k, v, keep: (k.transpose(2, 3).contiguous().transpose(2, 3), v, keep), "contiguous"),
     (lambda k, v, keep: (k, v, keep.int()), "keep must be int64"),
     (lambda k, v, keep: (k, v, torch.zeros(2, 3, 40, dtype=torch.int64)), "more than the buffer"),
+    (lambda k, v, keep: (k, v, keep.to("meta")), "on one device"),
 ])
 def test_compact_arguments_are_checked_before_launch(mutate, error):
     k, v = torch.zeros(2, 3, 32, 8), torch.zeros(2, 3, 32, 8)

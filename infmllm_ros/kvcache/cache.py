@@ -216,9 +216,7 @@ class KVCache:
             return 0
         scores = self.scores[:, :, :t] if spec is not None else None
         keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device)
-        meta = (self.position, self.kind, self.frame, self.stamp)
-        if self.scores is not None:
-            meta += (self.scores,)
+        meta = self._state()[2:]  # per-slot metadata (+ carried scores), gathered like K/V
         if self.k.is_cuda:
             from . import kernels
 

@@ -55,6 +55,8 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
         raise ValueError("K, V and keep must be contiguous")
     if k.shape[3] % 2 or k.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be even and <= {MAX_HEAD_DIM}, got {k.shape[3]}")
+    if keep.device != k.device or v.device != k.device:
+        raise ValueError(f"K ({k.device}), V ({v.device}) and keep ({keep.device}) must be on one device")
     if keep.dtype != torch.int64 or keep.dim() != 3 or keep.shape[:2] != k.shape[:2]:
         raise ValueError(f"keep must be int64 [{k.shape[0]}, {k.shape[1]}, B], got {keep.dtype} {tuple(keep.shape)}")
     if keep.shape[2] > k.shape[2]:
