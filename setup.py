@@ -27,6 +27,11 @@ setup(
         "console_scripts": [
             "infmllm-bench-ppl = infmllm_ros.bench.perplexity:main",
             "infmllm-bench-needle = infmllm_ros.bench.needle:main",
+            "infmllm-node = infmllm_ros.ros.node:main",
+            "infmllm_node = infmllm_ros.ros.node:main",
+            "infmllm-ask = infmllm_ros.ros.ask:main",
+            "infmllm-make-bag = infmllm_ros.ros.bag:main",
+            "infmllm-replay = infmllm_ros.ros.replay:main",
         ],
     },
 )

@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, check_rgb, imagenet_names
+from infmllm_ros.runtime.drive import synthetic_road
 from infmllm_ros.runtime.session import StreamSession
-
-
-def road_frame(i: int) -> np.ndarray:
-    """A synthetic dashcam frame: sky, grey road, lane markings shifting with ``i``."""
-    import cv2
-
-    img = np.zeros((240, 320, 3), np.uint8)
-    img[:110] = (135, 170, 210)
-    img[110:] = (90, 90, 90)
-    for x0 in (60, 260):
-        cv2.line(img, (160, 110), (x0 + (i % 5) * 4, 239), (240, 240, 240), 4)
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +29,9 @@ def test_photo_among_road_frames_is_recalled(parts):
 
     s = new_session(parts)
     for t in range(3):
-        s.ingest_frame(road_frame(t), float(t))
+        s.ingest_frame(synthetic_road(t), float(t))
     r = s.ingest_frame(chelsea(), 3.0)
-    s.ingest_frame(road_frame(4), 4.0)
+    s.ingest_frame(synthetic_road(4), 4.0)
     assert "cat" in r.top_label.lower() or r.top_label == "Egyptian Mau"
     a = s.ask("Did you see a cat? When?", max_new_tokens=24)
     assert "cat" in a.text.lower()
@@ -52,7 +41,7 @@ def test_photo_among_road_frames_is_recalled(parts):
 
 def test_ask_without_keeping_context_restores_the_cache(parts):
     s = new_session(parts)
-    s.ingest_frame(road_frame(0), 0.0)
+    s.ingest_frame(synthetic_road(0), 0.0)
     before = (s.cache.length, s.cache.stream_tokens, s.cache.k[:, :, :s.cache.length].clone())
     s.ask("What did you see?", max_new_tokens=4, keep_in_context=False)
     assert (s.cache.length, s.cache.stream_tokens) == before[:2]
@@ -65,7 +54,7 @@ def test_memory_stays_fixed_over_many_frames(parts):
     s = new_session(parts, capacity=220, recent=48)
     ptr = s.cache.k.data_ptr()
     for t in range(12):
-        s.ingest_frame(road_frame(t), float(t))
+        s.ingest_frame(synthetic_road(t), float(t))
     assert s.cache.length == 220 and s.cache.k.data_ptr() == ptr
     frames, stamps = s.cache.frames()
     assert frames[-1] == 11 and stamps[-1] == 11.0 and s.cache.evicted_tokens > 100
@@ -82,7 +71,7 @@ def test_memory_stays_fixed_over_many_frames(parts):
 ])
 def test_bad_frames_are_rejected_and_state_is_unchanged(parts, frame, error):
     s = new_session(parts)
-    s.ingest_frame(road_frame(0), 5.0)
+    s.ingest_frame(synthetic_road(0), 5.0)
     state = (s.cache.length, s.frames_ingested, s.last_stamp_s)
     with pytest.raises((ValueError, TypeError), match=error):
         s.ingest_frame(frame, 6.0)
@@ -91,12 +80,12 @@ def test_bad_frames_are_rejected_and_state_is_unchanged(parts, frame, error):
 
 def test_old_stamp_empty_question_and_bad_limits(parts):
     s = new_session(parts)
-    s.ingest_frame(road_frame(0), 5.0)
+    s.ingest_frame(synthetic_road(0), 5.0)
     length = s.cache.length
     with pytest.raises(ValueError, match="older than the last frame"):
-        s.ingest_frame(road_frame(1), 4.0)
+        s.ingest_frame(synthetic_road(1), 4.0)
     with pytest.raises(ValueError, match="finite"):
-        s.ingest_frame(road_frame(1), math.nan)
+        s.ingest_frame(synthetic_road(1), math.nan)
     with pytest.raises(ValueError, match="question is empty"):
         s.ask("   ")
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -128,7 +128,7 @@ class LabelEmbeddingProjector:
         emb = decoder.model.embed_tokens.weight
         pad = tokenizer.encode(".")[0]
         table = torch.full((len(class_names), name_tokens), pad, dtype=torch.int64)
-        means = torch.zeros(len(class_names), emb.shape[1], dtype=emb.dtype)
+        means = torch.zeros(len(class_names), emb.shape[1], dtype=emb.dtype, device=emb.device)
         for c, name in enumerate(class_names):
             ids = tokenizer.encode(" " + name)
             table[c, :min(name_tokens, len(ids))] = torch.tensor(ids[:name_tokens])

@@ -72,8 +72,36 @@ def events_from_dir(path: str | Path) -> dict[str, tuple[np.ndarray, tuple[str, 
     return out
 
 
-def video_frames(path: str | Path, fps: float) -> Callable[[float], np.ndarray]:
-    """A function t (seconds) -> uint8 RGB frame of ``path`` at ``t`` modulo the clip length.
+def synthetic_road(t: float) -> np.ndarray:
+    """A drawn dashcam frame (sky, grey road, lane markings moving with ``t`` seconds), uint8
+    RGB ``[240, 320, 3]``: the background when no real video is at hand (unit tests, a fresh
+    machine without ``../shared/data``)."""
+    import cv2
+
+    img = np.zeros((240, 320, 3), np.uint8)
+    img[:110] = (135, 170, 210)
+    img[110:] = (90, 90, 90)
+    shift = int(t) % 5 * 4
+    for x0 in (60, 260):
+        cv2.line(img, (160, 110), (x0 + shift, 239), (240, 240, 240), 4)
+    return img
+
+
+@dataclass(frozen=True)
+class LoopedClip:
+    """Frames sampled at ``fps``; calling it with t (seconds) gives the frame at ``t`` modulo
+    the clip's length."""
+
+    frames: list
+    fps: float
+
+    def __call__(self, t: float) -> np.ndarray:
+        return self.frames[int(round(t * self.fps)) % len(self.frames)]
+
+
+def video_frames(path: str | Path, fps: float) -> LoopedClip:
+    """The clip at ``path`` as a :class:`LoopedClip`: t (seconds) -> uint8 RGB frame at ``t``
+    modulo the clip length.
 
     The clip is decoded once at ``fps`` samples per second (memory: one frame per sample of
     one loop of the clip, e.g. 8 s x 1 fps = 8 frames).
@@ -100,7 +128,7 @@ def video_frames(path: str | Path, fps: float) -> Callable[[float], np.ndarray]:
     cap.release()
     if not frames:
         raise ValueError(f"{path}: no frames could be decoded")
-    return lambda t: frames[int(round(t * fps)) % len(frames)]
+    return LoopedClip(frames, fps)
 
 
 @dataclass
@@ -113,9 +141,12 @@ class Drive:
         events: label -> (image, words) (e.g. :func:`bundled_events`).
         seed: RNG seed for event times (spread over the drive, >= 20 s apart, not in the last
             10% so a question can follow).
+        at: label -> seconds into the drive, to place events by hand instead (every label must
+            be in ``events``); the seed is then unused.
 
     Raises:
-        ValueError: non-positive length or rate, or too many events for the drive.
+        ValueError: non-positive length or rate, too many events for the drive, or a hand-placed
+            event outside the drive or not in ``events``.
     """
 
     background: Callable[[float], np.ndarray]
@@ -123,11 +154,21 @@ class Drive:
     fps: float
     events: dict[str, tuple[np.ndarray, tuple[str, ...]]]
     seed: int = 0
+    at: dict[str, float] | None = None
     schedule: list[Event] = field(init=False)
 
     def __post_init__(self):
         if self.minutes <= 0 or self.fps <= 0:
             raise ValueError(f"minutes and fps must be > 0, got {self.minutes}, {self.fps}")
+        if self.at is not None:
+            for label, t in self.at.items():
+                if label not in self.events:
+                    raise ValueError(f"event {label!r} has no image (known: {', '.join(sorted(self.events))})")
+                if not 0 <= t < self.minutes * 60:
+                    raise ValueError(f"event {label!r} at {t} s is outside the {self.minutes}-minute drive")
+            self.schedule = sorted((Event(label, round(t * self.fps) / self.fps, self.events[label][1])
+                                    for label, t in self.at.items()), key=lambda e: e.time_s)
+            return
         stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
         candidates = int(self.n_frames * 0.9) // stride
         if len(self.events) > candidates:

@@ -72,24 +72,29 @@ class StreamSession:
         capacity: KV slots (tokens) kept. policy: policy name (:data:`kvcache.POLICIES`).
         recent: protected newest tokens. beta, decay: inf_mllm attention bias and score carry.
         max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
-        system_prompt: protected prefix; its tokens are the policy's sinks.
+        system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
+            protected sinks (default: all of them; StreamingLLM keeps 4).
 
     Raises:
-        ValueError: bad sizes or policy (see :class:`KVCache`), or a system prompt that does not
-            fit in a chunk.
+        ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
+            fit in a chunk, or ``sinks`` outside 1..its length.
     """
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
                  projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
                  recent: int = 256, beta: float = 1e-2, decay: float = 0.9, max_chunk: int = 64,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None):
         self.decoder, self.tokenizer, self.vision, self.projector = decoder, tokenizer, vision, projector
         system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
                                             add_generation_prompt=False)
         self._system_ids = tokenizer.encode(system_text)
         if len(self._system_ids) > max_chunk:
             raise ValueError(f"system prompt of {len(self._system_ids)} tokens exceeds max_chunk={max_chunk}")
-        pol = make_policy(policy, sinks=len(self._system_ids), recent=recent, beta=beta, decay=decay)
+        if sinks is None:
+            sinks = len(self._system_ids)
+        if not 1 <= sinks <= len(self._system_ids):
+            raise ValueError(f"sinks must be in 1..{len(self._system_ids)} (the system prompt's tokens), got {sinks}")
+        pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay)
         self.cache = decoder.new_cache(capacity, max_chunk, pol)
         self._lock = threading.Lock()
         # Each frame is a short user turn, so the chat model reads frames as things it was told.
@@ -106,7 +111,7 @@ class StreamSession:
             self.decoder(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.decoder.embed(torch.tensor(ids, dtype=torch.int64))
+        return self.decoder.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
 
     def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
         """Append one frame (tag + vision tokens) and run the eviction policy.
@@ -127,7 +132,7 @@ class StreamSession:
         if not camera or not camera.strip():
             raise ValueError("camera name is empty")
         t0 = time.perf_counter()
-        glob, cells = self.vision(self.vision.preprocess(rgb))
+        glob, cells = self.vision(self.vision.preprocess(rgb).to(self.cache.k.device))
         vis = self.projector(glob, cells)
         tag = self._embed_ids(self._frame_prefix + self.tokenizer.encode(
             f"<frame t={stamp_s:.1f}s cam={camera.strip()}> I see"))

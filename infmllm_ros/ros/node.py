@@ -1,0 +1,262 @@
+"""``infmllm-node`` (``ros2 run infmllm_ros infmllm_node``): cameras in, ``/ask`` answered.
+
+Graph interface (names relative to the node's namespace unless absolute):
+
+* subscribes: ``camera_topics`` (``sensor_msgs/CompressedImage`` or ``sensor_msgs/Image``), best
+  effort keep-last 1 by default (overridable by parameter);
+* service ``ask`` (``infmllm_interfaces/srv/Ask``) in its own reentrant callback group: one answer
+  at a time, a second concurrent request is refused at once with ``success=false``;
+* publishes ``~/answers`` (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
+  (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``, and ``~/frames``
+  (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
+  ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
+
+Threads: a :class:`MultiThreadedExecutor` runs callbacks; one :class:`IngestWorker` thread owns
+ingest; ``/ask`` decodes on an executor thread, holding the session lock (ingest waits, frames
+keep arriving and the newest is kept). SIGINT/SIGTERM stop the executor, the worker finishes
+its frame, and the node exits 0.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import traceback
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from infmllm_interfaces.msg import Answer
+from infmllm_interfaces.srv import Ask
+
+from ..runtime.embedded import load_embedded
+from ..runtime.procstat import rss_mib
+from .params import PARAMETERS, validate
+from .worker import IngestWorker, PendingFrame
+
+
+def to_time(seconds: float) -> Time:
+    """Seconds (float, >= 0) -> ``builtin_interfaces/Time``; NaN -> zero time."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return Time()
+    sec = int(seconds)
+    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+
+
+def stamp_seconds(stamp) -> float:
+    """``builtin_interfaces/Time`` -> float seconds."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+class InfMLLMNode(Node):
+    """The stream-memory node. Loads the model, then watches the cameras.
+
+    Raises:
+        ValueError: a parameter fails validation (message names it and the accepted values).
+        FileNotFoundError: the model file or a weight wheel is missing.
+    """
+
+    def __init__(self, **node_kwargs):
+        super().__init__("infmllm", **node_kwargs)
+        for p in PARAMETERS:
+            self.declare_parameter(p.name, p.default, ParameterDescriptor(
+                description=p.description, read_only=not p.dynamic))
+        self.config = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
+        cfg = self.config
+        log = self.get_logger()
+        log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
+        t0 = time.perf_counter()
+        self.model = load_embedded(cfg.model, cfg.device)
+        self.session = self.model.session(**cfg.session_kwargs())
+        kv_bytes = 2 * self.session.cache.k.numel() * self.session.cache.k.element_size()
+        log.info(f"model ready in {time.perf_counter() - t0:.1f} s; KV cache {cfg.cache_capacity} tokens "
+                 f"({kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), system prompt "
+                 f"{self.session.cache.length} tokens")
+        self._kv_bytes = kv_bytes
+        self.frames_pub = self.create_publisher(Header, "~/frames", 50)
+        self.worker = IngestWorker(self.session, cfg.sample_rate_hz, cfg.duplicate_threshold,
+                                   on_done=self._frame_done, log=log.warning)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
+                         reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
+                         else ReliabilityPolicy.RELIABLE)
+        cameras = MutuallyExclusiveCallbackGroup()
+        self._subs = []
+        for topic, camera, compressed in cfg.cameras:
+            msg_type = CompressedImage if compressed else Image
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, c=camera, z=compressed: self._on_image(msg, c, z), qos,
+                callback_group=cameras))
+            log.info(f"watching {self.resolve_topic_name(topic)} ({msg_type.__name__}) as cam={camera}")
+        self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._ask_lock = threading.Lock()
+        self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "tokens_per_s": math.nan,
+                           "ttft_s": math.nan}
+        self.create_service(Ask, "ask", self._on_ask, callback_group=ReentrantCallbackGroup())
+        self._last_diag = (time.monotonic(), 0)
+        self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.worker.start()
+        log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
+
+    # ---- cameras -------------------------------------------------------------------------
+    def _on_image(self, msg, camera: str, compressed: bool) -> None:
+        stamp = stamp_seconds(msg.header.stamp)
+        if stamp == 0.0:  # unstamped driver: use the node clock (sim time when replaying)
+            stamp = self.get_clock().now().nanoseconds * 1e-9
+        self.worker.offer(PendingFrame(camera, stamp, msg, compressed))
+
+    def _frame_done(self, frame: PendingFrame, outcome: str, detail: str) -> None:
+        self.frames_pub.publish(Header(stamp=to_time(frame.stamp_s), frame_id=f"{frame.camera}:{outcome}"))
+
+    # ---- questions -----------------------------------------------------------------------
+    def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        t0 = time.perf_counter()
+        log = self.get_logger()
+
+        def refuse(message: str, counter: str = "failed") -> Ask.Response:
+            self._ask_stats[counter] += 1
+            log.warning(f"/ask refused: {message}")
+            response.success, response.message = False, message
+            response.latency_s = time.perf_counter() - t0
+            return response
+
+        if not self._ask_lock.acquire(blocking=False):
+            return refuse("busy: another question is being answered; ask again when it returns",
+                          "refused_busy")
+        try:
+            if not request.question.strip():
+                return refuse("question is empty")
+            stats = self.worker.stats()
+            if stats.outcomes["ingested"] == 0:
+                topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)
+                return refuse(f"no camera frame has been ingested yet (watching {topics}; "
+                              f"{stats.received} received, {stats.outcomes['rejected']} rejected)")
+            limit = request.max_new_tokens or self.get_parameter("max_new_tokens").value
+            if limit > 1024:
+                return refuse(f"max_new_tokens={limit} is above the limit of 1024")
+            try:
+                answer = self.session.ask(request.question, limit, request.keep_in_context)
+            except ValueError as exc:
+                return refuse(str(exc))
+            except Exception as exc:  # keep the node alive; the session restored its cache
+                log.error(traceback.format_exc())
+                return refuse(f"internal error while answering: {type(exc).__name__}: {exc}")
+        finally:
+            self._ask_lock.release()
+        origin = stats.origin_s
+        response.success, response.answer = True, answer.text
+        response.first_frame_stamp = to_time(origin + answer.first_frame_s)
+        response.last_frame_stamp = to_time(origin + answer.last_frame_s)
+        response.frames_in_context = answer.frames_in_context
+        response.tokens_in_cache = answer.tokens_in_cache
+        response.latency_s = time.perf_counter() - t0
+        self._ask_stats["answered"] += 1
+        self._ask_stats["tokens_per_s"] = answer.decode_tokens_per_s
+        self._ask_stats["ttft_s"] = answer.ttft_s
+        self.answers_pub.publish(Answer(
+            header=Header(stamp=self.get_clock().now().to_msg(), frame_id=self.get_name()),
+            question=request.question, answer=answer.text,
+            first_frame_stamp=response.first_frame_stamp, last_frame_stamp=response.last_frame_stamp,
+            frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
+            latency_s=response.latency_s))
+        log.info(f"/ask {request.question!r} -> {answer.text!r} ({response.latency_s:.2f} s, "
+                 f"{answer.frames_in_context} frames in context)")
+        return response
+
+    # ---- parameters and diagnostics -----------------------------------------------------
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        values = {p.name: p.value for p in params}
+        try:
+            checked = validate({**{p.name: self.get_parameter(p.name).value for p in PARAMETERS}, **values})
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.worker.sample_rate_hz = checked.sample_rate_hz
+        self.worker.duplicate_threshold = checked.duplicate_threshold
+        return SetParametersResult(successful=True)
+
+    def diagnostics(self) -> DiagnosticStatus:
+        """The node's health and figures as one ``DiagnosticStatus`` (also used by tests)."""
+        s = self.worker.stats()
+        cache = self.session.cache
+        now = time.monotonic()
+        then, count = self._last_diag
+        ingested = s.outcomes["ingested"]
+        rate = (ingested - count) / (now - then) if now > then else 0.0
+        self._last_diag = (now, ingested)
+        values = {
+            "frames_received": s.received, "frames_ingested": ingested,
+            "frames_dropped": s.outcomes["dropped"], "frames_rejected": s.outcomes["rejected"],
+            "frames_late": s.outcomes["late"], "frames_failed": s.outcomes["failed"],
+            "frames_sampled_out": s.outcomes["sampled_out"], "frames_duplicate": s.outcomes["duplicate"],
+            "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
+            "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}", "vision_ms_last": f"{s.last_vision_ms:.1f}",
+            "prefill_ms_last": f"{s.last_prefill_ms:.1f}",
+            "kv_tokens": cache.length, "kv_capacity": cache.capacity,
+            "kv_fill": f"{cache.length / cache.capacity:.3f}", "kv_evicted_tokens": cache.evicted_tokens,
+            "kv_bytes": self._kv_bytes, "policy": self.config.cache_policy,
+            "asks_answered": self._ask_stats["answered"], "asks_failed": self._ask_stats["failed"],
+            "asks_refused_busy": self._ask_stats["refused_busy"],
+            "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
+            "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
+            "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",
+        }
+        if ingested == 0:
+            level, message = DiagnosticStatus.WARN, "waiting for camera frames"
+        elif s.last_error and s.outcomes["rejected"] + s.outcomes["failed"] > 0:
+            level, message = DiagnosticStatus.WARN, f"streaming; last bad frame: {values['last_error']}"
+        else:
+            level, message = DiagnosticStatus.OK, f"streaming, {cache.length}/{cache.capacity} KV slots"
+        return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: stream",
+                                message=message, hardware_id=self.config.device,
+                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+
+    def _publish_diagnostics(self) -> None:
+        self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
+                                              status=[self.diagnostics()]))
+
+    def shutdown(self) -> None:
+        """Stop the ingest worker (finishes the frame in hand) and log the final counts."""
+        stopped = self.worker.stop()
+        s = self.worker.stats()
+        # Not the node's logger: after SIGINT the context is gone and /rosout cannot publish.
+        rclpy.logging.get_logger("infmllm").info(f"shutting down: {s.outcomes['ingested']} frames ingested, "
+                               f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
+                               + ("" if stopped else "; ingest worker did not stop in time"))
+
+
+def main(argv=None) -> int:
+    """Console entry point; returns the process exit status (2: bad parameters or model)."""
+    rclpy.init(args=argv)
+    try:
+        node = InfMLLMNode()
+    except (ValueError, FileNotFoundError) as exc:
+        rclpy.logging.get_logger("infmllm").fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 2
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The node's parameters: one table of names, defaults and descriptions, and their validation.
+
+The table is plain data so the launch test and the YAML files can be checked against it without
+a ROS graph; :mod:`infmllm_ros.ros.node` declares every entry with a descriptor and reads every
+one. YAML files use the usual ``/**: ros__parameters:`` layout with dotted names as nesting
+(``cache.capacity`` is ``cache: {capacity: ...}``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..kvcache.policies import POLICIES
+from ..runtime.session import DEFAULT_SYSTEM_PROMPT
+
+BACKENDS = ("torch",)
+TRANSPORTS = ("raw", "compressed")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: ROS name, default (its type is the parameter's type), description,
+    whether it can change at runtime (``ros2 param set``)."""
+
+    name: str
+    default: object
+    description: str
+    dynamic: bool = False
+
+
+PARAMETERS = (
+    Param("camera_topics", ["camera/front/image_raw/compressed"],
+          "image topics to watch (relative names follow the node's namespace)"),
+    Param("camera_transports", ["compressed"],
+          "per topic: 'compressed' (sensor_msgs/CompressedImage) or 'raw' (sensor_msgs/Image); "
+          "one entry applies to all topics"),
+    Param("camera_names", [""],
+          "per topic: the name in the frame tag (cam=...); '' derives it from the topic"),
+    Param("qos_reliability", "best_effort", "camera subscription reliability: best_effort or reliable"),
+    Param("qos_depth", 1, "camera subscription keep-last depth (1: the sampler wants the newest frame)"),
+    Param("sample_rate_hz", 1.0, "frames per second ingested per camera, by header stamp (<= 0: every frame)",
+          dynamic=True),
+    Param("duplicate_threshold", 0.0,
+          "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
+          "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
+    Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
+    Param("backend", "torch", "inference backend: torch (onnxruntime and tensorrt: issue 6, not built)"),
+    Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
+    Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
+    Param("cache.sinks", 0, "protected leading tokens of the system prompt (0: all of them)"),
+    Param("cache.recent", 256, "protected newest tokens"),
+    Param("cache.policy", "inf_mllm", f"eviction policy: {', '.join(sorted(POLICIES))}"),
+    Param("cache.beta", 0.01, "inf_mllm attention bias per slot (Inf-MLLM, attention bias)"),
+    Param("cache.decay", 0.9, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
+    Param("cache.max_chunk", 64, "largest prefill chunk in tokens"),
+    Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
+    Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
+    Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
+)
+
+PARAMETER_NAMES = frozenset(p.name for p in PARAMETERS)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated parameter values (same names, dots as underscores)."""
+
+    camera_topics: tuple
+    camera_transports: tuple
+    camera_names: tuple
+    qos_reliability: str
+    qos_depth: int
+    sample_rate_hz: float
+    duplicate_threshold: float
+    model: str
+    backend: str
+    device: str
+    cache_capacity: int
+    cache_sinks: int
+    cache_recent: int
+    cache_policy: str
+    cache_beta: float
+    cache_decay: float
+    cache_max_chunk: int
+    max_new_tokens: int
+    system_prompt: str
+    diagnostics_period_s: float
+
+    @property
+    def cameras(self) -> list[tuple[str, str, bool]]:
+        """``(topic, camera name, compressed)`` per subscription."""
+        out = []
+        for i, topic in enumerate(self.camera_topics):
+            transport = self.camera_transports[i if len(self.camera_transports) > 1 else 0]
+            name = self.camera_names[i] if len(self.camera_names) > i else ""
+            out.append((topic, name or camera_name_from_topic(topic), transport == "compressed"))
+        return out
+
+    def session_kwargs(self) -> dict:
+        """Keyword arguments for :class:`StreamSession` (see :meth:`EmbeddedModel.session`)."""
+        return dict(capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
+                    beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk,
+                    system_prompt=self.system_prompt, sinks=self.cache_sinks or None)
+
+
+def camera_name_from_topic(topic: str) -> str:
+    """``/robot/camera/front/image_raw/compressed`` -> ``front``: the last path element that is not
+    a transport or image suffix, else the last element."""
+    skip = {"image_raw", "image", "image_color", "image_rect", "image_rect_color", "compressed", "camera"}
+    parts = [p for p in topic.strip("/").split("/") if p]
+    for part in reversed(parts):
+        if part not in skip:
+            return part
+    return parts[-1] if parts else "camera"
+
+
+def validate(values: dict) -> NodeConfig:
+    """Check raw parameter values (ROS names -> values) and build a :class:`NodeConfig`.
+
+    Raises:
+        ValueError: the first problem found, naming the parameter and the accepted values.
+    """
+    v = {p.name: values.get(p.name, p.default) for p in PARAMETERS}
+
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            raise ValueError(f"parameter {name}={v[name]!r}: {what}")
+
+    topics = list(v["camera_topics"])
+    need(len(topics) > 0 and all(isinstance(t, str) and t.strip() for t in topics), "camera_topics",
+         "give at least one non-empty topic")
+    need(len(set(topics)) == len(topics), "camera_topics", "topics must be distinct")
+    transports = list(v["camera_transports"])
+    need(len(transports) in (1, len(topics)) and all(t in TRANSPORTS for t in transports),
+         "camera_transports", f"one entry or one per topic, each in {TRANSPORTS}")
+    names = list(v["camera_names"])
+    need(len(names) <= len(topics), "camera_names", "at most one name per topic")
+    need(all(" " not in n and ">" not in n for n in names), "camera_names", "names cannot hold spaces or '>'")
+    need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
+    need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
+    need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
+    need(v["backend"] in BACKENDS, "backend",
+         f"supported here: {BACKENDS} (onnxruntime/tensorrt engines are not built yet)")
+    device = v["device"]
+    need(device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()),
+         "device", "cpu, cuda or cuda:N")
+    need(v["cache.policy"] in POLICIES, "cache.policy", f"one of {sorted(POLICIES)}")
+    need(v["cache.capacity"] >= 1, "cache.capacity", "must be >= 1")
+    need(v["cache.sinks"] >= 0, "cache.sinks", "must be >= 0 (0: the whole system prompt)")
+    need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
+    need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
+    need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
+    need(v["cache.max_chunk"] >= 8, "cache.max_chunk", "must be >= 8")
+    need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")
+    need(bool(v["system_prompt"].strip()), "system_prompt", "must not be empty")
+    need(v["diagnostics_period_s"] > 0, "diagnostics_period_s", "must be > 0")
+    kwargs = {f.name: v[f.name.replace("cache_", "cache.", 1) if f.name.startswith("cache_") else f.name]
+              for f in fields(NodeConfig)}
+    for key in ("camera_topics", "camera_transports", "camera_names"):
+        kwargs[key] = tuple(kwargs[key])
+    return NodeConfig(**kwargs)

@@ -1,0 +1,276 @@
+"""``infmllm-replay BAG``: play a camera bag into a running ``infmllm-node``, ask scripted
+questions at scripted bag times, and write a JSON + markdown report.
+
+Pacing: ``--rate R`` plays at R x bag time (frames the node cannot keep up with are dropped by
+the node, and counted); ``--keep-up`` (the default) publishes a frame only after the node has
+reported the previous one on ``<node>/frames``, so a replay gives the same stream at any machine
+speed. ``/clock`` carries bag time (start the node with ``use_sim_time:=true`` to run on it).
+Questions are asked synchronously: playback pauses while the node answers.
+
+Messages are published as the bag's CDR bytes (no deserialisation); the header stamp that
+pacing needs is read from the CDR directly (``std_msgs/Header`` is the first field of image
+messages). Bags are read with ``rosbags`` (MCAP or SQLite3).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import rclpy
+import yaml
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rosgraph_msgs.msg import Clock
+
+from diagnostic_msgs.msg import DiagnosticArray
+from std_msgs.msg import Header
+
+from ..bench.common import machine, markdown_table, write_json
+from ..runtime.drive import Event, score_answer
+from .ask import call_ask
+from .node import to_time
+
+
+def cdr_header_stamp(data: bytes) -> float:
+    """Seconds of the ``std_msgs/Header`` stamp that opens a CDR-serialised message.
+
+    Raises:
+        ValueError: fewer than 12 bytes.
+    """
+    if len(data) < 12:
+        raise ValueError("message too short to hold a header")
+    order = "<" if data[1] & 1 else ">"  # encapsulation kind: 0x0001 CDR_LE, 0x0000 CDR_BE
+    sec, nanosec = struct.unpack_from(order + "iI", data, 4)
+    return sec + nanosec * 1e-9
+
+
+def load_questions(path: str | None) -> list[dict]:
+    """Read a questions YAML (``questions: [{at_s, question, ...}]``), sorted by ``at_s``.
+
+    Raises:
+        ValueError: missing list, an entry without a non-empty ``question`` or a numeric ``at_s``.
+    """
+    if path is None:
+        return []
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    items = data.get("questions")
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a top-level 'questions:' list")
+    for i, q in enumerate(items):
+        if not isinstance(q, dict) or not str(q.get("question", "")).strip():
+            raise ValueError(f"{path}: question {i} has no 'question' text")
+        if not isinstance(q.get("at_s"), (int, float)):
+            raise ValueError(f"{path}: question {i} needs a numeric 'at_s' (seconds from bag start)")
+    return sorted(items, key=lambda q: q["at_s"])
+
+
+def message_class(msgtype: str):
+    """``sensor_msgs/msg/Image`` -> the rclpy message class."""
+    package, kind, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.{kind}"), name)
+
+
+class Replayer:
+    """The replay node's state: publishers, frame acknowledgements and diagnostics samples."""
+
+    def __init__(self, node, node_name: str, topics: dict[str, str]):
+        self.node = node
+        self.pubs = {t: node.create_publisher(message_class(m), t, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)) for t, m in topics.items()}
+        self.clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+        self.acks: dict[float, str] = {}
+        self.outcomes: dict[str, int] = {}
+        self.diagnostics: list[dict] = []
+        self._cond = threading.Condition()
+        node.create_subscription(Header, f"{node_name}/frames", self._on_frame, 1000)
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.bag_time_s = 0.0
+
+    def _on_frame(self, msg: Header) -> None:
+        outcome = msg.frame_id.rpartition(":")[2]
+        with self._cond:
+            self.acks[round(msg.stamp.sec + msg.stamp.nanosec * 1e-9, 6)] = outcome
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            self._cond.notify_all()
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.endswith(": stream"):
+                values = {kv.key: kv.value for kv in status.values}
+                self.diagnostics.append({"bag_time_s": self.bag_time_s, "wall_s": time.time(), **values})
+
+    def wait_ack(self, stamp: float, timeout_s: float) -> str | None:
+        """Wait until the node reports the frame stamped ``stamp``; its outcome or None."""
+        key = round(stamp, 6)
+        with self._cond:
+            self._cond.wait_for(lambda: key in self.acks, timeout_s)
+            return self.acks.pop(key, None)
+
+    def wait_subscribers(self, timeout_s: float) -> bool:
+        """True once every image publisher is matched by a subscription."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(p.get_subscription_count() > 0 for p in self.pubs.values()):
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def ask_scripted(node, service: str, q: dict, timeout_s: float) -> dict:
+    """Ask one scripted question; the record for the report (with a score when it has expectations)."""
+    t0 = time.monotonic()
+    response = call_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
+                        bool(q.get("keep_in_context", False)), timeout_s)
+    rec = {"at_s": q["at_s"], "question": q["question"], "label": q.get("label")}
+    if response is None:
+        return {**rec, "success": False, "message": f"no answer within {timeout_s:.0f} s",
+                "latency_s": time.monotonic() - t0}
+    rec.update(success=response.success, answer=response.answer, message=response.message,
+               latency_s=response.latency_s, frames_in_context=response.frames_in_context,
+               tokens_in_cache=response.tokens_in_cache)
+    if response.success and q.get("expect_words"):
+        event = Event(q.get("label", ""), float(q.get("expect_time_s", math.nan)), tuple(q["expect_words"]))
+        rec["score"] = score_answer(response.answer, event)
+    return rec
+
+
+def rss_growth(diagnostics: list[dict], start_s: float = 600.0, end_s: float = 3600.0) -> dict:
+    """Node RSS at bag minute 10 and at the end (<= minute 60), from ``/diagnostics`` samples."""
+    samples = [(d["bag_time_s"], float(d["rss_mib"])) for d in diagnostics if "rss_mib" in d]
+    if not samples:
+        return {}
+    after = [s for s in samples if s[0] >= start_s] or samples
+    first = after[0]
+    last = [s for s in samples if s[0] <= end_s][-1]
+    return {"rss_mib_first": first[1], "rss_mib_first_at_s": first[0], "rss_mib_last": last[1],
+            "rss_mib_last_at_s": last[0], "rss_growth": last[1] / first[1] - 1.0,
+            "rss_mib_max": max(s[1] for s in samples)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="infmllm-replay", description=__doc__.splitlines()[0])
+    p.add_argument("bag", help="rosbag2 directory (MCAP or SQLite3)")
+    p.add_argument("--questions", help="questions YAML (default: BAG.questions.yaml when present)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="play at RATE x bag time instead of keeping up with the node")
+    pace.add_argument("--keep-up", action="store_true", help="wait for the node after each frame (default)")
+    p.add_argument("--node", default="/infmllm", help="node name, for <node>/frames (default /infmllm)")
+    p.add_argument("--service", default="/ask")
+    p.add_argument("--remap", action="append", default=[], help="FROM:=TO bag topic -> published topic")
+    p.add_argument("--wait-node", type=float, default=180.0, help="seconds to wait for the node (default 180)")
+    p.add_argument("--frame-timeout", type=float, default=120.0, help="keep-up: seconds to wait per frame")
+    p.add_argument("--ask-timeout", type=float, default=300.0)
+    p.add_argument("--report", default="replay-report.json", help="report JSON (markdown beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Console entry point: 0 when the replay ran (answers may still be wrong; see the report),
+    1 when the node never appeared, 2 on bad input."""
+    from rosbags.highlevel import AnyReader
+
+    args = parse_args(argv)
+    bag = Path(args.bag)
+    qpath = args.questions or (f"{bag}.questions.yaml" if Path(f"{bag}.questions.yaml").is_file() else None)
+    try:
+        remap = dict(r.split(":=", 1) for r in args.remap)
+        questions = load_questions(qpath)
+        reader = AnyReader([bag])
+        reader.open()
+    except Exception as exc:  # rosbags raises its own errors for unreadable bags
+        print(f"infmllm-replay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    images = [c for c in reader.connections if c.msgtype.startswith("sensor_msgs/msg/")]
+    if not images:
+        print(f"infmllm-replay: {bag} has no sensor_msgs topics", file=sys.stderr)
+        return 2
+    rclpy.init()
+    node = rclpy.create_node("infmllm_replay")
+    player = Replayer(node, args.node, {remap.get(c.topic, c.topic): c.msgtype for c in images})
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    report = {"machine": machine(), "bag": str(bag), "questions_file": qpath,
+              "pacing": f"rate {args.rate}" if args.rate else "keep-up", "answers": []}
+    try:
+        print(f"waiting up to {args.wait_node:.0f} s for the node ...", flush=True)
+        if not player.wait_subscribers(args.wait_node):
+            print("infmllm-replay: no subscriber on the bag's topics: is infmllm-node running?", file=sys.stderr)
+            return 1
+        start_ns, pending, published, unacked = reader.start_time, list(questions), 0, 0
+        total = sum(c.msgcount for c in images)
+        t_wall0 = time.monotonic()
+        for connection, timestamp, data in reader.messages(connections=images):
+            t = (timestamp - start_ns) * 1e-9
+            while pending and pending[0]["at_s"] <= t:
+                report["answers"].append(ask_scripted(node, args.service, pending.pop(0), args.ask_timeout))
+                print(f"  [{t:7.1f} s] {report['answers'][-1]}", flush=True)
+            if args.rate:
+                delay = t_wall0 + t / args.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            player.bag_time_s = t
+            player.clock.publish(Clock(clock=to_time(timestamp * 1e-9)))
+            player.pubs[remap.get(connection.topic, connection.topic)].publish(bytes(data))
+            published += 1
+            if not args.rate and player.wait_ack(cdr_header_stamp(data), args.frame_timeout) is None:
+                unacked += 1
+            if published % max(1, total // 20) == 0:
+                print(f"  {published}/{total} frames, bag {t:.0f} s, node: {player.outcomes}", flush=True)
+        end_t = (reader.end_time - start_ns) * 1e-9
+        if args.rate:  # let the node finish the frames in flight before asking
+            time.sleep(min(30.0, 5.0 / args.rate))
+        for q in pending:
+            report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout))
+            print(f"  [end] {report['answers'][-1]}", flush=True)
+        time.sleep(1.5)  # one more /diagnostics sample after the answers
+        scored = [a["score"]["correct"] for a in report["answers"] if "score" in a]
+        report.update(frames_published=published, frames_unacked=unacked, bag_duration_s=end_t,
+                      wall_s=time.monotonic() - t_wall0, node_outcomes=dict(player.outcomes),
+                      accuracy=sum(scored) / len(scored) if scored else None,
+                      named=sum(a["score"]["named"] for a in report["answers"] if "score" in a),
+                      memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
+                      diagnostics=player.diagnostics)
+        write_report(report, Path(args.report))
+        print(f"report: {args.report} (accuracy {report['accuracy']}, outcomes {player.outcomes})")
+    finally:
+        reader.close()
+        executor.shutdown()
+        spinner.join(5.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write ``path`` (JSON) and ``path`` with ``.md`` (answers table + figures)."""
+    write_json(path, report)
+    rows = [[f"{a['at_s']:.0f}", a["question"], (a.get("answer") or a.get("message", "")).replace("|", "/"),
+             "yes" if a.get("score", {}).get("named") else "no",
+             "yes" if a.get("score", {}).get("correct") else "no", f"{a['latency_s']:.2f}"]
+            for a in report["answers"]]
+    mem = report.get("memory") or {}
+    host = report["machine"]
+    lines = [f"# Replay of {report['bag']}", "",
+             f"Machine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}", "",
+             f"Pacing {report['pacing']}; {report['frames_published']} frames published in {report['wall_s']:.0f} s "
+             f"for {report['bag_duration_s']:.0f} s of bag; node outcomes {report['node_outcomes']}; "
+             f"unacknowledged {report['frames_unacked']}.", ""]
+    if mem:
+        lines += [f"Node RSS {mem['rss_mib_first']:.0f} MiB at {mem['rss_mib_first_at_s']:.0f} s -> "
+                  f"{mem['rss_mib_last']:.0f} MiB at {mem['rss_mib_last_at_s']:.0f} s "
+                  f"(growth {mem['rss_growth']:+.1%}, max {mem['rss_mib_max']:.0f} MiB).", ""]
+    lines.append(markdown_table(["bag s", "question", "answer", "named", "named+time", "latency s"], rows))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

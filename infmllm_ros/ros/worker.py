@@ -1,0 +1,198 @@
+"""The ingest worker: the one thread that feeds camera frames into the :class:`StreamSession`.
+
+Subscription callbacks only :meth:`IngestWorker.offer` a message (a stamp comparison and a dict
+assignment), so the executor never waits on vision or prefill. The worker keeps the *newest*
+pending frame per camera: a frame that is replaced before the worker takes it is counted as
+dropped. Decoding, near-duplicate skipping and ingest happen on the worker thread. Nothing here
+imports rclpy, so the logic is tested without a ROS graph.
+
+Every offered frame ends with exactly one outcome, reported to ``on_done``:
+``ingested``, ``sampled_out`` (faster than ``sample_rate_hz``), ``duplicate`` (thumbnail within
+``duplicate_threshold`` of the camera's last ingested frame), ``dropped`` (replaced by a newer
+frame), ``rejected`` (cannot be decoded: corrupt, unknown encoding, wrong size), ``late`` (older
+than the stream's newest frame), ``failed`` (the model raised; logged with its traceback).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .images import FrameError, frame_difference, thumbnail, to_rgb
+
+OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "late", "failed")
+
+
+@dataclass
+class PendingFrame:
+    """A received camera message waiting for the worker.
+
+    Attributes:
+        camera: camera name (the ``cam=`` tag). stamp_s: header stamp, seconds (ROS time).
+        msg: the ``sensor_msgs/Image`` or ``CompressedImage``. compressed: which of the two.
+    """
+
+    camera: str
+    stamp_s: float
+    msg: Any
+    compressed: bool
+
+
+@dataclass
+class WorkerStats:
+    """Counters and last timings (milliseconds) for ``/diagnostics``; a snapshot copy."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    received: int = 0
+    last_ingest_ms: float = math.nan
+    mean_ingest_ms: float = math.nan
+    last_vision_ms: float = math.nan
+    last_prefill_ms: float = math.nan
+    evicted_tokens: int = 0
+    last_error: str = ""
+    origin_s: float = math.nan
+
+
+class IngestWorker:
+    """Owns the ingest side of one :class:`StreamSession` on a background thread.
+
+    Args:
+        session: the stream (its ``ingest_frame(rgb, stamp_s, camera)`` is called here only).
+        sample_rate_hz: frames per second ingested per camera, by header stamp (<= 0: all).
+        duplicate_threshold: skip a frame whose 32x32 grey thumbnail differs from the camera's last
+            ingested one by less than this mean absolute difference in [0, 1] (0: never skip).
+        on_done: called ``(frame, outcome, detail)`` once per offered frame, from the thread
+            that decided it (the caller's for ``sampled_out``/``dropped``, the worker's otherwise).
+        log: called with a warning line for rejected, late and failed frames.
+
+    Stamps in the stream are seconds since the first ingested frame (``origin_s``), so answers
+    quote drive time ("t=312.0s"); the first ingested frame's ROS stamp is kept as the origin.
+    """
+
+    def __init__(self, session, sample_rate_hz: float, duplicate_threshold: float,
+                 on_done: Callable[[PendingFrame, str, str], None] = lambda *a: None,
+                 log: Callable[[str], None] = print):
+        self.session = session
+        self.sample_rate_hz = sample_rate_hz
+        self.duplicate_threshold = duplicate_threshold
+        self._on_done, self._log = on_done, log
+        self._pending: dict[str, PendingFrame] = {}
+        self._last_offered: dict[str, float] = {}
+        self._last_thumb: dict = {}
+        self._cond = threading.Condition()
+        self._stats = WorkerStats()
+        self._ingest_ms_sum = 0.0
+        self._stop = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="infmllm-ingest", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Ask the worker to finish the frame in hand and exit; True if it did within ``timeout_s``."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def stats(self) -> WorkerStats:
+        """A consistent copy of the counters."""
+        with self._cond:
+            snap = WorkerStats(**{**self._stats.__dict__, "outcomes": Counter(self._stats.outcomes)})
+        return snap
+
+    def idle(self) -> bool:
+        """True when no frame is pending or being ingested."""
+        with self._cond:
+            return not self._pending and not self._busy
+
+    def offer(self, frame: PendingFrame) -> None:
+        """Hand a received frame to the worker (never blocks on the model)."""
+        replaced = None
+        with self._cond:
+            self._stats.received += 1
+            last = self._last_offered.get(frame.camera, -math.inf)
+            period = 1.0 / self.sample_rate_hz if self.sample_rate_hz > 0 else 0.0
+            if frame.stamp_s - last < period - 1e-3 and frame.stamp_s >= last:
+                outcome = "sampled_out"
+            else:
+                outcome = None
+                self._last_offered[frame.camera] = frame.stamp_s
+                replaced = self._pending.get(frame.camera)
+                self._pending[frame.camera] = frame
+                self._cond.notify_all()
+            if outcome:
+                self._stats.outcomes[outcome] += 1
+            if replaced is not None:
+                self._stats.outcomes["dropped"] += 1
+        if outcome:
+            self._on_done(frame, outcome, "")
+        if replaced is not None:
+            self._on_done(replaced, "dropped", "a newer frame arrived before ingest")
+
+    def _take(self) -> PendingFrame | None:
+        with self._cond:
+            while not self._pending and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            camera = min(self._pending, key=lambda c: self._pending[c].stamp_s)  # oldest camera first
+            self._busy = True
+            return self._pending.pop(camera)
+
+    def _finish(self, frame: PendingFrame, outcome: str, detail: str = "", result=None, ms: float = 0.0):
+        with self._cond:
+            self._busy = False
+            s = self._stats
+            s.outcomes[outcome] += 1
+            if outcome in ("rejected", "late", "failed"):
+                s.last_error = f"{frame.camera} @ {frame.stamp_s:.3f}s: {detail}"
+            if result is not None:
+                n = s.outcomes["ingested"]
+                self._ingest_ms_sum += ms
+                s.last_ingest_ms, s.mean_ingest_ms = ms, self._ingest_ms_sum / n
+                s.last_vision_ms, s.last_prefill_ms = result.vision_ms, result.prefill_ms
+                s.evicted_tokens += result.evicted_tokens
+        if outcome in ("rejected", "late", "failed"):
+            self._log(f"frame {outcome}: {frame.camera} @ {frame.stamp_s:.3f}s: {detail}")
+        self._on_done(frame, outcome, detail)
+
+    def _run(self) -> None:
+        while (frame := self._take()) is not None:
+            t0 = time.perf_counter()
+            try:
+                rgb = to_rgb(frame.msg, frame.compressed)
+            except FrameError as exc:
+                self._finish(frame, "rejected", str(exc))
+                continue
+            thumb = thumbnail(rgb)
+            last = self._last_thumb.get(frame.camera)
+            if (self.duplicate_threshold > 0 and last is not None
+                    and frame_difference(thumb, last) < self.duplicate_threshold):
+                self._finish(frame, "duplicate")
+                continue
+            origin = self._stats.origin_s if not math.isnan(self._stats.origin_s) else frame.stamp_s
+            if frame.stamp_s - origin < self.session.last_stamp_s:
+                self._finish(frame, "late", f"older than the stream's newest frame "
+                             f"({origin + self.session.last_stamp_s:.3f}s); did the clock jump back?")
+                continue
+            try:
+                result = self.session.ingest_frame(rgb, frame.stamp_s - origin, frame.camera)
+            except ValueError as exc:  # a frame the model cannot take (e.g. smaller than 8x8)
+                self._finish(frame, "rejected", str(exc))
+                continue
+            except Exception as exc:  # the model failed: keep the node alive, say what happened
+                self._finish(frame, "failed", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                continue
+            with self._cond:
+                if math.isnan(self._stats.origin_s):
+                    self._stats.origin_s = origin
+            self._last_thumb[frame.camera] = thumb
+            self._finish(frame, "ingested", result=result, ms=(time.perf_counter() - t0) * 1e3)
