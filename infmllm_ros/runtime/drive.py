@@ -36,8 +36,10 @@ class Event:
 
     @property
     def question(self) -> str:
-        """The question asked about this event."""
-        return f"Did you see a {self.label.replace('_', ' ')}? When?"
+        """The question asked about this event. Phrased as "Was there a cat? At what time?":
+        SmolLM2-135M answers "Did you see a cat? When?" with "as a robot I cannot see" (measured on
+        a 1-minute dashcam drive; the other phrasing named the cat)."""
+        return f"Was there a {self.label.replace('_', ' ')}? At what time?"
 
 
 def bundled_events() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:

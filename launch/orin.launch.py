@@ -1,0 +1,38 @@
+"""``ros2 launch infmllm_ros orin.launch.py``: the stream-memory node with config/orin.yaml.
+
+Arguments: ``namespace`` (default empty), ``params_file`` (default the installed orin.yaml),
+``camera_topic`` (remaps the node's ``camera/front/image_raw/compressed``), ``use_sim_time``
+(true when replaying bags), ``fastdds_profile`` (shared-memory transport for large images).
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def generate_launch_description():
+    share = get_package_share_directory("infmllm_ros")
+    return LaunchDescription([
+        DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "orin.yaml"),
+                              description="parameter YAML"),
+        DeclareLaunchArgument("camera_topic", default_value="camera/front/image_raw/compressed",
+                              description="compressed front camera topic"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="run on /clock"),
+        DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(share, "config", "fastdds_shm.xml"),
+                              description="Fast DDS profile (32 MiB shared-memory segment)"),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
+        Node(
+            package="infmllm_ros",
+            executable="infmllm_node",
+            name="infmllm",
+            namespace=LaunchConfiguration("namespace"),
+            parameters=[LaunchConfiguration("params_file"), {"use_sim_time": LaunchConfiguration("use_sim_time")}],
+            remappings=[("camera/front/image_raw/compressed", LaunchConfiguration("camera_topic"))],
+            output="screen",
+            emulate_tty=True,
+        ),
+    ])

@@ -1,0 +1,163 @@
+"""Image decoding, parameter validation and the ingest worker, without a ROS graph."""
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from infmllm_ros.ros.images import FrameError, compressed_to_rgb, raw_to_rgb
+from infmllm_ros.ros.params import camera_name_from_topic, validate
+from infmllm_ros.ros.worker import IngestWorker, PendingFrame
+
+
+def rgb_image(h=6, w=8):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def raw(img, encoding, step_pad=0):
+    h, w = img.shape[:2]
+    rows = img.reshape(h, -1)
+    rows = np.concatenate([rows, np.zeros((h, step_pad), np.uint8)], 1)
+    return SimpleNamespace(encoding=encoding, height=h, width=w, step=rows.shape[1], is_bigendian=0,
+                           data=rows.tobytes())
+
+
+@pytest.mark.parametrize("encoding,convert", [
+    ("rgb8", lambda x: x), ("bgr8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGR)),
+    ("rgba8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)), ("bgra8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGRA))])
+def test_colour_encodings_round_trip(encoding, convert):
+    img = rgb_image()
+    assert np.array_equal(raw_to_rgb(raw(convert(img), encoding, step_pad=3)), img)
+
+
+def test_mono_and_yuv422_decode_to_rgb():
+    grey = rgb_image()[..., 0]
+    out = raw_to_rgb(raw(grey[..., None], "mono8"))
+    assert np.array_equal(out, np.repeat(grey[..., None], 3, 2))
+    # A flat mid-grey frame in both 4:2:2 byte orders: Y=128, U=V=128 -> RGB ~ (128,128,128).
+    for encoding in ("yuv422", "yuv422_yuy2", "yuyv", "uyvy"):
+        flat = np.full((4, 8, 2), 128, np.uint8)
+        assert np.abs(raw_to_rgb(raw(flat, encoding)).astype(int) - 128).max() <= 2
+    # Bright Y with neutral chroma in UYVY order: luma bytes are the odd ones.
+    uyvy = np.zeros((2, 4, 2), np.uint8)
+    uyvy[..., 0], uyvy[..., 1] = 128, 200
+    assert raw_to_rgb(raw(uyvy, "yuv422")).min() > 190
+
+
+@pytest.mark.parametrize("msg,needle", [
+    (dict(encoding="16UC1"), "unknown image encoding"),
+    (dict(height=0), "zero size"),
+    (dict(step=5), "shorter than"),
+    (dict(data=b"\0" * 10), "needs"),
+])
+def test_bad_raw_images_are_named(msg, needle):
+    good = vars(raw(rgb_image(), "rgb8"))
+    with pytest.raises(FrameError, match=needle):
+        raw_to_rgb(SimpleNamespace(**{**good, **msg}))
+
+
+def test_odd_width_yuv_is_refused():
+    with pytest.raises(FrameError, match="even width"):
+        raw_to_rgb(SimpleNamespace(encoding="yuv422", height=2, width=3, step=6, is_bigendian=0, data=b"\0" * 12))
+
+
+def test_jpeg_decodes_and_corrupt_jpeg_is_refused():
+    img = np.full((16, 16, 3), (200, 30, 30), np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    out = compressed_to_rgb(SimpleNamespace(format="jpeg", data=jpeg.tobytes()))
+    assert np.abs(out.astype(int) - img).max() < 12
+    with pytest.raises(FrameError, match="cannot decode"):
+        compressed_to_rgb(SimpleNamespace(format="jpeg", data=jpeg.tobytes()[:20] + b"garbage" * 5))
+    with pytest.raises(FrameError, match="empty"):
+        compressed_to_rgb(SimpleNamespace(format="jpeg", data=b""))
+
+
+def test_parameters_are_validated_with_the_name_in_the_message():
+    cfg = validate({})
+    assert cfg.cameras == [("camera/front/image_raw/compressed", "front", True)]
+    assert cfg.session_kwargs()["sinks"] is None
+    for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
+                      ({"cache.recent": 5000}, "cache.recent"), ({"backend": "tensorrt"}, "backend"),
+                      ({"device": "gpu"}, "device"), ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
+                                                      "camera_transports")]:
+        with pytest.raises(ValueError, match=name):
+            validate(bad)
+    two = validate({"camera_topics": ["/a/image_raw", "/rear/image_raw/compressed"],
+                    "camera_transports": ["raw", "compressed"], "camera_names": ["left"]})
+    assert two.cameras == [("/a/image_raw", "left", False), ("/rear/image_raw/compressed", "rear", True)]
+    assert camera_name_from_topic("/robot/camera/image_raw") == "robot"
+
+
+class FakeSession:
+    """Records ingests; ``block`` holds the worker inside ingest_frame."""
+
+    def __init__(self):
+        self.ingested, self.last_stamp_s, self.block = [], -math.inf, threading.Event()
+        self.block.set()
+
+    def ingest_frame(self, rgb, stamp_s, camera):
+        self.block.wait(10)
+        self.ingested.append((stamp_s, camera, rgb.shape))
+        self.last_stamp_s = stamp_s
+        return SimpleNamespace(vision_ms=1.0, prefill_ms=2.0, evicted_tokens=3)
+
+
+def frame(camera, stamp, value=0, encoding="rgb8"):
+    img = np.full((8, 8, 3), value, np.uint8)
+    return PendingFrame(camera, stamp, raw(img, encoding), compressed=False)
+
+
+def run_worker(session, frames, rate=0.0, dup=0.0):
+    done = []
+    w = IngestWorker(session, rate, dup, on_done=lambda f, o, d: done.append((f.camera, f.stamp_s, o)), log=lambda m: None)
+    w.start()
+    for f in frames:
+        w.offer(f)
+        deadline = time.monotonic() + 5
+        while not w.idle() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert w.stop(5)
+    return w, done
+
+
+def test_worker_samples_by_stamp_and_uses_stream_time():
+    s = FakeSession()
+    w, done = run_worker(s, [frame("front", 100.0 + 0.25 * i, i) for i in range(9)], rate=1.0)
+    assert [x[0] for x in s.ingested] == [0.0, 1.0, 2.0]  # seconds since the first ingested frame
+    assert [o for *_, o in done].count("sampled_out") == 6
+    st = w.stats()
+    assert st.origin_s == 100.0 and st.outcomes["ingested"] == 3 and st.evicted_tokens == 9
+
+
+def test_worker_rejects_bad_late_and_duplicate_frames_without_touching_the_stream():
+    s = FakeSession()
+    frames = [frame("front", 10.0, 10), frame("front", 11.0, 10),  # same picture: duplicate
+              frame("front", 12.0, 0, encoding="32FC1"), frame("front", 13.0, 90),
+              frame("rear", 12.5, 50)]  # older than the stream's newest frame
+    w, done = run_worker(s, frames, dup=0.01)
+    assert [o for *_, o in done] == ["ingested", "duplicate", "rejected", "ingested", "late"]
+    assert [x[0] for x in s.ingested] == [0.0, 3.0]
+    assert "clock jump" in w.stats().last_error
+
+
+def test_worker_keeps_the_newest_frame_and_counts_drops():
+    s = FakeSession()
+    s.block.clear()  # the model is busy with the first frame
+    done = []
+    w = IngestWorker(s, 0.0, 0.0, on_done=lambda f, o, d: done.append((f.stamp_s, o)), log=lambda m: None)
+    w.start()
+    w.offer(frame("front", 1.0))
+    time.sleep(0.2)
+    for t in (2.0, 3.0, 4.0):
+        w.offer(frame("front", t))
+    s.block.set()
+    deadline = time.monotonic() + 5
+    while not w.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.stop(5)
+    assert sorted(done) == [(1.0, "ingested"), (2.0, "dropped"), (3.0, "dropped"), (4.0, "ingested")]
+    assert w.stats().outcomes["dropped"] == 2
