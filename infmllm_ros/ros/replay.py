@@ -32,6 +32,8 @@ from rosgraph_msgs.msg import Clock
 from diagnostic_msgs.msg import DiagnosticArray
 from std_msgs.msg import Header
 
+from infmllm_interfaces.msg import Answer
+
 from ..bench.common import machine, markdown_table, write_json
 from ..runtime.drive import Event, score_answer
 from .ask import call_ask
@@ -82,8 +84,9 @@ class Replayer:
 
     def __init__(self, node, node_name: str, topics: dict[str, str]):
         self.node = node
+        # Reliable publishers match both best-effort and reliable camera subscriptions.
         self.pubs = {t: node.create_publisher(message_class(m), t, QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)) for t, m in topics.items()}
+            depth=10, reliability=ReliabilityPolicy.RELIABLE)) for t, m in topics.items()}
         self.clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
         self.acks: dict[float, str] = {}
         self.outcomes: dict[str, int] = {}
@@ -91,6 +94,8 @@ class Replayer:
         self._cond = threading.Condition()
         node.create_subscription(Header, f"{node_name}/frames", self._on_frame, 1000)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.answers: list[Answer] = []
+        node.create_subscription(Answer, f"{node_name}/answers", self.answers.append, 10)
         self.bag_time_s = 0.0
 
     def _on_frame(self, msg: Header) -> None:
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
             print(f"  [end] {report['answers'][-1]}", flush=True)
         time.sleep(1.5)  # one more /diagnostics sample after the answers
         scored = [a["score"]["correct"] for a in report["answers"] if "score" in a]
-        report.update(frames_published=published, frames_unacked=unacked, bag_duration_s=end_t,
+        report.update(answers_published=len(player.answers), frames_published=published, frames_unacked=unacked, bag_duration_s=end_t,
                       wall_s=time.monotonic() - t_wall0, node_outcomes=dict(player.outcomes),
                       accuracy=sum(scored) / len(scored) if scored else None,
                       named=sum(a["score"]["named"] for a in report["answers"] if "score" in a),
