@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl clean
+.PHONY: venv test demo bench-ppl bench-drive clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -39,7 +39,11 @@ bench-ppl: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out
 
-# The main job. Until the ROS node lands (issue 4) this is a short streaming-perplexity run.
+# The main job: a 5-minute drive bag from the dashcam clip, the node, a replay with questions
+# about every event, answers printed (see infmllm_ros/ros/demo.py). ~4 minutes on 2 cores.
 demo: $(STAMP)
-	$(VENV)/bin/infmllm-bench-ppl --text $(DEMO_TEXT) --tokens 2000 --capacity 128 --recent 32 \
-	    --policy window,streaming_llm,h2o,inf_mllm --hf-contexts '' --json demo-out/perplexity.json
+	$(VENV)/bin/infmllm-demo --out demo-out --minutes 5
+
+# The hour-long drive of issue 4 (node memory, drops, latencies): ~45 minutes on 2 cores.
+bench-drive: $(STAMP)
+	$(VENV)/bin/infmllm-demo --out bench/results/drive_60min --minutes 60

@@ -32,6 +32,7 @@ setup(
             "infmllm-ask = infmllm_ros.ros.ask:main",
             "infmllm-make-bag = infmllm_ros.ros.bag:main",
             "infmllm-replay = infmllm_ros.ros.replay:main",
+            "infmllm-demo = infmllm_ros.ros.demo:main",
         ],
     },
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infmllm_ros.ros.params import PARAMETER_NAMES, validate
+from infmllm_ros.ros.params import PARAMETER_NAMES, flatten_parameters, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,18 +77,7 @@ def console_scripts() -> set:
 
 
 def ros_parameters(path: Path) -> dict:
-    """Flatten ``/**: ros__parameters:`` nesting into dotted names."""
-    doc = yaml.safe_load(path.read_text())
-    flat = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-    walk(doc["/**"]["ros__parameters"])
-    return flat
+    return flatten_parameters(yaml.safe_load(path.read_text()))
 
 
 def test_node_package_and_executable_match_the_package(launched):

@@ -161,3 +161,26 @@ def test_worker_keeps_the_newest_frame_and_counts_drops():
     assert w.stop(5)
     assert sorted(done) == [(1.0, "ingested"), (2.0, "dropped"), (3.0, "dropped"), (4.0, "ingested")]
     assert w.stats().outcomes["dropped"] == 2
+
+
+def test_questions_run_on_the_worker_thread_before_pending_frames():
+    s = FakeSession()
+    s.block.clear()
+    order = []
+    w = IngestWorker(s, 0.0, 0.0, on_done=lambda f, o, d: order.append(("frame", f.stamp_s)), log=lambda m: None)
+    w.start()
+    w.offer(frame("front", 1.0))
+    time.sleep(0.2)  # the worker is inside ingest of frame 1.0
+    w.offer(frame("front", 2.0))
+    asked = w.call(lambda: (order.append(("ask", threading.current_thread().name)), 42)[1])
+    failed = w.call(lambda: 1 / 0)
+    s.block.set()
+    assert asked.result(5) == 42
+    with pytest.raises(ZeroDivisionError):
+        failed.result(5)
+    while not w.idle():
+        time.sleep(0.01)
+    assert w.stop(5)
+    assert order == [("frame", 1.0), ("ask", "infmllm-ingest"), ("frame", 2.0)]
+    with pytest.raises(RuntimeError, match="stopped"):
+        w.call(lambda: None)

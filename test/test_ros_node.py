@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import yaml
 
-from ros_helpers import ROOT, ros_env, run_tool, start_node, stop_node
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
 from builtin_interfaces.msg import Time  # noqa: E402
@@ -24,6 +23,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from infmllm_ros.ros.ask import call_ask  # noqa: E402
+from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 

@@ -11,9 +11,9 @@ Graph interface (names relative to the node's namespace unless absolute):
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
   ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
 
-Threads: a :class:`MultiThreadedExecutor` runs callbacks; one :class:`IngestWorker` thread owns
-ingest; ``/ask`` decodes on an executor thread, holding the session lock (ingest waits, frames
-keep arriving and the newest is kept). SIGINT/SIGTERM stop the executor, the worker finishes
+Threads: a :class:`MultiThreadedExecutor` runs callbacks; one :class:`IngestWorker` thread runs
+the model: ingest, and each ``/ask`` handed to it ahead of pending frames (the service callback
+waits for it; frames keep arriving meanwhile and the newest is kept). SIGINT/SIGTERM stop the executor, the worker finishes
 its frame, and the node exits 0.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from infmllm_interfaces.msg import Answer
 from infmllm_interfaces.srv import Ask
 
 from ..runtime.embedded import load_embedded
-from ..runtime.procstat import rss_mib
+from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from .params import PARAMETERS, validate
 from .worker import IngestWorker, PendingFrame
 
@@ -146,7 +146,8 @@ class InfMLLMNode(Node):
             if limit > 1024:
                 return refuse(f"max_new_tokens={limit} is above the limit of 1024")
             try:
-                answer = self.session.ask(request.question, limit, request.keep_in_context)
+                answer = self.worker.call(lambda: self.session.ask(
+                    request.question, limit, request.keep_in_context)).result()
             except ValueError as exc:
                 return refuse(str(exc))
             except Exception as exc:  # keep the node alive; the session restored its cache
@@ -237,6 +238,7 @@ class InfMLLMNode(Node):
 
 def main(argv=None) -> int:
     """Console entry point; returns the process exit status (2: bad parameters or model)."""
+    limit_malloc_arenas()
     rclpy.init(args=argv)
     try:
         node = InfMLLMNode()

@@ -102,6 +102,28 @@ class NodeConfig:
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None)
 
 
+def flatten_parameters(doc: dict) -> dict:
+    """A ROS parameter YAML document (``{"/**": {"ros__parameters": {...}}}``) -> dotted names.
+
+    Raises:
+        ValueError: the document has no ``/**: ros__parameters`` section.
+    """
+    try:
+        tree = doc["/**"]["ros__parameters"]
+    except (KeyError, TypeError):
+        raise ValueError("parameter file needs a '/**: ros__parameters:' section") from None
+    flat = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for key, value in d.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+    walk(tree, "")
+    return flat
+
+
 def camera_name_from_topic(topic: str) -> str:
     """``/robot/camera/front/image_raw/compressed`` -> ``front``: the last path element that is not
     a transport or image suffix, else the last element."""

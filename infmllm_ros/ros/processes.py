@@ -1,5 +1,6 @@
-"""Shared set-up for tests that start ROS processes: loopback-only discovery, a random domain,
-the shipped shared-memory Fast DDS profile, and a node process that is waited for and stopped."""
+"""Starting the node and the tools as separate processes, as on a robot: loopback-only
+discovery, a random domain, the shipped shared-memory Fast DDS profile, a node process that is
+waited for and stopped like Ctrl-C. Used by ``infmllm-demo`` and the integration tests."""
 import os
 import random
 import signal
@@ -10,21 +11,32 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# config/ in a source checkout; share/infmllm_ros/config once installed by colcon.
+PROFILE_CANDIDATES = (Path(__file__).resolve().parents[2] / "config" / "fastdds_shm.xml",
+                      Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "fastdds_shm.xml")
 
 
 def ros_env() -> dict:
-    """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID in 1..101."""
-    return dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(random.randint(1, 101)),
-                FASTDDS_DEFAULT_PROFILES_FILE=str(ROOT / "config" / "fastdds_shm.xml"), PYTHONUNBUFFERED="1")
+    """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID in 1..101, the
+    shared-memory Fast DDS profile when it is found."""
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(random.randint(1, 101)),
+               PYTHONUNBUFFERED="1")
+    profile = next((p for p in PROFILE_CANDIDATES if p.is_file()), None)
+    if profile is not None:
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    return env
 
 
 def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0):
-    """Start ``infmllm-node`` with ``params`` (dotted names) and wait for its "ready" log line.
+    """Start ``infmllm-node`` with ``params`` (dotted names, written to ``tmp/params.yaml``) and
+    wait for its "ready" log line (log in ``tmp/node.log``).
 
     Returns:
-        ``(process, log_path)``. Raises AssertionError (with the log) if it exits or times out.
+        ``(process, log_path)``.
+
+    Raises:
+        RuntimeError: the node exited or was not ready within ``timeout_s`` (message holds its log).
     """
     nested: dict = {}
     for key, value in params.items():
@@ -46,7 +58,7 @@ def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0):
             break
         time.sleep(0.5)
     proc.kill()
-    raise AssertionError(f"node did not start:\n{log_path.read_text()}")
+    raise RuntimeError(f"node did not start:\n{log_path.read_text()}")
 
 
 def stop_node(proc, timeout_s: float = 30.0) -> int:

@@ -97,6 +97,7 @@ class Replayer:
         self.answers: list[Answer] = []
         node.create_subscription(Answer, f"{node_name}/answers", self.answers.append, 10)
         self.bag_time_s = 0.0
+        self.phase = "stream"  # "questions" once playback has ended
 
     def _on_frame(self, msg: Header) -> None:
         outcome = msg.frame_id.rpartition(":")[2]
@@ -109,7 +110,8 @@ class Replayer:
         for status in msg.status:
             if status.name.endswith(": stream"):
                 values = {kv.key: kv.value for kv in status.values}
-                self.diagnostics.append({"bag_time_s": self.bag_time_s, "wall_s": time.time(), **values})
+                self.diagnostics.append({"bag_time_s": self.bag_time_s, "phase": self.phase,
+                                         "wall_s": time.time(), **values})
 
     def wait_ack(self, stamp: float, timeout_s: float) -> str | None:
         """Wait until the node reports the frame stamped ``stamp``; its outcome or None."""
@@ -147,8 +149,12 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float) -> dict:
 
 
 def rss_growth(diagnostics: list[dict], start_s: float = 600.0, end_s: float = 3600.0) -> dict:
-    """Node RSS at bag minute 10 and at the end (<= minute 60), from ``/diagnostics`` samples."""
-    samples = [(d["bag_time_s"], float(d["rss_mib"])) for d in diagnostics if "rss_mib" in d]
+    """Node RSS while streaming, at bag minute 10 (or the first sample) and at the last streaming
+    sample (<= minute 60), and the most it reached including the final questions; from
+    ``/diagnostics`` samples."""
+    every = [float(d["rss_mib"]) for d in diagnostics if "rss_mib" in d]
+    samples = [(d["bag_time_s"], float(d["rss_mib"])) for d in diagnostics
+               if "rss_mib" in d and d.get("phase") == "stream"]
     if not samples:
         return {}
     after = [s for s in samples if s[0] >= start_s] or samples
@@ -156,7 +162,7 @@ def rss_growth(diagnostics: list[dict], start_s: float = 600.0, end_s: float = 3
     last = [s for s in samples if s[0] <= end_s][-1]
     return {"rss_mib_first": first[1], "rss_mib_first_at_s": first[0], "rss_mib_last": last[1],
             "rss_mib_last_at_s": last[0], "rss_growth": last[1] / first[1] - 1.0,
-            "rss_mib_max": max(s[1] for s in samples)}
+            "rss_mib_max": max(every), "rss_mib_after_questions": every[-1]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -231,6 +237,7 @@ def main(argv=None) -> int:
             if published % max(1, total // 20) == 0:
                 print(f"  {published}/{total} frames, bag {t:.0f} s, node: {player.outcomes}", flush=True)
         end_t = (reader.end_time - start_ns) * 1e-9
+        player.phase = "questions"
         if args.rate:  # let the node finish the frames in flight before asking
             time.sleep(min(30.0, 5.0 / args.rate))
         for q in pending:
@@ -270,9 +277,10 @@ def write_report(report: dict, path: Path) -> None:
              f"for {report['bag_duration_s']:.0f} s of bag; node outcomes {report['node_outcomes']}; "
              f"unacknowledged {report['frames_unacked']}.", ""]
     if mem:
-        lines += [f"Node RSS {mem['rss_mib_first']:.0f} MiB at {mem['rss_mib_first_at_s']:.0f} s -> "
+        lines += [f"Node RSS while streaming {mem['rss_mib_first']:.0f} MiB at {mem['rss_mib_first_at_s']:.0f} s -> "
                   f"{mem['rss_mib_last']:.0f} MiB at {mem['rss_mib_last_at_s']:.0f} s "
-                  f"(growth {mem['rss_growth']:+.1%}, max {mem['rss_mib_max']:.0f} MiB).", ""]
+                  f"(growth {mem['rss_growth']:+.1%}); {mem['rss_mib_after_questions']:.0f} MiB after the "
+                  f"questions, max {mem['rss_mib_max']:.0f} MiB.", ""]
     lines.append(markdown_table(["bag s", "question", "answer", "named", "named+time", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
