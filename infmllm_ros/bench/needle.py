@@ -9,7 +9,6 @@ time to first token and decode tokens/s; writes JSON, markdown and a PNG of accu
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -18,18 +17,8 @@ import numpy as np
 
 from ..kvcache import CacheFullError
 from ..kvcache.policies import POLICIES
+from ..runtime.procstat import rss_mib
 from .common import machine, markdown_table, write_json
-
-
-def _rss_mib() -> float:
-    """Resident set size of this process now (MiB), from /proc (falls back to the peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_drive(session, drive, log_every: int = 60) -> dict:
@@ -52,7 +41,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             break
         ingest_ms.append((time.perf_counter() - t0) * 1e3)
         if i % max(1, int(60 * drive.fps)) == 0:
-            rss.append(_rss_mib())
+            rss.append(rss_mib())
         if log_every and i % log_every == 0:
             print(f"  t={t:.0f}s ingest {np.median(ingest_ms[-log_every:]):.0f} ms, "
                   f"cache {session.cache.length} tokens", file=sys.stderr, flush=True)
