@@ -80,10 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Console entry point; returns the exit code (2 on bad input)."""
     args = parse_args(argv)
-    from ..models import load_gguf, smollm2_gguf_path
-    from ..models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
     from ..runtime.drive import Drive, bundled_events, events_from_dir, video_frames
-    from ..runtime.session import StreamSession
+    from ..runtime.embedded import load_embedded
 
     try:
         unknown = [p for p in args.policy if p not in POLICIES]
@@ -94,9 +92,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"infmllm-bench-needle: error: {exc}", file=sys.stderr)
         return 2
-    decoder, tokenizer = load_gguf(smollm2_gguf_path())
-    vision = VisionEncoder()
-    projector = LabelEmbeddingProjector(decoder, tokenizer, imagenet_names())
+    model = load_embedded()
 
     def background(t: float):
         return videos[int(t // 60) % len(videos)](t)  # switch clip every minute
@@ -108,11 +104,10 @@ def main(argv=None) -> int:
         for cap in args.capacity:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
-                size = decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
+                size = model.decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
                 key = f"{policy}@{size},{minutes:g}min"
                 print(f"[{key}]", file=sys.stderr, flush=True)
-                session = StreamSession(decoder, tokenizer, vision, projector, capacity=size,
-                                        policy=policy, recent=cap // 4)
+                session = model.session(capacity=size, policy=policy, recent=cap // 4)
                 data["runs"][key] = {"policy": policy, "capacity": size, "minutes": minutes,
                                      "manifest": drive.manifest(), **run_drive(session, drive)}
                 write_json(out, data)

@@ -16,6 +16,8 @@ from rclpy.node import Node
 
 from infmllm_interfaces.srv import Ask
 
+from .stamps import stamp_seconds
+
 
 def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
              keep_in_context: bool = False, timeout_s: float = 120.0):
@@ -44,8 +46,7 @@ def format_response(response) -> str:
     """Human-readable lines for an ``Ask.Response``."""
     if not response.success:
         return f"refused: {response.message}"
-    first = response.first_frame_stamp.sec + response.first_frame_stamp.nanosec * 1e-9
-    last = response.last_frame_stamp.sec + response.last_frame_stamp.nanosec * 1e-9
+    first, last = stamp_seconds(response.first_frame_stamp), stamp_seconds(response.last_frame_stamp)
     return (f"{response.answer}\n"
             f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
             f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "

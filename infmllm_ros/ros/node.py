@@ -25,7 +25,6 @@ import time
 import traceback
 
 import rclpy
-from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -41,20 +40,8 @@ from infmllm_interfaces.srv import Ask
 from ..runtime.embedded import load_embedded
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from .params import PARAMETERS, validate
+from .stamps import stamp_seconds, to_time
 from .worker import IngestWorker, PendingFrame
-
-
-def to_time(seconds: float) -> Time:
-    """Seconds (float, >= 0) -> ``builtin_interfaces/Time``; NaN -> zero time."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return Time()
-    sec = int(seconds)
-    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
-
-
-def stamp_seconds(stamp) -> float:
-    """``builtin_interfaces/Time`` -> float seconds."""
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class InfMLLMNode(Node):
@@ -135,8 +122,6 @@ class InfMLLMNode(Node):
             return refuse("busy: another question is being answered; ask again when it returns",
                           "refused_busy")
         try:
-            if not request.question.strip():
-                return refuse("question is empty")
             stats = self.worker.stats()
             if stats.outcomes["ingested"] == 0:
                 topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)

@@ -37,7 +37,7 @@ from infmllm_interfaces.msg import Answer
 from ..bench.common import machine, markdown_table, write_json
 from ..runtime.drive import Event, score_answer
 from .ask import call_ask
-from .node import to_time
+from .stamps import stamp_seconds, to_time
 
 
 def cdr_header_stamp(data: bytes) -> float:
@@ -102,7 +102,7 @@ class Replayer:
     def _on_frame(self, msg: Header) -> None:
         outcome = msg.frame_id.rpartition(":")[2]
         with self._cond:
-            self.acks[round(msg.stamp.sec + msg.stamp.nanosec * 1e-9, 6)] = outcome
+            self.acks[round(stamp_seconds(msg.stamp), 6)] = outcome
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             self._cond.notify_all()
 
