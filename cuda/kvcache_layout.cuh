@@ -6,10 +6,18 @@
 // dimension i is paired with i + head_dim / 2 (infmllm_ros/kvcache/rope.py).
 #pragma once
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC ships no C library headers: the fixed-width types the kernels use, spelled out.
+typedef long long int64_t;
+typedef int int32_t;
+typedef signed char int8_t;
+#else
 #include <stdint.h>
+#endif
 
 #define INFMLLM_THREADS 256      // threads per block for every kernel in this folder
-#define INFMLLM_MAX_HEAD_DIM 256 // largest head_dim supported (inv_freq table in registers/loop)
+#define INFMLLM_MAX_HEAD_DIM 256 // largest head_dim supported
+#define INFMLLM_NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC has no math.h INFINITY)
 
 // Element offset of (row, slot, dim) in a [rows, slots, head_dim] buffer.
 __device__ __forceinline__ int64_t kv_offset(int64_t row, int64_t slot, int64_t dim,

@@ -13,6 +13,7 @@ from enum import IntEnum
 
 import torch
 
+from . import kernels
 from .policies import EvictionPolicy
 from .reference import column_scores, kv_compact
 from .rope import Rope
@@ -161,8 +162,17 @@ class KVCache:
         out = torch.matmul(probs, values[:, None]).reshape(hq, n, d)
         spec = self.policy.score_spec
         if spec is not None:
-            self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
+            self._score_window(layer, q, logits, s, t, spec)
         return out
+
+    def _score_window(self, layer: int, q: torch.Tensor, logits: torch.Tensor, s: int, t: int, spec) -> None:
+        """Window scores of ``layer`` into ``_window``: the CUDA kernel on GPU, else from ``logits``."""
+        hq, n, d = q.shape
+        if self.k.is_cuda and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
+            kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
+                                  spec.beta, spec.normalise, out=self._window[layer:layer + 1])
+        else:
+            self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         extra = (self.scores,) if self.scores is not None else ()
@@ -218,8 +228,6 @@ class KVCache:
         keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device)
         meta = self._state()[2:]  # per-slot metadata (+ carried scores), gathered like K/V
         if self.k.is_cuda:
-            from . import kernels
-
             kernels.kv_compact(self.k, self.v, keep, self.rope, meta)
         else:
             kv_compact(self.k, self.v, keep, self.rope, meta)

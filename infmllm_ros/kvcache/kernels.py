@@ -3,13 +3,13 @@
 CuPy ``RawModule`` is the loader; PyCUDA ``SourceModule`` is the alternative where CuPy is
 missing (as on some JetPack images). Torch CUDA tensors are passed without copies (CuPy through
 ``__cuda_array_interface__``, PyCUDA through raw device pointers) on torch's current stream.
-Every launch is preceded by :func:`check_compact_args` / :func:`check_select_args`, so a wrong
-dtype, a non-contiguous tensor, mismatched shapes or a budget larger than the row is a
-ValueError before any memory is touched.
+Every launch is preceded by :func:`check_window_args`, :func:`check_select_args` or
+:func:`check_compact_args`, so a wrong dtype, a non-contiguous tensor, mismatched shapes or a
+budget larger than the row is a ValueError before any memory is touched.
 
 Status: compiled for sm_87 and sm_90 in CI (``test/test_cuda_compile.py``); parity with the
-torch reference (``test/test_cuda_parity.py``) runs only where CUDA is present and has not yet
-run on a GPU (no GPU was lent to the session that wrote this).
+torch reference (``test/test_cuda_parity.py``) runs where CUDA is present; figures from the lent
+H100 are in ``bench/results/kernels_h100.md``. Never run on a Jetson.
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from .rope import Rope
 
 THREADS = 256  # INFMLLM_THREADS in cuda/kvcache_layout.cuh
 MAX_HEAD_DIM = 256
-SOURCES = ("kv_compact.cu", "saddle_select.cu")
+WINDOW_HEAD_DIMS = (32, 64, 128, 256)  # window_scores: 32 dims per thread, a power-of-two lane group
+WINDOW_MAX_QUERIES = 2048  # WS_MAX_QUERIES in cuda/window_scores.cu (query heads per kv head x W)
+COMPACT_ITEMS, COMPACT_VEC = 4, 4  # KVC_ITEMS, KVC_VEC in cuda/kv_compact.cu
+SOURCES = ("window_scores.cu", "saddle_select.cu", "kv_compact.cu")
 
 
 def cuda_dir() -> Path:
@@ -53,8 +56,8 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
         raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} must be equal [layers, kv_heads, slots, head_dim]")
     if not (k.is_contiguous() and v.is_contiguous() and keep.is_contiguous()):
         raise ValueError("K, V and keep must be contiguous")
-    if k.shape[3] % 2 or k.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be even and <= {MAX_HEAD_DIM}, got {k.shape[3]}")
+    if k.shape[3] % (2 * COMPACT_VEC) or not 2 * COMPACT_VEC <= k.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of {2 * COMPACT_VEC} and <= {MAX_HEAD_DIM}, got {k.shape[3]}")
     if keep.device != k.device or v.device != k.device:
         raise ValueError(f"K ({k.device}), V ({v.device}) and keep ({keep.device}) must be on one device")
     if keep.dtype != torch.int64 or keep.dim() != 3 or keep.shape[:2] != k.shape[:2]:
@@ -65,6 +68,42 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
     for m, dt in zip(metadata, want):
         if m.dtype != dt or m.shape != k.shape[:3] or not m.is_contiguous() or m.device != k.device:
             raise ValueError(f"metadata must be contiguous {dt} {tuple(k.shape[:3])} on {k.device}")
+
+
+def check_window_args(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int,
+                      out: torch.Tensor | None) -> None:
+    """Validate :func:`window_scores` arguments (device-independent).
+
+    Raises:
+        ValueError: q/k not both contiguous fp16 or fp32 4-D tensors on one device, layer or
+            head_dim mismatch, head_dim not in :data:`WINDOW_HEAD_DIMS`, query heads not a
+            multiple of kv heads, more than :data:`WINDOW_MAX_QUERIES` queries per kv head, a
+            window not inside ``0..length`` or ``length`` beyond the slots, ``out`` not a
+            contiguous float32 ``[layers, kv_heads, slots]`` on the same device.
+    """
+    if k.dtype not in (torch.float16, torch.float32) or q.dtype != k.dtype:
+        raise ValueError(f"q and K must both be float16 or float32, got {q.dtype} and {k.dtype}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q must be [layers, q_heads, W, head_dim] and K [layers, kv_heads, slots, head_dim], "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not (q.is_contiguous() and k.is_contiguous()) or q.device != k.device:
+        raise ValueError("q and K must be contiguous and on one device")
+    layers, q_heads, window, head_dim = q.shape
+    if k.shape[0] != layers or k.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and K {tuple(k.shape)} differ in layers or head_dim")
+    if head_dim not in WINDOW_HEAD_DIMS:
+        raise ValueError(f"window_scores kernel supports head_dim {WINDOW_HEAD_DIMS}, got {head_dim}")
+    if q_heads % k.shape[1]:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {k.shape[1]} kv heads")
+    if q_heads // k.shape[1] * window > WINDOW_MAX_QUERIES:
+        raise ValueError(f"{q_heads // k.shape[1]} query heads per kv head x W={window} exceed "
+                         f"{WINDOW_MAX_QUERIES} queries")
+    if not (q_start >= 0 and window >= 1 and q_start + window <= length <= k.shape[2]):
+        raise ValueError(f"window at slots {q_start}..{q_start + window - 1} must lie inside length {length} "
+                         f"<= {k.shape[2]} slots")
+    if out is not None and (out.dtype != torch.float32 or out.shape != k.shape[:3] or not out.is_contiguous()
+                            or out.device != k.device):
+        raise ValueError(f"out must be contiguous float32 {tuple(k.shape[:3])} on {k.device}")
 
 
 def check_select_args(scores: torch.Tensor, length: int, sinks: int, recent: int, budget: int) -> None:
@@ -116,7 +155,17 @@ def _module():
         raise RuntimeError("CUDA kernels need CuPy (pip install cupy-cuda12x) or PyCUDA") from exc
 
 
-def _launch(name: str, blocks: int, args: list) -> None:
+def loader() -> str:
+    """Which loader compiled the kernels: ``"cupy"`` or ``"pycuda"`` (compiles on first call).
+
+    Raises:
+        RuntimeError: neither is importable.
+    """
+    return _module()[0]
+
+
+def _launch(name: str, grid: tuple[int, ...], args: list) -> None:
+    """Launch kernel ``name`` with ``THREADS`` threads per block on torch's current stream."""
     kind, mod = _module()
     stream = torch.cuda.current_stream()
     if kind == "cupy":
@@ -125,11 +174,11 @@ def _launch(name: str, blocks: int, args: list) -> None:
         fn = mod.get_function(name)
         conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else a for a in args]
         with cupy.cuda.ExternalStream(stream.cuda_stream):
-            fn((blocks,), (THREADS,), conv)
+            fn(grid, (THREADS,), conv)
     else:
         fn = mod.get_function(name)
         conv = [np.uintp(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        fn(*conv, block=(THREADS, 1, 1), grid=(blocks, 1), stream=_PyCudaStream(stream.cuda_stream))
+        fn(*conv, block=(THREADS, 1, 1), grid=tuple(grid) + (1,) * (2 - len(grid)), stream=_PyCudaStream(stream.cuda_stream))
 
 
 class _PyCudaStream:
@@ -137,6 +186,49 @@ class _PyCudaStream:
 
     def __init__(self, handle: int):
         self.handle = handle
+
+
+def window_scores(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, scale: float,
+                  beta: float = 0.0, normalise: bool = True, out: torch.Tensor | None = None,
+                  decay: float = 0.0) -> torch.Tensor:
+    """CUDA :func:`reference.window_scores` for all layers at once, with optional carry.
+
+    Args:
+        q: post-RoPE window queries ``[layers, q_heads, W, head_dim]``, fp16/fp32, on CUDA;
+            query ``i`` sits at slot ``q_start + i``.
+        k: the KV buffer's keys ``[layers, kv_heads, slots, head_dim]``, q's dtype; slots
+            ``0..length-1`` are scored.
+        length: occupied slots (tokens), ``q_start + W <= length <= slots``.
+        q_start: slot of the first window query.
+        scale: logit scale (``head_dim ** -0.5``).
+        beta: attention-bias slope per slot, logit units (Inf-MLLM §3.3).
+        normalise: divide by the number of window queries that see each slot.
+        out: float32 ``[layers, kv_heads, slots]`` to write into (a new zeroed one if None).
+        decay: carry: ``out = decay * out + score`` when non-zero, else ``out = score``.
+
+    Returns:
+        ``out``: float32 ``[layers, kv_heads, slots]``; slots ``>= length`` untouched.
+
+    Raises:
+        ValueError: see :func:`check_window_args`.
+    """
+    check_window_args(q, k, length, q_start, out)
+    layers, q_heads, window, head_dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
+    rows, queries = layers * kv_heads, q_heads // kv_heads * window
+    tiles = -(-length // (THREADS * 32 // head_dim))
+    part = torch.empty(2, rows, queries, tiles, dtype=torch.float32, device=k.device)
+    lse = torch.empty(rows, queries, dtype=torch.float32, device=k.device)
+    suffix = "f16" if k.dtype == torch.float16 else "f32"
+    shape = [np.int32(kv_heads), np.int32(q_heads), np.int32(window), np.int32(slots), np.int32(head_dim),
+             np.int32(length), np.int32(q_start), np.float32(scale), np.float32(beta)]
+    _launch(f"window_partial_{suffix}", (rows, tiles), [q, k, part[0], part[1], *shape])
+    _launch("window_lse", (rows,), [part[0], part[1], lse, np.int32(queries), np.int32(tiles)])
+    _launch(f"window_columns_{suffix}", (rows, tiles),
+            [q, k, lse, out, *shape, np.int32(bool(normalise)), np.float32(decay)])
+    return out
 
 
 def saddle_select(scores: torch.Tensor, length: int, sinks: int, recent: int, budget: int) -> torch.Tensor:
@@ -152,14 +244,22 @@ def saddle_select(scores: torch.Tensor, length: int, sinks: int, recent: int, bu
     check_select_args(scores, length, sinks, recent, budget)
     rows = scores.shape[0] * scores.shape[1]
     keep = torch.empty(*scores.shape[:2], budget, dtype=torch.int64, device=scores.device)
-    _launch("saddle_select_f32", rows, [scores, keep, np.int32(length), np.int32(scores.shape[2]),
+    _launch("saddle_select_f32", (rows,), [scores, keep, np.int32(length), np.int32(scores.shape[2]),
                                          np.int32(sinks), np.int32(recent), np.int32(budget)])
     return keep
+
+
+def compact_tile_slots(head_dim: int) -> int:
+    """Output slots per block of ``kv_compact`` (``compact_tile_slots`` in cuda/kv_compact.cu)."""
+    return min(THREADS, COMPACT_ITEMS * THREADS * COMPACT_VEC // (head_dim // 2))
 
 
 def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope | None,
                metadata: tuple[torch.Tensor, ...]) -> None:
     """CUDA :func:`reference.kv_compact`, in place.
+
+    Parallel over (row, tile of output slots); in-place safety comes from per-tile "sources read"
+    flags (cuda/kv_compact.cu), so only a few int32 per tile of scratch is allocated.
 
     Args:
         k, v: fp16/fp32 ``[layers, kv_heads, slots, head_dim]`` CUDA buffers.
@@ -167,13 +267,23 @@ def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope 
         rope: the model's RoPE (None: no re-rotation).
         metadata: ``(position int64, kind int8, frame int32, stamp float64[, scores float32])``,
             each ``[layers, kv_heads, slots]``.
+
+    Raises:
+        ValueError: see :func:`check_compact_args`.
     """
     check_compact_args(k, v, keep, metadata)
     if len(metadata) not in (4, 5):
         raise ValueError("metadata must be (position, kind, frame, stamp[, scores])")
     inv = (rope.inv_freq if rope is not None else torch.zeros(k.shape[3] // 2)).to(k.device, torch.float32)
     scores = metadata[4] if len(metadata) == 5 else np.uintp(0)
+    kept, slots, head_dim = keep.shape[2], k.shape[2], k.shape[3]
+    per_tile = compact_tile_slots(head_dim)
+    tiles = -(-kept // per_tile)
+    blocks = k.shape[0] * k.shape[1] * tiles
+    sync = torch.zeros(blocks + 1, dtype=torch.int32, device=k.device)  # per-tile flags + tile counter
+    # keep[b] - b <= slots - kept: the earlier tiles that may read a tile's destination slots.
+    wait_tiles = -(-(slots - kept) // per_tile)
     name = "kv_compact_f16" if k.dtype == torch.float16 else "kv_compact_f32"
-    _launch(name, k.shape[0] * k.shape[1],
-            [k, v, k, v, keep, inv, *metadata[:4], scores, np.int32(keep.shape[2]), np.int32(k.shape[2]),
-             np.int32(k.shape[3]), np.int32(rope is not None)])
+    _launch(name, (blocks,), [k, v, k, v, keep, inv, *metadata[:4], scores, sync[:blocks], sync[blocks:],
+                              np.int32(kept), np.int32(slots), np.int32(head_dim), np.int32(rope is not None),
+                              np.int32(tiles), np.int32(wait_tiles)])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .reference import saddle_select
 
 
@@ -92,8 +93,6 @@ class EvictionPolicy:
         if scores is None:
             scores = torch.zeros(*rows, length, device=device)
         if scores.is_cuda:
-            from . import kernels
-
             return kernels.saddle_select(scores.contiguous(), length, sinks, recent, budget)
         return saddle_select(scores, sinks, recent, budget)
 
