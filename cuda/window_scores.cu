@@ -11,7 +11,8 @@
 // Three launches, none materialising the [G, W, length] logits:
 //   1. window_partial: grid (rows, key tiles). Each thread holds 32 dims of one key in registers
 //      (P = head_dim / 32 threads per key); per query the dot is reduced over the P lanes, and
-//      the block's running max / sum-exp per query is written out per tile.
+//      the tile's logits of a batch of queries go to shared memory, where the max / sum-exp per
+//      query and tile are reduced and written out.
 //   2. window_lse: per (row, query), combine the tiles into the log-sum-exp.
 //   3. window_columns: grid (rows, key tiles). Recompute the dots, add exp(logit - lse) of
 //      every visible query into a per-key register, normalise, carry, store.
@@ -20,19 +21,20 @@
 #define WS_PART 32    // head_dim elements per thread; head_dim must be 32, 64, 128 or 256
 #define WS_BATCH 16   // queries staged in shared memory at a time
 #define WS_MAX_QUERIES 2048  // G * W per row (shared lse table of window_columns)
-#define WS_WARPS (INFMLLM_THREADS / 32)
 
-// Stage queries [first, first + n) of a row (query index = g * W + i) as fp32 in shared memory,
-// padded so that the P lanes of one key read different banks.
+// Stage queries [first, first + n) of a row (query index = g * W + i) as fp32 in shared memory.
+// Each 32-dim part is padded to WS_PITCH floats: float4-aligned, and the P lanes of one key read
+// different bank groups.
+#define WS_PITCH 36
 template <typename T>
 __device__ void stage_queries(const T* __restrict__ q, float* qs, int64_t layer, int kv_head,
                               int q_heads, int group, int window, int head_dim, int first, int n) {
-  const int pitch = head_dim + head_dim / WS_PART;
+  const int pitch = head_dim / WS_PART * WS_PITCH;
   for (int x = threadIdx.x; x < n * head_dim; x += INFMLLM_THREADS) {
     const int local = x / head_dim, d = x % head_dim;
     const int qq = first + local, g = qq / window, i = qq % window;
     const int64_t head = layer * q_heads + (int64_t)kv_head * group + g;
-    qs[local * pitch + d + d / WS_PART] = to_float(q[(head * window + i) * head_dim + d]);
+    qs[local * pitch + d / WS_PART * WS_PITCH + d % WS_PART] = to_float(q[(head * window + i) * head_dim + d]);
   }
 }
 
@@ -45,9 +47,15 @@ __device__ __forceinline__ void load_key_part(const T* __restrict__ k, int64_t r
 }
 
 __device__ __forceinline__ float dot_part(const float* kr, const float* qrow, int part, int parts) {
-  const float* qp = qrow + part * (WS_PART + 1);
+  const float4* qp = reinterpret_cast<const float4*>(qrow + part * WS_PITCH);
   float acc = 0.f;
-  for (int e = 0; e < WS_PART; ++e) acc = fmaf(kr[e], qp[e], acc);
+  for (int e = 0; e < WS_PART / 4; ++e) {
+    const float4 x = qp[e];
+    acc = fmaf(kr[4 * e], x.x, acc);
+    acc = fmaf(kr[4 * e + 1], x.y, acc);
+    acc = fmaf(kr[4 * e + 2], x.z, acc);
+    acc = fmaf(kr[4 * e + 3], x.w, acc);
+  }
   for (int o = 1; o < parts; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   return acc;
 }
@@ -56,16 +64,18 @@ template <typename T>
 __device__ void window_partial(const T* __restrict__ q, const T* __restrict__ k, float* part_m,
                                float* part_s, int kv_heads, int q_heads, int window, int slots,
                                int head_dim, int length, int q_start, float scale, float beta) {
-  __shared__ float qs[WS_BATCH * (INFMLLM_MAX_HEAD_DIM + INFMLLM_MAX_HEAD_DIM / WS_PART)];
-  __shared__ float wm[WS_WARPS][WS_BATCH], wsum[WS_WARPS][WS_BATCH];
+  __shared__ __align__(16) float qs[WS_BATCH * INFMLLM_MAX_HEAD_DIM / WS_PART * WS_PITCH];
+  __shared__ float logits[WS_BATCH][INFMLLM_THREADS];  // [query in batch][key in tile]
   const int64_t row = blockIdx.x;
   const int64_t layer = row / kv_heads;
   const int kv_head = row % kv_heads, tile = blockIdx.y, tiles = gridDim.y;
   const int group = q_heads / kv_heads, queries = group * window;
   const int parts = head_dim / WS_PART, keys_per_tile = INFMLLM_THREADS / parts;
-  const int part = threadIdx.x % parts, j = tile * keys_per_tile + threadIdx.x / parts;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int pitch = head_dim + parts;
+  const int part = threadIdx.x % parts, key = threadIdx.x / parts, j = tile * keys_per_tile + key;
+  const int pitch = parts * WS_PITCH;
+  // Reduction layout: WS_BATCH queries x (INFMLLM_THREADS / WS_BATCH) lanes, each lane a
+  // strided share of the tile's keys.
+  const int lanes = INFMLLM_THREADS / WS_BATCH, rq = threadIdx.x / lanes, rl = threadIdx.x % lanes;
   float kr[WS_PART];
   load_key_part(k, row, j, part, length, slots, head_dim, kr);
   for (int first = 0; first < queries; first += WS_BATCH) {
@@ -76,26 +86,22 @@ __device__ void window_partial(const T* __restrict__ q, const T* __restrict__ k,
       const int i = (first + b) % window;
       const float dot = dot_part(kr, qs + b * pitch, part, parts);
       const bool seen = j < length && j <= q_start + i;
-      const float logit = seen ? dot * scale + beta * (float)j : INFMLLM_NEG_INF;
-      float m = logit;
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      float s = (seen && part == 0) ? expf(logit - m) : 0.f;  // each key counted once
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) {
-        wm[warp][b] = m;
-        wsum[warp][b] = s;
-      }
+      if (part == 0) logits[b][key] = seen ? dot * scale + beta * (float)j : INFMLLM_NEG_INF;
     }
     __syncthreads();
-    if (threadIdx.x < n) {
-      float m = INFMLLM_NEG_INF, s = 0.f;
-      for (int w = 0; w < WS_WARPS; ++w) m = fmaxf(m, wm[w][threadIdx.x]);
-      if (m != INFMLLM_NEG_INF)
-        for (int w = 0; w < WS_WARPS; ++w)
-          if (wm[w][threadIdx.x] != INFMLLM_NEG_INF) s += wsum[w][threadIdx.x] * expf(wm[w][threadIdx.x] - m);
-      const int64_t at = (row * queries + first + threadIdx.x) * tiles + tile;
+    // Max and sum-exp of each query's logits over the tile's keys.
+    float m = INFMLLM_NEG_INF, sum = 0.f;
+    if (rq < n)
+      for (int x = rl; x < keys_per_tile; x += lanes) m = fmaxf(m, logits[rq][x]);
+    for (int o = lanes / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (rq < n && m != INFMLLM_NEG_INF)
+      for (int x = rl; x < keys_per_tile; x += lanes)
+        if (logits[rq][x] != INFMLLM_NEG_INF) sum += expf(logits[rq][x] - m);
+    for (int o = lanes / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (rq < n && rl == 0) {
+      const int64_t at = (row * queries + first + rq) * tiles + tile;
       part_m[at] = m;
-      part_s[at] = s;
+      part_s[at] = sum;
     }
     __syncthreads();
   }
@@ -120,7 +126,7 @@ __device__ void window_columns(const T* __restrict__ q, const T* __restrict__ k,
                                const float* __restrict__ lse, float* out, int kv_heads, int q_heads,
                                int window, int slots, int head_dim, int length, int q_start,
                                float scale, float beta, int normalise, float decay) {
-  __shared__ float qs[WS_BATCH * (INFMLLM_MAX_HEAD_DIM + INFMLLM_MAX_HEAD_DIM / WS_PART)];
+  __shared__ __align__(16) float qs[WS_BATCH * INFMLLM_MAX_HEAD_DIM / WS_PART * WS_PITCH];
   __shared__ float lse_s[WS_MAX_QUERIES];
   const int64_t row = blockIdx.x;
   const int64_t layer = row / kv_heads;
@@ -128,7 +134,7 @@ __device__ void window_columns(const T* __restrict__ q, const T* __restrict__ k,
   const int group = q_heads / kv_heads, queries = group * window;
   const int parts = head_dim / WS_PART, keys_per_tile = INFMLLM_THREADS / parts;
   const int part = threadIdx.x % parts, j = tile * keys_per_tile + threadIdx.x / parts;
-  const int pitch = head_dim + parts;
+  const int pitch = parts * WS_PITCH;
   for (int qq = threadIdx.x; qq < queries; qq += INFMLLM_THREADS) lse_s[qq] = lse[row * queries + qq];
   float kr[WS_PART];
   load_key_part(k, row, j, part, length, slots, head_dim, kr);

@@ -118,7 +118,8 @@ def test_window_scores_inside_the_cache_match_cpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("case", ["random", "ties", "all_equal", "window_one", "no_topk", "edge"])
+@pytest.mark.parametrize("case", ["random", "ties", "all_equal", "signed_zero", "negative", "huge_range",
+                                  "window_one", "no_topk", "edge", "long_row"])
 def test_saddle_select_indices_identical(case):
     g = torch.Generator().manual_seed(0)
     slots, length, sinks, recent, budget = 4160, 4096 + 33, 4, 256, 1024
@@ -127,6 +128,16 @@ def test_saddle_select_indices_identical(case):
         s = torch.randint(0, 4, (30, 3, slots), generator=g).float()
     elif case == "all_equal":
         s = torch.ones(30, 3, slots)
+    elif case == "signed_zero":  # -0.0 == +0.0 in torch.sort: ties broken by slot, not by sign bit
+        s = torch.tensor([0.0, -0.0, 1.0, -1.0])[torch.randint(0, 4, (30, 3, slots), generator=g)]
+    elif case == "negative":
+        s = s - 100.0
+    elif case == "huge_range":
+        s = s * torch.logspace(-30, 30, slots)
+    elif case == "long_row":
+        slots = length = 16384 + 64
+        budget, recent = 16384, 4096
+        s = torch.randn(30, 3, slots, generator=g)
     elif case == "window_one":
         length = budget + 1
     elif case == "no_topk":

@@ -164,21 +164,38 @@ def loader() -> str:
     return _module()[0]
 
 
-def _launch(name: str, grid: tuple[int, ...], args: list) -> None:
-    """Launch kernel ``name`` with ``THREADS`` threads per block on torch's current stream."""
-    kind, mod = _module()
-    stream = torch.cuda.current_stream()
-    if kind == "cupy":
-        import cupy
+@functools.lru_cache(maxsize=None)
+def _function(name: str):
+    """The compiled kernel ``name`` (looked up once)."""
+    return _module()[1].get_function(name)
 
-        fn = mod.get_function(name)
-        conv = [cupy.asarray(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with cupy.cuda.ExternalStream(stream.cuda_stream):
+
+@functools.lru_cache(maxsize=8)
+def _cupy_stream(handle: int):
+    """CuPy's view of torch's stream ``handle`` (made once per stream)."""
+    import warnings
+
+    import cupy
+
+    with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream (works in 12-14)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(handle)
+
+
+def _launch(name: str, grid: tuple[int, ...], args: list) -> None:
+    """Launch kernel ``name`` with ``THREADS`` threads per block on torch's current stream.
+
+    Tensors are passed as raw device pointers (a 64-bit value, what a pointer parameter is), so a
+    launch costs no array wrapping on the host.
+    """
+    fn = _function(name)
+    handle = torch.cuda.current_stream().cuda_stream
+    conv = [np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+    if _module()[0] == "cupy":
+        with _cupy_stream(handle):
             fn(grid, (THREADS,), conv)
     else:
-        fn = mod.get_function(name)
-        conv = [np.uintp(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        fn(*conv, block=(THREADS, 1, 1), grid=tuple(grid) + (1,) * (2 - len(grid)), stream=_PyCudaStream(stream.cuda_stream))
+        fn(*conv, block=(THREADS, 1, 1), grid=tuple(grid) + (1,) * (2 - len(grid)), stream=_PyCudaStream(handle))
 
 
 class _PyCudaStream:
@@ -274,8 +291,8 @@ def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope 
     check_compact_args(k, v, keep, metadata)
     if len(metadata) not in (4, 5):
         raise ValueError("metadata must be (position, kind, frame, stamp[, scores])")
-    inv = (rope.inv_freq if rope is not None else torch.zeros(k.shape[3] // 2)).to(k.device, torch.float32)
-    scores = metadata[4] if len(metadata) == 5 else np.uintp(0)
+    inv = rope.inv_freq_on(k.device) if rope is not None else np.uint64(0)  # NULL: not read without RoPE
+    scores = metadata[4] if len(metadata) == 5 else np.uint64(0)
     kept, slots, head_dim = keep.shape[2], k.shape[2], k.shape[3]
     per_tile = compact_tile_slots(head_dim)
     tiles = -(-kept // per_tile)

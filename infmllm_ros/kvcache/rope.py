@@ -44,6 +44,14 @@ class Rope:
         self.inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         )
+        self._inv_freq_by_device: dict[str, torch.Tensor] = {}
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The fp32 ``inv_freq`` table ``[head_dim / 2]`` on ``device`` (copied there once)."""
+        key = str(device)
+        if key not in self._inv_freq_by_device:
+            self._inv_freq_by_device[key] = self.inv_freq.to(device)
+        return self._inv_freq_by_device[key]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables for integer ``positions`` of any shape ``[...]``.
@@ -51,7 +59,7 @@ class Rope:
         Returns two tensors of shape ``[..., head_dim]`` and dtype ``dtype``.
         Angles are computed in fp32 (as transformers does) and then cast.
         """
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq_on(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
