@@ -26,6 +26,7 @@ THREADS = 256  # INFMLLM_THREADS in cuda/kvcache_layout.cuh
 MAX_HEAD_DIM = 256
 WINDOW_HEAD_DIMS = (32, 64, 128, 256)  # window_scores: 32 dims per thread, a power-of-two lane group
 WINDOW_MAX_QUERIES = 2048  # WS_MAX_QUERIES in cuda/window_scores.cu (query heads per kv head x W)
+TC_KEYS, TC_MAX_HEAD_DIM = 128, 128  # window_scores tensor-core path (fp16): keys per block, largest head_dim
 COMPACT_ITEMS, COMPACT_VEC = 4, 4  # KVC_ITEMS, KVC_VEC in cuda/kv_compact.cu
 SOURCES = ("window_scores.cu", "saddle_select.cu", "kv_compact.cu")
 
@@ -210,6 +211,9 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, s
                   decay: float = 0.0) -> torch.Tensor:
     """CUDA :func:`reference.window_scores` for all layers at once, with optional carry.
 
+    fp16 with ``head_dim <= 128`` runs on tensor cores (WMMA, fp32 accumulation); fp32 and
+    ``head_dim`` 256 on the SIMT kernels.
+
     Args:
         q: post-RoPE window queries ``[layers, q_heads, W, head_dim]``, fp16/fp32, on CUDA;
             query ``i`` sits at slot ``q_start + i``.
@@ -235,10 +239,11 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, s
     if out is None:
         out = torch.zeros(k.shape[:3], dtype=torch.float32, device=k.device)
     rows, queries = layers * kv_heads, q_heads // kv_heads * window
-    tiles = -(-length // (THREADS * 32 // head_dim))
+    tensor_cores = k.dtype == torch.float16 and head_dim <= TC_MAX_HEAD_DIM
+    tiles = -(-length // (TC_KEYS if tensor_cores else THREADS * 32 // head_dim))
     part = torch.empty(2, rows, queries, tiles, dtype=torch.float32, device=k.device)
     lse = torch.empty(rows, queries, dtype=torch.float32, device=k.device)
-    suffix = "f16" if k.dtype == torch.float16 else "f32"
+    suffix = "tc" if tensor_cores else "f16" if k.dtype == torch.float16 else "f32"
     shape = [np.int32(kv_heads), np.int32(q_heads), np.int32(window), np.int32(slots), np.int32(head_dim),
              np.int32(length), np.int32(q_start), np.float32(scale), np.float32(beta)]
     _launch(f"window_partial_{suffix}", (rows, tiles), [q, k, part[0], part[1], *shape])
