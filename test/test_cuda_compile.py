@@ -52,6 +52,22 @@ def test_kernel_compiles_with_nvcc(tmp_path, arch, source):
     assert proc.returncode == 0, proc.stderr
 
 
+@needs_nvcc
+@pytest.mark.parametrize("source", SOURCES)
+def test_kernels_keep_their_state_in_registers(tmp_path, source):
+    """No kernel uses a stack frame or spills on Orin: local memory would cost DRAM traffic.
+
+    (kv_compact once kept its fp16 tile in local memory because a loop was not unrolled.)
+    """
+    proc = subprocess.run([NVCC, "-arch=sm_87", "--std=c++17", "--resource-usage", "-c", str(cuda_dir() / source),
+                           "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    frames = [line for line in proc.stderr.splitlines() if "stack frame" in line]
+    assert frames, proc.stderr
+    for line in frames:
+        assert line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), proc.stderr
+
+
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 def test_runtime_unit_compiles_with_nvrtc(arch):
     lib, include = nvrtc_library(), cuda_include_dir()

@@ -27,7 +27,7 @@ MAX_HEAD_DIM = 256
 WINDOW_HEAD_DIMS = (32, 64, 128, 256)  # window_scores: 32 dims per thread, a power-of-two lane group
 WINDOW_MAX_QUERIES = 2048  # WS_MAX_QUERIES in cuda/window_scores.cu (query heads per kv head x W)
 TC_KEYS, TC_MAX_HEAD_DIM = 128, 128  # window_scores tensor-core path (fp16): keys per block, largest head_dim
-COMPACT_ITEMS, COMPACT_VEC = 4, 4  # KVC_ITEMS, KVC_VEC in cuda/kv_compact.cu
+COMPACT_ITEMS, COMPACT_VEC_BYTES = 4, 16  # KVC_ITEMS and the 16-byte vectors of cuda/kv_compact.cu
 SOURCES = ("window_scores.cu", "saddle_select.cu", "kv_compact.cu")
 
 
@@ -47,7 +47,8 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
     """Validate :func:`kv_compact` arguments (device-independent).
 
     Raises:
-        ValueError: dtype not fp16/fp32, K/V differ, non-contiguous, head_dim odd or > 256,
+        ValueError: dtype not fp16/fp32, K/V differ, non-contiguous, head_dim not a multiple of
+            16 (fp16) / 8 (fp32) or > 256,
             keep not int64 ``[layers, kv_heads, B]`` with ``B <= slots``, metadata of the wrong
             dtype/shape.
     """
@@ -57,8 +58,9 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
         raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} must be equal [layers, kv_heads, slots, head_dim]")
     if not (k.is_contiguous() and v.is_contiguous() and keep.is_contiguous()):
         raise ValueError("K, V and keep must be contiguous")
-    if k.shape[3] % (2 * COMPACT_VEC) or not 2 * COMPACT_VEC <= k.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be a multiple of {2 * COMPACT_VEC} and <= {MAX_HEAD_DIM}, got {k.shape[3]}")
+    pair = 2 * COMPACT_VEC_BYTES // k.element_size()  # a 16-byte vector from each half of the head
+    if k.shape[3] % pair or k.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of {pair} for {k.dtype} and <= {MAX_HEAD_DIM}, got {k.shape[3]}")
     if keep.device != k.device or v.device != k.device:
         raise ValueError(f"K ({k.device}), V ({v.device}) and keep ({keep.device}) must be on one device")
     if keep.dtype != torch.int64 or keep.dim() != 3 or keep.shape[:2] != k.shape[:2]:
@@ -271,9 +273,9 @@ def saddle_select(scores: torch.Tensor, length: int, sinks: int, recent: int, bu
     return keep
 
 
-def compact_tile_slots(head_dim: int) -> int:
+def compact_tile_slots(head_dim: int, element_size: int) -> int:
     """Output slots per block of ``kv_compact`` (``compact_tile_slots`` in cuda/kv_compact.cu)."""
-    return min(THREADS, COMPACT_ITEMS * THREADS * COMPACT_VEC // (head_dim // 2))
+    return min(THREADS, COMPACT_ITEMS * THREADS * (COMPACT_VEC_BYTES // element_size) // (head_dim // 2))
 
 
 def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope | None,
@@ -299,7 +301,7 @@ def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope 
     inv = rope.inv_freq_on(k.device) if rope is not None else np.uint64(0)  # NULL: not read without RoPE
     scores = metadata[4] if len(metadata) == 5 else np.uint64(0)
     kept, slots, head_dim = keep.shape[2], k.shape[2], k.shape[3]
-    per_tile = compact_tile_slots(head_dim)
+    per_tile = compact_tile_slots(head_dim, k.element_size())
     tiles = -(-kept // per_tile)
     blocks = k.shape[0] * k.shape[1] * tiles
     sync = torch.zeros(blocks + 1, dtype=torch.int32, device=k.device)  # per-tile flags + tile counter
