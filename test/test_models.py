@@ -6,6 +6,7 @@ from conftest import tiny_hf_model
 from infmllm_ros.kvcache import make_policy
 from infmllm_ros.models import load_gguf, load_hf_checkpoint
 from infmllm_ros.runtime import greedy_decode
+from infmllm_ros.runtime.backends import TorchBackend
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -61,7 +62,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2, smollm2_hf):
                                   pad_token_id=tok.eos_id)[0, ids.numel():].tolist()
     cache = dec.new_cache(256, 64, make_policy("full"))
     last = dec.logits(dec(dec.embed(ids), cache))[-1]
-    got = greedy_decode(dec, cache, last, 32)
+    got = greedy_decode(TorchBackend(dec), cache, last, 32)
     assert got == ref and len(got) == 32
 
 

@@ -19,6 +19,28 @@ from .reference import column_scores, kv_compact
 from .rope import Rope
 
 
+def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention of a chunk over cached + chunk keys (softmax in fp32).
+
+    Args:
+        q: post-RoPE queries ``[q_heads, n, head_dim]``.
+        keys, values: ``[kv_heads, T, head_dim]`` (q's dtype).
+        mask: bool ``[n, T]``, True where a query must not see a key.
+        scale: logit scale (``head_dim ** -0.5``).
+
+    Returns:
+        (output ``[q_heads, n, head_dim]`` in q's dtype, fp32 scaled logits
+        ``[kv_heads, q_heads / kv_heads, n, T]`` before masking, for the window scores).
+    """
+    hq, n, d = q.shape
+    hkv = keys.shape[0]
+    qg = q.reshape(hkv, hq // hkv, n, d)
+    logits = torch.matmul(qg, keys.transpose(-1, -2)[:, None]).float() * scale
+    probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values[:, None]).reshape(hq, n, d), logits
+
+
 class SlotKind(IntEnum):
     """What a cached token is: protected system prompt, text, or a vision token."""
 
@@ -153,17 +175,37 @@ class KVCache:
         s, t = self.length, self.length + n
         self.k[layer, :, s:t] = k
         self.v[layer, :, s:t] = v
-        keys, values = self.k[layer, :, :t], self.v[layer, :, :t]
-        hq, _, d = q.shape
-        hkv = keys.shape[0]
-        qg = q.reshape(hkv, hq // hkv, n, d)
-        logits = torch.matmul(qg, keys.transpose(-1, -2)[:, None]).float() * self.scale
-        probs = torch.softmax(logits.masked_fill(self._mask, float("-inf")), dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values[:, None]).reshape(hq, n, d)
+        out, logits = gqa_attention(q, self.k[layer, :, :t], self.v[layer, :, :t], self._mask, self.scale)
         spec = self.policy.score_spec
         if spec is not None:
             self._score_window(layer, q, logits, s, t, spec)
         return out
+
+    def store_chunk(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor) -> None:
+        """Take the begun chunk's K/V and window scores from an engine that ran all layers.
+
+        The engine path's counterpart of :meth:`attend` (``infmllm_ros/engines``): the engine
+        attended with the buffers as inputs; here its outputs are written back.
+
+        Args:
+            k, v: post-RoPE ``[layers, kv_heads, n, head_dim]`` of the pending chunk.
+            scores: fp32 ``[layers, kv_heads, >= length + n]`` window scores (ignored by policies
+                without scores).
+
+        Raises:
+            ValueError: shapes that do not match the pending chunk.
+        """
+        n = self.pending
+        s, t = self.length, self.length + n
+        want = (*self.k.shape[:2], n, self.k.shape[3])
+        if tuple(k.shape) != want or tuple(v.shape) != want or scores.shape[:2] != self.k.shape[:2] \
+                or scores.shape[2] < t:
+            raise ValueError(f"engine outputs K {tuple(k.shape)}, V {tuple(v.shape)}, scores {tuple(scores.shape)} "
+                             f"do not fit the pending chunk (K/V {want}, scores >= {t} slots)")
+        self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)
+        self.v[:, :, s:t] = v.to(self.v.device, self.v.dtype)
+        if self.policy.score_spec is not None:
+            self._window[:, :, :t] = scores[:, :, :t].to(self._window.device)
 
     def _score_window(self, layer: int, q: torch.Tensor, logits: torch.Tensor, s: int, t: int, spec) -> None:
         """Window scores of ``layer`` into ``_window``: the CUDA kernel on GPU, else from ``logits``."""

@@ -76,15 +76,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q ``[heads, n, d]``, k and v ``[kv_heads, n, d]`` of ``x`` ``[n, hidden]``."""
         n, d = x.shape[0], self.cfg.head_dim
         q = self.q_proj(x).view(n, self.cfg.num_heads, d).transpose(0, 1)
         k = self.k_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
         v = self.v_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
-        q, k = Rope.apply(q, *rope_cs), Rope.apply(k, *rope_cs)
-        out = cache.attend(self.layer, q, k, v)
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+        return Rope.apply(q, *rope_cs), Rope.apply(k, *rope_cs), v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[heads, n, d]`` -> ``[n, hidden]`` through ``o_proj``."""
+        return self.o_proj(attn.transpose(0, 1).reshape(attn.shape[1], -1))
+
+    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache) -> torch.Tensor:
+        return self.output(cache.attend(self.layer, *self.project(x, rope_cs)))
 
 
 class MLP(nn.Module):

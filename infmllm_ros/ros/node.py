@@ -63,7 +63,7 @@ class InfMLLMNode(Node):
         log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
         t0 = time.perf_counter()
         self.model = load_embedded(cfg.model, cfg.device)
-        self.session = self.model.session(**cfg.session_kwargs())
+        self.session = self.model.session(progress=log.info, **cfg.session_kwargs())
         kv_bytes = 2 * self.session.cache.k.numel() * self.session.cache.k.element_size()
         log.info(f"model ready in {time.perf_counter() - t0:.1f} s; KV cache {cfg.cache_capacity} tokens "
                  f"({kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), system prompt "
@@ -222,12 +222,12 @@ class InfMLLMNode(Node):
 
 
 def main(argv=None) -> int:
-    """Console entry point; returns the process exit status (2: bad parameters or model)."""
+    """Console entry point; returns the process exit status (2: bad parameters, model or engine)."""
     limit_malloc_arenas()
     rclpy.init(args=argv)
     try:
         node = InfMLLMNode()
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # parameters, model, engine, device
         rclpy.logging.get_logger("infmllm").fatal(f"cannot start: {exc}")
         rclpy.try_shutdown()
         return 2

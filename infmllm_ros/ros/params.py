@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..kvcache.policies import POLICIES
+from ..runtime.backends import BACKENDS
 from ..runtime.session import DEFAULT_SYSTEM_PROMPT
 
-BACKENDS = ("torch",)
 TRANSPORTS = ("raw", "compressed")
 
 
@@ -43,7 +43,8 @@ PARAMETERS = (
           "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
           "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
     Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
-    Param("backend", "torch", "inference backend: torch (onnxruntime and tensorrt: issue 6, not built)"),
+    Param("backend", "torch", "inference backend: torch or onnxruntime (CPU; exports its ONNX step on first start)"),
+    Param("engine_dir", "engines", "folder of exported decoder steps (backend onnxruntime)"),
     Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
     Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
     Param("cache.sinks", 0, "protected leading tokens of the system prompt (0: all of them)"),
@@ -73,6 +74,7 @@ class NodeConfig:
     duplicate_threshold: float
     model: str
     backend: str
+    engine_dir: str
     device: str
     cache_capacity: int
     cache_sinks: int
@@ -97,7 +99,8 @@ class NodeConfig:
 
     def session_kwargs(self) -> dict:
         """Keyword arguments for :class:`StreamSession` (see :meth:`EmbeddedModel.session`)."""
-        return dict(capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
+        return dict(backend=self.backend, engine_dir=self.engine_dir,
+                    capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
                     beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk,
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None)
 
@@ -160,8 +163,9 @@ def validate(values: dict) -> NodeConfig:
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
-    need(v["backend"] in BACKENDS, "backend",
-         f"supported here: {BACKENDS} (onnxruntime/tensorrt engines are not built yet)")
+    need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS} (tensorrt: not built yet)")
+    need(v["backend"] != "onnxruntime" or v["device"] == "cpu", "device", "cpu with backend onnxruntime")
+    need(bool(str(v["engine_dir"]).strip()), "engine_dir", "a folder path")
     device = v["device"]
     need(device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()),
          "device", "cpu, cuda or cuda:N")

@@ -2,11 +2,13 @@
 loaded once and shared by the ROS node and the benchmarks."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import ChatTokenizer, Decoder, load_gguf, smollm2_gguf_path
 from ..models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
+from .backends import make_backend
 from .session import StreamSession
 
 #: Model presets the node's ``model`` parameter accepts besides a path to a ``.gguf`` file.
@@ -21,10 +23,18 @@ class EmbeddedModel:
     tokenizer: ChatTokenizer
     vision: VisionEncoder
     projector: LabelEmbeddingProjector
+    name: str = "model"
 
-    def session(self, **kwargs) -> StreamSession:
-        """A new stream over these weights; ``kwargs`` go to :class:`StreamSession`."""
-        return StreamSession(self.decoder, self.tokenizer, self.vision, self.projector, **kwargs)
+    def session(self, backend: str = "torch", engine_dir: str | Path = "engines",
+                progress: Callable[[str], None] = print, **kwargs) -> StreamSession:
+        """A new stream over these weights on ``backend`` (:data:`~.backends.BACKENDS`);
+        ``kwargs`` go to :class:`StreamSession`.
+
+        Raises:
+            ValueError: an unknown backend, or see :class:`StreamSession`.
+        """
+        runner = make_backend(backend, self.decoder, engine_dir, self.name, progress)
+        return StreamSession(self.decoder, self.tokenizer, self.vision, self.projector, backend=runner, **kwargs)
 
 
 def resolve_model(model: str) -> Path:
@@ -51,8 +61,10 @@ def load_embedded(model: str = "smollm2-135m", device: str = "cpu") -> EmbeddedM
         FileNotFoundError: see :func:`resolve_model`. ValueError: a GGUF that is not a
             LLaMA-family model (from :func:`load_gguf`). RuntimeError: an unavailable device.
     """
-    decoder, tokenizer = load_gguf(resolve_model(model))
+    path = resolve_model(model)
+    decoder, tokenizer = load_gguf(path)
     vision = VisionEncoder()
     decoder.to(device)
     vision.to(device)
-    return EmbeddedModel(decoder, tokenizer, vision, LabelEmbeddingProjector(decoder, tokenizer, imagenet_names()))
+    return EmbeddedModel(decoder, tokenizer, vision, LabelEmbeddingProjector(decoder, tokenizer, imagenet_names()),
+                         name=path.stem)

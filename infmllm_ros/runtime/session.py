@@ -19,6 +19,7 @@ import torch
 from ..kvcache import SlotKind, make_policy
 from ..models import ChatTokenizer, Decoder
 from ..models.vision import LabelEmbeddingProjector, VisionEncoder
+from .backends import Backend, TorchBackend
 from .generate import greedy_decode
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -74,17 +75,21 @@ class StreamSession:
         max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
+        backend: how chunks run (:mod:`.backends`); default the torch decoder.
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
-            fit in a chunk, or ``sinks`` outside 1..its length.
+            fit in a chunk, ``sinks`` outside 1..its length, or a backend built for another
+            model or cache size.
     """
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
                  projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
                  recent: int = 256, beta: float = 1e-2, decay: float = 0.9, max_chunk: int = 64,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None):
-        self.decoder, self.tokenizer, self.vision, self.projector = decoder, tokenizer, vision, projector
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
+                 backend: Backend | None = None):
+        self.tokenizer, self.vision, self.projector = tokenizer, vision, projector
+        self.backend = backend or TorchBackend(decoder)
         system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
                                             add_generation_prompt=False)
         self._system_ids = tokenizer.encode(system_text)
@@ -96,6 +101,7 @@ class StreamSession:
             raise ValueError(f"sinks must be in 1..{len(self._system_ids)} (the system prompt's tokens), got {sinks}")
         pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay)
         self.cache = decoder.new_cache(capacity, max_chunk, pol)
+        self.backend.check_cache(self.cache)
         self._lock = threading.Lock()
         # Each frame is a short user turn, so the chat model reads frames as things it was told.
         prefix, suffix = tokenizer.render_turn("user", "\0").split("\0")
@@ -108,10 +114,10 @@ class StreamSession:
             self.cache.reset()
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
-            self.decoder(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
+            self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.decoder.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
+        return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
 
     def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
         """Append one frame (tag + vision tokens) and run the eviction policy.
@@ -142,7 +148,8 @@ class StreamSession:
             if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
                 raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
             before = self.cache.evicted_tokens
-            self.decoder(embeds, self.cache, SlotKind.VISION, frame_id=self.frames_ingested, stamp_s=float(stamp_s))
+            self.backend.run_chunk(embeds, self.cache, SlotKind.VISION, frame_id=self.frames_ingested,
+                                   stamp_s=float(stamp_s))
             frame_id = self.frames_ingested
             self.frames_ingested += 1
             self.last_stamp_s = float(stamp_s)
@@ -175,10 +182,9 @@ class StreamSession:
             try:
                 step = self.cache.max_chunk
                 for s in range(0, len(ids), step):
-                    hidden = self.decoder(self._embed_ids(ids[s:s + step]), self.cache)
-                last = self.decoder.logits(hidden)[-1]
+                    last = self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache)
                 t1 = time.perf_counter()
-                out = greedy_decode(self.decoder, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
+                out = greedy_decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length

@@ -1,0 +1,144 @@
+"""Inference backends: how a chunk of a stream runs through the language model and its cache.
+
+The session hands every chunk (system prompt, frame, question, generated token) to a backend
+and gets the last position's logits back; it does not care which backend runs:
+
+* ``torch``: :class:`~infmllm_ros.models.Decoder` attending through the
+  :class:`~infmllm_ros.kvcache.KVCache` layer by layer (the reference).
+* ``onnxruntime``: the exported decoder step (:mod:`infmllm_ros.engines.onnx_export`) takes
+  the cache's K/V buffers as inputs; the cache stores the chunk's K/V and window scores it
+  returns and evicts as usual.
+
+Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..kvcache import KVCache, SlotKind
+from ..models import Decoder
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+class Backend:
+    """Runs chunks through ``decoder``'s weights and a :class:`KVCache`.
+
+    Args:
+        decoder: the model (its embedding table is always used from torch).
+    """
+
+    name = "base"
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids int64 ``[n]`` -> input embeddings ``[n, hidden]``."""
+        return self.decoder.embed(ids)
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Raise ValueError if this backend cannot serve ``cache`` (nothing to check for torch)."""
+
+    def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind = SlotKind.TEXT,
+                  frame_id: int = -1, stamp_s: float = math.nan) -> torch.Tensor:
+        """Append ``embeds`` ``[n, hidden]`` to the stream; fp32 logits ``[vocab]`` of its last token.
+
+        Raises:
+            ValueError / CacheFullError: as :meth:`KVCache.begin_chunk`; the cache is unchanged.
+        """
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The torch decoder attending through the cache (CPU or CUDA)."""
+
+    name = "torch"
+
+    @torch.inference_mode()
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan):
+        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s)
+        return self.decoder.logits(hidden[-1:])[0]
+
+
+class OnnxRuntimeBackend(Backend):
+    """The exported decoder step on onnxruntime (CPU), the cache's buffers passed in.
+
+    The step is built for one buffer size and scoring setting; :meth:`check_cache` finds it in
+    ``engine_dir`` under a name made of those (exporting it first when absent: minutes for a
+    135M model on 2 cores) and refuses a file whose recorded metadata differs.
+
+    Args:
+        decoder: the model (CPU weights).
+        engine_dir: folder of exported steps.
+        model_name: names the model in the file name (e.g. the GGUF's stem).
+        progress: called with a line of text before a long export.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str,
+                 progress: Callable[[str], None] = print):
+        super().__init__(decoder)
+        self.engine_dir, self.model_name, self.progress = Path(engine_dir), model_name, progress
+        self.step = None
+
+    def engine_path(self, expected: dict[str, str]) -> Path:
+        """The step's file for ``expected`` metadata (:func:`~infmllm_ros.engines.onnx_export.step_metadata`)."""
+        e = expected
+        return self.engine_dir / (f"{self.model_name}.step.slots{e['infmllm.slots']}.chunk{e['infmllm.max_chunk']}"
+                                  f".beta{float(e['infmllm.beta']):g}.{'norm' if e['infmllm.normalise'] == 'True' else 'sum'}"
+                                  f".{e['infmllm.dtype']}.onnx")
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Find or export the step for ``cache`` and check it.
+
+        Raises:
+            ValueError: the file was built for another model, buffer size or scoring.
+            RuntimeError: onnxruntime cannot load it (corrupt file).
+        """
+        from ..engines.onnx_export import OrtDecoderStep, export_decoder_step, step_metadata
+
+        spec = cache.policy.score_spec
+        beta, normalise = (spec.beta, spec.normalise) if spec else (0.0, True)
+        slots = cache.k.shape[2]
+        expected = step_metadata(self.decoder, slots, cache.max_chunk, beta, normalise)
+        path = self.engine_path(expected)
+        if not path.exists():
+            self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
+            export_decoder_step(self.decoder, path, slots=slots, max_chunk=cache.max_chunk, beta=beta,
+                                normalise=normalise)
+        self.step = OrtDecoderStep(path)
+        self.step.check(expected)
+
+    @torch.inference_mode()
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan):
+        if self.step is None:
+            raise RuntimeError("OnnxRuntimeBackend.check_cache(cache) must run before the first chunk")
+        cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
+        try:
+            logits, new_k, new_v, scores = self.step(embeds[None].cpu(), cache.k.cpu(), cache.v.cpu(), cache.length)
+            cache.store_chunk(new_k, new_v, scores)
+        except BaseException:
+            cache.rollback()
+            raise
+        cache.commit()
+        return logits[0].to(embeds.device)
+
+
+def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines", model_name: str = "model",
+                 progress: Callable[[str], None] = print) -> Backend:
+    """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name == "torch":
+        return TorchBackend(decoder)
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress)
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

@@ -1,0 +1,134 @@
+"""The exportable decoder step: torch step == cache path, onnxruntime == torch, and the session
+gives the same answers on the onnxruntime backend as on torch.
+
+A stream of prefill chunks and single-token decodes runs through the cache path (Decoder +
+KVCache, evicting); before each chunk the step gets the same buffers and length. Everything
+the engine must return is compared: last-position logits, the chunk's K/V, the window scores.
+"""
+import pytest
+import torch
+
+from test_cache import tiny_decoder
+
+from infmllm_ros.engines.decoder_step import DecoderStep
+from infmllm_ros.engines.onnx_export import OrtDecoderStep, export_decoder_step, step_metadata
+from infmllm_ros.kvcache import make_policy
+from infmllm_ros.runtime.backends import BACKENDS, OnnxRuntimeBackend, make_backend
+
+CHUNKS = (8, 3, 1, 8, 8, 1, 8, 8, 5, 1, 1, 8)  # prefill chunks and decode steps; evicts past 40
+
+
+def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
+    """Max |diff| per output between ``run_step(embeds, k, v, length)`` and the cache path."""
+    cache = decoder.new_cache(capacity, max_chunk, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+    g = torch.Generator().manual_seed(seed)
+    worst = {"logits": 0.0, "new_k": 0.0, "new_v": 0.0, "scores": 0.0}
+    evicted = 0
+    for n in chunks:
+        embeds = decoder.embed(torch.randint(0, decoder.cfg.vocab_size, (n,), generator=g))
+        s, before = cache.length, cache.evicted_tokens
+        logits, new_k, new_v, scores = run_step(embeds[None], cache.k.clone(), cache.v.clone(), s)
+        want_logits = decoder.logits(decoder(embeds, cache)[-1:])  # may evict after the chunk
+        want_scores = cache._window[:, :, :s + n]  # this chunk's window scores (set before eviction)
+        pairs = {"logits": (logits, want_logits), "scores": (scores[..., :s + n], want_scores)}
+        if cache.evicted_tokens == before:  # the chunk's K/V still sit where it was written
+            pairs.update(new_k=(new_k, cache.k[:, :, s:s + n]), new_v=(new_v, cache.v[:, :, s:s + n]))
+        else:
+            evicted += 1
+        for name, (a, b) in pairs.items():
+            worst[name] = max(worst[name], float((a.float() - b.float()).abs().max()))
+        assert float(scores[..., s + n:].abs().sum()) == 0.0  # slots beyond the chunk unscored
+    assert evicted, "the stream should have evicted"
+    return worst
+
+
+def test_step_matches_the_cache_path():
+    dec = tiny_decoder()
+    step = DecoderStep(dec, beta=1e-2)
+    with torch.no_grad():
+        worst = compare_stream(dec, lambda e, k, v, s: step(e, k, v, torch.tensor([s])), 40, 8, CHUNKS)
+    assert max(worst.values()) < 1e-5, worst
+
+
+def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
+    dec = tiny_decoder()
+    path = export_decoder_step(dec, tmp_path / "step.onnx", slots=48, max_chunk=8, beta=1e-2)
+    worst = compare_stream(dec, OrtDecoderStep(path), 40, 8, CHUNKS)
+    assert max(worst.values()) < 1e-4, worst
+
+
+CAPACITY, MAX_CHUNK = 256, 64  # one export of SmolLM2 serves the parity and the session tests
+
+
+@pytest.fixture(scope="module")
+def smollm2_engines(smollm2, tmp_path_factory):
+    """(decoder, tokenizer, engine dir holding SmolLM2's step for a 256 + 64 slot inf_mllm cache)."""
+    dec, tok = smollm2
+    engines = tmp_path_factory.mktemp("engines")
+    backend = OnnxRuntimeBackend(dec, engines, "smollm2")
+    backend.check_cache(dec.new_cache(CAPACITY, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)))
+    return dec, tok, engines
+
+
+def test_onnxruntime_matches_torch_on_the_embedded_model(smollm2_engines):
+    """SmolLM2-135M (fp32): prefill chunks, single-token decode, cache fills up to eviction."""
+    dec, _, engines = smollm2_engines
+    (path,) = engines.glob("*.onnx")
+    worst = compare_stream(dec, OrtDecoderStep(path), CAPACITY, MAX_CHUNK, (64, 64, 1, 1, 17, 64, 1, 64, 64, 1, 64))
+    assert max(worst.values()) < 1e-3, worst
+
+
+def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
+    """The multimodal sanity photos among road frames: identical answers from both backends."""
+    from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
+    from infmllm_ros.runtime.drive import bundled_events, synthetic_road
+    from infmllm_ros.runtime.session import StreamSession
+
+    dec, tok, engines = smollm2_engines
+    vision = VisionEncoder()
+    projector = LabelEmbeddingProjector(dec, tok, imagenet_names())
+    photos = [image for image, _ in bundled_events().values()]
+    answers = {}
+    for name in BACKENDS:
+        runner = make_backend(name, dec, engines, "smollm2")
+        s = StreamSession(dec, tok, vision, projector, capacity=CAPACITY, max_chunk=MAX_CHUNK, recent=64,
+                          backend=runner)
+        texts = []
+        for i, photo in enumerate(photos):
+            s.ingest_frame(synthetic_road(2 * i), float(2 * i))
+            s.ingest_frame(photo, 2.0 * i + 1)
+            texts.append(s.ask("What did you see?", max_new_tokens=16, keep_in_context=False).text)
+        answers[name] = texts
+        assert s.cache.evicted_tokens > 0  # the full-cache regime
+    assert answers["onnxruntime"] == answers["torch"]
+
+
+def test_backend_refuses_an_engine_built_for_another_cache(smollm2_engines, tmp_path):
+    dec, _, engines = smollm2_engines
+    (path,) = engines.glob("*.onnx")
+    backend = OnnxRuntimeBackend(dec, tmp_path, "smollm2")
+    other = dec.new_cache(CAPACITY + 64, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+    want = backend.engine_path(step_metadata(dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, 1e-2, True))
+    want.symlink_to(path)  # a file under the right name but built for 320 slots
+    with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384"):
+        backend.check_cache(other)
+    with pytest.raises(ValueError, match="outside 1..max_chunk=64"):  # a chunk longer than the profile
+        other.begin_chunk(65)
+
+
+def test_missing_corrupt_or_foreign_onnx_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        OrtDecoderStep(tmp_path / "absent.onnx")
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07 this is not a protobuf")
+    with pytest.raises(RuntimeError, match="corrupt.onnx"):
+        OrtDecoderStep(bad)
+    other = tmp_path / "other.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), str(other), dynamo=True)
+    with pytest.raises(RuntimeError, match="not a decoder step"):
+        OrtDecoderStep(other)
+
+
+def test_export_rejects_a_chunk_larger_than_the_buffer(tmp_path):
+    with pytest.raises(ValueError, match="max_chunk 64 must be in 1..slots"):
+        export_decoder_step(tiny_decoder(), tmp_path / "x.onnx", slots=48, max_chunk=64)
