@@ -28,6 +28,7 @@ setup(
             "infmllm-bench-ppl = infmllm_ros.bench.perplexity:main",
             "infmllm-bench-needle = infmllm_ros.bench.needle:main",
             "infmllm-bench-kernels = infmllm_ros.bench.kernels:main",
+            "infmllm-bench-backends = infmllm_ros.bench.backends:main",
             "infmllm-node = infmllm_ros.ros.node:main",
             "infmllm_node = infmllm_ros.ros.node:main",
             "infmllm-ask = infmllm_ros.ros.ask:main",
