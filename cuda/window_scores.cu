@@ -69,6 +69,26 @@ __device__ __forceinline__ float dot_part(const float* kr, const float* qrow, in
   return acc;
 }
 
+// For every query of the row, in batches staged in shared memory: this thread's partial dot
+// with its key part (reduced over the key's P lanes) is handed to on_dot(b, qq, i, dot) (b: index
+// in the batch, qq: query, i: window position); after_batch(first, n) runs between batches, with
+// the block synchronised on both sides.
+template <typename T, typename OnDot, typename AfterBatch>
+__device__ void sweep_queries(const T* __restrict__ q, float* qs, const float* kr, int64_t layer, int kv_head,
+                              int q_heads, int group, int window, int head_dim, int part, int parts,
+                              OnDot on_dot, AfterBatch after_batch) {
+  const int queries = group * window, pitch = parts * WS_PITCH;
+  for (int first = 0; first < queries; first += WS_BATCH) {
+    const int n = min(WS_BATCH, queries - first);
+    stage_queries(q, qs, layer, kv_head, q_heads, group, window, head_dim, first, n);
+    __syncthreads();
+    for (int b = 0; b < n; ++b) on_dot(b, first + b, (first + b) % window, dot_part(kr, qs + b * pitch, part, parts));
+    __syncthreads();
+    after_batch(first, n);
+    __syncthreads();
+  }
+}
+
 template <typename T>
 __device__ void window_partial(const T* __restrict__ q, const T* __restrict__ k, float* part_m,
                                float* part_s, int kv_heads, int q_heads, int window, int slots,
@@ -81,39 +101,31 @@ __device__ void window_partial(const T* __restrict__ q, const T* __restrict__ k,
   const int group = q_heads / kv_heads, queries = group * window;
   const int parts = head_dim / WS_PART, keys_per_tile = INFMLLM_THREADS / parts;
   const int part = threadIdx.x % parts, key = threadIdx.x / parts, j = tile * keys_per_tile + key;
-  const int pitch = parts * WS_PITCH;
   // Reduction layout: WS_BATCH queries x (INFMLLM_THREADS / WS_BATCH) lanes, each lane a
   // strided share of the tile's keys.
   const int lanes = INFMLLM_THREADS / WS_BATCH, rq = threadIdx.x / lanes, rl = threadIdx.x % lanes;
   float kr[WS_PART];
   load_key_part(k, row, j, part, length, slots, head_dim, kr);
-  for (int first = 0; first < queries; first += WS_BATCH) {
-    const int n = min(WS_BATCH, queries - first);
-    stage_queries(q, qs, layer, kv_head, q_heads, group, window, head_dim, first, n);
-    __syncthreads();
-    for (int b = 0; b < n; ++b) {
-      const int i = (first + b) % window;
-      const float dot = dot_part(kr, qs + b * pitch, part, parts);
-      const bool seen = j < length && j <= q_start + i;
-      if (part == 0) logits[b][key] = seen ? dot * scale + beta * (float)j : INFMLLM_NEG_INF;
-    }
-    __syncthreads();
-    // Max and sum-exp of each query's logits over the tile's keys.
-    float m = INFMLLM_NEG_INF, sum = 0.f;
-    if (rq < n)
-      for (int x = rl; x < keys_per_tile; x += lanes) m = fmaxf(m, logits[rq][x]);
-    for (int o = lanes / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (rq < n && m != INFMLLM_NEG_INF)
-      for (int x = rl; x < keys_per_tile; x += lanes)
-        if (logits[rq][x] != INFMLLM_NEG_INF) sum += __expf(logits[rq][x] - m);
-    for (int o = lanes / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (rq < n && rl == 0) {
-      const int64_t at = (row * queries + first + rq) * tiles + tile;
-      part_m[at] = m;
-      part_s[at] = sum;
-    }
-    __syncthreads();
-  }
+  sweep_queries(q, qs, kr, layer, kv_head, q_heads, group, window, head_dim, part, parts,
+      [&](int b, int, int i, float dot) {
+        const bool seen = j < length && j <= q_start + i;
+        if (part == 0) logits[b][key] = seen ? dot * scale + beta * (float)j : INFMLLM_NEG_INF;
+      },
+      [&](int first, int n) {  // max and sum-exp of each query's logits over the tile's keys
+        float m = INFMLLM_NEG_INF, sum = 0.f;
+        if (rq < n)
+          for (int x = rl; x < keys_per_tile; x += lanes) m = fmaxf(m, logits[rq][x]);
+        for (int o = lanes / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (rq < n && m != INFMLLM_NEG_INF)
+          for (int x = rl; x < keys_per_tile; x += lanes)
+            if (logits[rq][x] != INFMLLM_NEG_INF) sum += __expf(logits[rq][x] - m);
+        for (int o = lanes / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (rq < n && rl == 0) {
+          const int64_t at = (row * queries + first + rq) * tiles + tile;
+          part_m[at] = m;
+          part_s[at] = sum;
+        }
+      });
 }
 
 extern "C" __global__ void __launch_bounds__(INFMLLM_THREADS)
@@ -153,22 +165,15 @@ __device__ void window_columns(const T* __restrict__ q, const T* __restrict__ k,
   const int group = q_heads / kv_heads, queries = group * window;
   const int parts = head_dim / WS_PART, keys_per_tile = INFMLLM_THREADS / parts;
   const int part = threadIdx.x % parts, j = tile * keys_per_tile + threadIdx.x / parts;
-  const int pitch = parts * WS_PITCH;
   for (int qq = threadIdx.x; qq < queries; qq += INFMLLM_THREADS) lse_s[qq] = lse[row * queries + qq];
   float kr[WS_PART];
   load_key_part(k, row, j, part, length, slots, head_dim, kr);
   float acc = 0.f;
-  for (int first = 0; first < queries; first += WS_BATCH) {
-    const int n = min(WS_BATCH, queries - first);
-    stage_queries(q, qs, layer, kv_head, q_heads, group, window, head_dim, first, n);
-    __syncthreads();
-    for (int b = 0; b < n; ++b) {
-      const int i = (first + b) % window;
-      const float dot = dot_part(kr, qs + b * pitch, part, parts);
-      if (j < length && j <= q_start + i) acc += __expf(dot * scale + beta * (float)j - lse_s[first + b]);
-    }
-    __syncthreads();
-  }
+  sweep_queries(q, qs, kr, layer, kv_head, q_heads, group, window, head_dim, part, parts,
+      [&](int, int qq, int i, float dot) {
+        if (j < length && j <= q_start + i) acc += __expf(dot * scale + beta * (float)j - lse_s[qq]);
+      },
+      [](int, int) {});
   if (part == 0 && j < length) store_column(out, row, slots, j, acc, group, window, q_start, normalise, decay);
 }
 

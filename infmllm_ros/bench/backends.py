@@ -21,7 +21,7 @@ import torch
 from ..kvcache import make_policy
 from ..models import load_gguf, smollm2_gguf_path
 from ..runtime.backends import BACKENDS, make_backend
-from .common import machine, markdown_table, write_json
+from .common import machine, markdown_table, write_report
 
 
 def time_backend(backend, decoder, capacity: int, chunk: int, prefill_chunks: int, decode: int,
@@ -72,15 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results["backends"].items():
         rows.append([name, r["chunk_ms"], r["token_ms"], r["chunk_ms"] / torch_r["chunk_ms"],
                      r["token_ms"] / torch_r["token_ms"]])
-    write_json(args.json, results)
     m = results["machine"]
     md = (f"# Backends on {m['cpu']} ({m['cores']} cores), torch {m['torch']}\n\n"
           f"SmolLM2-135M fp32, inf_mllm cache of {args.capacity} slots, {args.prefill_chunks} prefill chunks of "
           f"{args.chunk} tokens then {args.decode} single-token steps; medians.\n\n"
           + markdown_table(["backend", "ms / chunk", "ms / token", "chunk vs torch", "token vs torch"], rows) + "\n")
-    with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_report(args.json, results, md)
     return 0
 
 

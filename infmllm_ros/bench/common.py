@@ -38,6 +38,13 @@ def write_json(path: str | Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def write_report(path: str | Path, data: dict, markdown: str) -> None:
+    """Write ``data`` to ``path`` (JSON) and ``markdown`` beside it (``.md``), and print the markdown."""
+    write_json(path, data)
+    Path(path).with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; floats printed with 3 significant digits."""
     def fmt(x):

@@ -23,7 +23,7 @@ import torch
 
 from ..kvcache import kernels, reference
 from ..kvcache.rope import Rope
-from .common import machine, markdown_table, write_json
+from .common import machine, markdown_table, write_report
 
 SHAPES = {  # layers, query heads, kv heads, head_dim
     "smollm2-135m": (30, 9, 3, 64),
@@ -195,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} capacity {capacity}: step {case['step']['kernel_call_ms']:.3f} ms vs torch "
                   f"{case['step']['torch_ms']:.3f} ms ({case['step']['speedup']:.1f}x); kv_compact "
                   f"{case['kv_compact']['fraction_of_copy']:.0%} of copy", flush=True)
-    write_json(args.json, results)
-    md = report(results)
-    with open(args.json.rsplit(".", 1)[0] + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_report(args.json, results, report(results))
     return 0
 
 
