@@ -72,6 +72,14 @@ def test_tensorrt_modules_type_check_against_the_tensorrt_10_stubs(tmp_path):
 def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="TensorRT is not installed"):
         TrtDecoderStep(tmp_path / "x.engine")
+    from test_cache import tiny_decoder
+
+    from infmllm_ros.kvcache import make_policy
+    from infmllm_ros.runtime.backends import make_backend
+
+    dec = tiny_decoder()
+    with pytest.raises(RuntimeError, match="TensorRT is not installed"):  # what the node reports at start
+        make_backend("tensorrt", dec, tmp_path).check_cache(dec.new_cache(40, 8, make_policy("inf_mllm")))
     assert build.main(["--out", str(tmp_path)]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing exported when the build cannot happen
