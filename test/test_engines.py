@@ -153,3 +153,16 @@ def test_vision_front_end_on_onnxruntime_matches_torch(smollm2, tmp_path):
     assert float((torch.from_numpy(got) - want).abs().max()) < 1e-3
     with pytest.raises(ValueError, match="global tokens only"):
         VisionTokens(VisionEncoder(cells=2), projector)
+
+
+def test_cache_refuses_engine_outputs_that_do_not_fit_the_chunk():
+    dec = tiny_decoder()
+    cache = dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8))
+    cache.begin_chunk(4)
+    k = torch.zeros(3, 2, 4, 16)
+    with pytest.raises(ValueError, match="do not fit the pending chunk"):
+        cache.store_chunk(k[:, :, :3], k, torch.zeros(3, 2, 48))  # K of 3 tokens for a 4-token chunk
+    with pytest.raises(ValueError, match="scores >= 4 slots"):
+        cache.store_chunk(k, k, torch.zeros(3, 2, 2))
+    cache.rollback()
+    assert cache.length == 0 and cache.pending == 0
