@@ -79,11 +79,12 @@ def test_jpeg_decodes_and_corrupt_jpeg_is_refused():
 def test_parameters_are_validated_with_the_name_in_the_message():
     cfg = validate({})
     assert cfg.cameras == [("camera/front/image_raw/compressed", "front", True)]
-    assert cfg.session_kwargs()["sinks"] is None
+    assert cfg.session_kwargs()["sinks"] is None and cfg.session_kwargs()["novelty_threshold"] == 0.6
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
                       ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
                       ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
-                      ({"device": "gpu"}, "device"), ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
+                      ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
+                      ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
                                                       "camera_transports")]:
         with pytest.raises(ValueError, match=name):
             validate(bad)

@@ -42,6 +42,9 @@ PARAMETERS = (
     Param("duplicate_threshold", 0.0,
           "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
           "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
+    Param("novelty_threshold", 0.6,
+          "class-distribution change (total variation in [0, 1]) from the camera's recent scene at "
+          "which a frame is stored with vision tokens; below it, as 'Nothing new.' (0: every frame)"),
     Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
     Param("backend", "torch", "inference backend: torch, onnxruntime (CPU; exports its ONNX step on first start) "
           "or tensorrt (CUDA; engines from infmllm-build-engines)"),
@@ -73,6 +76,7 @@ class NodeConfig:
     qos_depth: int
     sample_rate_hz: float
     duplicate_threshold: float
+    novelty_threshold: float
     model: str
     backend: str
     engine_dir: str
@@ -103,7 +107,8 @@ class NodeConfig:
         return dict(backend=self.backend, engine_dir=self.engine_dir,
                     capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
                     beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk,
-                    system_prompt=self.system_prompt, sinks=self.cache_sinks or None)
+                    system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
+                    novelty_threshold=self.novelty_threshold)
 
 
 def flatten_parameters(doc: dict) -> dict:
@@ -164,6 +169,7 @@ def validate(values: dict) -> NodeConfig:
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
+    need(0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold", "must be in [0, 1]")
     need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS}")
     need(v["backend"] != "tensorrt" or v["device"].startswith("cuda"), "device", "cuda with backend tensorrt")
     need(v["backend"] != "onnxruntime" or v["device"] == "cpu", "device", "cpu with backend onnxruntime")

@@ -1,7 +1,10 @@
 """StreamSession: one camera stream's memory in a fixed-size KV cache, and questions about it.
 
-The stream in the cache is: the system prompt (protected sinks), then one chunk per frame
-(``<frame t=12.0s cam=front>`` tag + vision tokens + newline), then chat turns. Frames and
+The stream in the cache is: the system prompt (protected sinks), then one chunk per frame, then
+chat turns. A frame that shows something new (:class:`SceneNovelty`) is stored as
+``<frame t=12.0s cam=front> I see a`` + vision tokens; a frame like the scene before it as
+``<frame t=13.0s cam=front> Nothing new.``, which costs fewer slots and leaves the new things
+as the only objects the LM reads about. Frames and
 questions take one lock around the cache, so one ingest thread and one ask thread can share a
 session; the vision encoder runs outside the lock, so ingest of the next frame overlaps decoding
 only in its vision part.
@@ -18,7 +21,7 @@ import torch
 
 from ..kvcache import SlotKind, make_policy
 from ..models import ChatTokenizer, Decoder
-from ..models.vision import LabelEmbeddingProjector, VisionEncoder
+from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
 from .backends import Backend, TorchBackend
 from .generate import greedy_decode
 
@@ -29,7 +32,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class FrameResult:
-    """What ingesting one frame did. Times in milliseconds, counts in tokens."""
+    """What ingesting one frame did. Times in milliseconds, counts in tokens; ``novelty`` in
+    [0, 1] and ``novel`` from :class:`SceneNovelty` (a familiar frame carries no vision tokens)."""
 
     frame_id: int
     tokens: int
@@ -37,6 +41,8 @@ class FrameResult:
     vision_ms: float
     prefill_ms: float
     evicted_tokens: int
+    novelty: float
+    novel: bool
 
 
 @dataclass(frozen=True)
@@ -76,19 +82,27 @@ class StreamSession:
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
+        novelty_threshold, background_decay: the :class:`SceneNovelty` gate (threshold 0: every
+            frame keeps its vision tokens).
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
-            fit in a chunk, ``sinks`` outside 1..its length, or a backend built for another
-            model or cache size.
+            fit in a chunk, ``sinks`` outside 1..its length, a backend built for another
+            model or cache size, or a novelty setting out of range.
     """
+
+    #: What follows the frame tag: before a new frame's vision tokens, or alone for a familiar frame.
+    NOVEL_TEXT = " I see a"
+    FAMILIAR_TEXT = " Nothing new."
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
                  projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
                  recent: int = 256, beta: float = 1e-2, decay: float = 0.9, max_chunk: int = 64,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, novelty_threshold: float = 0.6,
+                 background_decay: float = 0.7):
         self.tokenizer, self.vision, self.projector = tokenizer, vision, projector
+        self.scene = SceneNovelty(novelty_threshold, background_decay)
         self.backend = backend or TorchBackend(decoder)
         system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
                                             add_generation_prompt=False)
@@ -112,6 +126,7 @@ class StreamSession:
         """Forget the stream; keep the system prompt."""
         with self._lock:
             self.cache.reset()
+            self.scene.reset()
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
             self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
@@ -138,11 +153,15 @@ class StreamSession:
         if not camera or not camera.strip():
             raise ValueError("camera name is empty")
         t0 = time.perf_counter()
+        camera = camera.strip()
         glob, cells = self.vision(self.vision.preprocess(rgb).to(self.cache.k.device))
-        vis = self.projector(glob, cells)
-        tag = self._embed_ids(self._frame_prefix + self.tokenizer.encode(
-            f"<frame t={stamp_s:.1f}s cam={camera.strip()}> I see"))
-        embeds = torch.cat((tag, vis.to(tag.dtype), self._embed_ids(self._frame_suffix)))
+        novelty = self.scene.novelty(camera, glob)
+        novel = self.scene.is_novel(novelty)
+        tag = f"<frame t={stamp_s:.1f}s cam={camera}>" + (self.NOVEL_TEXT if novel else self.FAMILIAR_TEXT)
+        parts = [self._embed_ids(self._frame_prefix + self.tokenizer.encode(tag))]
+        if novel:
+            parts.append(self.projector(glob, cells).to(parts[0].dtype))
+        embeds = torch.cat(parts + [self._embed_ids(self._frame_suffix)])
         t1 = time.perf_counter()
         with self._lock:
             if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
@@ -150,13 +169,14 @@ class StreamSession:
             before = self.cache.evicted_tokens
             self.backend.run_chunk(embeds, self.cache, SlotKind.VISION, frame_id=self.frames_ingested,
                                    stamp_s=float(stamp_s))
+            self.scene.observe(camera, glob)
             frame_id = self.frames_ingested
             self.frames_ingested += 1
             self.last_stamp_s = float(stamp_s)
             evicted = self.cache.evicted_tokens - before
         t2 = time.perf_counter()
         return FrameResult(frame_id, embeds.shape[0], self.projector.top_label(glob),
-                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted)
+                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel)
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
         """Answer ``question`` from what is in the cache (greedy decoding).
