@@ -43,5 +43,14 @@ def test_one_minute_drive(tmp_path, clip):
     assert code == 0
     run = json.loads(out.read_text())["runs"]["streaming_llm@256,1min"]
     assert [a["label"] for a in run["answers"]] == ["cat"]
+    assert 0 <= run["absent_named"] <= 1 and len(run["absent_answers"]) == 3
     assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
     assert "| 1 | streaming_llm | 256 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0 and len(run["ingest_ms_median_per_minute"]) == 1
+    # --resume keeps that run and adds the next one to the same grid.
+    stamp = out.stat().st_mtime_ns
+    assert main(["--video", str(clip), "--events", str(events), "--minutes", "1", "--fps", "0.5",
+                 "--policy", "streaming_llm,window", "--capacity", "256", "--json", str(out), "--resume"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"streaming_llm@256,1min", "window@256,1min"} and out.stat().st_mtime_ns > stamp
+    assert runs["streaming_llm@256,1min"] == run

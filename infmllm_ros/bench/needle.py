@@ -3,12 +3,18 @@
 For each drive length x policy x capacity: stream a bag-free drive (real video looped, real
 photos inserted at known times) through a :class:`StreamSession`, then ask about every event
 ("Did you see a cat? When?", not kept in context) and score the answers (object named, time within
-+-30 s). Reports accuracy, per-frame ingest cost (median/p95 ms), process RSS over the drive,
-time to first token and decode tokens/s; writes JSON, markdown and a PNG of accuracy.
++-30 s). Reports accuracy, per-frame ingest cost (median/p95 ms, and per minute of drive), process
+RSS over the drive, time to first token and decode tokens/s; writes JSON, markdown and a PNG of
+accuracy against drive length.
+
+Every finished run is merged into ``--json`` under a file lock, so several processes (one per
+core, ``OMP_NUM_THREADS=1``) can fill one grid; ``--resume`` skips runs already there.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,12 +27,18 @@ from ..runtime.procstat import rss_mib
 from .common import machine, markdown_table, write_json
 
 
+#: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
+#: is the rate at which "named" only echoes the question.
+ABSENT = ("horse", "umbrella", "pizza")
+
+
 def run_drive(session, drive, log_every: int = 60) -> dict:
     """Ingest every frame of ``drive`` into ``session``, ask every event's question, score.
 
     Returns:
-        dict with per-event answers and scores, ingest ms per frame, RSS samples (MiB) per
-        minute of drive, and ``overflow`` (a full cache that ran out of room, if it did).
+        dict with per-event answers and scores, ingest ms (median, p95, median per minute of
+        drive), RSS samples (MiB) per minute of drive, and ``overflow`` (a full cache that ran
+        out of room, if it did).
     """
     from ..runtime.drive import score_answer
 
@@ -50,9 +62,15 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
         answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
                         "decode_tokens_per_s": a.decode_tokens_per_s, **score_answer(a.text, ev)})
+    absent = [session.ask(f"Was there a {label}? At what time?", max_new_tokens=32, keep_in_context=False).text
+              for label in ABSENT]
     ms = np.asarray(ingest_ms)
-    return {"answers": answers, "accuracy": float(np.mean([a["correct"] for a in answers])),
+    per_min = max(1, int(60 * drive.fps))
+    return {"ingest_ms_median_per_minute": [float(np.median(ms[i:i + per_min])) for i in range(0, len(ms), per_min)],
+            "answers": answers, "accuracy": float(np.mean([a["correct"] for a in answers])),
             "named": float(np.mean([a["named"] for a in answers])),
+            "absent_answers": absent,
+            "absent_named": float(np.mean([label in text.lower() for label, text in zip(ABSENT, absent)])),
             "ingest_ms_median": float(np.median(ms)), "ingest_ms_p95": float(np.percentile(ms, 95)),
             "rss_mib_per_minute": rss, "overflow": overflow,
             "ttft_s_median": float(np.median([a["ttft_s"] for a in answers])),
@@ -74,7 +92,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--capacity", type=_csv(int), default=[1024], help="KV capacities (tokens)")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
+    p.add_argument("--resume", action="store_true", help="skip runs already in --json")
     return p.parse_args(argv)
+
+
+def merge_run(out: Path, key: str, run: dict, header: dict) -> dict:
+    """Add ``run`` under ``key`` to the JSON at ``out`` (created with ``header`` if absent) while
+    holding an exclusive lock on ``out``.lock; returns the merged document."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(out.read_text()) if out.is_file() else {**header, "runs": {}}
+        data["runs"][key] = run
+        write_json(out, data)
+        return data
+
+
+def _accuracy(runs: list[dict], policy: str, minutes: float, capacity: int | None = None) -> float | None:
+    hits = [r["accuracy"] for r in runs if r["policy"] == policy and r["minutes"] == minutes
+            and (capacity is None or r["capacity"] == capacity)]
+    return max(hits) if hits else None
+
+
+def report(data: dict, out: Path) -> None:
+    """Write the markdown table (with the issue's 80%-of-full check) and the accuracy plot
+    beside ``out`` (the JSON path)."""
+    runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
+    rows = [[r["minutes"], r["policy"], r["capacity"], r["accuracy"], r["named"], r["absent_named"], r["ingest_ms_median"],
+             r["ingest_ms_p95"], r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
+            for r in runs]
+    md = ["# Needle in the drive", "", f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores.", "",
+          markdown_table(["minutes", "policy", "capacity", "accuracy", "named", "absent named", "ingest ms median",
+                          "ingest ms p95", "TTFT s", "decode tok/s", "note"], rows)]
+    full5 = _accuracy(runs, "full", min((r["minutes"] for r in runs), default=0))
+    longest = max((r["minutes"] for r in runs), default=0)
+    for cap in sorted({r["capacity"] for r in runs if r["policy"] != "full"}):
+        ours = _accuracy(runs, "inf_mllm", longest, cap)
+        if ours is None:
+            continue
+        peers = {p: _accuracy(runs, p, longest, cap) for p in ("streaming_llm", "h2o")}
+        line = f"- capacity {cap}, {longest:g} min: inf_mllm accuracy {ours:.2f}"
+        if full5:
+            line += f" = {ours / full5:.0%} of full cache at the shortest drive ({full5:.2f}; goal >= 80%)"
+        line += "".join(f"; {p} {a:.2f}" for p, a in peers.items() if a is not None)
+        md.append(line)
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for policy, cap in sorted({(r["policy"], r["capacity"]) for r in runs}):
+        pts = sorted((r["minutes"], r["accuracy"]) for r in runs if r["policy"] == policy and r["capacity"] == cap)
+        ax.plot(*zip(*pts), marker="o", label=f"{policy}@{cap}")
+    ax.set_xlabel("drive length (minutes)")
+    ax.set_ylabel("accuracy (named and timed)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -98,7 +176,9 @@ def main(argv=None) -> int:
         return videos[int(t // 60) % len(videos)](t)  # switch clip every minute
 
     out = Path(args.json)
-    data = {"machine": machine(), "config": vars(args), "runs": {}}
+    done = set(json.loads(out.read_text())["runs"]) if args.resume and out.is_file() else set()
+    header = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k != "resume"}}
+    data = None
     for minutes in args.minutes:
         drive = Drive(background, minutes, args.fps, events, seed=args.seed)
         for cap in args.capacity:
@@ -106,19 +186,17 @@ def main(argv=None) -> int:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
                 size = model.decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
                 key = f"{policy}@{size},{minutes:g}min"
+                if key in done:
+                    continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
                 session = model.session(capacity=size, policy=policy, recent=cap // 4)
-                data["runs"][key] = {"policy": policy, "capacity": size, "minutes": minutes,
-                                     "manifest": drive.manifest(), **run_drive(session, drive)}
-                write_json(out, data)
-    rows = [[r["minutes"], r["policy"], r["capacity"], r["accuracy"], r["named"], r["ingest_ms_median"],
-             r["ingest_ms_p95"], r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
-            for r in data["runs"].values()]
-    md = ["# Needle in the drive", "", f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores.", "",
-          markdown_table(["minutes", "policy", "capacity", "accuracy", "named", "ingest ms median",
-                          "ingest ms p95", "TTFT s", "decode tok/s", "note"], rows)]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+                data = merge_run(out, key, {"policy": policy, "capacity": size, "minutes": minutes,
+                                            "manifest": drive.manifest(), **run_drive(session, drive)}, header)
+                report(data, out)
+    if data is None and out.is_file():
+        report(json.loads(out.read_text()), out)
+    if out.with_suffix(".md").is_file():
+        print(out.with_suffix(".md").read_text())
     return 0
 
 
