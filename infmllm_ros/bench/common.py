@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,3 +55,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+@contextmanager
+def png_figure(path: str | Path, **subplots):
+    """Yield ``(fig, axes)`` from ``matplotlib.pyplot.subplots(**subplots)`` on the Agg backend
+    (no display needed); on exit lay out, save as PNG at ``path`` (110 dpi) and close."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)

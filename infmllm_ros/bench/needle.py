@@ -24,7 +24,7 @@ import numpy as np
 from ..kvcache import CacheFullError
 from ..kvcache.policies import POLICIES
 from ..runtime.procstat import rss_mib
-from .common import machine, markdown_table, write_json
+from .common import machine, markdown_table, png_figure, write_json
 
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
@@ -138,21 +138,14 @@ def report(data: dict, out: Path) -> None:
         md.append(line)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for policy, cap in sorted({(r["policy"], r["capacity"]) for r in runs}):
-        pts = sorted((r["minutes"], r["accuracy"]) for r in runs if r["policy"] == policy and r["capacity"] == cap)
-        ax.plot(*zip(*pts), marker="o", label=f"{policy}@{cap}")
-    ax.set_xlabel("drive length (minutes)")
-    ax.set_ylabel("accuracy (named and timed)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    with png_figure(out.with_suffix(".png"), figsize=(6, 3.8)) as (_, ax):
+        for policy, cap in sorted({(r["policy"], r["capacity"]) for r in runs}):
+            pts = sorted((r["minutes"], r["accuracy"]) for r in runs if r["policy"] == policy and r["capacity"] == cap)
+            ax.plot(*zip(*pts), marker="o", label=f"{policy}@{cap}")
+        ax.set_xlabel("drive length (minutes)")
+        ax.set_ylabel("accuracy (named and timed)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ import torch
 from ..kvcache import make_policy
 from ..kvcache.policies import POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
-from .common import machine, markdown_table, write_json
+from .common import machine, markdown_table, png_figure, write_json
 
 
 def read_text(path: str | Path) -> str:
@@ -243,24 +243,18 @@ def report(data: dict, out: Path) -> None:
                + ", ".join(f"{k}: {v:.0f}" for k, v in hf.items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     caps = sorted({r["capacity"] for r in runs})
-    fig, axes = plt.subplots(1, len(caps), figsize=(4.5 * len(caps), 3.6), squeeze=False, sharey=True)
-    for ax, cap in zip(axes[0], caps):
-        for r in (r for r in runs if r["capacity"] == cap):
-            edges = np.asarray(r["bucket_edges"])
-            mids = (edges[:-1] + edges[1:]) / 2
-            ax.plot(mids, np.log(r["bucket_ppl"]), marker="o", ms=3, label=_label(r))
-        ax.set_title(f"capacity {cap}")
-        ax.set_xlabel("stream position (tokens)")
-    axes[0][0].set_ylabel("log PPL")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    with png_figure(out.with_suffix(".png"), ncols=len(caps), figsize=(4.5 * len(caps), 3.6), squeeze=False,
+                    sharey=True) as (_, axes):
+        for ax, cap in zip(axes[0], caps):
+            for r in (r for r in runs if r["capacity"] == cap):
+                edges = np.asarray(r["bucket_edges"])
+                mids = (edges[:-1] + edges[1:]) / 2
+                ax.plot(mids, np.log(r["bucket_ppl"]), marker="o", ms=3, label=_label(r))
+            ax.set_title(f"capacity {cap}")
+            ax.set_xlabel("stream position (tokens)")
+        axes[0][0].set_ylabel("log PPL")
+        axes[0][-1].legend(fontsize=7)
 
 
 def main(argv=None) -> int:
