@@ -69,3 +69,8 @@ def test_score_answer():
     assert score_answer("Yes, a cat.", e) == {"named": True, "timed": False, "correct": False}
     assert not score_answer("A truck at t=312.0s", e)["named"]
     assert not score_answer("A cat at t=400s", e)["timed"]
+    assert score_answer("A cat at 5:12.", e)["timed"] and score_answer("a cat, 310 seconds in", e)["timed"]
+    assert score_answer("A cat after 5 minutes", e)["timed"]
+    # Numbers that are not times: a clock far off, a bare number, a year.
+    assert not score_answer("The cat was at 1:22:32.1111", Event("cat", 40.0, ("cat",)))["timed"]
+    assert not score_answer("A cat, 312 of them, in 2022", e)["timed"]

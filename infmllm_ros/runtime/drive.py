@@ -201,17 +201,33 @@ class Drive:
                             "question": e.question} for e in self.schedule]}
 
 
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# A time in an answer: a clock (h:mm:ss or m:ss), "t=312", or a number with a unit (s, min).
+_CLOCK = re.compile(r"\b(?:(\d{1,2}):)?(\d{1,2}):(\d{2})(?:\.\d+)?\b")
+_SECONDS = re.compile(r"\bt\s*=\s*(\d+(?:\.\d+)?)|\b(\d+(?:\.\d+)?)\s*(?:s|secs?|seconds?)\b")
+_MINUTES = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:min|mins|minutes?)\b")
+
+
+def answer_times(answer: str) -> list[float]:
+    """Every time (seconds) stated in ``answer``: clocks ``1:02:03`` / ``5:12``, ``t=312``,
+    ``312 s`` / ``312 seconds``, ``5 minutes``. A bare number is not a time: "12:22:32.12" must
+    not count as 22 s."""
+    times = []
+    for h, m, sec in _CLOCK.findall(answer):
+        times.append(int(h or 0) * 3600 + int(m) * 60 + int(sec))
+        answer = answer.replace(f"{h + ':' if h else ''}{m}:{sec}", " ", 1)
+    times += [float(a or b) for a, b in _SECONDS.findall(answer)]
+    times += [60 * float(x) for x in _MINUTES.findall(answer)]
+    return times
 
 
 def score_answer(answer: str, event: Event, tolerance_s: float = 30.0) -> dict:
     """Did ``answer`` name the event, and give a time within ``tolerance_s`` of it?
 
     Returns:
-        ``{"named": bool, "timed": bool, "correct": named and timed}``; any number in the answer
-        within the tolerance counts as the time (answers quote ``t=312.0s`` style tags).
+        ``{"named": bool, "timed": bool, "correct": named and timed}``; any time the answer
+        states (:func:`answer_times`, e.g. a quoted ``t=312.0s`` tag) within the tolerance counts.
     """
     text = answer.lower()
     named = any(w in text for w in event.words)
-    timed = any(abs(float(x) - event.time_s) <= tolerance_s for x in _NUMBER.findall(text))
+    timed = any(abs(t - event.time_s) <= tolerance_s for t in answer_times(text))
     return {"named": named, "timed": timed, "correct": named and timed}
