@@ -21,6 +21,8 @@ def text_file(tmp_path):
     (None, ["--policy", "lru"], "unknown KV-cache policy 'lru'"),
     (None, ["--capacity", "40", "--recent", "16", "--chunk", "32"], "capacity 40 is smaller than sinks"),
     (None, ["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+    (None, ["--offset", "-1"], "offset must be >= 0 tokens"),
+    (None, ["--offset", "100000"], "fewer than 64 tokens after offset 100000"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, text_file, capsys, setup, args, message):
     if setup:
@@ -48,7 +50,7 @@ def test_summary_buckets_and_flatness():
 def test_small_run_writes_json_markdown_and_plot(tmp_path, text_file):
     out = tmp_path / "ppl.json"
     code = main(["--text", str(text_file), "--tokens", "300", "--capacity", "64", "--recent", "8",
-                 "--chunk", "16", "--policy", "window,inf_mllm", "--beta", "0,0.01", "--decay", "0", "--jobs", "1",
+                 "--chunk", "16", "--policy", "window,inf_mllm", "--beta", "0,0.01", "--decay", "0", "--jobs", "1", "--offset", "5",
                  "--hf-contexts", "", "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
@@ -58,4 +60,5 @@ def test_small_run_writes_json_markdown_and_plot(tmp_path, text_file):
     assert 1.0 < run["ppl"] < 1000 and len(run["bucket_ppl"]) == 10
     assert data["machine"]["cores"] >= 1
     assert "| 64 | window |" in out.with_suffix(".md").read_text()
+    assert "300 tokens of t.txt from token 5," in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

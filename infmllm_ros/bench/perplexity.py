@@ -177,6 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infmllm-bench-ppl", description=__doc__.split("\n\n")[0])
     p.add_argument("--text", required=True, help="UTF-8 text file to stream")
     p.add_argument("--tokens", type=int, default=50_000, help="tokens to stream (default 50000)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip this many tokens of the text first (tells the text's difficulty from "
+                        "the stream's age: stream the second half fresh)")
     p.add_argument("--capacity", type=_csv(int), default=[128, 256, 512, 1024],
                    help="comma list of KV capacities in tokens")
     p.add_argument("--policy", type=_csv(str), default=["window", "streaming_llm", "h2o", "inf_mllm"],
@@ -232,7 +235,9 @@ def report(data: dict, out: Path) -> None:
     runs = sorted(data["runs"].values(), key=lambda r: (r["capacity"], r["key"]))
     rows = [[r["capacity"], _label(r), r["ppl"], r["bucket_ppl"][1], r["bucket_ppl"][-1], r["last_over_second_decile"],
              r["chunk_ms_median"], r["chunk_time_ratio_last_first"]] for r in runs]
-    md = [f"# Streaming perplexity ({data['config']['tokens']} tokens of {Path(data['config']['text']).name}, "
+    offset = data["config"].get("offset", 0)
+    md = [f"# Streaming perplexity ({data['config']['tokens']} tokens of {Path(data['config']['text']).name}"
+          + (f" from token {offset}" if offset else "") + ", "
           f"chunk {data['config']['chunk']}, sinks {data['config']['sinks']})", "",
           f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}.", "",
           markdown_table(["capacity", "policy", "PPL", "PPL decile 2", "PPL decile 10", "d10/d2",
@@ -268,11 +273,17 @@ def main(argv=None) -> int:
         jobs = plan_jobs(args)
         if args.chunk < 1 or args.tokens < 2 * args.chunk:
             raise ValueError(f"need chunk >= 1 and tokens >= 2 * chunk (got {args.chunk}, {args.tokens})")
+        if args.offset < 0:
+            raise ValueError(f"offset must be >= 0 tokens, got {args.offset}")
         _, tokenizer = load_gguf(model_path)
     except (FileNotFoundError, ValueError) as exc:
         print(f"infmllm-bench-ppl: error: {exc}", file=sys.stderr)
         return 2
-    ids = torch.tensor(tokenizer.encode(text)[:args.tokens], dtype=torch.int64)
+    ids = torch.tensor(tokenizer.encode(text)[args.offset:args.offset + args.tokens], dtype=torch.int64)
+    if ids.numel() < 2 * args.chunk:
+        print(f"infmllm-bench-ppl: error: text has fewer than {2 * args.chunk} tokens after offset {args.offset}",
+              file=sys.stderr)
+        return 2
     if ids.numel() < args.tokens:
         print(f"infmllm-bench-ppl: note: text has only {ids.numel()} tokens", file=sys.stderr)
     out = Path(args.json)
