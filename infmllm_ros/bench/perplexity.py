@@ -188,7 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4, help="protected leading tokens (default 4)")
     p.add_argument("--recent", type=int, default=None,
                    help="protected recent tokens (default: capacity/4)")
-    p.add_argument("--beta", type=_csv(float), default=[1e-2],
+    p.add_argument("--beta", type=_csv(float), default=[5e-2],
                    help="comma list of inf_mllm attention-bias slopes (logit per slot)")
     p.add_argument("--decay", type=_csv(float), default=[0.9],
                    help="comma list of inf_mllm score-carry decays (0 = retrieval window only)")

@@ -97,7 +97,7 @@ class StreamSession:
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
                  projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
-                 recent: int = 256, beta: float = 1e-2, decay: float = 0.9, max_chunk: int = 64,
+                 recent: int = 256, beta: float = 5e-2, decay: float = 0.9, max_chunk: int = 64,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float = 0.6,
                  background_decay: float = 0.7):
