@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..kvcache import make_policy
-from ..kvcache.policies import POLICIES
+from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
 from .common import machine, markdown_table, png_figure, write_json
 
@@ -188,9 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4, help="protected leading tokens (default 4)")
     p.add_argument("--recent", type=int, default=None,
                    help="protected recent tokens (default: capacity/4)")
-    p.add_argument("--beta", type=_csv(float), default=[5e-2],
+    p.add_argument("--beta", type=_csv(float), default=[DEFAULT_BETA],
                    help="comma list of inf_mllm attention-bias slopes (logit per slot)")
-    p.add_argument("--decay", type=_csv(float), default=[0.9],
+    p.add_argument("--decay", type=_csv(float), default=[DEFAULT_DECAY],
                    help="comma list of inf_mllm score-carry decays (0 = retrieval window only)")
     p.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct wheel)")
     p.add_argument("--buckets", type=int, default=10, help="stream-position buckets (default 10)")
