@@ -211,10 +211,8 @@ def answer_times(answer: str) -> list[float]:
     """Every time (seconds) stated in ``answer``: clocks ``1:02:03`` / ``5:12``, ``t=312``,
     ``312 s`` / ``312 seconds``, ``5 minutes``. A bare number is not a time: "12:22:32.12" must
     not count as 22 s."""
-    times = []
-    for h, m, sec in _CLOCK.findall(answer):
-        times.append(int(h or 0) * 3600 + int(m) * 60 + int(sec))
-        answer = answer.replace(f"{h + ':' if h else ''}{m}:{sec}", " ", 1)
+    times = [int(h or 0) * 3600 + int(m) * 60 + int(sec) for h, m, sec in _CLOCK.findall(answer)]
+    answer = _CLOCK.sub(" ", answer)  # a clock's parts are not also seconds or minutes
     times += [float(a or b) for a, b in _SECONDS.findall(answer)]
     times += [60 * float(x) for x in _MINUTES.findall(answer)]
     return times
