@@ -17,7 +17,7 @@ def test_events_appear_exactly_at_their_times():
     assert shown == {e.label: e.time_s for e in drive.schedule}
     assert set(shown) == set(events) and len(list(drive.frames())) == 300
     times = sorted(shown.values())
-    assert all(b - a >= 20 for a, b in zip(times, times[1:])) and times[-1] < 270
+    assert all(b - a >= 20 for a, b in zip(times, times[1:])) and 20 <= times[0] and times[-1] < 270
     frame_at = {t: img for t, img, label in drive.frames() if label == "cat"}
     assert next(iter(frame_at.values())) is events["cat"][0]
 
@@ -66,7 +66,11 @@ def test_events_from_dir(tmp_path):
 def test_score_answer():
     e = Event("cat", 312.0, ("cat", "tabby"))
     assert score_answer("I saw a tabby cat at <frame t=300.0s cam=front>.", e)["correct"]
-    assert score_answer("Yes, a cat.", e) == {"named": True, "timed": False, "correct": False}
+    assert score_answer("Yes, a cat.", e) == {"named": True, "timed": False, "recalled": False, "correct": False}
+    assert score_answer("Yes, a cat.", e, seen_at_s=290.0) == {"named": True, "timed": False, "recalled": True,
+                                                               "correct": True}
+    assert not score_answer("Yes, a cat.", e, seen_at_s=250.0)["correct"]  # sighting too far off
+    assert not score_answer("A truck.", e, seen_at_s=312.0)["correct"]  # sighted but not named
     assert not score_answer("A truck at t=312.0s", e)["named"]
     assert not score_answer("A cat at t=400s", e)["timed"]
     assert score_answer("A cat at 5:12.", e)["timed"] and score_answer("a cat, 310 seconds in", e)["timed"]

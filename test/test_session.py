@@ -38,6 +38,7 @@ def test_photo_among_road_frames_is_recalled(parts):
     assert "cat" in r.top_label.lower() and r.novel
     a = s.ask("Was there a cat? At what time?", max_new_tokens=24)
     assert "cat" in a.text.lower()
+    assert a.sightings[0].stamp_s == 3.0 and a.sightings[0].frame_id == 3  # when: from the cache
     assert a.frames_in_context == 5 and a.first_frame_s == 0.0 and a.last_frame_s == 4.0
     assert a.new_tokens >= 1 and a.ttft_s > 0 and a.latency_s >= a.ttft_s
 

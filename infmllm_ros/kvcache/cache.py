@@ -126,15 +126,18 @@ class KVCache:
         self.stream_tokens = 0
         self.evicted_tokens = 0
 
-    def begin_chunk(self, n: int, kind: SlotKind = SlotKind.TEXT, frame_id: int = -1,
+    def begin_chunk(self, n: int, kind: SlotKind | torch.Tensor = SlotKind.TEXT, frame_id: int = -1,
                     stamp_s: float = math.nan) -> torch.Tensor:
         """Reserve slots for a chunk of ``n`` tokens and record their metadata.
+
+        ``kind`` is one :class:`SlotKind` for the whole chunk, or int8 ``[n]`` per token (a
+        frame chunk: its tag is TEXT, its vision tokens VISION).
 
         Returns:
             int64 ``[n]`` RoPE positions (the slot indices) for the chunk.
 
         Raises:
-            ValueError: ``n`` outside ``1..max_chunk``.
+            ValueError: ``n`` outside ``1..max_chunk``, or per-token kinds not of length ``n``.
             CacheFullError: the policy never evicts and the chunk would exceed capacity.
             RuntimeError: a previous chunk was begun and not committed.
         """
@@ -142,6 +145,8 @@ class KVCache:
             raise RuntimeError("begin_chunk called twice without commit")
         if not 1 <= n <= self.max_chunk:
             raise ValueError(f"chunk of {n} tokens is outside 1..max_chunk={self.max_chunk}")
+        if isinstance(kind, torch.Tensor) and kind.shape != (n,):
+            raise ValueError(f"per-token kinds must be [{n}], got {tuple(kind.shape)}")
         if not self.policy.evicts and self.length + n > self.capacity:
             raise CacheFullError(
                 f"full KV cache of {self.capacity} tokens cannot take {n} more "
@@ -149,7 +154,7 @@ class KVCache:
         s, e = self.length, self.length + n
         dev = self.k.device
         self.position[:, :, s:e] = torch.arange(self.stream_tokens, self.stream_tokens + n, device=dev)
-        self.kind[:, :, s:e] = int(kind)
+        self.kind[:, :, s:e] = kind if isinstance(kind, torch.Tensor) else int(kind)
         self.frame[:, :, s:e] = frame_id
         self.stamp[:, :, s:e] = stamp_s
         if self.scores is not None:

@@ -175,14 +175,15 @@ class Decoder(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind = SlotKind.TEXT,
+    def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
                 frame_id: int = -1, stamp_s: float = math.nan) -> torch.Tensor:
         """Run one chunk through the model and the cache (evicting if it overflows).
 
         Args:
             embeds: input embeddings ``[n, hidden]``, ``1 <= n <= cache.max_chunk``.
             cache: this stream's KV cache.
-            kind, frame_id, stamp_s: slot metadata of the chunk.
+            kind, frame_id, stamp_s: slot metadata of the chunk (``kind`` per chunk or int8
+                ``[n]`` per token, see :meth:`KVCache.begin_chunk`).
 
         Returns:
             final normed hidden states ``[n, hidden]`` (apply :meth:`logits` where needed).

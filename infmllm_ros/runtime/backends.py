@@ -45,9 +45,11 @@ class Backend:
     def check_cache(self, cache: KVCache) -> None:
         """Raise ValueError if this backend cannot serve ``cache`` (nothing to check for torch)."""
 
-    def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind = SlotKind.TEXT,
+    def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
                   frame_id: int = -1, stamp_s: float = math.nan) -> torch.Tensor:
         """Append ``embeds`` ``[n, hidden]`` to the stream; fp32 logits ``[vocab]`` of its last token.
+
+        ``kind``, ``frame_id``, ``stamp_s``: slot metadata (see :meth:`KVCache.begin_chunk`).
 
         Raises:
             ValueError / CacheFullError: as :meth:`KVCache.begin_chunk`; the cache is unchanged.

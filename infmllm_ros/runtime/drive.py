@@ -141,8 +141,9 @@ class Drive:
         background: t (seconds) -> RGB frame (e.g. :func:`video_frames`, or a test's generator).
         minutes: drive length. fps: sampled frames per second.
         events: label -> (image, words) (e.g. :func:`bundled_events`).
-        seed: RNG seed for event times (spread over the drive, >= 20 s apart, not in the last
-            10% so a question can follow).
+        seed: RNG seed for event times (spread over the drive, >= 20 s apart, not in the first
+            20 s, whose first frame a :class:`~infmllm_ros.models.vision.SceneNovelty` gate takes
+            as the background, nor in the last 10%, so a question can follow).
         at: label -> seconds into the drive, to place events by hand instead (every label must
             be in ``events``); the seed is then unused.
 
@@ -172,11 +173,11 @@ class Drive:
                                     for label, t in self.at.items()), key=lambda e: e.time_s)
             return
         stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
-        candidates = int(self.n_frames * 0.9) // stride
+        candidates = int(self.n_frames * 0.9) // stride - 1  # slot 0 (the first frame) is not one
         if len(self.events) > candidates:
             raise ValueError(f"{len(self.events)} events do not fit in a {self.minutes}-minute drive")
         rng = np.random.default_rng(self.seed)
-        slots = np.sort(rng.choice(candidates, len(self.events), replace=False))
+        slots = 1 + np.sort(rng.choice(candidates, len(self.events), replace=False))
         order = rng.permutation(sorted(self.events))
         self.schedule = [Event(str(label), float(s * stride / self.fps), self.events[label][1])
                          for s, label in zip(slots, order)]
@@ -218,14 +219,22 @@ def answer_times(answer: str) -> list[float]:
     return times
 
 
-def score_answer(answer: str, event: Event, tolerance_s: float = 30.0) -> dict:
-    """Did ``answer`` name the event, and give a time within ``tolerance_s`` of it?
+def score_answer(answer: str, event: Event, tolerance_s: float = 30.0, seen_at_s: float | None = None) -> dict:
+    """Did ``answer`` name the event, and say when within ``tolerance_s`` of it?
+
+    Args:
+        answer: the reply text. event: what was shown and when.
+        seen_at_s: stamp (seconds) of the answer's best sighting
+            (:func:`~infmllm_ros.runtime.recall.find_sightings`), or None when it had none.
 
     Returns:
-        ``{"named": bool, "timed": bool, "correct": named and timed}``; any time the answer
-        states (:func:`answer_times`, e.g. a quoted ``t=312.0s`` tag) within the tolerance counts.
+        ``{"named", "timed", "recalled", "correct"}``: ``named``, one of the event's words is in
+        the text; ``timed``, a time the text states (:func:`answer_times`, e.g. a quoted
+        ``t=312.0s`` tag) is within the tolerance; ``recalled``, the best sighting is;
+        ``correct = named and (timed or recalled)``.
     """
     text = answer.lower()
     named = any(w in text for w in event.words)
     timed = any(abs(t - event.time_s) <= tolerance_s for t in answer_times(text))
-    return {"named": named, "timed": timed, "correct": named and timed}
+    recalled = seen_at_s is not None and abs(seen_at_s - event.time_s) <= tolerance_s
+    return {"named": named, "timed": timed, "recalled": recalled, "correct": named and (timed or recalled)}

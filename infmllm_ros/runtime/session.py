@@ -25,6 +25,7 @@ from ..models import ChatTokenizer, Decoder
 from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
 from .backends import Backend, TorchBackend
 from .generate import greedy_decode
+from .recall import DEFAULT_RECALL_LAYER, Sighting, find_sightings
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
@@ -58,6 +59,8 @@ class Answer:
         frames_in_context: frames with at least one token in the cache.
         first_frame_s / last_frame_s: stamps (seconds) of the oldest / newest frame in context
             (NaN when none).
+        sightings: the frames in context that best match the question, best first
+            (:func:`.recall.find_sightings`): when the answer's object was seen.
     """
 
     text: str
@@ -69,6 +72,7 @@ class Answer:
     frames_in_context: int
     first_frame_s: float
     last_frame_s: float
+    sightings: tuple[Sighting, ...] = ()
 
 
 class StreamSession:
@@ -85,11 +89,13 @@ class StreamSession:
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
         novelty_threshold, background_decay: the :class:`SceneNovelty` gate (threshold 0: every
             frame keeps its vision tokens).
+        recall_layer: decoder layer whose values find the sightings of a question (negative
+            counts from the top; :data:`.recall.DEFAULT_RECALL_LAYER`).
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
             fit in a chunk, ``sinks`` outside 1..its length, a backend built for another
-            model or cache size, or a novelty setting out of range.
+            model or cache size, a novelty setting or ``recall_layer`` out of range.
     """
 
     #: What follows the frame tag: before a new frame's vision tokens, or alone for a familiar frame.
@@ -101,7 +107,11 @@ class StreamSession:
                  recent: int = 256, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY, max_chunk: int = 64,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float = 0.6,
-                 background_decay: float = 0.7):
+                 background_decay: float = 0.7, recall_layer: int = DEFAULT_RECALL_LAYER):
+        layers = decoder.cfg.num_layers
+        if not -layers <= recall_layer < layers:
+            raise ValueError(f"recall_layer {recall_layer} out of range for a {layers}-layer model")
+        self.recall_layer = recall_layer
         self.tokenizer, self.vision, self.projector = tokenizer, vision, projector
         self.scene = SceneNovelty(novelty_threshold, background_decay)
         self.backend = backend or TorchBackend(decoder)
@@ -162,13 +172,17 @@ class StreamSession:
         parts = [self._embed_ids(self._frame_prefix + self.tokenizer.encode(tag))]
         if novel:
             parts.append(self.projector(glob, cells).to(parts[0].dtype))
-        embeds = torch.cat(parts + [self._embed_ids(self._frame_suffix)])
+        parts.append(self._embed_ids(self._frame_suffix))
+        embeds = torch.cat(parts)
+        kinds = torch.full((embeds.shape[0],), int(SlotKind.TEXT), dtype=torch.int8, device=embeds.device)
+        if novel:  # the tag and the turn's end are text; only the projected tokens are vision
+            kinds[parts[0].shape[0]:parts[0].shape[0] + parts[1].shape[0]] = int(SlotKind.VISION)
         t1 = time.perf_counter()
         with self._lock:
             if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
                 raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
             before = self.cache.evicted_tokens
-            self.backend.run_chunk(embeds, self.cache, SlotKind.VISION, frame_id=self.frames_ingested,
+            self.backend.run_chunk(embeds, self.cache, kinds, frame_id=self.frames_ingested,
                                    stamp_s=float(stamp_s))
             self.scene.observe(camera, glob)
             frame_id = self.frames_ingested
@@ -204,6 +218,8 @@ class StreamSession:
                 step = self.cache.max_chunk
                 for s in range(0, len(ids), step):
                     last = self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache)
+                # The question's last chunk is the newest slots, which every policy keeps.
+                sightings = find_sightings(self.cache, len(ids) - s, self.recall_layer)
                 t1 = time.perf_counter()
                 out = greedy_decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
                 t2 = time.perf_counter()
@@ -216,4 +232,4 @@ class StreamSession:
         return Answer(text=self.tokenizer.decode(out).strip(), latency_s=t2 - t0, ttft_s=t1 - t0,
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
-                      last_frame_s=stamps[-1] if stamps else math.nan)
+                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings))

@@ -1,0 +1,83 @@
+"""Sightings: which frames still in the KV cache match a question, and when they were seen.
+
+The 135M language model names what it saw but never states when (bench/results/README.md,
+"Needle"). The cache knows: every vision slot carries its frame id and stamp. A question's
+tokens, once prefilled, have value vectors in the cache beside the frames' vision tokens, and
+at a late layer a question word and a frame showing that object have similar values (the
+vision tokens are class-name embeddings, :class:`~infmllm_ros.models.vision.LabelEmbeddingProjector`).
+
+Score of frame ``f`` for question tokens ``q`` at layer ``l``: for each question token, the
+cosine similarity of its value to the best-matching value among ``f``'s vision slots (any KV
+head), minus that token's mean over the frames in context (so tokens like "a" or "?" that match
+every frame alike count for nothing); the frame's score is the largest over question tokens.
+Only what the eviction policy kept can be found: an evicted frame has no slots to match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kvcache import KVCache, SlotKind
+
+#: Layer whose values are matched, counted from the top (``-7`` is layer 23 of SmolLM2-135M's 30):
+#: the best single layer on two 3- and 5-minute needle drives (6/6 events each, held out on
+#: the second); see bench/results/README.md, "Sightings".
+DEFAULT_RECALL_LAYER = -7
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """A frame in the cache that matches the question.
+
+    Attributes:
+        frame_id: the frame's index in the stream. stamp_s: its time (seconds).
+        score: contrast in cosine units (0 = no better than the average frame in context).
+    """
+
+    frame_id: int
+    stamp_s: float
+    score: float
+
+
+def find_sightings(cache: KVCache, query_tokens: int, layer: int = DEFAULT_RECALL_LAYER,
+                   top: int = 3) -> list[Sighting]:
+    """The frames in ``cache`` that best match its newest ``query_tokens`` tokens (a question).
+
+    Args:
+        cache: a cache whose last ``query_tokens`` occupied slots hold the question (just
+            prefilled; every policy keeps the newest tokens).
+        query_tokens: how many newest slots are the question (tokens), ``>= 1``.
+        layer: decoder layer whose values are compared (negative counts from the top).
+        top: most sightings returned.
+
+    Returns:
+        up to ``top`` sightings, best first; empty when no frame has vision tokens in context.
+
+    Raises:
+        ValueError: ``query_tokens`` outside ``1..cache.length``, ``layer`` out of range, or
+            ``top < 1``.
+    """
+    layers = cache.k.shape[0]
+    if not 1 <= query_tokens <= cache.length:
+        raise ValueError(f"query_tokens must be in 1..{cache.length} (occupied slots), got {query_tokens}")
+    if not -layers <= layer < layers:
+        raise ValueError(f"layer {layer} out of range for a {layers}-layer cache")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    end = cache.length
+    start = end - query_tokens
+    vision = cache.kind[layer, :, :start] == SlotKind.VISION          # [kv_heads, S]
+    if not bool(vision.any()):
+        return []
+    frames, slot_frame = torch.unique(cache.frame[layer, :, :start][vision], return_inverse=True)
+    values = torch.nn.functional.normalize(cache.v[layer, :, :start].float(), dim=-1)
+    query = torch.nn.functional.normalize(cache.v[layer, :, start:end].float(), dim=-1)
+    sim = torch.einsum("hnd,hsd->nhs", query, values)[:, vision]         # [n, vision slots]
+    per_frame = torch.full((query_tokens, frames.numel()), -2.0, device=sim.device)
+    per_frame.scatter_reduce_(1, slot_frame.expand(query_tokens, -1), sim, reduce="amax")
+    score = (per_frame - per_frame.mean(1, keepdim=True)).amax(0)     # [frames]
+    best = score.argsort(descending=True)[:top]
+    stamps = torch.zeros(frames.numel(), dtype=cache.stamp.dtype, device=cache.stamp.device)
+    stamps.scatter_(0, slot_frame, cache.stamp[layer, :, :start][vision])
+    return [Sighting(int(frames[i]), float(stamps[i]), float(score[i])) for i in best.tolist()]
