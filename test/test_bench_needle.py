@@ -26,6 +26,7 @@ def clip(tmp_path):
     (["--video", "/nonexistent.mp4"], "video not found"),
     (["--policy", "lru"], "unknown KV-cache policy 'lru'"),
     (["--events", "/nonexistent_dir"], "events folder not found"),
+    (["--decay", "1.5"], "decay must be in [0, 1]"),
 ])
 def test_bad_input(tmp_path, clip, capsys, args, message):
     base = ["--video", str(clip), "--json", str(tmp_path / "o.json")]

@@ -142,12 +142,14 @@ def test_replayed_bag_is_remembered_and_answers_are_published(system):
     (answer,) = rep["answers"]
     assert answer["success"] and answer["frames_in_context"] == 9
     assert answer["score"]["named"], answer["answer"]
+    assert answer["seen_at_s"][0] == pytest.approx(4.0) and answer["score"]["recalled"]  # the cat's frame
     assert rep["answers_published"] == 1 and rep["diagnostics"]
     assert (tmp / "report.md").read_text().count("Was there a cat?") == 1
 
 
 def test_console_client_answers_with_figures(system):
-    assert "9 frames in context spanning 8.0 s" in ask_cli(system, "What was the last thing you saw?", 0)
+    out = ask_cli(system, "Was there a cat?", 0)
+    assert "9 frames in context spanning 8.0 s" in out and "-- seen at stamps: " in out
 
 
 def test_empty_and_concurrent_questions_get_clear_refusals(system):

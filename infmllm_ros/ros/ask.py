@@ -1,6 +1,7 @@
 """``infmllm-ask "question"``: the operator's console client for the node's ``/ask`` service.
 
-Prints the answer and the figures (frames and time span in context, KV tokens, latency). Exit
+Prints the answer, when its object was seen (the best-matching frames' stamps) and the figures
+(frames and time span in context, KV tokens, latency). Exit
 status 0 on an answer, 1 on a refusal (``success=false``) or a timeout, 2 on bad arguments.
 """
 from __future__ import annotations
@@ -47,7 +48,10 @@ def format_response(response) -> str:
     if not response.success:
         return f"refused: {response.message}"
     first, last = stamp_seconds(response.first_frame_stamp), stamp_seconds(response.last_frame_stamp)
+    seen = ", ".join(f"{stamp_seconds(t):.1f} (match {s:.2f})"
+                     for t, s in zip(response.sighting_stamps, response.sighting_scores))
     return (f"{response.answer}\n"
+            f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"
             f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
             f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "
             f"{response.latency_s:.2f} s")

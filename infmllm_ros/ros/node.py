@@ -146,6 +146,8 @@ class InfMLLMNode(Node):
         response.last_frame_stamp = to_time(origin + answer.last_frame_s)
         response.frames_in_context = answer.frames_in_context
         response.tokens_in_cache = answer.tokens_in_cache
+        response.sighting_stamps = [to_time(origin + s.stamp_s) for s in answer.sightings]
+        response.sighting_scores = [s.score for s in answer.sightings]
         response.latency_s = time.perf_counter() - t0
         self._ask_stats["answered"] += 1
         self._ask_stats["tokens_per_s"] = answer.decode_tokens_per_s
@@ -155,9 +157,11 @@ class InfMLLMNode(Node):
             question=request.question, answer=answer.text,
             first_frame_stamp=response.first_frame_stamp, last_frame_stamp=response.last_frame_stamp,
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
-            latency_s=response.latency_s))
+            latency_s=response.latency_s, sighting_stamps=response.sighting_stamps,
+            sighting_scores=response.sighting_scores))
+        seen = ", ".join(f"t={origin + s.stamp_s:.1f}s ({s.score:.2f})" for s in answer.sightings)
         log.info(f"/ask {request.question!r} -> {answer.text!r} ({response.latency_s:.2f} s, "
-                 f"{answer.frames_in_context} frames in context)")
+                 f"{answer.frames_in_context} frames in context; best sightings: {seen or 'none'})")
         return response
 
     # ---- parameters and diagnostics -----------------------------------------------------

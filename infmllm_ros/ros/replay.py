@@ -130,8 +130,12 @@ class Replayer:
         return False
 
 
-def ask_scripted(node, service: str, q: dict, timeout_s: float) -> dict:
-    """Ask one scripted question; the record for the report (with a score when it has expectations)."""
+def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float | None) -> dict:
+    """Ask one scripted question; the record for the report (with a score when it has expectations).
+
+    ``origin_s``: header stamp (seconds) of the first frame published, against which sightings
+    are compared with the question's ``expect_time_s`` (None before any frame).
+    """
     t0 = time.monotonic()
     response = call_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
                         bool(q.get("keep_in_context", False)), timeout_s)
@@ -141,10 +145,11 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float) -> dict:
                 "latency_s": time.monotonic() - t0}
     rec.update(success=response.success, answer=response.answer, message=response.message,
                latency_s=response.latency_s, frames_in_context=response.frames_in_context,
-               tokens_in_cache=response.tokens_in_cache)
+               tokens_in_cache=response.tokens_in_cache,
+               seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [])
     if response.success and q.get("expect_words"):
         event = Event(q.get("label", ""), float(q.get("expect_time_s", math.nan)), tuple(q["expect_words"]))
-        rec["score"] = score_answer(response.answer, event)
+        rec["score"] = score_answer(response.answer, event, seen_at_s=(rec["seen_at_s"] or [None])[0])
     return rec
 
 
@@ -217,12 +222,14 @@ def main(argv=None) -> int:
             print("infmllm-replay: no subscriber on the bag's topics: is infmllm-node running?", file=sys.stderr)
             return 1
         start_ns, pending, published, unacked = reader.start_time, list(questions), 0, 0
+        origin_s = None  # the first frame's header stamp
         total = sum(c.msgcount for c in images)
         t_wall0 = time.monotonic()
         for connection, timestamp, data in reader.messages(connections=images):
             t = (timestamp - start_ns) * 1e-9
             while pending and pending[0]["at_s"] <= t:
-                report["answers"].append(ask_scripted(node, args.service, pending.pop(0), args.ask_timeout))
+                report["answers"].append(ask_scripted(node, args.service, pending.pop(0), args.ask_timeout,
+                                                          origin_s))
                 print(f"  [{t:7.1f} s] {report['answers'][-1]}", flush=True)
             if args.rate:
                 delay = t_wall0 + t / args.rate - time.monotonic()
@@ -231,6 +238,8 @@ def main(argv=None) -> int:
             player.bag_time_s = t
             player.clock.publish(Clock(clock=to_time(timestamp * 1e-9)))
             player.pubs[remap.get(connection.topic, connection.topic)].publish(bytes(data))
+            if origin_s is None:
+                origin_s = cdr_header_stamp(data)
             published += 1
             if not args.rate and player.wait_ack(cdr_header_stamp(data), args.frame_timeout) is None:
                 unacked += 1
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
         if args.rate:  # let the node finish the frames in flight before asking
             time.sleep(min(30.0, 5.0 / args.rate))
         for q in pending:
-            report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout))
+            report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout, origin_s))
             print(f"  [end] {report['answers'][-1]}", flush=True)
         time.sleep(1.5)  # one more /diagnostics sample after the answers
         scored = [a["score"]["correct"] for a in report["answers"] if "score" in a]
@@ -266,6 +275,7 @@ def write_report(report: dict, path: Path) -> None:
     """Write ``path`` (JSON) and ``path`` with ``.md`` (answers table + figures)."""
     write_json(path, report)
     rows = [[f"{a['at_s']:.0f}", a["question"], (a.get("answer") or a.get("message", "")).replace("|", "/"),
+             f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "",
              "yes" if a.get("score", {}).get("named") else "no",
              "yes" if a.get("score", {}).get("correct") else "no", f"{a['latency_s']:.2f}"]
             for a in report["answers"]]
@@ -281,7 +291,7 @@ def write_report(report: dict, path: Path) -> None:
                   f"{mem['rss_mib_last']:.0f} MiB at {mem['rss_mib_last_at_s']:.0f} s "
                   f"(growth {mem['rss_growth']:+.1%}); {mem['rss_mib_after_questions']:.0f} MiB after the "
                   f"questions, max {mem['rss_mib_max']:.0f} MiB.", ""]
-    lines.append(markdown_table(["bag s", "question", "answer", "named", "named+time", "latency s"], rows))
+    lines.append(markdown_table(["bag s", "question", "answer", "seen at s", "named", "named+time", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
