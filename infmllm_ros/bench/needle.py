@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kvcache import CacheFullError
-from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES, make_policy
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES, make_policy
 from ..runtime.procstat import rss_mib
 from .common import machine, markdown_table, png_figure, write_json
 
@@ -96,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=1.0, help="sampled frames per second of drive")
     p.add_argument("--policy", type=_csv(str), default=["full", "window", "streaming_llm", "h2o", "inf_mllm"])
     p.add_argument("--capacity", type=_csv(int), default=[1024], help="KV capacities (tokens)")
-    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="inf_mllm attention bias (logits per slot)")
-    p.add_argument("--decay", type=float, default=DEFAULT_DECAY, help="inf_mllm score carry per chunk")
+    p.add_argument("--beta", type=float, default=MEMORY_BETA, help="inf_mllm attention bias (logits per slot)")
+    p.add_argument("--decay", type=float, default=MEMORY_DECAY, help="inf_mllm score carry per chunk")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
     p.add_argument("--resume", action="store_true", help="skip runs already in --json")

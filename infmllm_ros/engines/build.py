@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..kvcache import POLICIES, make_policy
-from ..kvcache.policies import DEFAULT_BETA
+from ..kvcache.policies import MEMORY_BETA
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity", type=int, default=2048, help="KV-cache capacity (tokens), as cache.capacity")
     ap.add_argument("--max-chunk", type=int, default=64, help="largest chunk (tokens), as cache.max_chunk")
     ap.add_argument("--policy", default="inf_mllm", choices=sorted(POLICIES), help="as cache.policy")
-    ap.add_argument("--beta", type=float, default=DEFAULT_BETA, help="as cache.beta")
+    ap.add_argument("--beta", type=float, default=MEMORY_BETA, help="as cache.beta")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     ap.add_argument("--workspace-gib", type=float, default=2.0, help="builder workspace limit (GiB)")
     ap.add_argument("--out", default="engines", help="engine folder (the node's engine_dir)")

@@ -134,6 +134,12 @@ class H2OPolicy(EvictionPolicy):
 #: streaming_llm from drifting away at 128 and 256 slots and equals 0.01 at 1024.
 DEFAULT_BETA, DEFAULT_DECAY = 5e-2, 0.9
 
+#: inf_mllm defaults for a camera stream's memory (StreamSession, the node, engine builds, the
+#: needle benchmark). The text defaults above keep only the last ~60 frames at 1024 slots: a
+#: 5-minute drive left no event's vision tokens in the cache. A small bias and a long carry
+#: keep all six (bench/results/README.md, "Sightings").
+MEMORY_BETA, MEMORY_DECAY = 1e-3, 0.99
+
 
 class InfMLLMPolicy(EvictionPolicy):
     """Sinks + recent + attention saddles scored over the retrieval window (Inf-MLLM §3.2-3.3).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES
 from ..runtime.backends import BACKENDS
 from ..runtime.session import DEFAULT_SYSTEM_PROMPT
 
@@ -54,8 +54,8 @@ PARAMETERS = (
     Param("cache.sinks", 0, "protected leading tokens of the system prompt (0: all of them)"),
     Param("cache.recent", 256, "protected newest tokens"),
     Param("cache.policy", "inf_mllm", f"eviction policy: {', '.join(sorted(POLICIES))}"),
-    Param("cache.beta", DEFAULT_BETA, "inf_mllm attention bias per slot (Inf-MLLM, attention bias)"),
-    Param("cache.decay", DEFAULT_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
+    Param("cache.beta", MEMORY_BETA, "inf_mllm attention bias per slot (Inf-MLLM, attention bias)"),
+    Param("cache.decay", MEMORY_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
     Param("cache.max_chunk", 64, "largest prefill chunk in tokens"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..kvcache import SlotKind, make_policy
-from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
 from ..models import ChatTokenizer, Decoder
 from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
 from .backends import Backend, TorchBackend
@@ -104,7 +104,7 @@ class StreamSession:
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
                  projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
-                 recent: int = 256, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY, max_chunk: int = 64,
+                 recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY, max_chunk: int = 64,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float = 0.6,
                  background_decay: float = 0.7, recall_layer: int = DEFAULT_RECALL_LAYER):
