@@ -57,6 +57,19 @@ def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
     assert max(worst.values()) < 1e-4, worst
 
 
+def test_torch_backend_without_logits_streams_the_same_cache():
+    from infmllm_ros.runtime.backends import TorchBackend
+
+    dec = tiny_decoder()
+    backend = TorchBackend(dec)
+    caches = [dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8)) for _ in range(2)]
+    for i, n in enumerate(CHUNKS):
+        embeds = dec.embed(torch.arange(i, i + n) % dec.cfg.vocab_size)
+        assert backend.run_chunk(embeds, caches[0]).shape == (dec.cfg.vocab_size,)
+        assert backend.run_chunk(embeds, caches[1], logits=False) is None  # a frame: no LM head
+    assert caches[0].evicted_tokens > 0 and torch.equal(caches[0].k, caches[1].k)
+
+
 CAPACITY, MAX_CHUNK = 256, 64  # one export of SmolLM2 serves the parity and the session tests
 
 

@@ -140,7 +140,7 @@ class StreamSession:
             self.scene.reset()
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
-            self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK)
+            self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK, logits=False)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
@@ -183,7 +183,7 @@ class StreamSession:
                 raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
             before = self.cache.evicted_tokens
             self.backend.run_chunk(embeds, self.cache, kinds, frame_id=self.frames_ingested,
-                                   stamp_s=float(stamp_s))
+                                   stamp_s=float(stamp_s), logits=False)
             self.scene.observe(camera, glob)
             frame_id = self.frames_ingested
             self.frames_ingested += 1
