@@ -194,7 +194,9 @@ class StreamSession:
                            (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel)
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
-        """Answer ``question`` from what is in the cache (greedy decoding).
+        """Answer ``question`` from what is in the cache (greedy decoding), with the frames in
+        the cache that match it (:attr:`Answer.sightings`, found right after the question's
+        prefill, before decoding).
 
         Args:
             question: the operator's question (non-empty).
