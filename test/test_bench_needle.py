@@ -27,6 +27,8 @@ def clip(tmp_path):
     (["--policy", "lru"], "unknown KV-cache policy 'lru'"),
     (["--events", "/nonexistent_dir"], "events folder not found"),
     (["--decay", "1.5"], "decay must be in [0, 1]"),
+    (["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
+    (["--device", "gpu0"], "unknown torch device 'gpu0'"),
 ])
 def test_bad_input(tmp_path, clip, capsys, args, message):
     base = ["--video", str(clip), "--json", str(tmp_path / "o.json")]

@@ -23,6 +23,7 @@ def text_file(tmp_path):
     (None, ["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
     (None, ["--offset", "-1"], "offset must be >= 0 tokens"),
     (None, ["--offset", "100000"], "fewer than 64 tokens after offset 100000"),
+    (None, ["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, text_file, capsys, setup, args, message):
     if setup:

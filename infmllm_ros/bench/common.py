@@ -30,6 +30,25 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device called ``name`` ("cpu", "cuda", "cuda:1"), checked before any model loads.
+
+    Raises:
+        ValueError: a name torch does not know, or a CUDA device this machine does not have.
+    """
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown torch device {name!r}: {exc}") from exc
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    return dev
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write ``data`` as indented JSON atomically (temp file + rename)."""
     path = Path(path)

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..kvcache import CacheFullError
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES, make_policy
 from ..runtime.procstat import rss_mib
-from .common import machine, markdown_table, png_figure, write_json
+from .common import check_device, machine, markdown_table, png_figure, write_json
 
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
@@ -45,10 +46,12 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
 
     ingest_ms, rss = [], []
     overflow = None
+    sync = torch.cuda.synchronize if session.cache.k.is_cuda else (lambda: None)  # time the GPU's work too
     for i, (t, rgb, _) in enumerate(drive.frames()):
         t0 = time.perf_counter()
         try:
             session.ingest_frame(rgb, t)
+            sync()
         except CacheFullError as exc:
             overflow = f"full cache ran out at t={t:.0f}s: {exc}"
             break
@@ -99,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=MEMORY_BETA, help="inf_mllm attention bias (logits per slot)")
     p.add_argument("--decay", type=float, default=MEMORY_DECAY, help="inf_mllm score carry per chunk")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
+    p.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default cpu; "
+                   "cuda uses the project's CUDA kernels for scoring and compaction)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
     p.add_argument("--resume", action="store_true", help="skip runs already in --json")
     return p.parse_args(argv)
@@ -191,12 +196,13 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"unknown KV-cache policy {unknown[0]!r}; choose from {sorted(POLICIES)}")
         make_policy("inf_mllm", beta=args.beta, decay=args.decay)  # a bad --beta/--decay fails here
+        check_device(args.device)
         videos = [video_frames(v, args.fps) for v in args.video]
         events = events_from_dir(args.events) if args.events else bundled_events()
     except (FileNotFoundError, ValueError) as exc:
         print(f"infmllm-bench-needle: error: {exc}", file=sys.stderr)
         return 2
-    model = load_embedded()
+    model = load_embedded(device=args.device)
 
     def background(t: float):
         return videos[int(t // 60) % len(videos)](t)  # switch clip every minute

@@ -27,7 +27,7 @@ import torch
 from ..kvcache import make_policy
 from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
-from .common import machine, markdown_table, png_figure, write_json
+from .common import check_device, machine, markdown_table, png_figure, write_json
 
 
 def read_text(path: str | Path) -> str:
@@ -53,7 +53,8 @@ def stream_nll(decoder: Decoder, ids: torch.Tensor, cache, chunk: int,
     """Negative log-likelihood of every token after the first, streaming ``ids`` in chunks.
 
     Args:
-        decoder: the LM. ids: int64 ``[N]``. cache: a fresh KVCache. chunk: tokens per chunk.
+        decoder: the LM. ids: int64 ``[N]`` on the decoder's device. cache: a fresh KVCache.
+        chunk: tokens per chunk.
         progress: label for progress lines on stderr (None: silent).
 
     Returns:
@@ -70,7 +71,7 @@ def stream_nll(decoder: Decoder, ids: torch.Tensor, cache, chunk: int,
         t0 = time.perf_counter()
         logits = decoder.logits(decoder(decoder.embed(ids[s:e]), cache))
         lp = torch.log_softmax(logits, dim=-1)
-        nll[s:e] = -lp.gather(1, ids[s + 1:e + 1, None])[:, 0].double().numpy()
+        nll[s:e] = -lp.gather(1, ids[s + 1:e + 1, None])[:, 0].double().cpu().numpy()  # waits for a GPU
         times.append(time.perf_counter() - t0)
         if progress and (c + 1) % step == 0:
             ppl = math.exp(nll[:e].mean())
@@ -102,9 +103,9 @@ def summarise(nll: np.ndarray, times: np.ndarray, capacity: int, chunk: int, buc
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str, threads: int) -> None:
+def _init_worker(model_path: str, threads: int, device: str) -> None:
     torch.set_num_threads(threads)
-    _WORKER["decoder"] = load_gguf(model_path)[0]
+    _WORKER["decoder"] = load_gguf(model_path)[0].to(device)
 
 
 def _run_job(job: dict, ids: torch.Tensor, chunk: int, buckets: int) -> dict:
@@ -113,7 +114,7 @@ def _run_job(job: dict, ids: torch.Tensor, chunk: int, buckets: int) -> dict:
                          decay=job["decay"])
     cache = decoder.new_cache(job["capacity"], chunk, policy)
     t0 = time.perf_counter()
-    nll, times = stream_nll(decoder, ids, cache, chunk, progress=job["key"])
+    nll, times = stream_nll(decoder, ids.to(cache.k.device), cache, chunk, progress=job["key"])
     out = dict(job)
     out.update(summarise(nll, times, job["capacity"], chunk, buckets))
     out.update({"seconds": time.perf_counter() - t0, "kv_bytes": cache.nbytes,
@@ -125,30 +126,33 @@ def _run_all(jobs: list[dict], ids: torch.Tensor, args, model_path: Path, thread
     """Yield finished runs: in this process for ``--jobs 1``, else in a spawned process pool
     (fork after torch has started its thread pool can deadlock the children)."""
     if args.jobs <= 1:
-        _init_worker(str(model_path), threads)
+        _init_worker(str(model_path), threads, args.device)
         for job in jobs:
             yield _run_job(job, ids, args.chunk, args.buckets)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(model_path), threads)) as pool:
+                             initargs=(str(model_path), threads, args.device)) as pool:
         futures = [pool.submit(_run_job, j, ids, args.chunk, args.buckets) for j in jobs]
         for fut in as_completed(futures):
             yield fut.result()
 
 
 def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[int], chunk: int,
-                           repeats: int = 3) -> dict:
+                           repeats: int = 3, device: str = "cpu") -> dict:
     """Per-chunk time (ms) of transformers' LlamaForCausalLM with a growing full DynamicCache.
 
     The cache is prefilled to each context length in 512-token pieces, then a ``chunk``-token
     forward is timed ``repeats`` times (cropping back after each). This is the cost a
     full-cache runtime pays per chunk at that context; ours stays at its capacity's cost.
+    On a GPU each timed forward ends with a device synchronisation.
     """
     from transformers import DynamicCache, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
-                                             dtype=torch.float32).eval()
+                                             dtype=torch.float32).eval().to(device)
+    ids = ids.to(device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     cache = DynamicCache()
     done, out = 0, {}
     with torch.inference_mode():
@@ -161,6 +165,7 @@ def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[i
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 model(ids[None, ctx:ctx + chunk], past_key_values=cache, use_cache=True)
+                sync()
                 samples.append(time.perf_counter() - t0)
                 cache.crop(-chunk)
             out[str(ctx)] = float(np.median(samples) * 1e3)
@@ -197,6 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-contexts", type=_csv(int), default=[2048, 4096, 8160],
                    help="contexts for the transformers full-cache timing ('' to skip)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
+    p.add_argument("--device", default="cpu", help="torch device of model and KV cache (default cpu; "
+                   "cuda uses the project's CUDA kernels for scoring and compaction)")
     p.add_argument("--order", choices=["capacity", "policy"], default="capacity",
                    help="job order (policy: all capacities of one policy before the next)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG written beside it)")
@@ -270,6 +277,7 @@ def main(argv=None) -> int:
         if not model_path.is_file():
             raise FileNotFoundError(f"model file not found: {model_path}")
         text = read_text(args.text)
+        check_device(args.device)
         jobs = plan_jobs(args)
         if args.chunk < 1 or args.tokens < 2 * args.chunk:
             raise ValueError(f"need chunk >= 1 and tokens >= 2 * chunk (got {args.chunk}, {args.tokens})")
@@ -310,7 +318,8 @@ def main(argv=None) -> int:
     if args.hf_contexts and "hf_full_cache_chunk_ms" not in data:
         torch.set_num_threads(threads)
         contexts = [c for c in args.hf_contexts if c + args.chunk <= ids.numel()]
-        data["hf_full_cache_chunk_ms"] = hf_full_cache_chunk_ms(model_path, ids, contexts, args.chunk)
+        data["hf_full_cache_chunk_ms"] = hf_full_cache_chunk_ms(model_path, ids, contexts, args.chunk,
+                                                                device=args.device)
         data["hf_threads"] = threads
     write_json(out, data)
     report(data, out)
