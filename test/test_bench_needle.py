@@ -60,3 +60,24 @@ def test_one_minute_drive(tmp_path, clip):
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"streaming_llm@256,1min", "window@256,1min"} and out.stat().st_mtime_ns > stamp
     assert runs["streaming_llm@256,1min"] == run
+
+
+def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
+    """A full cache too small for the drive stops at the frame that does not fit; the question
+    would not fit either, so the run records the overflow and no scores instead of crashing."""
+    from infmllm_ros.bench.needle import merge_run, report, run_drive
+    from infmllm_ros.runtime.drive import Drive
+    from infmllm_ros.runtime.embedded import load_embedded
+
+    road = np.full((120, 160, 3), 90, np.uint8)
+    drive = Drive(lambda t: road, 1, 0.5, {"cat": (chelsea(), ("cat",))}, at={"cat": 10.0})
+    session = load_embedded().session(capacity=96, policy="full")
+    run = run_drive(session, drive, log_every=0)
+    assert run["overflow"].startswith("full cache ran out at t=") and run["answers"] == []
+    assert run["accuracy"] is None and run["ttft_s_median"] is None and run["absent_answers"] == []
+    assert 0 < len(run["ingest_ms_median_per_minute"]) and run["ingest_ms_median"] > 0
+    out = tmp_path / "needle.json"
+    data = merge_run(out, {"machine": {"cpu": "test", "cores": 1}}, "full@96,1min",
+                     {"policy": "full", "capacity": 96, "minutes": 1, "manifest": drive.manifest(), **run})
+    report(data, out)
+    assert "| 1 | full | 96 | n/a |" in out.with_suffix(".md").read_text()

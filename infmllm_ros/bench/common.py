@@ -66,8 +66,10 @@ def write_report(path: str | Path, data: dict, markdown: str) -> None:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A GitHub markdown table; floats printed with 3 significant digits."""
+    """A GitHub markdown table; floats printed with 3 significant digits, None as n/a."""
     def fmt(x):
+        if x is None:
+            return "n/a"
         if isinstance(x, float):
             return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
         return str(x)

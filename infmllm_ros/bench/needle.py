@@ -40,7 +40,8 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
     Returns:
         dict with per-event answers and scores, ingest ms (median, p95, median per minute of
         drive), RSS samples (MiB) per minute of drive, and ``overflow`` (a full cache that ran
-        out of room, if it did).
+        out of room, if it did). A cache that overflowed cannot take a question either, so
+        such a run has no answers and its scores, TTFT and decode rate are None.
     """
     from ..runtime.drive import score_answer
 
@@ -61,29 +62,38 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         if log_every and i % log_every == 0:
             print(f"  t={t:.0f}s ingest {np.median(ingest_ms[-log_every:]):.0f} ms, "
                   f"cache {session.cache.length} tokens", file=sys.stderr, flush=True)
-    answers = []
-    for ev in drive.schedule:
+    answers, absent_asked = [], []
+    for ev in drive.schedule if overflow is None else ():
         a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
         seen = a.sightings[0] if a.sightings else None
         answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
                         "decode_tokens_per_s": a.decode_tokens_per_s,
                         "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
                         **score_answer(a.text, ev, seen_at_s=seen.stamp_s if seen else None)})
-    absent_asked = [session.ask(f"Was there a {label}? At what time?", max_new_tokens=32, keep_in_context=False)
-                    for label in ABSENT]
+    if overflow is None:
+        absent_asked = [session.ask(f"Was there a {label}? At what time?", max_new_tokens=32,
+                                    keep_in_context=False) for label in ABSENT]
     absent = [a.text for a in absent_asked]
     ms = np.asarray(ingest_ms)
     per_min = max(1, int(60 * drive.fps))
     return {"ingest_ms_median_per_minute": [float(np.median(ms[i:i + per_min])) for i in range(0, len(ms), per_min)],
-            "answers": answers, "accuracy": float(np.mean([a["correct"] for a in answers])),
-            "named": float(np.mean([a["named"] for a in answers])),
+            "answers": answers, "accuracy": _mean([a["correct"] for a in answers]),
+            "named": _mean([a["named"] for a in answers]),
             "absent_answers": absent,
-            "absent_named": float(np.mean([label in text.lower() for label, text in zip(ABSENT, absent)])),
+            "absent_named": _mean([label in text.lower() for label, text in zip(ABSENT, absent)]),
             "absent_seen_scores": [a.sightings[0].score if a.sightings else None for a in absent_asked],
             "ingest_ms_median": float(np.median(ms)), "ingest_ms_p95": float(np.percentile(ms, 95)),
             "rss_mib_per_minute": rss, "overflow": overflow,
-            "ttft_s_median": float(np.median([a["ttft_s"] for a in answers])),
-            "decode_tokens_per_s_median": float(np.median([a["decode_tokens_per_s"] for a in answers]))}
+            "ttft_s_median": _median([a["ttft_s"] for a in answers]),
+            "decode_tokens_per_s_median": _median([a["decode_tokens_per_s"] for a in answers])}
+
+
+def _mean(xs: list) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _median(xs: list) -> float | None:
+    return float(np.median(xs)) if xs else None
 
 
 def _csv(kind):
@@ -127,7 +137,7 @@ def merge_run(out: Path, header: dict, key: str | None = None, run: dict | None 
 
 def _accuracy(runs: list[dict], policy: str, minutes: float, capacity: int | None = None) -> float | None:
     hits = [r["accuracy"] for r in runs if r["policy"] == policy and r["minutes"] == minutes
-            and (capacity is None or r["capacity"] == capacity)]
+            and (capacity is None or r["capacity"] == capacity) and r["accuracy"] is not None]
     return max(hits) if hits else None
 
 
@@ -142,7 +152,7 @@ def rescore(run: dict) -> None:
                               seen_at_s=a.get("seen_at_s")))  # runs from before sightings have none
     for metric, field in (("accuracy", "correct"), ("named", "named"), ("recalled", "recalled"),
                           ("text_timed", "timed")):
-        run[metric] = float(np.mean([a[field] for a in run["answers"]]))
+        run[metric] = _mean([a[field] for a in run["answers"]])
 
 
 def report(data: dict, out: Path) -> None:
@@ -177,12 +187,15 @@ def report(data: dict, out: Path) -> None:
 
     with png_figure(out.with_suffix(".png"), figsize=(6, 3.8)) as (_, ax):
         for policy, cap in sorted({(r["policy"], r["capacity"]) for r in runs}):
-            pts = sorted((r["minutes"], r["accuracy"]) for r in runs if r["policy"] == policy and r["capacity"] == cap)
-            ax.plot(*zip(*pts), marker="o", label=f"{policy}@{cap}")
+            pts = sorted((r["minutes"], r["accuracy"]) for r in runs
+                         if r["policy"] == policy and r["capacity"] == cap and r["accuracy"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{policy}@{cap}")
         ax.set_xlabel("drive length (minutes)")
         ax.set_ylabel("accuracy (named and timed)")
         ax.set_ylim(-0.05, 1.05)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
 
 
 def main(argv=None) -> int:
