@@ -30,6 +30,18 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def describe(host: dict) -> str:
+    """One line naming the machine of :func:`machine` (GPU included when a run had one)."""
+    parts = [host["cpu"], f"{host['cores']} cores"]
+    if host.get("memory_gib"):
+        parts.append(f"{host['memory_gib']} GiB")
+    if host.get("gpu"):
+        parts.append(f"GPU {host['gpu']}")
+    if host.get("torch"):
+        parts.append(f"torch {host['torch']}")
+    return "Machine: " + ", ".join(parts) + "."
+
+
 def check_device(name: str) -> torch.device:
     """The torch device called ``name`` ("cpu", "cuda", "cuda:1"), checked before any model loads.
 

@@ -26,7 +26,7 @@ import torch
 from ..kvcache import CacheFullError
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES, make_policy
 from ..runtime.procstat import rss_mib
-from .common import check_device, machine, markdown_table, png_figure, write_json
+from .common import check_device, describe, machine, markdown_table, png_figure, write_json
 
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
@@ -163,7 +163,7 @@ def report(data: dict, out: Path) -> None:
              r["absent_named"], r["ingest_ms_median"], r["ingest_ms_p95"], r["ttft_s_median"],
              r["decode_tokens_per_s_median"], r["overflow"] or ""]
             for r in runs]
-    md = ["# Needle in the drive", "", f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores.", "",
+    md = ["# Needle in the drive", "", describe(data['machine']), "",
           "accuracy = named in the text and timed (by the text or by the best sighting from the cache, "
           "+-30 s); recalled = best sighting within +-30 s; text timed = the text itself states the time.", "",
           markdown_table(["minutes", "policy", "capacity", "accuracy", "named", "recalled", "text timed",

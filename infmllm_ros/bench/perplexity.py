@@ -27,7 +27,7 @@ import torch
 from ..kvcache import make_policy
 from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
-from .common import check_device, machine, markdown_table, png_figure, write_json
+from .common import check_device, describe, machine, markdown_table, png_figure, write_json
 
 
 def read_text(path: str | Path) -> str:
@@ -246,7 +246,7 @@ def report(data: dict, out: Path) -> None:
     md = [f"# Streaming perplexity ({data['config']['tokens']} tokens of {Path(data['config']['text']).name}"
           + (f" from token {offset}" if offset else "") + ", "
           f"chunk {data['config']['chunk']}, sinks {data['config']['sinks']})", "",
-          f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}.", "",
+          describe(data['machine']), "",
           markdown_table(["capacity", "policy", "PPL", "PPL decile 2", "PPL decile 10", "d10/d2",
                           "ms/chunk (median)", "ms/chunk last10%/first10%"], rows)]
     hf = data.get("hf_full_cache_chunk_ms")

@@ -34,7 +34,7 @@ from std_msgs.msg import Header
 
 from infmllm_interfaces.msg import Answer
 
-from ..bench.common import machine, markdown_table, write_json
+from ..bench.common import describe, machine, markdown_table, write_json
 from ..runtime.drive import Event, score_answer
 from .ask import call_ask
 from .stamps import stamp_seconds, to_time
@@ -280,9 +280,8 @@ def write_report(report: dict, path: Path) -> None:
              "yes" if a.get("score", {}).get("correct") else "no", f"{a['latency_s']:.2f}"]
             for a in report["answers"]]
     mem = report.get("memory") or {}
-    host = report["machine"]
     lines = [f"# Replay of {report['bag']}", "",
-             f"Machine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}", "",
+             describe(report["machine"]), "",
              f"Pacing {report['pacing']}; {report['frames_published']} frames published in {report['wall_s']:.0f} s "
              f"for {report['bag_duration_s']:.0f} s of bag; node outcomes {report['node_outcomes']}; "
              f"unacknowledged {report['frames_unacked']}.", ""]
