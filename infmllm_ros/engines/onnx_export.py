@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.cpu_gemm import dense_linears
 from ..models.decoder import Decoder
 from .decoder_step import INPUTS, OUTPUTS, DecoderStep
 
@@ -32,7 +33,7 @@ def export_decoder_step(decoder: Decoder, path: str | Path, *, slots: int, max_c
     """Write the decoder step of ``decoder`` as one ONNX file (weights inside).
 
     Args:
-        decoder: the model, on CPU.
+        decoder: the model, on CPU (packed CPU linears are exported as their dense weights).
         path: output ``.onnx`` path.
         slots: KV-buffer slots (``capacity + max_chunk`` of the cache), static in the graph.
         max_chunk: largest chunk (tokens); ``n`` is dynamic in ``1..max_chunk``.
@@ -50,7 +51,7 @@ def export_decoder_step(decoder: Decoder, path: str | Path, *, slots: int, max_c
     path.parent.mkdir(parents=True, exist_ok=True)
     step = DecoderStep(decoder, beta, normalise).eval()
     n = torch.export.Dim("n", min=1, max=max_chunk)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), dense_linears(decoder):  # the graph holds dense weights
         program = torch.onnx.export(
             step, example_inputs(decoder, slots, min(2, max_chunk)), dynamo=True, opset_version=OPSET,
             input_names=list(INPUTS), output_names=list(OUTPUTS), external_data=False,

@@ -34,11 +34,13 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
         ``[kv_heads, q_heads / kv_heads, n, T]`` before masking, for the window scores).
     """
     hq, n, d = q.shape
-    hkv = keys.shape[0]
-    qg = q.reshape(hkv, hq // hkv, n, d)
-    logits = torch.matmul(qg, keys.transpose(-1, -2)[:, None]).float() * scale
+    hkv, t = keys.shape[:2]
+    g = hq // hkv
+    # Each kv head's group of query heads as one [g * n, d] matrix: plain bmm, no broadcast
+    # copy of the keys/values per query head.
+    logits = (torch.bmm(q.reshape(hkv, g * n, d), keys.transpose(1, 2)).float() * scale).view(hkv, g, n, t)
     probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
-    return torch.matmul(probs, values[:, None]).reshape(hq, n, d), logits
+    return torch.bmm(probs.view(hkv, g * n, t), values).view(hq, n, d), logits
 
 
 class SlotKind(IntEnum):

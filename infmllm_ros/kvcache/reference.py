@@ -169,10 +169,12 @@ def kv_compact(
     b = keep.shape[-1]
     if b and (int(keep.min()) < 0 or int(keep.max()) >= k.shape[2]):
         raise ValueError("keep indices out of the buffer's slot range")
-    d = k.shape[-1]
-    idx = keep[..., None].expand(*keep.shape, d)
-    kept_k = torch.gather(k, 2, idx)
-    kept_v = torch.gather(v, 2, idx)
+    layers, heads, slots, d = k.shape
+    # Rows of head_dim values picked with index_select over the flattened buffer: one memcpy
+    # per slot, where gather with an expanded index goes element by element.
+    flat = (keep + torch.arange(layers * heads, device=keep.device).view(layers, heads, 1) * slots).reshape(-1)
+    kept_k = k.reshape(-1, d).index_select(0, flat).view(*keep.shape, d)
+    kept_v = v.reshape(-1, d).index_select(0, flat).view(*keep.shape, d)
     if rope is not None:
         shift = torch.arange(b, device=keep.device) - keep
         kept_k = rope.rerotate(kept_k, shift)

@@ -73,6 +73,18 @@ class Rope:
 
         ``shift`` is ``new_slot - old_slot`` (zero or negative after compaction). The rotation
         is done in fp32 and cast back to the keys' dtype.
+
+        Raises:
+            ValueError: a positive shift (keys only move toward slot 0).
         """
-        cos, sin = self.cos_sin(shift, torch.float32)
+        if shift.numel() and int(shift.max()) > 0:
+            raise ValueError("rerotate shifts must be <= 0 (compaction moves keys toward slot 0)")
+        # Compaction shifts take few distinct values (0 down to minus the tokens evicted), so
+        # look the angles up in a table of that range rather than evaluating cos/sin for every
+        # key: the table holds the same cos_sin values, so the result is bit-identical.
+        low = int(shift.min()) if shift.numel() else 0
+        cos, sin = self.cos_sin(torch.arange(low, 1, device=shift.device), torch.float32)
+        index = (shift - low).reshape(-1)
+        cos = cos.index_select(0, index).view(*shift.shape, self.head_dim)
+        sin = sin.index_select(0, index).view(*shift.shape, self.head_dim)
         return self.apply(keys.to(torch.float32), cos, sin).to(keys.dtype)
