@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def describe(host: dict) -> str:
     if host.get("torch"):
         parts.append(f"torch {host['torch']}")
     return "Machine: " + ", ".join(parts) + "."
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What a timer calls before reading the clock so that ``device``'s queued work is counted:
+    ``torch.cuda.synchronize`` on a GPU, nothing on a CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def check_device(name: str) -> torch.device:

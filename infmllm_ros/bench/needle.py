@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..kvcache import CacheFullError
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES, make_policy
 from ..runtime.procstat import rss_mib
-from .common import check_device, describe, machine, markdown_table, png_figure, write_json
+from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
 
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
@@ -47,7 +46,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
 
     ingest_ms, rss = [], []
     overflow = None
-    sync = torch.cuda.synchronize if session.cache.k.is_cuda else (lambda: None)  # time the GPU's work too
+    sync = synchronizer(session.cache.k.device)  # time the GPU's work too
     for i, (t, rgb, _) in enumerate(drive.frames()):
         t0 = time.perf_counter()
         try:
@@ -63,14 +62,14 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             print(f"  t={t:.0f}s ingest {np.median(ingest_ms[-log_every:]):.0f} ms, "
                   f"cache {session.cache.length} tokens", file=sys.stderr, flush=True)
     answers, absent_asked = [], []
-    for ev in drive.schedule if overflow is None else ():
-        a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
-        seen = a.sightings[0] if a.sightings else None
-        answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
-                        "decode_tokens_per_s": a.decode_tokens_per_s,
-                        "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
-                        **score_answer(a.text, ev, seen_at_s=seen.stamp_s if seen else None)})
-    if overflow is None:
+    if overflow is None:  # an overflowed cache cannot take the question either
+        for ev in drive.schedule:
+            a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
+            seen = a.sightings[0] if a.sightings else None
+            answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
+                            "decode_tokens_per_s": a.decode_tokens_per_s,
+                            "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
+                            **score_answer(a.text, ev, seen_at_s=seen.stamp_s if seen else None)})
         absent_asked = [session.ask(f"Was there a {label}? At what time?", max_new_tokens=32,
                                     keep_in_context=False) for label in ABSENT]
     absent = [a.text for a in absent_asked]

@@ -27,7 +27,7 @@ import torch
 from ..kvcache import make_policy
 from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
-from .common import check_device, describe, machine, markdown_table, png_figure, write_json
+from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
 
 
 def read_text(path: str | Path) -> str:
@@ -152,7 +152,7 @@ def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[i
     model = LlamaForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
                                              dtype=torch.float32).eval().to(device)
     ids = ids.to(device)
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync = synchronizer(ids.device)
     cache = DynamicCache()
     done, out = 0, {}
     with torch.inference_mode():

@@ -63,6 +63,12 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model.get_submodule(name)`` is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
 def _packable(model: nn.Module) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
@@ -105,8 +111,7 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
         log.warning("oneDNN packed linear unavailable (%s); keeping dense weights", exc)
         return 0
     for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, PackedLinear(mod, rows_hint))
+        _replace(model, name, PackedLinear(mod, rows_hint))
     return len(targets)
 
 
@@ -116,11 +121,9 @@ def dense_linears(model: nn.Module):
     ones are restored after it. A no-op for a model that was not packed."""
     swapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, PackedLinear)]
     for name, mod in swapped:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, mod.dense())
+        _replace(model, name, mod.dense())
     try:
         yield model
     finally:
         for name, mod in swapped:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, mod)
+            _replace(model, name, mod)
