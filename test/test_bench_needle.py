@@ -27,6 +27,8 @@ def clip(tmp_path):
     (["--policy", "lru"], "unknown KV-cache policy 'lru'"),
     (["--events", "/nonexistent_dir"], "events folder not found"),
     (["--decay", "1.5"], "decay must be in [0, 1]"),
+    (["--vision-budget", "-4"], "vision_budget (-4) must be >= 0"),
+    (["--familiar-interval", "-1"], "--familiar-interval must be >= 0"),
     (["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
     (["--device", "gpu0"], "unknown torch device 'gpu0'"),
 ])
@@ -51,14 +53,18 @@ def test_one_minute_drive(tmp_path, clip):
     assert run["recalled"] == float(cat["recalled"]) and len(run["absent_seen_scores"]) == 3
     assert 0 <= run["absent_named"] <= 1 and len(run["absent_answers"]) == 3
     assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
-    assert "| 1 | streaming_llm | 256 |" in out.with_suffix(".md").read_text()
+    assert "| 1 | streaming_llm | 256 | 0 |" in out.with_suffix(".md").read_text()
+    # familiar frames are stored once per 10 s: 30 frames, at most 1 + 30 / 5 written
+    assert run["vision_budget"] == 0 and run["frames_stored"] <= 7 and run["stored_ms_median"] > 0
     assert out.with_suffix(".png").stat().st_size > 0 and len(run["ingest_ms_median_per_minute"]) == 1
     # --resume keeps that run and adds the next one to the same grid.
     stamp = out.stat().st_mtime_ns
     assert main(["--video", str(clip), "--events", str(events), "--minutes", "1", "--fps", "0.5",
-                 "--policy", "streaming_llm,window", "--capacity", "256", "--json", str(out), "--resume"]) == 0
+                 "--policy", "streaming_llm,h2o", "--capacity", "256", "--json", str(out), "--resume",
+                 "--vision-budget", "16"]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"streaming_llm@256,1min", "window@256,1min"} and out.stat().st_mtime_ns > stamp
+    assert set(runs) == {"streaming_llm@256,1min", "h2o+vb16@256,1min"} and out.stat().st_mtime_ns > stamp
+    assert runs["h2o+vb16@256,1min"]["vision_budget"] == 16 and "| 1 | h2o | 256 | 16 |" in out.with_suffix(".md").read_text()
     assert runs["streaming_llm@256,1min"] == run
 
 
@@ -80,4 +86,4 @@ def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
     data = merge_run(out, {"machine": {"cpu": "test", "cores": 1}}, "full@96,1min",
                      {"policy": "full", "capacity": 96, "minutes": 1, "manifest": drive.manifest(), **run})
     report(data, out)
-    assert "| 1 | full | 96 | n/a |" in out.with_suffix(".md").read_text()
+    assert "| 1 | full | 96 | 0 | n/a |" in out.with_suffix(".md").read_text()

@@ -99,3 +99,38 @@ def test_kvcache_validates_shape_arguments():
     with pytest.raises(ValueError, match="max_chunk"):
         KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=0,
                 policy=make_policy("full"), rope=None)
+
+
+def test_reserve_top_lifts_the_best_eligible_slots_of_each_row():
+    from infmllm_ros.kvcache.policies import RESERVED_SCORE, reserve_top
+    scores = torch.tensor([[0.9, 0.1, 0.3, 0.2, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    eligible = torch.tensor([[False, True, True, True, False], [False, False, False, False, True]])
+    out = reserve_top(scores, eligible, 2)
+    assert out[0].tolist() == pytest.approx([0.9, 0.1, RESERVED_SCORE, RESERVED_SCORE, 0.5])
+    # a row with one eligible slot reserves only that one; the other scores are untouched
+    assert out[1].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, RESERVED_SCORE])
+
+
+def frame_survival(tiny, vision_budget):
+    """Share of rows still holding frame 0's vision tokens after 300 tokens of text pressure."""
+    pol = make_policy("inf_mllm", sinks=4, recent=8, beta=0.05, decay=0.9, vision_budget=vision_budget)
+    cache = tiny.new_cache(40, 8, pol)
+    tiny(tiny.embed(torch.arange(4)), cache, SlotKind.SINK)
+    tiny(tiny.embed(torch.arange(90, 94)), cache, SlotKind.VISION, frame_id=0, stamp_s=1.0)
+    stream_logits(tiny, cache, torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(3)), 8)
+    vis = (cache.frame[:, :, :cache.length] == 0) & (cache.kind[:, :, :cache.length] == SlotKind.VISION)
+    return vis.sum(-1)
+
+
+def test_a_vision_budget_keeps_a_frames_vision_tokens_that_saddles_alone_evict(tiny):
+    assert int(frame_survival(tiny, 0).max()) < 4, "without a budget the frame must be (partly) evicted"
+    assert frame_survival(tiny, 4).tolist() == [[4, 4]] * 3, "a budget of 4 keeps all 4 vision tokens in every row"
+
+
+def test_vision_budget_errors_are_clear(tiny):
+    with pytest.raises(ValueError, match="streaming_llm does not score slots"):
+        make_policy("streaming_llm", vision_budget=8)
+    with pytest.raises(ValueError, match="vision_budget 40 does not fit"):
+        tiny.new_cache(48, 8, make_policy("h2o", sinks=4, recent=8, vision_budget=40))
+    with pytest.raises(ValueError, match="vision_budget .* must be >= 0"):
+        make_policy("inf_mllm", vision_budget=-1)

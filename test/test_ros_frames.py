@@ -80,10 +80,15 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     cfg = validate({})
     assert cfg.cameras == [("camera/front/image_raw/compressed", "front", True)]
     assert cfg.session_kwargs()["sinks"] is None and cfg.session_kwargs()["novelty_threshold"] == 0.6
+    assert cfg.session_kwargs()["vision_budget"] is None  # -1: the session's default for the policy
+    assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
                       ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
                       ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
                       ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
+                      ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
+                      ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
+                      ({"cache.vision_budget": 900}, "cache.vision_budget"),
                       ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
                                                       "camera_transports")]:
         with pytest.raises(ValueError, match=name):

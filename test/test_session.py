@@ -39,7 +39,8 @@ def test_photo_among_road_frames_is_recalled(parts):
     a = s.ask("Was there a cat? At what time?", max_new_tokens=24)
     assert "cat" in a.text.lower()
     assert a.sightings[0].stamp_s == 3.0 and a.sightings[0].frame_id == 3  # when: from the cache
-    assert a.frames_in_context == 5 and a.first_frame_s == 0.0 and a.last_frame_s == 4.0
+    # stored: the first road frame and the cat; the familiar frames between only update the scene
+    assert a.frames_in_context == 2 and a.first_frame_s == 0.0 and a.last_frame_s == 3.0
     assert a.new_tokens >= 1 and a.ttft_s > 0 and a.latency_s >= a.ttft_s
 
 
@@ -105,7 +106,7 @@ def test_check_rgb_converts_unit_floats():
 def test_familiar_frames_are_stored_short_and_new_ones_with_vision_tokens(parts):
     from skimage.data import chelsea
 
-    s = new_session(parts)
+    s = new_session(parts, familiar_interval_s=0.0)  # store every familiar frame
     first = s.ingest_frame(synthetic_road(0), 0.0)
     again = s.ingest_frame(synthetic_road(1), 1.0)
     cat = s.ingest_frame(chelsea(), 2.0)
@@ -117,6 +118,24 @@ def test_familiar_frames_are_stored_short_and_new_ones_with_vision_tokens(parts)
     assert s.ingest_frame(chelsea(), 0.0).novelty == 0.0
     ungated = new_session(parts, novelty_threshold=0.0)
     assert ungated.ingest_frame(synthetic_road(0), 0.0).tokens == cat.tokens
+
+
+def test_familiar_frames_are_stored_once_per_interval_per_camera(parts):
+    from skimage.data import chelsea
+
+    s = new_session(parts, familiar_interval_s=10.0)
+    road = [s.ingest_frame(synthetic_road(t), float(t)) for t in range(25)]
+    assert [r.frame_id for r in road if r.stored] == [0, 10, 20]
+    assert road[1].tokens == 0 and road[1].evicted_tokens == 0 and not road[1].novel
+    cat = s.ingest_frame(chelsea(), 25.0)
+    rear = s.ingest_frame(synthetic_road(0), 26.0, camera="rear")
+    assert cat.stored and cat.novel, "a novel frame is stored whatever the interval"
+    assert rear.stored, "the interval runs per camera"
+    assert s.frames_ingested == 27 and s.cache.frames()[0] == [0, 10, 20, 25, 26]
+    a = s.ask("Was there a cat? At what time?", max_new_tokens=4, keep_in_context=False)
+    assert a.sightings[0].stamp_s == 25.0 and a.frames_in_context == 5
+    with pytest.raises(ValueError, match="familiar_interval_s"):
+        new_session(parts, familiar_interval_s=-1.0)
 
 
 def test_scene_novelty_is_per_camera_and_measuring_does_not_change_it():

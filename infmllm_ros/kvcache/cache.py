@@ -9,7 +9,6 @@ attended, and then, if ``length + n > capacity``, the policy chooses ``capacity`
 from __future__ import annotations
 
 import math
-from enum import IntEnum
 
 import torch
 
@@ -17,6 +16,7 @@ from . import kernels
 from .policies import EvictionPolicy
 from .reference import column_scores, kv_compact
 from .rope import Rope
+from .slots import SlotKind
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -41,14 +41,6 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     logits = (torch.bmm(q.reshape(hkv, g * n, d), keys.transpose(1, 2)).float() * scale).view(hkv, g, n, t)
     probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
     return torch.bmm(probs.view(hkv, g * n, t), values).view(hq, n, d), logits
-
-
-class SlotKind(IntEnum):
-    """What a cached token is: protected system prompt, text, or a vision token."""
-
-    SINK = 0
-    TEXT = 1
-    VISION = 2
 
 
 class CacheFullError(RuntimeError):
@@ -274,7 +266,7 @@ class KVCache:
         if t <= self.capacity:
             return 0
         scores = self.scores[:, :, :t] if spec is not None else None
-        keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device)
+        keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device, self.kind[:, :, :t])
         meta = self._state()[2:]  # per-slot metadata (+ carried scores), gathered like K/V
         if self.k.is_cuda:
             kernels.kv_compact(self.k, self.v, keep, self.rope, meta)

@@ -18,6 +18,13 @@ inf_mllm        sinks   recent                 retrieval-window mean attention o
 ==============  ======  =====================  =================================================
 
 Sinks are protected for h2o too, so that every score-based policy keeps the system prompt.
+
+A policy that scores slots (h2o, inf_mllm) can also reserve a **vision budget**: per row, the
+``vision_budget`` best-scoring VISION slots outside the protected parts are kept before any
+other saddle. This is our addition, not Inf-MLLM's (its saddles do not tell modalities
+apart): on a camera stream most slots are frame-tag text, and without a reserve an event's
+few vision tokens leave most rows within minutes (bench/results/README.md, "Where the
+vision slots go").
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 
 from . import kernels
 from .reference import saddle_select
+from .slots import SlotKind
 
 
 @dataclass(frozen=True)
@@ -45,26 +53,57 @@ class ScoreSpec:
     decay: float
 
 
+#: Score given to reserved slots for the selection: above any attention score (h2o's
+#: accumulated sums stay far below it), finite so every selection path compares it exactly.
+RESERVED_SCORE = 1e30
+
+
+def reserve_top(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
+    """Scores with each row's ``count`` best eligible slots raised to :data:`RESERVED_SCORE`.
+
+    Args:
+        scores: float32 ``[..., T]``.
+        eligible: bool ``[..., T]``, the slots that may be reserved.
+        count: slots reserved per row (fewer where a row has fewer eligible slots).
+
+    Returns:
+        a new float32 ``[..., T]``; ties among eligible slots go to the lower slot.
+    """
+    count = min(count, scores.shape[-1])
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    top = torch.sort(masked, dim=-1, descending=True, stable=True)
+    idx, lifted = top.indices[..., :count], top.values[..., :count] > float("-inf")
+    out = scores.clone()
+    out.scatter_(-1, idx, torch.where(lifted, RESERVED_SCORE, scores.gather(-1, idx)))
+    return out
+
+
 class EvictionPolicy:
     """Base policy: chooses which slots of each row survive an eviction.
 
     Args:
         sinks: protected leading slots (tokens).
         recent: protected trailing slots (tokens).
+        vision_budget: VISION slots per row kept ahead of other saddles (tokens; 0 = none;
+            only for policies that score slots).
 
     Raises:
-        ValueError: on negative counts.
+        ValueError: on negative counts, or a vision budget for a policy without scores.
     """
 
     name = "base"
     score_spec: ScoreSpec | None = None
     evicts = True
 
-    def __init__(self, sinks: int, recent: int):
-        if sinks < 0 or recent < 0:
-            raise ValueError(f"sinks ({sinks}) and recent ({recent}) must be >= 0")
+    def __init__(self, sinks: int, recent: int, vision_budget: int = 0):
+        if sinks < 0 or recent < 0 or vision_budget < 0:
+            raise ValueError(f"sinks ({sinks}), recent ({recent}) and vision_budget ({vision_budget}) must be >= 0")
+        if vision_budget and self.score_spec is None:
+            raise ValueError(f"policy {self.name} does not score slots, so it cannot keep a vision budget; "
+                             f"use h2o or inf_mllm")
         self.sinks = sinks
         self.recent = recent
+        self.vision_budget = vision_budget
 
     def protected(self, budget: int) -> tuple[int, int]:
         """(sinks, recent) slot counts protected when ``budget`` slots are kept."""
@@ -77,9 +116,13 @@ class EvictionPolicy:
             raise ValueError(
                 f"capacity {capacity} is smaller than sinks ({sinks}) + recent ({recent}) + chunk "
                 f"({max_chunk}) = {sinks + recent + max_chunk} tokens")
+        if self.vision_budget and capacity < sinks + recent + self.vision_budget:
+            raise ValueError(
+                f"vision_budget {self.vision_budget} does not fit beside sinks ({sinks}) and recent ({recent}) "
+                f"in a capacity of {capacity} tokens")
 
     def select(self, scores: torch.Tensor | None, rows: tuple[int, int], length: int, budget: int,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, kind: torch.Tensor | None = None) -> torch.Tensor:
         """Kept slots ``int64 [layers, kv_heads, budget]``, ascending.
 
         Args:
@@ -88,10 +131,22 @@ class EvictionPolicy:
             rows: ``(layers, kv_heads)``.
             length: occupied slots before eviction (> budget).
             budget: slots to keep.
+            kind: int8 ``[layers, kv_heads, length]`` slot kinds (``SlotKind``); needed for a
+                vision budget.
+
+        Raises:
+            ValueError: a vision budget and no ``kind``.
         """
         sinks, recent = self.protected(budget)
         if scores is None:
             scores = torch.zeros(*rows, length, device=device)
+        if self.vision_budget:
+            if kind is None:
+                raise ValueError("a vision budget needs the slot kinds")
+            eligible = kind == SlotKind.VISION
+            eligible[..., :sinks] = False
+            eligible[..., length - recent:] = False  # already kept
+            scores = reserve_top(scores, eligible, self.vision_budget)
         if scores.is_cuda:
             return kernels.saddle_select(scores.contiguous(), length, sinks, recent, budget)
         return saddle_select(scores, sinks, recent, budget)
@@ -140,6 +195,11 @@ DEFAULT_BETA, DEFAULT_DECAY = 5e-2, 0.9
 #: keep all six (bench/results/README.md, "Sightings").
 MEMORY_BETA, MEMORY_DECAY = 1e-3, 0.99
 
+#: Vision budget for a camera stream's memory (tokens per row; policies that score slots). An
+#: hour of the needle drive stores ~4 vision tokens per novel frame; 128 keeps the last ~32
+#: novel frames' tokens whatever the text around them scores (bench/results/README.md).
+MEMORY_VISION_BUDGET = 128
+
 
 class InfMLLMPolicy(EvictionPolicy):
     """Sinks + recent + attention saddles scored over the retrieval window (Inf-MLLM §3.2-3.3).
@@ -157,28 +217,31 @@ class InfMLLMPolicy(EvictionPolicy):
     """
 
     name = "inf_mllm"
+    score_spec = ScoreSpec(beta=DEFAULT_BETA, normalise=True, decay=DEFAULT_DECAY)  # per instance: __init__
 
-    def __init__(self, sinks: int, recent: int, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY):
-        super().__init__(sinks, recent)
+    def __init__(self, sinks: int, recent: int, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY,
+                 vision_budget: int = 0):
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.score_spec = ScoreSpec(beta=float(beta), normalise=True, decay=float(decay))
+        super().__init__(sinks, recent, vision_budget)
 
 
 POLICIES = {p.name: p for p in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, InfMLLMPolicy)}
 
 
 def make_policy(name: str, sinks: int = 4, recent: int = 64, beta: float = DEFAULT_BETA,
-                decay: float = DEFAULT_DECAY) -> EvictionPolicy:
+                decay: float = DEFAULT_DECAY, vision_budget: int = 0) -> EvictionPolicy:
     """Build a policy by name (one of :data:`POLICIES`).
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones) or bad counts.
+        ValueError: for an unknown name (the message lists the known ones), bad counts, or a
+            vision budget for a policy without scores.
     """
     if name not in POLICIES:
         raise ValueError(f"unknown KV-cache policy {name!r}; choose one of {sorted(POLICIES)}")
     if name == InfMLLMPolicy.name:
-        return InfMLLMPolicy(sinks, recent, beta=beta, decay=decay)
-    return POLICIES[name](sinks, recent)
+        return InfMLLMPolicy(sinks, recent, beta=beta, decay=decay, vision_budget=vision_budget)
+    return POLICIES[name](sinks, recent, vision_budget)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, POLICIES
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES
 from ..runtime.backends import BACKENDS
-from ..runtime.session import DEFAULT_SYSTEM_PROMPT
+from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SYSTEM_PROMPT
 
 TRANSPORTS = ("raw", "compressed")
 
@@ -45,6 +45,9 @@ PARAMETERS = (
     Param("novelty_threshold", 0.6,
           "class-distribution change (total variation in [0, 1]) from the camera's recent scene at "
           "which a frame is stored with vision tokens; below it, as 'Nothing new.' (0: every frame)"),
+    Param("familiar_interval_s", DEFAULT_FAMILIAR_INTERVAL_S,
+          "seconds between stored 'Nothing new.' frames of a camera; familiar frames in between only "
+          "update the scene (0: store every frame)"),
     Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
     Param("backend", "torch", "inference backend: torch, onnxruntime (CPU; exports its ONNX step on first start) "
           "or tensorrt (CUDA; engines from infmllm-build-engines)"),
@@ -56,6 +59,8 @@ PARAMETERS = (
     Param("cache.policy", "inf_mllm", f"eviction policy: {', '.join(sorted(POLICIES))}"),
     Param("cache.beta", MEMORY_BETA, "inf_mllm attention bias per slot (Inf-MLLM, attention bias)"),
     Param("cache.decay", MEMORY_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
+    Param("cache.vision_budget", -1, "vision tokens per (layer, KV head) row kept ahead of other saddles, "
+          f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
     Param("cache.max_chunk", 64, "largest prefill chunk in tokens"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
@@ -77,6 +82,7 @@ class NodeConfig:
     sample_rate_hz: float
     duplicate_threshold: float
     novelty_threshold: float
+    familiar_interval_s: float
     model: str
     backend: str
     engine_dir: str
@@ -87,6 +93,7 @@ class NodeConfig:
     cache_policy: str
     cache_beta: float
     cache_decay: float
+    cache_vision_budget: int
     cache_max_chunk: int
     max_new_tokens: int
     system_prompt: str
@@ -108,7 +115,8 @@ class NodeConfig:
                     capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
                     beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk,
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
-                    novelty_threshold=self.novelty_threshold)
+                    novelty_threshold=self.novelty_threshold, familiar_interval_s=self.familiar_interval_s,
+                    vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget)
 
 
 def flatten_parameters(doc: dict) -> dict:
@@ -184,6 +192,11 @@ def validate(values: dict) -> NodeConfig:
     need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
     need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
     need(v["cache.max_chunk"] >= 8, "cache.max_chunk", "must be >= 8")
+    need(v["cache.vision_budget"] <= 0 or POLICIES[v["cache.policy"]].score_spec is not None,
+         "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
+    need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",
+         "must be -1 or in [0, cache.capacity - cache.recent)")
+    need(v["familiar_interval_s"] >= 0.0, "familiar_interval_s", "must be >= 0 seconds")
     need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")
     need(bool(v["system_prompt"].strip()), "system_prompt", "must not be empty")
     need(v["diagnostics_period_s"] > 0, "diagnostics_period_s", "must be > 0")

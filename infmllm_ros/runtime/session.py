@@ -1,10 +1,12 @@
 """StreamSession: one camera stream's memory in a fixed-size KV cache, and questions about it.
 
-The stream in the cache is: the system prompt (protected sinks), then one chunk per frame, then
-chat turns. A frame that shows something new (:class:`SceneNovelty`) is stored as
+The stream in the cache is: the system prompt (protected sinks), then one chunk per stored
+frame, then chat turns. A frame that shows something new (:class:`SceneNovelty`) is stored as
 ``<frame t=12.0s cam=front> I see a`` + vision tokens; a frame like the scene before it as
 ``<frame t=13.0s cam=front> Nothing new.``, which costs fewer slots and leaves the new things
-as the only objects the LM reads about. Frames and
+as the only objects the LM reads about, and only once per ``familiar_interval_s`` per camera
+(a heartbeat that keeps the clock in the cache): the familiar frames in between update the
+scene and cost the vision encoder only. Frames and
 questions take one lock around the cache, so one ingest thread and one ask thread can share a
 session; the vision encoder runs outside the lock, so ingest of the next frame overlaps decoding
 only in its vision part.
@@ -20,22 +22,36 @@ import numpy as np
 import torch
 
 from ..kvcache import SlotKind, make_policy
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES
 from ..models import ChatTokenizer, Decoder
 from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
 from .backends import Backend, TorchBackend
 from .generate import greedy_decode
 from .recall import DEFAULT_RECALL_LAYER, Sighting, find_sightings
 
+#: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
+#: frame of a 1 Hz camera spent ~300 ms of prefill and ~17 slots a second on the same
+#: sentence; one a 10 s is enough to keep the clock in the cache (bench/results/README.md).
+DEFAULT_FAMILIAR_INTERVAL_S = 10.0
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
 
 
+def default_vision_budget(policy: str) -> int:
+    """:data:`MEMORY_VISION_BUDGET` for a policy that scores slots, else 0 (unknown names: 0,
+    so that :func:`make_policy` reports them)."""
+    cls = POLICIES.get(policy)
+    return MEMORY_VISION_BUDGET if cls is not None and cls.score_spec is not None else 0
+
+
 @dataclass(frozen=True)
 class FrameResult:
     """What ingesting one frame did. Times in milliseconds, counts in tokens; ``novelty`` in
-    [0, 1] and ``novel`` from :class:`SceneNovelty` (a familiar frame carries no vision tokens)."""
+    [0, 1] and ``novel`` from :class:`SceneNovelty` (a familiar frame carries no vision tokens);
+    ``stored`` False for a familiar frame inside the camera's ``familiar_interval_s`` (then
+    ``tokens`` is 0 and ``prefill_ms`` only the bookkeeping)."""
 
     frame_id: int
     tokens: int
@@ -45,6 +61,7 @@ class FrameResult:
     evicted_tokens: int
     novelty: float
     novel: bool
+    stored: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,15 +104,22 @@ class StreamSession:
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
+        vision_budget: VISION slots per row kept ahead of other saddles (tokens; only for
+            policies that score slots, h2o and inf_mllm; :mod:`~infmllm_ros.kvcache.policies`).
+            None: :data:`MEMORY_VISION_BUDGET` for those policies, 0 for the others.
         novelty_threshold, background_decay: the :class:`SceneNovelty` gate (threshold 0: every
             frame keeps its vision tokens).
+        familiar_interval_s: seconds between stored familiar frames of a camera (0: store every
+            frame). Novel frames are always stored.
         recall_layer: decoder layer whose values find the sightings of a question (negative
             counts from the top; :data:`.recall.DEFAULT_RECALL_LAYER`).
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
             fit in a chunk, ``sinks`` outside 1..its length, a backend built for another
-            model or cache size, a novelty setting or ``recall_layer`` out of range.
+            model or cache size, a novelty setting, a negative ``familiar_interval_s`` or
+            ``recall_layer`` out of range; a vision budget for an unscored policy or one that
+            does not fit the capacity.
     """
 
     #: What follows the frame tag: before a new frame's vision tokens, or alone for a familiar frame.
@@ -107,10 +131,14 @@ class StreamSession:
                  recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY, max_chunk: int = 64,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float = 0.6,
-                 background_decay: float = 0.7, recall_layer: int = DEFAULT_RECALL_LAYER):
+                 background_decay: float = 0.7, recall_layer: int = DEFAULT_RECALL_LAYER,
+                 vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S):
         layers = decoder.cfg.num_layers
         if not -layers <= recall_layer < layers:
             raise ValueError(f"recall_layer {recall_layer} out of range for a {layers}-layer model")
+        if not familiar_interval_s >= 0:
+            raise ValueError(f"familiar_interval_s must be >= 0 seconds, got {familiar_interval_s}")
+        self.familiar_interval_s = float(familiar_interval_s)
         self.recall_layer = recall_layer
         self.tokenizer, self.vision, self.projector = tokenizer, vision, projector
         self.scene = SceneNovelty(novelty_threshold, background_decay)
@@ -124,7 +152,9 @@ class StreamSession:
             sinks = len(self._system_ids)
         if not 1 <= sinks <= len(self._system_ids):
             raise ValueError(f"sinks must be in 1..{len(self._system_ids)} (the system prompt's tokens), got {sinks}")
-        pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay)
+        if vision_budget is None:
+            vision_budget = default_vision_budget(policy)
+        pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay, vision_budget=vision_budget)
         self.cache = decoder.new_cache(capacity, max_chunk, pol)
         self.backend.check_cache(self.cache)
         self._lock = threading.Lock()
@@ -140,13 +170,15 @@ class StreamSession:
             self.scene.reset()
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
+            self._last_stored_s: dict[str, float] = {}  # per camera
             self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK, logits=False)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
 
     def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
-        """Append one frame (tag + vision tokens) and run the eviction policy.
+        """Append one frame (tag + vision tokens) and run the eviction policy; a familiar frame
+        within ``familiar_interval_s`` of its camera's last stored one only updates the scene.
 
         Args:
             rgb: uint8 ``[H, W, 3]`` RGB (or float in [0, 1]).
@@ -168,6 +200,29 @@ class StreamSession:
         glob, cells = self.vision(self.vision.preprocess(rgb).to(self.cache.k.device))
         novelty = self.scene.novelty(camera, glob)
         novel = self.scene.is_novel(novelty)
+        store = novel or stamp_s - self._last_stored_s.get(camera, -math.inf) >= self.familiar_interval_s
+        embeds, kinds = self._frame_chunk(stamp_s, camera, glob, cells, novel) if store else (None, None)
+        t1 = time.perf_counter()
+        with self._lock:
+            if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
+                raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
+            before = self.cache.evicted_tokens
+            frame_id = self.frames_ingested
+            if store:
+                self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
+                                       logits=False)
+                self._last_stored_s[camera] = float(stamp_s)
+            self.scene.observe(camera, glob)
+            self.frames_ingested += 1
+            self.last_stamp_s = float(stamp_s)
+            evicted = self.cache.evicted_tokens - before
+        t2 = time.perf_counter()
+        return FrameResult(frame_id, embeds.shape[0] if store else 0, self.projector.top_label(glob),
+                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
+
+    def _frame_chunk(self, stamp_s: float, camera: str, glob: torch.Tensor, cells: torch.Tensor,
+                     novel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored frame's chunk: embeddings ``[n, hidden]`` and int8 slot kinds ``[n]``."""
         tag = f"<frame t={stamp_s:.1f}s cam={camera}>" + (self.NOVEL_TEXT if novel else self.FAMILIAR_TEXT)
         parts = [self._embed_ids(self._frame_prefix + self.tokenizer.encode(tag))]
         if novel:
@@ -177,21 +232,7 @@ class StreamSession:
         kinds = torch.full((embeds.shape[0],), int(SlotKind.TEXT), dtype=torch.int8, device=embeds.device)
         if novel:  # the tag and the turn's end are text; only the projected tokens are vision
             kinds[parts[0].shape[0]:parts[0].shape[0] + parts[1].shape[0]] = int(SlotKind.VISION)
-        t1 = time.perf_counter()
-        with self._lock:
-            if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
-                raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
-            before = self.cache.evicted_tokens
-            self.backend.run_chunk(embeds, self.cache, kinds, frame_id=self.frames_ingested,
-                                   stamp_s=float(stamp_s), logits=False)
-            self.scene.observe(camera, glob)
-            frame_id = self.frames_ingested
-            self.frames_ingested += 1
-            self.last_stamp_s = float(stamp_s)
-            evicted = self.cache.evicted_tokens - before
-        t2 = time.perf_counter()
-        return FrameResult(frame_id, embeds.shape[0], self.projector.top_label(glob),
-                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel)
+        return embeds, kinds
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
         """Answer ``question`` from what is in the cache (greedy decoding), with the frames in
