@@ -110,7 +110,7 @@ class FakeSession:
         self.block.wait(10)
         self.ingested.append((stamp_s, camera, rgb.shape))
         self.last_stamp_s = stamp_s
-        return SimpleNamespace(vision_ms=1.0, prefill_ms=2.0, evicted_tokens=3)
+        return SimpleNamespace(vision_ms=1.0, prefill_ms=2.0, evicted_tokens=3, stored=True)
 
 
 def frame(camera, stamp, value=0, encoding="rgb8"):
@@ -137,7 +137,7 @@ def test_worker_samples_by_stamp_and_uses_stream_time():
     assert [x[0] for x in s.ingested] == [0.0, 1.0, 2.0]  # seconds since the first ingested frame
     assert [o for *_, o in done].count("sampled_out") == 6
     st = w.stats()
-    assert st.origin_s == 100.0 and st.outcomes["ingested"] == 3 and st.evicted_tokens == 9
+    assert st.origin_s == 100.0 and st.outcomes["ingested"] == 3 and st.evicted_tokens == 9 and st.stored == 3
 
 
 def test_worker_rejects_bad_late_and_duplicate_frames_without_touching_the_stream():

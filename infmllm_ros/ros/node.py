@@ -185,7 +185,7 @@ class InfMLLMNode(Node):
         rate = (ingested - count) / (now - then) if now > then else 0.0
         self._last_diag = (now, ingested)
         values = {
-            "frames_received": s.received, "frames_ingested": ingested,
+            "frames_received": s.received, "frames_ingested": ingested, "frames_stored": s.stored,
             "frames_dropped": s.outcomes["dropped"], "frames_rejected": s.outcomes["rejected"],
             "frames_late": s.outcomes["late"], "frames_failed": s.outcomes["failed"],
             "frames_sampled_out": s.outcomes["sampled_out"], "frames_duplicate": s.outcomes["duplicate"],

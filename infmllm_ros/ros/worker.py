@@ -55,6 +55,7 @@ class WorkerStats:
 
     outcomes: Counter = field(default_factory=Counter)
     received: int = 0
+    stored: int = 0  # ingested frames written to the KV cache (the others only updated the scene)
     last_ingest_ms: float = math.nan
     mean_ingest_ms: float = math.nan
     last_vision_ms: float = math.nan
@@ -196,6 +197,7 @@ class IngestWorker:
                 s.last_ingest_ms, s.mean_ingest_ms = ms, self._ingest_ms_sum / n
                 s.last_vision_ms, s.last_prefill_ms = result.vision_ms, result.prefill_ms
                 s.evicted_tokens += result.evicted_tokens
+                s.stored += result.stored
         if outcome in ("rejected", "late", "failed"):
             self._log(f"frame {outcome}: {frame.camera} @ {frame.stamp_s:.3f}s: {detail}")
         self._on_done(frame, outcome, detail)
