@@ -150,6 +150,21 @@ def test_saddle_select_indices_identical(case):
 
 
 @needs_gpu
+def test_vision_budget_selection_identical():
+    """A vision budget lifts reserved scores to 1e30; the radix select must rank them as torch does."""
+    from infmllm_ros.kvcache import SlotKind, make_policy
+
+    g = torch.Generator().manual_seed(1)
+    length, budget = 1088, 1024
+    scores = torch.rand(30, 3, length, generator=g)
+    kind = torch.where(torch.rand(30, 3, length, generator=g) < 0.05, int(SlotKind.VISION), int(SlotKind.TEXT))
+    pol = make_policy("inf_mllm", sinks=40, recent=256, vision_budget=32)
+    ref = pol.select(scores, (30, 3), length, budget, torch.device("cpu"), kind.to(torch.int8))
+    got = pol.select(scores.cuda(), (30, 3), length, budget, torch.device("cuda"), kind.to(torch.int8).cuda())
+    assert torch.equal(got.cpu(), ref)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("head_dim,slots,kept", [
     (128, 4096 + 64, 4096),  # 1.5B-class row, one chunk of 64 evicted
