@@ -105,7 +105,8 @@ def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     for name in ("torch", "onnxruntime"):  # tensorrt: test_tensorrt.py (no TensorRT here)
         runner = make_backend(name, dec, engines, "smollm2")
         s = StreamSession(dec, tok, vision, projector, capacity=CAPACITY, max_chunk=MAX_CHUNK, recent=64,
-                          beta=1e-2, backend=runner)  # the fixture's engine (beta is baked into the graph)
+                          beta=1e-2, backend=runner,  # the fixture's engine (beta is baked into the graph)
+                          familiar_interval_s=0.0)  # every road frame stored: the cache must evict
         texts = []
         for i, photo in enumerate(photos):
             s.ingest_frame(synthetic_road(2 * i), float(2 * i))
