@@ -56,7 +56,7 @@ def test_ask_without_keeping_context_restores_the_cache(parts):
 
 
 def test_memory_stays_fixed_over_many_frames(parts):
-    s = new_session(parts, capacity=220, recent=48, novelty_threshold=0.0)  # every frame full size
+    s = new_session(parts, capacity=220, recent=48, novelty_threshold=0.0, vision_budget=64)  # every frame full size
     ptr = s.cache.k.data_ptr()
     for t in range(12):
         s.ingest_frame(synthetic_road(t), float(t))
