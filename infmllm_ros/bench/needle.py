@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kvcache import CacheFullError
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy, scores_slots
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
@@ -75,7 +75,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
                                     keep_in_context=False) for label in ABSENT]
     absent = [a.text for a in absent_asked]
     ms = np.asarray(ingest_ms)
-    stored_ms = ms[np.asarray(stored[:len(ms)], dtype=bool)]
+    stored_ms = ms[np.asarray(stored, dtype=bool)]  # a frame that overflowed the cache is in neither
     per_min = max(1, int(60 * drive.fps))
     return {"ingest_ms_median_per_minute": [float(np.median(ms[i:i + per_min])) for i in range(0, len(ms), per_min)],
             "answers": answers, "accuracy": _mean([a["correct"] for a in answers]),
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
                 size = model.decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
-                budget = args.vision_budget if POLICIES[policy].score_spec is not None else 0
+                budget = args.vision_budget if scores_slots(policy) else 0
                 key = f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
                 if key in done:
                     continue

@@ -232,6 +232,12 @@ class InfMLLMPolicy(EvictionPolicy):
 POLICIES = {p.name: p for p in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, InfMLLMPolicy)}
 
 
+def scores_slots(name: str) -> bool:
+    """Whether the policy called ``name`` scores slots, and so can keep a vision budget (False
+    for unknown names, which :func:`make_policy` reports)."""
+    return name in POLICIES and POLICIES[name].score_spec is not None
+
+
 def make_policy(name: str, sinks: int = 4, recent: int = 64, beta: float = DEFAULT_BETA,
                 decay: float = DEFAULT_DECAY, vision_budget: int = 0) -> EvictionPolicy:
     """Build a policy by name (one of :data:`POLICIES`).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, scores_slots
 from ..runtime.backends import BACKENDS
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SYSTEM_PROMPT
 
@@ -192,7 +192,7 @@ def validate(values: dict) -> NodeConfig:
     need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
     need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
     need(v["cache.max_chunk"] >= 8, "cache.max_chunk", "must be >= 8")
-    need(v["cache.vision_budget"] <= 0 or POLICIES[v["cache.policy"]].score_spec is not None,
+    need(v["cache.vision_budget"] <= 0 or scores_slots(v["cache.policy"]),
          "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
     need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",
          "must be -1 or in [0, cache.capacity - cache.recent)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..kvcache import SlotKind, make_policy
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models import ChatTokenizer, Decoder
 from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
 from .backends import Backend, TorchBackend
@@ -37,13 +37,6 @@ DEFAULT_FAMILIAR_INTERVAL_S = 10.0
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
-
-
-def default_vision_budget(policy: str) -> int:
-    """:data:`MEMORY_VISION_BUDGET` for a policy that scores slots, else 0 (unknown names: 0,
-    so that :func:`make_policy` reports them)."""
-    cls = POLICIES.get(policy)
-    return MEMORY_VISION_BUDGET if cls is not None and cls.score_spec is not None else 0
 
 
 @dataclass(frozen=True)
@@ -153,7 +146,7 @@ class StreamSession:
         if not 1 <= sinks <= len(self._system_ids):
             raise ValueError(f"sinks must be in 1..{len(self._system_ids)} (the system prompt's tokens), got {sinks}")
         if vision_budget is None:
-            vision_budget = default_vision_budget(policy)
+            vision_budget = MEMORY_VISION_BUDGET if scores_slots(policy) else 0
         pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay, vision_budget=vision_budget)
         self.cache = decoder.new_cache(capacity, max_chunk, pol)
         self.backend.check_cache(self.cache)
