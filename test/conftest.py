@@ -12,6 +12,16 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def embedded(smollm2):
+    """The embedded demo family (EfficientNet-Lite0 + label projector) over the ``smollm2`` weights."""
+    from infmllm_ros.models.embedded import EmbeddedVLM
+    from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
+
+    dec, tok = smollm2
+    return EmbeddedVLM(dec, tok, "smollm2", VisionEncoder(), LabelEmbeddingProjector(dec, tok, imagenet_names()))
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf():
     """transformers' LlamaForCausalLM loaded from the same GGUF file (the numerical reference)."""
     from transformers import LlamaForCausalLM

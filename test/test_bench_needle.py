@@ -73,11 +73,12 @@ def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
     would not fit either, so the run records the overflow and no scores instead of crashing."""
     from infmllm_ros.bench.needle import merge_run, report, run_drive
     from infmllm_ros.runtime.drive import Drive
-    from infmllm_ros.runtime.embedded import load_embedded
+    from infmllm_ros.models import load_model
+    from infmllm_ros.runtime.session import open_session
 
     road = np.full((120, 160, 3), 90, np.uint8)
     drive = Drive(lambda t: road, 1, 0.5, {"cat": (chelsea(), ("cat",))}, at={"cat": 10.0})
-    session = load_embedded().session(capacity=96, policy="full")
+    session = open_session(load_model("smollm2-135m"), capacity=96, policy="full", max_chunk=64)
     run = run_drive(session, drive, log_every=0)
     assert run["overflow"].startswith("full cache ran out at t=") and run["answers"] == []
     assert run["accuracy"] is None and run["ttft_s_median"] is None and run["absent_answers"] == []

@@ -93,18 +93,18 @@ def test_onnxruntime_matches_torch_on_the_embedded_model(smollm2_engines):
 
 def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     """The multimodal sanity photos among road frames: identical answers from both backends."""
+    from infmllm_ros.models.embedded import EmbeddedVLM
     from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
     from infmllm_ros.runtime.drive import bundled_events, synthetic_road
     from infmllm_ros.runtime.session import StreamSession
 
     dec, tok, engines = smollm2_engines
-    vision = VisionEncoder()
-    projector = LabelEmbeddingProjector(dec, tok, imagenet_names())
+    model = EmbeddedVLM(dec, tok, "smollm2", VisionEncoder(), LabelEmbeddingProjector(dec, tok, imagenet_names()))
     photos = [image for image, _ in bundled_events().values()]
     answers = {}
     for name in ("torch", "onnxruntime"):  # tensorrt: test_tensorrt.py (no TensorRT here)
         runner = make_backend(name, dec, engines, "smollm2")
-        s = StreamSession(dec, tok, vision, projector, capacity=CAPACITY, max_chunk=MAX_CHUNK, recent=64,
+        s = StreamSession(model, capacity=CAPACITY, max_chunk=MAX_CHUNK, recent=64,
                           beta=1e-2, backend=runner,  # the fixture's engine (beta is baked into the graph)
                           familiar_interval_s=0.0)  # every road frame stored: the cache must evict
         texts = []

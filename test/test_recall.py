@@ -49,7 +49,8 @@ def test_no_vision_in_context_and_bad_arguments(tiny):
     cache = tiny.new_cache(64, 8, make_policy("full"))
     tiny(tiny.embed(torch.arange(4)), cache, SlotKind.SINK)
     assert ask(tiny, cache, [1, 2]) == []
-    for kw, msg in ((dict(query_tokens=0), "query_tokens"), (dict(query_tokens=99), "query_tokens"),
+    for kw, msg in ((dict(query_tokens=0, layer=0), "query_tokens"),
+                    (dict(query_tokens=99, layer=0), "query_tokens"),
                     (dict(query_tokens=1, layer=3), "layer"), (dict(query_tokens=1, layer=0, top=0), "top")):
         with pytest.raises(ValueError, match=msg):
             find_sightings(cache, **kw)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, check_rgb, imagenet_names
+from infmllm_ros.models.vision import check_rgb
 from infmllm_ros.runtime.drive import synthetic_road
 from infmllm_ros.runtime.session import StreamSession
 
@@ -17,14 +17,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def parts(smollm2):
-    dec, tok = smollm2
-    vision = VisionEncoder()
-    return dec, tok, vision, LabelEmbeddingProjector(dec, tok, imagenet_names())
+def parts(embedded):
+    return embedded
 
 
-def new_session(parts, **kw):
-    return StreamSession(*parts, **{"capacity": 512, "policy": "inf_mllm", "recent": 128, **kw})
+def new_session(model, **kw):
+    return StreamSession(model, **{"capacity": 512, "policy": "inf_mllm", "recent": 128, "max_chunk": 64, **kw})
 
 
 def test_photo_among_road_frames_is_recalled(parts):
@@ -139,7 +137,7 @@ def test_familiar_frames_are_stored_once_per_interval_per_camera(parts):
 
 
 def test_scene_novelty_is_per_camera_and_measuring_does_not_change_it():
-    from infmllm_ros.models.vision import SceneNovelty
+    from infmllm_ros.runtime.novelty import SceneNovelty
 
     road, cat = torch.tensor([0.8, 0.2, 0.0]), torch.tensor([0.0, 0.1, 0.9])
     gate = SceneNovelty(threshold=0.5, decay=0.5)
@@ -149,9 +147,20 @@ def test_scene_novelty_is_per_camera_and_measuring_does_not_change_it():
     assert gate.novelty("rear", cat) == 0.0
     gate.observe("front", cat)  # background now halfway: novelty halves
     assert gate.novelty("front", cat) == pytest.approx(0.45) and not gate.is_novel(0.45)
-    for bad in (dict(threshold=1.5), dict(decay=1.0)):
-        with pytest.raises(ValueError, match="threshold|decay"):
+    for bad in (dict(threshold=1.5), dict(decay=1.0), dict(metric="l2")):
+        with pytest.raises(ValueError, match="threshold|decay|metric"):
             SceneNovelty(**bad)
+
+
+def test_cosine_novelty_compares_feature_directions():
+    """VLM families compare mean vision tokens: opposite directions are 1, a rescaled vector 0."""
+    from infmllm_ros.runtime.novelty import SceneNovelty
+
+    gate = SceneNovelty(threshold=0.1, metric="cosine")
+    gate.observe("front", torch.tensor([1.0, 2.0, -1.0]))
+    assert gate.novelty("front", torch.tensor([3.0, 6.0, -3.0])) == pytest.approx(0.0, abs=1e-6)
+    assert gate.novelty("front", torch.tensor([-1.0, -2.0, 1.0])) == pytest.approx(1.0)
+    assert gate.novelty("front", torch.tensor([2.0, -1.0, 0.0])) == pytest.approx(0.5)  # orthogonal
 
 
 @pytest.mark.skipif(not (SHARED / "dashcam_solidWhiteRight.mp4").is_file(),

@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     """Console entry point; returns the exit code (2 on bad input)."""
     args = parse_args(argv)
     from ..runtime.drive import Drive, bundled_events, events_from_dir, video_frames
-    from ..runtime.embedded import load_embedded
+    from ..models import load_model
+    from ..runtime.session import open_session
 
     try:
         unknown = [p for p in args.policy if p not in POLICIES]
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"infmllm-bench-needle: error: {exc}", file=sys.stderr)
         return 2
-    model = load_embedded(device=args.device)
+    model = load_model("smollm2-135m", device=args.device)
 
     def background(t: float):
         return videos[int(t // 60) % len(videos)](t)  # switch clip every minute
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
-                session = model.session(capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
+                session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
                                         decay=args.decay, vision_budget=budget,
                                         familiar_interval_s=args.familiar_interval)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,

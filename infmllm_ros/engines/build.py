@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"infmllm-build-engines: {exc}", file=sys.stderr)
         return 2
-    from ..models import load_gguf
-    from ..runtime.embedded import resolve_model
+    from ..models import PRESETS, load_gguf
     from .onnx_export import export_decoder_step
 
-    path = resolve_model(args.model)
+    path = PRESETS[args.model]() if args.model in PRESETS else Path(args.model)
+    if not path.is_file():
+        print(f"infmllm-build-engines: model {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
+              f"nor a GGUF file", file=sys.stderr)
+        return 2
     decoder, _ = load_gguf(path)
     if args.precision == "fp16":
         decoder = decoder.half()

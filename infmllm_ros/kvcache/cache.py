@@ -5,6 +5,12 @@ head_dim]`` from the start. A chunk of ``n`` tokens is written after the ``lengt
 slots (RoPE positions ``length..length+n-1``: positions are slot indices, as in StreamingLLM),
 attended, and then, if ``length + n > capacity``, the policy chooses ``capacity`` slots per
 (layer, kv_head) row to keep and they are compacted to the front with their keys re-rotated.
+
+M-RoPE models (Qwen2-VL) give a chunk's vision tokens 2-D (h, w) positions, so the chunk moves
+the position counter by less than its length. The cache keeps that lag in ``position_offset``
+(<= 0): the next chunk starts at RoPE position ``length + position_offset``. Compaction moves
+every kept token by its slot shift, and the newest tokens (always kept) by exactly the tokens
+evicted, so the offset is unchanged by eviction and positions stay below ``length``.
 """
 from __future__ import annotations
 
@@ -67,6 +73,8 @@ class KVCache:
         frame: int32 ``[layers, kv_heads, slots]`` frame id (-1 for text).
         stamp: float64 ``[layers, kv_heads, slots]`` frame time in seconds (NaN for text).
         length: occupied slots per row (same for all rows).
+        position_offset: RoPE position of the next chunk minus ``length`` (tokens, <= 0; 0 for
+            text-only streams).
         stream_tokens: tokens seen since the last reset.
         evicted_tokens: tokens dropped per row since the last reset.
 
@@ -116,22 +124,27 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything (the buffers stay allocated)."""
         self.length = 0
+        self.position_offset = 0
         self.pending = 0
         self.stream_tokens = 0
         self.evicted_tokens = 0
 
     def begin_chunk(self, n: int, kind: SlotKind | torch.Tensor = SlotKind.TEXT, frame_id: int = -1,
-                    stamp_s: float = math.nan) -> torch.Tensor:
+                    stamp_s: float = math.nan, advance: int | None = None) -> torch.Tensor:
         """Reserve slots for a chunk of ``n`` tokens and record their metadata.
 
         ``kind`` is one :class:`SlotKind` for the whole chunk, or int8 ``[n]`` per token (a
-        frame chunk: its tag is TEXT, its vision tokens VISION).
+        frame chunk: its tag is TEXT, its vision tokens VISION). ``advance``: how far the chunk
+        moves the RoPE position counter (tokens, ``1..n``; default ``n``); an M-RoPE frame chunk
+        advances by less than its length (see the module docstring).
 
         Returns:
-            int64 ``[n]`` RoPE positions (the slot indices) for the chunk.
+            int64 ``[n]`` 1-D RoPE positions for the chunk: the slot indices plus
+            :attr:`position_offset` (an M-RoPE model adds its per-axis offsets to the first).
 
         Raises:
-            ValueError: ``n`` outside ``1..max_chunk``, or per-token kinds not of length ``n``.
+            ValueError: ``n`` outside ``1..max_chunk``, per-token kinds not of length ``n``, or
+                ``advance`` outside ``1..n``.
             CacheFullError: the policy never evicts and the chunk would exceed capacity.
             RuntimeError: a previous chunk was begun and not committed.
         """
@@ -141,6 +154,8 @@ class KVCache:
             raise ValueError(f"chunk of {n} tokens is outside 1..max_chunk={self.max_chunk}")
         if isinstance(kind, torch.Tensor) and kind.shape != (n,):
             raise ValueError(f"per-token kinds must be [{n}], got {tuple(kind.shape)}")
+        if advance is not None and not 1 <= advance <= n:
+            raise ValueError(f"a chunk of {n} tokens must advance positions by 1..{n}, got {advance}")
         if not self.policy.evicts and self.length + n > self.capacity:
             raise CacheFullError(
                 f"full KV cache of {self.capacity} tokens cannot take {n} more "
@@ -157,7 +172,8 @@ class KVCache:
         self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
         self._mask[:, s:] = self._causal[:n, :n]
         self.pending = n
-        return torch.arange(s, e, device=dev)
+        self._advance = n if advance is None else advance
+        return torch.arange(s + self.position_offset, e + self.position_offset, device=dev)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the chunk's keys/values for ``layer`` and attend to cache + chunk.
@@ -226,11 +242,11 @@ class KVCache:
         """
         n = self.length
         return {"tensors": [t[:, :, :n].clone() for t in self._state()],
-                "counters": (self.length, self.stream_tokens, self.evicted_tokens)}
+                "counters": (self.length, self.stream_tokens, self.evicted_tokens, self.position_offset)}
 
     def restore(self, snap: dict) -> None:
         """Return to a :meth:`snapshot` of this cache."""
-        self.length, self.stream_tokens, self.evicted_tokens = snap["counters"]
+        self.length, self.stream_tokens, self.evicted_tokens, self.position_offset = snap["counters"]
         for t, saved in zip(self._state(), snap["tensors"]):
             t[:, :, :self.length] = saved
         self.pending = 0
@@ -262,6 +278,7 @@ class KVCache:
             self.scores[:, :, :t] = spec.decay * self.scores[:, :, :t] + self._window[:, :, :t]
         self.length = t
         self.stream_tokens += self.pending
+        self.position_offset += self._advance - self.pending
         self.pending = 0
         if t <= self.capacity:
             return 0

@@ -10,6 +10,13 @@ Formula (Su et al., RoFormer, eq. 34): for position ``p`` and pair frequency
 Rotations compose additively, so a key stored post-RoPE at slot ``s`` moves to slot ``s'``
 by one more rotation of angle ``(s' - s) * f`` (StreamingLLM, Xiao et al. 2023, §3.2:
 positions are assigned within the cache).
+
+M-RoPE (Qwen2-VL, Wang et al. 2024, §2.1): a token has three positions (t, h, w); frequency
+pair ``i`` takes its angle from the axis whose section of ``mrope_section`` holds ``i``
+(transformers' ``Qwen2_5_VLRotaryEmbedding.recomposition_frequencies``). Text tokens have
+``t = h = w``, which is plain RoPE. A compaction shift ``d`` moves all three axes by ``d``, which
+rotates every pair by ``d * inv_freq[i]``: the same 1-D re-rotation, so :meth:`Rope.rerotate`
+and the CUDA compaction kernel serve M-RoPE models unchanged.
 """
 from __future__ import annotations
 
@@ -28,16 +35,24 @@ class Rope:
     Args:
         head_dim: per-head dimension D (even); the whole head is rotated.
         theta: RoPE base (e.g. 1e5 for SmolLM2, 1e6 for Qwen2).
+        mrope_section: M-RoPE frequency pairs per axis (t, h, w), summing to ``head_dim / 2``
+            (Qwen2.5-VL-3B: ``(16, 24, 24)``); None for 1-D RoPE.
 
     Raises:
-        ValueError: if ``head_dim`` is odd or ``theta`` is not positive.
+        ValueError: if ``head_dim`` is odd, ``theta`` is not positive or ``mrope_section`` does not
+            have three parts summing to ``head_dim / 2``.
     """
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None):
         if head_dim % 2:
             raise ValueError(f"RoPE head_dim must be even, got {head_dim}")
         if theta <= 0:
             raise ValueError(f"RoPE theta must be positive, got {theta}")
+        if mrope_section is not None and (len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2
+                                          or min(mrope_section) < 0):
+            raise ValueError(f"mrope_section {mrope_section} must be three sizes summing to head_dim/2 = "
+                             f"{head_dim // 2}")
+        self.mrope_section = tuple(mrope_section) if mrope_section is not None else None
         self.head_dim = head_dim
         self.theta = float(theta)
         # fp32 inverse frequencies, computed as transformers' LlamaRotaryEmbedding does.
@@ -60,6 +75,23 @@ class Rope:
         Angles are computed in fp32 (as transformers does) and then cast.
         """
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq_on(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin_mrope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables ``[n, head_dim]`` for M-RoPE positions int64 ``[3, n]`` (t, h, w).
+
+        Raises:
+            ValueError: this RoPE has no ``mrope_section``, or ``positions`` is not ``[3, n]``.
+        """
+        if self.mrope_section is None:
+            raise ValueError("3-D positions need an M-RoPE (mrope_section)")
+        if positions.dim() != 2 or positions.shape[0] != 3:
+            raise ValueError(f"M-RoPE positions must be [3, n], got {tuple(positions.shape)}")
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq_on(positions.device)  # [3, n, D/2]
+        axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                       torch.tensor(self.mrope_section, device=positions.device))
+        freqs = freqs.gather(0, axis.expand(freqs.shape[1], -1)[None])[0]  # pair i from axis[i]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -28,6 +28,8 @@ class DecoderConfig:
         tie_word_embeddings: LM head shares the input embedding.
         attention_bias: q/k/v projections have biases (Qwen2).
         max_position_embeddings: trained context (tokens); the cache never exceeds it.
+        mrope_section: M-RoPE frequency pairs per (t, h, w) axis (Qwen2-VL / Qwen2.5-VL), None
+            for 1-D RoPE (:class:`~infmllm_ros.kvcache.Rope`).
     """
 
     vocab_size: int
@@ -42,6 +44,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     max_position_embeddings: int = 4096
+    mrope_section: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -141,7 +144,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.model = _Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -176,7 +179,7 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
-                frame_id: int = -1, stamp_s: float = math.nan) -> torch.Tensor:
+                frame_id: int = -1, stamp_s: float = math.nan, mrope: torch.Tensor | None = None) -> torch.Tensor:
         """Run one chunk through the model and the cache (evicting if it overflows).
 
         Args:
@@ -184,19 +187,32 @@ class Decoder(nn.Module):
             cache: this stream's KV cache.
             kind, frame_id, stamp_s: slot metadata of the chunk (``kind`` per chunk or int8
                 ``[n]`` per token, see :meth:`KVCache.begin_chunk`).
+            mrope: int64 ``[3, n]`` (t, h, w) positions relative to the chunk's first position,
+                for an M-RoPE model's chunk that holds vision tokens (None: 1-D positions).
+                The chunk advances the position counter by ``mrope.max() + 1``.
 
         Returns:
             final normed hidden states ``[n, hidden]`` (apply :meth:`logits` where needed).
 
         Raises:
-            ValueError / CacheFullError: from :meth:`KVCache.begin_chunk`; the cache is unchanged.
+            ValueError / CacheFullError: from :meth:`KVCache.begin_chunk`, or ``mrope`` of the
+                wrong shape or on a 1-D RoPE model; the cache is unchanged.
         """
+        n = embeds.shape[0]
         if embeds.dim() != 2 or embeds.shape[1] != self.cfg.hidden_size:
             raise ValueError(f"embeds must be [n, {self.cfg.hidden_size}], got {tuple(embeds.shape)}")
-        positions = cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
+        advance = None
+        if mrope is not None:
+            if self.cfg.mrope_section is None:
+                raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
+            if tuple(mrope.shape) != (3, n) or int(mrope.min()) < 0:
+                raise ValueError(f"mrope must be non-negative int [3, {n}], got {tuple(mrope.shape)}")
+            advance = int(mrope.max()) + 1
+        positions = cache.begin_chunk(n, kind, frame_id, stamp_s, advance)
         try:
             x = embeds
-            rope_cs = self.rope.cos_sin(positions, embeds.dtype)
+            rope_cs = (self.rope.cos_sin(positions, embeds.dtype) if mrope is None else
+                       self.rope.cos_sin_mrope(positions[0] + mrope.to(positions.device), embeds.dtype))
             for layer in self.model.layers:
                 x = layer(x, rope_cs, cache)
             x = self.model.norm(x)

@@ -1,4 +1,9 @@
-"""Load a Hugging Face LLaMA / Qwen2 checkpoint folder (``config.json`` + ``*.safetensors``)."""
+"""Read Hugging Face checkpoint folders (``config.json`` + ``*.safetensors`` + ``tokenizer.json``).
+
+Text-only LLaMA / Qwen2 checkpoints load into a :class:`Decoder` here
+(:func:`load_hf_checkpoint`); the VLM families (:mod:`.qwen_vl`, :mod:`.smolvlm`) use the
+same pieces for their language model and hand the rest of the weights to their vision tower.
+"""
 from __future__ import annotations
 
 import json
@@ -12,9 +17,130 @@ from .tokenizer import ChatTokenizer
 _ARCHS = {"LlamaForCausalLM": False, "Qwen2ForCausalLM": True}  # -> q/k/v bias
 
 
+def read_config(path: str | Path) -> dict:
+    """``config.json`` of a checkpoint folder as a dict.
+
+    Raises:
+        FileNotFoundError: no such folder, or no ``config.json`` in it (the message names it).
+        ValueError: the file is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from exc
+
+
+def decoder_config(text: dict, attention_bias: bool = False) -> DecoderConfig:
+    """A :class:`DecoderConfig` from a LLaMA / Qwen2 ``config.json`` (or a VLM's ``text_config``).
+
+    Reads ``rope_theta`` and M-RoPE's ``mrope_section`` from either the 4.x fields
+    (``rope_theta``, ``rope_scaling``) or transformers 5's ``rope_parameters``.
+
+    Raises:
+        ValueError: a missing size field, or RoPE scaling other than M-RoPE.
+    """
+    rope = dict(text.get("rope_scaling") or {})
+    rope.update(text.get("rope_parameters") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    mrope = rope.get("mrope_section")
+    if kind not in ("default", "mrope") and mrope is None:
+        raise ValueError(f"RoPE scaling {rope} is not supported (default and M-RoPE are)")
+    try:
+        n_heads = text["num_attention_heads"]
+        return DecoderConfig(
+            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"], num_layers=text["num_hidden_layers"],
+            num_heads=n_heads, num_kv_heads=text.get("num_key_value_heads") or n_heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // n_heads,
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias or bool(text.get("attention_bias", False)),
+            max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+            mrope_section=tuple(mrope) if mrope else None)
+    except KeyError as exc:
+        raise ValueError(f"config has no {exc.args[0]!r}") from exc
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's ``*.safetensors`` shards, by name.
+
+    Raises:
+        FileNotFoundError: no ``.safetensors`` file, or a shard named in
+            ``model.safetensors.index.json`` that is missing (the message names it).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = [path / n for n in names]
+        for shard in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"weight file {shard} (named in {index.name}) is missing")
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no .safetensors weights in {path} (expected model.safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    return state
+
+
+def take_prefixed(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], rename: str = "") -> dict[str, torch.Tensor]:
+    """Remove from ``state`` the tensors whose names start with one of ``prefixes`` (first match
+    wins) and return them with that prefix replaced by ``rename``: checkpoints name the same part
+    differently across transformers versions (``model.language_model.`` vs ``model.``)."""
+    taken = {}
+    for name in list(state):
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                taken[rename + name[len(prefix):]] = state.pop(name)
+                break
+    return taken
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state)`` with errors that name the tensors.
+
+    Raises:
+        ValueError: missing or unexpected tensors, or a tensor whose shape disagrees with the
+            config (``what`` names the checkpoint part in the message).
+    """
+    own = module.state_dict()
+    wrong = [f"{k}: checkpoint {tuple(v.shape)}, config {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{what}: tensor shapes disagree with config.json: {'; '.join(wrong[:4])}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) -> Decoder:
+    """A :class:`Decoder` from HF-named tensors (``model.layers.N...``, ``lm_head.weight``).
+
+    Raises:
+        ValueError: see :func:`load_module_state`.
+    """
+    decoder = Decoder(cfg)
+    if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    load_module_state(decoder, state, what)
+    return decoder.eval()
+
+
 def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32
                        ) -> tuple[Decoder, ChatTokenizer | None]:
-    """Read a HF checkpoint folder into a :class:`Decoder` (+ tokenizer when present).
+    """Read a text-only HF checkpoint folder into a :class:`Decoder` (+ tokenizer when present).
 
     Args:
         path: folder with ``config.json`` and one or more ``.safetensors`` shards.
@@ -27,42 +153,13 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32
         FileNotFoundError: missing folder, config or weights.
         ValueError: unsupported architecture, RoPE scaling, or missing/unexpected tensors.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_config(path)
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in _ARCHS:
         raise ValueError(f"{path}: unsupported architecture {arch!r} (need one of {sorted(_ARCHS)})")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"{path}: RoPE scaling {hf['rope_scaling']} is not supported")
-    n_heads = hf["num_attention_heads"]
-    cfg = DecoderConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=n_heads, num_kv_heads=hf.get("num_key_value_heads", n_heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=_ARCHS[arch] or bool(hf.get("attention_bias", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-    )
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
-    state = {}
-    for shard in shards:
-        state.update(load_file(str(shard)))
-    decoder = Decoder(cfg)
-    if cfg.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
-    decoder.to(dtype).eval()
+    if (hf.get("rope_scaling") or {}).get("mrope_section"):
+        raise ValueError(f"{path}: RoPE scaling {hf['rope_scaling']} is not supported for a text-only model")
+    decoder = load_decoder(decoder_config(hf, _ARCHS[arch]), read_safetensors(path), str(path)).to(dtype)
     tokenizer = ChatTokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return decoder, tokenizer

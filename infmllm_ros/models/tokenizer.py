@@ -42,6 +42,14 @@ class ChatTokenizer:
         self.stop_ids = frozenset(stops)
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
             chat_template) if chat_template else None
+        # VLM templates (SmolVLM's) iterate a message's content as typed parts; others take a string.
+        self._content_parts = False
+        if self._template is not None:
+            probe = [{"role": "user", "content": "\x01probe"}]
+            try:
+                self._content_parts = "\x01probe" not in self.render_chat(probe, add_generation_prompt=False)
+            except Exception:  # noqa: BLE001 - any template error on a string content means parts
+                self._content_parts = True
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +72,8 @@ class ChatTokenizer:
         """
         if self._template is None:
             raise ValueError("this model has no chat template")
+        if self._content_parts:
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token="", eos_token=self.tokenizer.id_to_token(self.eos_id))
 
@@ -108,20 +118,35 @@ class ChatTokenizer:
         return cls(tok, chat_template, eos_id)
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "ChatTokenizer":
-        """From a Hugging Face checkpoint folder (``tokenizer.json`` + ``tokenizer_config.json``).
+    def from_hf_dir(cls, path: str | Path, extra_stop: tuple[str, ...] = ("<|im_end|>",)) -> "ChatTokenizer":
+        """From a Hugging Face checkpoint folder: ``tokenizer.json``, the chat template (in
+        ``tokenizer_config.json``, ``chat_template.jinja`` or ``chat_template.json``), and stop
+        tokens from ``tokenizer_config.json``'s ``eos_token``, ``generation_config.json``'s
+        ``eos_token_id`` and ``extra_stop``.
 
         Raises:
-            FileNotFoundError: if ``tokenizer.json`` is missing.
+            FileNotFoundError: if ``tokenizer.json`` is missing (the message names it).
         """
         path = Path(path)
         tjson = path / "tokenizer.json"
         if not tjson.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         tok = Tokenizer.from_file(str(tjson))
-        cfg_path = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+        def read(name: str) -> dict:
+            f = path / name
+            return json.loads(f.read_text()) if f.is_file() else {}
+
+        cfg = read("tokenizer_config.json")
+        template = cfg.get("chat_template") or read("chat_template.json").get("chat_template") or ""
+        if not template and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
         eos = cfg.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         eos_id = tok.token_to_id(eos) if eos else None
-        return cls(tok, cfg.get("chat_template") or "", eos_id if eos_id is not None else 0)
+        gen_eos = read("generation_config.json").get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if eos_id is None and gen_eos:
+            eos_id = gen_eos[0]
+        extra = tuple(extra_stop) + tuple(t for t in (tok.id_to_token(i) for i in gen_eos) if t)
+        return cls(tok, template, eos_id if eos_id is not None else 0, extra_stop=extra)

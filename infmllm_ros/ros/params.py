@@ -42,13 +42,16 @@ PARAMETERS = (
     Param("duplicate_threshold", 0.0,
           "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
           "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
-    Param("novelty_threshold", 0.6,
-          "class-distribution change (total variation in [0, 1]) from the camera's recent scene at "
-          "which a frame is stored with vision tokens; below it, as 'Nothing new.' (0: every frame)"),
+    Param("novelty_threshold", -1.0,
+          "change of a frame's summary from the camera's recent scene, in [0, 1], at which it is stored "
+          "with vision tokens; below it, as 'Nothing new.' (0: every frame; -1: the model family's "
+          "default, 0.6 total variation of class probabilities for the embedded model)"),
     Param("familiar_interval_s", DEFAULT_FAMILIAR_INTERVAL_S,
           "seconds between stored 'Nothing new.' frames of a camera; familiar frames in between only "
           "update the scene (0: store every frame)"),
-    Param("model", "smollm2-135m", "model preset (smollm2-135m) or path to a LLaMA-family GGUF file"),
+    Param("model", "smollm2-135m", "model preset (smollm2-135m), path to a LLaMA-family GGUF file, or a "
+          "Hugging Face checkpoint directory of a supported VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM2)"),
+    Param("precision", "fp32", "weight dtype of a Hugging Face model: fp32, fp16 or bf16 (GGUF models run fp32)"),
     Param("backend", "torch", "inference backend: torch, onnxruntime (CPU; exports its ONNX step on first start) "
           "or tensorrt (CUDA; engines from infmllm-build-engines)"),
     Param("engine_dir", "engines", "folder of exported decoder steps / TensorRT engines and their manifest"),
@@ -61,7 +64,7 @@ PARAMETERS = (
     Param("cache.decay", MEMORY_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
     Param("cache.vision_budget", -1, "vision tokens per (layer, KV head) row kept ahead of other saddles, "
           f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
-    Param("cache.max_chunk", 64, "largest prefill chunk in tokens"),
+    Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: the model's largest frame + 64)"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
@@ -84,6 +87,7 @@ class NodeConfig:
     novelty_threshold: float
     familiar_interval_s: float
     model: str
+    precision: str
     backend: str
     engine_dir: str
     device: str
@@ -110,12 +114,13 @@ class NodeConfig:
         return out
 
     def session_kwargs(self) -> dict:
-        """Keyword arguments for :class:`StreamSession` (see :meth:`EmbeddedModel.session`)."""
+        """Keyword arguments for :func:`~infmllm_ros.runtime.session.open_session`."""
         return dict(backend=self.backend, engine_dir=self.engine_dir,
                     capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
-                    beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk,
+                    beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk or None,
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
-                    novelty_threshold=self.novelty_threshold, familiar_interval_s=self.familiar_interval_s,
+                    novelty_threshold=None if self.novelty_threshold < 0 else self.novelty_threshold,
+                    familiar_interval_s=self.familiar_interval_s,
                     vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget)
 
 
@@ -177,7 +182,9 @@ def validate(values: dict) -> NodeConfig:
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
-    need(0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold", "must be in [0, 1]")
+    need(v["novelty_threshold"] == -1.0 or 0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold",
+         "must be in [0, 1], or -1 for the model family's default")
+    need(v["precision"] in ("fp32", "fp16", "bf16"), "precision", "fp32, fp16 or bf16")
     need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS}")
     need(v["backend"] != "tensorrt" or v["device"].startswith("cuda"), "device", "cuda with backend tensorrt")
     need(v["backend"] != "onnxruntime" or v["device"] == "cpu", "device", "cpu with backend onnxruntime")
@@ -191,7 +198,8 @@ def validate(values: dict) -> NodeConfig:
     need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
     need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
     need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
-    need(v["cache.max_chunk"] >= 8, "cache.max_chunk", "must be >= 8")
+    need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
+         "must be >= 8, or 0 for the model's largest frame + 64")
     need(v["cache.vision_budget"] <= 0 or scores_slots(v["cache.policy"]),
          "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
     need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",

@@ -46,10 +46,12 @@ class Backend:
         """Raise ValueError if this backend cannot serve ``cache`` (nothing to check for torch)."""
 
     def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
-                  frame_id: int = -1, stamp_s: float = math.nan, logits: bool = True) -> torch.Tensor | None:
+                  frame_id: int = -1, stamp_s: float = math.nan, logits: bool = True,
+                  mrope: torch.Tensor | None = None) -> torch.Tensor | None:
         """Append ``embeds`` ``[n, hidden]`` to the stream; fp32 logits ``[vocab]`` of its last token.
 
         ``kind``, ``frame_id``, ``stamp_s``: slot metadata (see :meth:`KVCache.begin_chunk`).
+        ``mrope``: int64 ``[3, n]`` M-RoPE positions of a vision chunk (:meth:`Decoder.forward`).
         ``logits=False``: the caller does not need them (a frame); a backend may skip the LM head
         (torch does: one ``[vocab, hidden]`` matrix-vector product, ~20 ms for SmolLM2 on one
         core here) and return None.
@@ -66,8 +68,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True):
-        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s)
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
+        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s, mrope)
         return self.decoder.logits(hidden[-1:])[0] if logits else None
 
 
@@ -92,7 +94,9 @@ class EngineBackend(Backend):
         return (spec.beta, spec.normalise) if spec else (0.0, True)
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True):
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
+        if mrope is not None:
+            raise ValueError(f"the {self.name} backend runs 1-D RoPE decoders only")
         if self.step is None:
             raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
         cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
@@ -203,8 +207,12 @@ def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines"
     """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ValueError: an unknown name (the message lists the known ones), or an engine backend
+            for an M-RoPE decoder (its step is exported with 1-D positions; torch runs it).
     """
+    if name in ("onnxruntime", "tensorrt") and decoder.cfg.mrope_section is not None:
+        raise ValueError(f"the {name} backend exports 1-D RoPE decoders; this M-RoPE model (Qwen2-VL family) "
+                         f"runs on the torch backend")
     if name == "torch":
         return TorchBackend(decoder)
     if name == "onnxruntime":

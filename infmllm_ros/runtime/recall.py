@@ -20,10 +20,17 @@ import torch
 
 from ..kvcache import KVCache, SlotKind
 
-#: Layer whose values are matched, counted from the top (``-7`` is layer 23 of SmolLM2-135M's 30):
-#: the best single layer on two 3- and 5-minute needle drives (6/6 events each, held out on
-#: the second); see bench/results/README.md, "Sightings".
-DEFAULT_RECALL_LAYER = -7
+#: Relative depth of the layer whose values are matched: layer 23 of SmolLM2-135M's 30 was the
+#: best single layer on two 3- and 5-minute needle drives (6/6 events each, held out on the
+#: second; bench/results/README.md, "Sightings"). Other families take the same relative depth,
+#: not yet measured on their real weights.
+RECALL_DEPTH = 23 / 30
+
+
+def default_recall_layer(num_layers: int) -> int:
+    """The default recall layer of a ``num_layers``-layer decoder, counted from the top
+    (negative): ``-7`` for SmolLM2's 30 layers (:data:`RECALL_DEPTH`)."""
+    return -max(1, num_layers - round(RECALL_DEPTH * num_layers))
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class Sighting:
     score: float
 
 
-def find_sightings(cache: KVCache, query_tokens: int, layer: int = DEFAULT_RECALL_LAYER,
+def find_sightings(cache: KVCache, query_tokens: int, layer: int,
                    top: int = 3) -> list[Sighting]:
     """The frames in ``cache`` that best match its newest ``query_tokens`` tokens (a question).
 

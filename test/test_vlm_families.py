@@ -1,0 +1,108 @@
+"""Qwen2.5-VL and SmolVLM2 behind the family interface, against transformers on tiny random models.
+
+Each checkpoint is built by the test from a transformers config (random weights, a BPE trained
+here), saved as a Hugging Face directory and loaded by both sides: our families
+(``infmllm_ros.models.load_model``) and transformers' ``*ForConditionalGeneration``.
+"""
+import numpy as np
+import pytest
+import torch
+
+from infmllm_ros.bench.random_models import build_random_checkpoint
+from infmllm_ros.kvcache import SlotKind
+from infmllm_ros.models import load_model
+from infmllm_ros.runtime.session import StreamSession
+
+SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny")
+QUESTION = "What did the front camera see, and when?"
+
+
+def frame(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
+    """A random but structured RGB frame (smooth gradients + noise), uint8 [h, w, 3]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(6 * xx + seed), np.cos(5 * yy - seed), np.sin(3 * (xx + yy) + 2 * seed)], -1)
+    return np.clip(127 + 100 * base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module", params=SHAPES)
+def family(request, tmp_path_factory):
+    """(shape, our model, transformers' model) of one tiny random checkpoint."""
+    from transformers import AutoModelForImageTextToText
+
+    path = build_random_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=1)
+    ours = load_model(str(path))
+    ref = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    return request.param, ours, ref
+
+
+def reference_inputs(model, chunk_ids: list[int], rgb: np.ndarray) -> dict:
+    """transformers' inputs for ``chunk_ids`` with the frame's pixels, from the family's processor."""
+    ids = torch.tensor([chunk_ids])
+    if hasattr(model, "visual"):  # Qwen: pixels + grid, and which tokens are image tokens (M-RoPE)
+        px = model.processor(images=[rgb], return_tensors="pt")
+        return {"input_ids": ids, "pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"],
+                "mm_token_type_ids": (ids == model.image_token_id).int()}
+    px = model.processor(images=[[rgb]], return_tensors="pt")
+    return {"input_ids": ids, "pixel_values": px["pixel_values"], "pixel_attention_mask": px["pixel_attention_mask"]}
+
+
+def prompt(session: StreamSession, rgb: np.ndarray, stamp: float = 3.0):
+    """Our chunks for system prompt + one frame + the question, and the same as one id list."""
+    model = session.model
+    chunk = model.frame_chunk(f"<frame t={stamp:.1f}s cam=front>", model.encode_frame(rgb))
+    question = model.tokenizer.encode(model.tokenizer.render_turn("user", QUESTION, add_generation_prompt=True))
+    return chunk, question, session._system_ids + chunk.ids(model.image_token_id) + question
+
+
+def test_vision_embeddings_equal_transformers(family):
+    _, ours, ref = family
+    rgb = frame(0)
+    got = ours.encode_frame(rgb).embeds
+    inputs = reference_inputs(ours, [0], rgb)
+    with torch.no_grad():
+        if hasattr(ours, "visual"):
+            want = ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        else:
+            want = ref.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output[0]
+    assert got.shape == want.shape and got.shape[0] == ours.encode_frame(rgb).grid[0] * ours.encode_frame(rgb).grid[1]
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_image_and_text_prompt_logits_equal_transformers(family):
+    """Every position's logits: system chunk, frame chunk (M-RoPE positions for Qwen), question."""
+    _, ours, ref = family
+    rgb = frame(1)
+    s = StreamSession(ours, capacity=512, policy="full", recent=64)
+    chunk, question, ids = prompt(s, rgb)
+    dec, cache = ours.decoder, s.cache
+    cache.reset()
+    step = cache.max_chunk
+    hidden = [dec(dec.embed(torch.tensor(s._system_ids[i:i + step])), cache, SlotKind.SINK)
+              for i in range(0, len(s._system_ids), step)]
+    embeds, kinds = s.chunk_embeds(chunk)
+    hidden.append(dec(embeds, cache, kinds, mrope=chunk.mrope))
+    hidden += [dec(dec.embed(torch.tensor(question[i:i + step])), cache) for i in range(0, len(question), step)]
+    got = dec.logits(torch.cat(hidden))
+    with torch.no_grad():
+        want = ref(**reference_inputs(ours, ids, rgb)).logits[0]
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_full_cache_session_answers_token_for_token_like_generate(family):
+    _, ours, ref = family
+    rgb = frame(2)
+    s = StreamSession(ours, capacity=512, policy="full", recent=64, novelty_threshold=0.0)
+    _, _, ids = prompt(s, rgb)
+    r = s.ingest_frame(rgb, 3.0)
+    assert r.novel and r.stored and r.tokens == len(ids) - len(s._system_ids) - len(
+        ours.tokenizer.encode(ours.tokenizer.render_turn("user", QUESTION, add_generation_prompt=True)))
+    answer = s.ask(QUESTION, max_new_tokens=16)
+    with torch.no_grad():
+        out = ref.generate(**reference_inputs(ours, ids, rgb), max_new_tokens=16, do_sample=False,
+                           eos_token_id=sorted(ours.tokenizer.stop_ids), pad_token_id=0)
+    want = out[0, len(ids):].tolist()
+    want = want[:next((i for i, t in enumerate(want) if t in ours.tokenizer.stop_ids), len(want))]
+    assert list(answer.token_ids) == want and len(want) >= 1
+    assert answer.frames_in_context == 1 and answer.first_frame_s == 3.0
