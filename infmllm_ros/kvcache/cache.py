@@ -6,11 +6,17 @@ slots (RoPE positions ``length..length+n-1``: positions are slot indices, as in 
 attended, and then, if ``length + n > capacity``, the policy chooses ``capacity`` slots per
 (layer, kv_head) row to keep and they are compacted to the front with their keys re-rotated.
 
-M-RoPE models (Qwen2-VL) give a chunk's vision tokens 2-D (h, w) positions, so the chunk moves
-the position counter by less than its length. The cache keeps that lag in ``position_offset``
-(<= 0): the next chunk starts at RoPE position ``length + position_offset``. Compaction moves
-every kept token by its slot shift, and the newest tokens (always kept) by exactly the tokens
-evicted, so the offset is unchanged by eviction and positions stay below ``length``.
+M-RoPE models (Qwen2-VL) give a chunk's vision tokens 2-D (h, w) positions, so an image chunk
+moves the position counter by less than its length (transformers' ``get_rope_index``: the text
+after an ``h x w`` image resumes ``max(h, w)`` positions later). Until the first eviction the
+cache follows that exactly: ``position_offset`` (<= 0) is how far the next chunk's position
+lags its slot, and each slot records its segment's lag (``rope_lag``: the t position minus the
+slot of its text token, or of the first token of its image). Left alone, the lag would grow with
+every frame and, after compaction, place new tokens before the sinks. So compaction, besides the
+slot shift, re-rotates each kept key by minus its lag (the same rotation on all three axes,
+which is a 1-D rotation, :mod:`.rope`): afterwards every text token sits at its slot, an image
+keeps its 2-D layout from its first kept slot, and ``position_offset`` is 0 again. The lag is a
+property of the token, so rows that kept different tokens still agree on the newest ones.
 """
 from __future__ import annotations
 
@@ -74,7 +80,9 @@ class KVCache:
         stamp: float64 ``[layers, kv_heads, slots]`` frame time in seconds (NaN for text).
         length: occupied slots per row (same for all rows).
         position_offset: RoPE position of the next chunk minus ``length`` (tokens, <= 0; 0 for
-            text-only streams).
+            text-only streams and after every compaction).
+        rope_lag: int64 ``[layers, kv_heads, slots]`` per-slot segment lag of an M-RoPE model
+            (None for 1-D RoPE): see the module docstring.
         stream_tokens: tokens seen since the last reset.
         evicted_tokens: tokens dropped per row since the last reset.
 
@@ -105,6 +113,8 @@ class KVCache:
         self.kind = torch.zeros(shape, dtype=torch.int8, device=device)
         self.frame = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.stamp = torch.full(shape, math.nan, dtype=torch.float64, device=device)
+        mrope = rope is not None and rope.mrope_section is not None
+        self.rope_lag = torch.zeros(shape, dtype=torch.int64, device=device) if mrope else None
         spec = policy.score_spec
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
         self._window = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
@@ -130,21 +140,22 @@ class KVCache:
         self.evicted_tokens = 0
 
     def begin_chunk(self, n: int, kind: SlotKind | torch.Tensor = SlotKind.TEXT, frame_id: int = -1,
-                    stamp_s: float = math.nan, advance: int | None = None) -> torch.Tensor:
+                    stamp_s: float = math.nan, mrope: torch.Tensor | None = None) -> torch.Tensor:
         """Reserve slots for a chunk of ``n`` tokens and record their metadata.
 
         ``kind`` is one :class:`SlotKind` for the whole chunk, or int8 ``[n]`` per token (a
-        frame chunk: its tag is TEXT, its vision tokens VISION). ``advance``: how far the chunk
-        moves the RoPE position counter (tokens, ``1..n``; default ``n``); an M-RoPE frame chunk
-        advances by less than its length (see the module docstring).
+        frame chunk: its tag is TEXT, its vision tokens VISION). ``mrope``: int64 ``[3, n]``
+        (t, h, w) positions relative to the chunk's first position, for an M-RoPE chunk with an
+        image (None: consecutive positions); the chunk advances the position counter by
+        ``mrope.max() + 1`` (see the module docstring).
 
         Returns:
             int64 ``[n]`` 1-D RoPE positions for the chunk: the slot indices plus
-            :attr:`position_offset` (an M-RoPE model adds its per-axis offsets to the first).
+            :attr:`position_offset` (an M-RoPE model adds ``mrope`` to the first).
 
         Raises:
             ValueError: ``n`` outside ``1..max_chunk``, per-token kinds not of length ``n``, or
-                ``advance`` outside ``1..n``.
+                ``mrope`` not a non-negative ``[3, n]`` on an M-RoPE cache.
             CacheFullError: the policy never evicts and the chunk would exceed capacity.
             RuntimeError: a previous chunk was begun and not committed.
         """
@@ -154,8 +165,10 @@ class KVCache:
             raise ValueError(f"chunk of {n} tokens is outside 1..max_chunk={self.max_chunk}")
         if isinstance(kind, torch.Tensor) and kind.shape != (n,):
             raise ValueError(f"per-token kinds must be [{n}], got {tuple(kind.shape)}")
-        if advance is not None and not 1 <= advance <= n:
-            raise ValueError(f"a chunk of {n} tokens must advance positions by 1..{n}, got {advance}")
+        if mrope is not None and (self.rope_lag is None or tuple(mrope.shape) != (3, n) or int(mrope.min()) < 0
+                                  or int(mrope.max()) >= n):
+            raise ValueError(f"mrope positions must be int [3, {n}] in 0..{n - 1} on an M-RoPE cache, "
+                             f"got {tuple(mrope.shape)}")
         if not self.policy.evicts and self.length + n > self.capacity:
             raise CacheFullError(
                 f"full KV cache of {self.capacity} tokens cannot take {n} more "
@@ -171,9 +184,23 @@ class KVCache:
         # Causal mask of the chunk's queries over cache + chunk, shared by every layer.
         self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
         self._mask[:, s:] = self._causal[:n, :n]
+        if self.rope_lag is not None:
+            self.rope_lag[:, :, s:e] = self.position_offset + self._segment_lag(n, mrope, dev)
         self.pending = n
-        self._advance = n if advance is None else advance
+        self._advance = n if mrope is None else int(mrope.max()) + 1
         return torch.arange(s + self.position_offset, e + self.position_offset, device=dev)
+
+    @staticmethod
+    def _segment_lag(n: int, mrope: torch.Tensor | None, device) -> torch.Tensor:
+        """Per token of a chunk: its t position minus the chunk index of the first token with
+        the same t (a text token: itself; an image token: the image's first token), ``[n]``."""
+        if mrope is None:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+        t = mrope[0].to(device)
+        index = torch.arange(n, device=device)
+        first = torch.full((int(t.max()) + 1,), n, dtype=torch.int64, device=device).scatter_reduce(
+            0, t, index, reduce="amin")
+        return t - first[t]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the chunk's keys/values for ``layer`` and attend to cache + chunk.
@@ -233,7 +260,8 @@ class KVCache:
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         extra = (self.scores,) if self.scores is not None else ()
-        return (self.k, self.v, self.position, self.kind, self.frame, self.stamp) + extra
+        lag = (self.rope_lag,) if self.rope_lag is not None else ()
+        return (self.k, self.v, self.position, self.kind, self.frame, self.stamp) + extra + lag
 
     def snapshot(self) -> dict:
         """Copy of the occupied state (for a question asked with ``keep_in_context=False``).
@@ -284,7 +312,9 @@ class KVCache:
             return 0
         scores = self.scores[:, :, :t] if spec is not None else None
         keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device, self.kind[:, :, :t])
-        meta = self._state()[2:]  # per-slot metadata (+ carried scores), gathered like K/V
+        # per-slot metadata (+ carried scores), gathered like K/V; the M-RoPE lag is settled below
+        meta = tuple(m for m in self._state()[2:] if m is not self.rope_lag)
+        lag = None if self.rope_lag is None else torch.gather(self.rope_lag[:, :, :t], 2, keep)
         if self.k.is_cuda:
             kernels.kv_compact(self.k, self.v, keep, self.rope, meta)
         else:
@@ -295,6 +325,13 @@ class KVCache:
             for layer in range(self.k.shape[0]):
                 rows = slice(layer, layer + 1)
                 kv_compact(self.k[rows], self.v[rows], keep[rows], self.rope, tuple(m[rows] for m in meta))
+        if lag is not None:  # M-RoPE: every kept token back to its slot (module docstring)
+            if bool(lag.any()):
+                b = self.capacity
+                for layer in range(self.k.shape[0]):
+                    self.k[layer, :, :b] = self.rope.rerotate(self.k[layer, :, :b], -lag[layer])
+            self.rope_lag.zero_()
+            self.position_offset = 0
         self.length = self.capacity
         evicted = t - self.capacity
         self.evicted_tokens += evicted

@@ -101,21 +101,18 @@ class Rope:
         return x * cos + rotate_half(x) * sin
 
     def rerotate(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Move post-RoPE ``keys`` ``[..., n, head_dim]`` by ``shift`` slots ``[..., n]`` (int).
+        """Move post-RoPE ``keys`` ``[..., n, head_dim]`` by ``shift`` positions ``[..., n]`` (int).
 
-        ``shift`` is ``new_slot - old_slot`` (zero or negative after compaction). The rotation
-        is done in fp32 and cast back to the keys' dtype.
-
-        Raises:
-            ValueError: a positive shift (keys only move toward slot 0).
+        ``shift`` is ``new_position - old_position``: ``new_slot - old_slot`` after compaction
+        (zero or negative), or the M-RoPE lag correction (:class:`~.cache.KVCache`, any sign).
+        The rotation is done in fp32 and cast back to the keys' dtype.
         """
-        if shift.numel() and int(shift.max()) > 0:
-            raise ValueError("rerotate shifts must be <= 0 (compaction moves keys toward slot 0)")
-        # Compaction shifts take few distinct values (0 down to minus the tokens evicted), so
-        # look the angles up in a table of that range rather than evaluating cos/sin for every
-        # key: the table holds the same cos_sin values, so the result is bit-identical.
+        # Shifts take few distinct values (0 down to minus the tokens evicted), so look the
+        # angles up in a table of that range rather than evaluating cos/sin for every key: the
+        # table holds the same cos_sin values, so the result is bit-identical.
         low = int(shift.min()) if shift.numel() else 0
-        cos, sin = self.cos_sin(torch.arange(low, 1, device=shift.device), torch.float32)
+        high = max(int(shift.max()), 0) if shift.numel() else 0
+        cos, sin = self.cos_sin(torch.arange(low, high + 1, device=shift.device), torch.float32)
         index = (shift - low).reshape(-1)
         cos = cos.index_select(0, index).view(*shift.shape, self.head_dim)
         sin = sin.index_select(0, index).view(*shift.shape, self.head_dim)

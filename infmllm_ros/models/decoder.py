@@ -189,7 +189,8 @@ class Decoder(nn.Module):
                 ``[n]`` per token, see :meth:`KVCache.begin_chunk`).
             mrope: int64 ``[3, n]`` (t, h, w) positions relative to the chunk's first position,
                 for an M-RoPE model's chunk that holds vision tokens (None: 1-D positions).
-                The chunk advances the position counter by ``mrope.max() + 1``.
+                The chunk advances the position counter by ``mrope.max() + 1``
+                (:meth:`KVCache.begin_chunk`).
 
         Returns:
             final normed hidden states ``[n, hidden]`` (apply :meth:`logits` where needed).
@@ -201,14 +202,9 @@ class Decoder(nn.Module):
         n = embeds.shape[0]
         if embeds.dim() != 2 or embeds.shape[1] != self.cfg.hidden_size:
             raise ValueError(f"embeds must be [n, {self.cfg.hidden_size}], got {tuple(embeds.shape)}")
-        advance = None
-        if mrope is not None:
-            if self.cfg.mrope_section is None:
-                raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
-            if tuple(mrope.shape) != (3, n) or int(mrope.min()) < 0:
-                raise ValueError(f"mrope must be non-negative int [3, {n}], got {tuple(mrope.shape)}")
-            advance = int(mrope.max()) + 1
-        positions = cache.begin_chunk(n, kind, frame_id, stamp_s, advance)
+        if mrope is not None and self.cfg.mrope_section is None:
+            raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
+        positions = cache.begin_chunk(n, kind, frame_id, stamp_s, mrope)
         try:
             x = embeds
             rope_cs = (self.rope.cos_sin(positions, embeds.dtype) if mrope is None else
