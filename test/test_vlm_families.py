@@ -106,3 +106,61 @@ def test_full_cache_session_answers_token_for_token_like_generate(family):
     want = want[:next((i for i, t in enumerate(want) if t in ours.tokenizer.stop_ids), len(want))]
     assert list(answer.token_ids) == want and len(want) >= 1
     assert answer.frames_in_context == 1 and answer.first_frame_s == 3.0
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_random_checkpoint("qwen2.5-vl-tiny", tmp_path_factory.mktemp("qwen-bad"), seed=3)
+
+
+def broken_copy(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    return str(dst)
+
+
+def test_unsupported_architecture_names_the_supported_families(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration.*not supported.*Qwen2_5_VL.*SmolVLM"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load_model(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "preprocessor_config.json",
+                                     "config.json"])
+def test_a_missing_checkpoint_file_is_named(qwen_dir, tmp_path, missing):
+    path = broken_copy(qwen_dir, tmp_path / "m", lambda d: (d / missing).unlink())
+    with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.") if missing != "model.safetensors"
+                       else r"\.safetensors"):
+        load_model(path)
+
+
+def test_weights_that_disagree_with_the_config_are_refused(qwen_dir, tmp_path):
+    import json
+
+    def widen(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["text_config"]["intermediate_size"] = 128
+        (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"shapes disagree.*mlp\..*proj\.weight: checkpoint \(96, 64\), config \(128, 64\)"):
+        load_model(broken_copy(qwen_dir, tmp_path / "w", widen))
+
+
+def test_a_frame_the_processor_cannot_take_changes_nothing(qwen_dir):
+    model = load_model(str(qwen_dir))
+    s = StreamSession(model, capacity=256, recent=32, sinks=4, system_prompt="Watch.", novelty_threshold=0.0)
+    s.ingest_frame(frame(0), 1.0)
+    before = (s.cache.length, s.cache.position_offset, s.frames_ingested, s.cache.k.clone())
+    for bad, error in ((np.zeros((4, 4, 3), np.uint8), "too small"),
+                       (np.zeros((10, 4000, 3), np.uint8), "aspect ratio"),
+                       (np.zeros((32, 32), np.uint8), "RGB")):
+        with pytest.raises(ValueError, match=error):
+            s.ingest_frame(bad, 2.0)
+    assert (s.cache.length, s.cache.position_offset, s.frames_ingested) == before[:3]
+    assert torch.equal(s.cache.k, before[3])
+    assert s.ingest_frame(frame(1), 2.0).stored  # and the stream goes on
