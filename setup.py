@@ -36,6 +36,8 @@ setup(
             "infmllm-make-bag = infmllm_ros.ros.bag:main",
             "infmllm-replay = infmllm_ros.ros.replay:main",
             "infmllm-demo = infmllm_ros.ros.demo:main",
+            "infmllm-chat = infmllm_ros.tools.chat:main",
+            "infmllm-random-checkpoint = infmllm_ros.bench.random_models:main",
         ],
     },
 )

@@ -101,6 +101,38 @@ class LoopedClip:
         return self.frames[int(round(t * self.fps)) % len(self.frames)]
 
 
+def iter_video(path: str | Path, fps: float):
+    """Decode the clip at ``path`` one frame at a time, sampled at ``fps`` per second (<= 0:
+    every frame): yields ``(t seconds, uint8 RGB [H, W, 3])``, holding one frame in memory.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: OpenCV cannot decode a single frame.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    cap = cv2.VideoCapture(str(path))
+    native = cap.get(cv2.CAP_PROP_FPS) or 30.0
+    i, next_t, any_frame = 0, 0.0, False
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            t = i / native
+            if fps <= 0 or t >= next_t:
+                any_frame = True
+                yield t, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                next_t += 1.0 / fps if fps > 0 else 0.0
+            i += 1
+    finally:
+        cap.release()
+    if not any_frame:
+        raise ValueError(f"{path}: no frames could be decoded")
+
+
 def video_frames(path: str | Path, fps: float) -> LoopedClip:
     """The clip at ``path`` as a :class:`LoopedClip`: t (seconds) -> uint8 RGB frame at ``t``
     modulo the clip length.
@@ -111,26 +143,7 @@ def video_frames(path: str | Path, fps: float) -> LoopedClip:
     Raises:
         FileNotFoundError: missing file. ValueError: OpenCV cannot decode it.
     """
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
-    cap = cv2.VideoCapture(str(path))
-    native = cap.get(cv2.CAP_PROP_FPS) or 30.0
-    frames, i, next_t = [], 0, 0.0
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        if i / native >= next_t:
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            next_t += 1.0 / fps
-        i += 1
-    cap.release()
-    if not frames:
-        raise ValueError(f"{path}: no frames could be decoded")
-    return LoopedClip(frames, fps)
+    return LoopedClip([rgb for _, rgb in iter_video(path, fps)], fps)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Operator tools that need no ROS graph: chat with a model over a video file."""
