@@ -66,7 +66,8 @@ class InfMLLMNode(Node):
         self.model = load_model(cfg.model, cfg.device, cfg.precision)
         self.session = open_session(self.model, progress=log.info, **cfg.session_kwargs())
         kv_bytes = 2 * self.session.cache.k.numel() * self.session.cache.k.element_size()
-        log.info(f"model ready in {time.perf_counter() - t0:.1f} s; KV cache {cfg.cache_capacity} tokens "
+        log.info(f"model {self.model.name} ({self.model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
+                 f"KV cache {cfg.cache_capacity} tokens "
                  f"({kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), system prompt "
                  f"{self.session.cache.length} tokens")
         self._kv_bytes = kv_bytes

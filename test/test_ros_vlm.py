@@ -1,0 +1,55 @@
+"""The node with a Hugging Face VLM directory (a tiny random Qwen2.5-VL built here) over real
+DDS on loopback: raw frames in, /ask answered, and a broken checkpoint stops it with the reason."""
+import shutil
+
+import pytest
+import yaml
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
+from builtin_interfaces.msg import Time  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from infmllm_ros.bench.random_models import build_random_checkpoint  # noqa: E402
+from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
+from test_ros_node import Graph  # noqa: E402
+from test_vlm_families import frame  # noqa: E402
+
+TOPIC = "/vlmtest/front/image_raw"
+
+
+def test_node_runs_a_hugging_face_vlm_directory(tmp_path):
+    model = build_random_checkpoint("qwen2.5-vl-tiny", tmp_path / "qwen")
+    env = ros_env()
+    proc, log = start_node(tmp_path, env, {
+        "model": str(model), "camera_topics": [TOPIC], "camera_transports": ["raw"], "qos_reliability": "reliable",
+        "qos_depth": 5, "cache.capacity": 512, "cache.recent": 64, "novelty_threshold": 0.0,
+        "max_new_tokens": 8, "diagnostics_period_s": 0.5})
+    graph = Graph(env)
+    try:
+        pub = graph.node.create_publisher(Image, TOPIC, 10)
+        for sec in (1, 2, 3):
+            rgb = frame(sec)
+            msg = Image(header=Header(stamp=Time(sec=1_700_000_000 + sec), frame_id="cam"), height=rgb.shape[0],
+                        width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3, data=rgb.tobytes())
+            assert graph.publish_and_wait(pub, msg) == "ingested"
+        out = run_tool("infmllm-ask", ["What did you see?", "--timeout", "120"], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "3 frames in context" in out.stdout
+        status = graph.latest_status()
+        assert status["frames_ingested"] == "3" and status["frames_stored"] == "3"
+        assert "qwen2_5_vl" in log.read_text()
+    finally:
+        graph.close()
+        assert stop_node(proc) == 0
+
+
+def test_node_refuses_a_checkpoint_without_its_tokenizer(tmp_path):
+    model = build_random_checkpoint("smolvlm2-tiny", tmp_path / "smol")
+    (model / "tokenizer.json").unlink()
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"model": str(model)}}}))
+    out = run_tool("infmllm-node", ["--ros-args", "--params-file", params], ros_env(), timeout_s=120)
+    assert out.returncode == 2
+    assert f"no tokenizer.json in {model}" in out.stdout + out.stderr
+    shutil.rmtree(model)
