@@ -79,13 +79,17 @@ def test_jpeg_decodes_and_corrupt_jpeg_is_refused():
 def test_parameters_are_validated_with_the_name_in_the_message():
     cfg = validate({})
     assert cfg.cameras == [("camera/front/image_raw/compressed", "front", True)]
-    assert cfg.session_kwargs()["sinks"] is None and cfg.session_kwargs()["novelty_threshold"] == 0.6
+    assert cfg.session_kwargs()["sinks"] is None and cfg.session_kwargs()["novelty_threshold"] is None  # family's
+    assert cfg.session_kwargs()["max_chunk"] is None and cfg.precision == "fp32"  # 0: the model's largest frame
+    assert validate({"novelty_threshold": 0.3, "cache.max_chunk": 96}).session_kwargs()["max_chunk"] == 96
     assert cfg.session_kwargs()["vision_budget"] is None  # -1: the session's default for the policy
     assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
                       ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
                       ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
                       ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
+                      ({"novelty_threshold": -0.5}, "novelty_threshold"), ({"precision": "int4"}, "precision"),
+                      ({"cache.max_chunk": 4}, "cache.max_chunk"),
                       ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
                       ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
                       ({"cache.vision_budget": 900}, "cache.vision_budget"),

@@ -113,6 +113,8 @@ class KVCache:
         self.kind = torch.zeros(shape, dtype=torch.int8, device=device)
         self.frame = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.stamp = torch.full(shape, math.nan, dtype=torch.float64, device=device)
+        # Our CUDA kernels take fp16/fp32 buffers; a bf16 cache on CUDA runs the torch reference.
+        self._cuda_kernels = self.k.is_cuda and dtype in (torch.float16, torch.float32)
         mrope = rope is not None and rope.mrope_section is not None
         self.rope_lag = torch.zeros(shape, dtype=torch.int64, device=device) if mrope else None
         spec = policy.score_spec
@@ -252,7 +254,7 @@ class KVCache:
     def _score_window(self, layer: int, q: torch.Tensor, logits: torch.Tensor, s: int, t: int, spec) -> None:
         """Window scores of ``layer`` into ``_window``: the CUDA kernel on GPU, else from ``logits``."""
         hq, n, d = q.shape
-        if self.k.is_cuda and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
+        if self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
             kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
                                   spec.beta, spec.normalise, out=self._window[layer:layer + 1])
         else:
@@ -315,7 +317,7 @@ class KVCache:
         # per-slot metadata (+ carried scores), gathered like K/V; the M-RoPE lag is settled below
         meta = tuple(m for m in self._state()[2:] if m is not self.rope_lag)
         lag = None if self.rope_lag is None else torch.gather(self.rope_lag[:, :, :t], 2, keep)
-        if self.k.is_cuda:
+        if self._cuda_kernels:
             kernels.kv_compact(self.k, self.v, keep, self.rope, meta)
         else:
             # One layer at a time: the reference's gathers and re-rotation allocate ~6 copies of
