@@ -3,9 +3,10 @@
 No registry ships real VLM weights, and none are reachable from CI, so correctness is proven on
 tiny random models against ``transformers`` (the tests) and speed is measured at real shapes
 with random weights (speed does not depend on the values). :data:`SHAPES` is the table: a
-family's ``transformers`` config class and the sizes, tiny ones for tests and the published
-sizes of real checkpoints (``config.json`` of Qwen/Qwen2.5-VL-3B-Instruct,
-HuggingFaceTB/SmolVLM2-256M-Video-Instruct and SmolVLM2-2.2B-Instruct).
+family's ``transformers`` config class and the sizes, tiny ones for tests and those of the
+published ``config.json`` of Qwen/Qwen2.5-VL-3B-Instruct, HuggingFaceTB/SmolVLM2-256M-Video-Instruct
+and SmolVLM2-2.2B-Instruct (the hub is not reachable from here: check them against the real file
+before relying on a figure; the vocabulary and the tokenizer are stand-ins).
 
 A checkpoint is written the way ``save_pretrained`` writes one: ``config.json``,
 ``model.safetensors``, ``tokenizer.json`` (a byte-level BPE trained here with ``tokenizers``,

@@ -68,6 +68,25 @@ def decoder_config(text: dict, attention_bias: bool = False) -> DecoderConfig:
         raise ValueError(f"config has no {exc.args[0]!r}") from exc
 
 
+def read_vlm_config(path: Path, attention_bias: bool = False) -> tuple[dict, DecoderConfig]:
+    """A VLM checkpoint folder's ``config.json`` and its language model's :class:`DecoderConfig`
+    (``text_config``, or the top level for 4.x Qwen2-VL files; tied embeddings from either).
+
+    Raises:
+        FileNotFoundError: no ``config.json``, ``tokenizer.json`` or ``preprocessor_config.json``
+            (named). ValueError: no ``image_token_id``, or see :func:`decoder_config`.
+    """
+    hf = read_config(path)
+    for required in ("tokenizer.json", "preprocessor_config.json"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"no {required} in {path}")
+    if "image_token_id" not in hf:
+        raise ValueError(f"{path}/config.json has no image_token_id")
+    text = hf.get("text_config") or hf
+    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return hf, decoder_config({**text, "tie_word_embeddings": tie}, attention_bias)
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder's ``*.safetensors`` shards, by name.
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .family import FrameEncoding, VisionLanguageModel
-from .hf_loader import decoder_config, load_decoder, load_module_state, read_config, read_safetensors, take_prefixed
+from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
 from .tokenizer import ChatTokenizer
 from .vision import check_rgb
 
@@ -104,15 +104,7 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    hf = read_config(path)
-    for required in ("tokenizer.json", "preprocessor_config.json"):
-        if not (path / required).is_file():
-            raise FileNotFoundError(f"no {required} in {path}")
-    if "image_token_id" not in hf:
-        raise ValueError(f"{path}/config.json has no image_token_id")
-    text = hf.get("text_config") or hf
-    cfg = decoder_config({**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get(
-        "tie_word_embeddings", False))}, attention_bias=True)
+    hf, cfg = read_vlm_config(path, attention_bias=True)
     if cfg.mrope_section is None:
         raise ValueError(f"{path}/config.json has no mrope_section (rope_scaling / rope_parameters)")
     state = read_safetensors(path)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .family import FrameEncoding, VisionLanguageModel
-from .hf_loader import decoder_config, load_decoder, load_module_state, read_config, read_safetensors, take_prefixed
+from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
 from .tokenizer import ChatTokenizer
 from .vision import check_rgb
 
@@ -79,12 +79,7 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     from transformers import AutoConfig
 
     path = Path(path)
-    hf = read_config(path)
-    for required in ("tokenizer.json", "preprocessor_config.json"):
-        if not (path / required).is_file():
-            raise FileNotFoundError(f"no {required} in {path}")
-    if "image_token_id" not in hf:
-        raise ValueError(f"{path}/config.json has no image_token_id")
+    hf, cfg = read_vlm_config(path)
     if hf.get("model_type") == "idefics3":
         from transformers.models.idefics3.image_processing_pil_idefics3 import (
             Idefics3ImageProcessorPil as Processor)
@@ -94,9 +89,6 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as Processor
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector as Connector
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer as Tower
-    text = hf["text_config"]
-    cfg = decoder_config({**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get(
-        "tie_word_embeddings", False))})
     state = read_safetensors(path)
     vision_state = take_prefixed(state, ("model.vision_model.",))
     connector_state = take_prefixed(state, ("model.connector.",))

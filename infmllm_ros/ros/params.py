@@ -64,7 +64,7 @@ PARAMETERS = (
     Param("cache.decay", MEMORY_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
     Param("cache.vision_budget", -1, "vision tokens per (layer, KV head) row kept ahead of other saddles, "
           f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
-    Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: the model's largest frame + 64)"),
+    Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: 64, or the model's largest frame: its vision tokens + 48)"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
@@ -199,7 +199,7 @@ def validate(values: dict) -> NodeConfig:
     need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
     need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
     need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
-         "must be >= 8, or 0 for the model's largest frame + 64")
+         "must be >= 8, or 0 for the session's default")
     need(v["cache.vision_budget"] <= 0 or scores_slots(v["cache.policy"]),
          "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
     need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",

@@ -101,7 +101,7 @@ class StreamSession:
         capacity: KV slots (tokens) kept. policy: policy name (:data:`kvcache.POLICIES`).
         recent: protected newest tokens. beta, decay: inf_mllm attention bias and score carry.
         max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
-            None: room for the model's largest frame (its vision tokens + 64 tokens of text).
+            None: 64, or room for the model's largest frame (its vision tokens + 48 tokens of text).
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
@@ -131,7 +131,7 @@ class StreamSession:
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
-            max_chunk = max(64, model.max_vision_tokens + 64)
+            max_chunk = max(64, model.max_vision_tokens + 48)
         if novelty_threshold is None:
             novelty_threshold = model.novelty_threshold
         layers = decoder.cfg.num_layers

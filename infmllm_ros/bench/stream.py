@@ -1,0 +1,239 @@
+"""``infmllm-bench-stream``: per-frame ingest cost, TTFT and decode speed of a VLM family at real
+shapes, against ``transformers`` with the same weights and a full cache, in the same run.
+
+    infmllm-bench-stream --model smolvlm2-256m --random-weights --slots 1024 4096 \\
+        --json bench/results/stream_cpu.json
+
+For each cache size S (tokens), both sides first hold S tokens of stream (the same frame chunk
+repeated: one stored frame is a user turn with the tag, image markers and vision tokens):
+
+* ours: a :class:`StreamSession` with an ``inf_mllm`` cache of S slots, full, so every new frame
+  evicts; per frame: vision tower + projector (``vision_ms``), prefill of the frame chunk
+  (``prefill_ms``) and the eviction (selection + compaction, ``evict_ms``);
+* transformers: the same checkpoint's ``*ForConditionalGeneration``, a ``DynamicCache`` holding
+  the S tokens; per frame: ``get_image_features`` and the language model over the frame chunk
+  (then the cache is cropped back to S, so the context stays S);
+* both: TTFT of a question (prefill + first token) and greedy decode tokens per second.
+
+Speed does not depend on weight values, so ``--random-weights`` builds a checkpoint of the
+named shape (:data:`.random_models.SHAPES`) with random weights; no download. Positions on the
+transformers side are 1-D (cost is what is measured, not answers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import check_device, describe, machine, synchronizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="infmllm-bench-stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF checkpoint directory, or a shape with --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="build a random checkpoint of the --model shape")
+    p.add_argument("--slots", type=int, nargs="+", default=[1024, 4096, 16384], help="cache sizes (tokens)")
+    p.add_argument("--frames", type=int, default=6, help="timed frames per cache size")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per timed answer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--no-peer", action="store_true", help="skip transformers (ours only)")
+    p.add_argument("--json", required=True, help="output JSON (a .md table is written beside it)")
+    return p.parse_args(argv)
+
+
+def test_frame(seed: int, size: int = 640) -> np.ndarray:
+    """A camera-sized RGB frame (uint8 ``[480, 640, 3]``), different per seed."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8)
+
+
+def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.device) -> dict:
+    """Ingest and answer figures of our session with a full ``inf_mllm`` cache of ``slots``."""
+    sync = synchronizer(device)
+    from ..runtime.generate import greedy_decode
+    from ..runtime.session import StreamSession
+
+    s = StreamSession(model, capacity=slots, policy="inf_mllm", recent=slots // 4, novelty_threshold=0.0,
+                      familiar_interval_s=0.0)
+    enc = model.encode_frame(test_frame(0))
+    chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
+    embeds, kinds = s.chunk_embeds(chunk)
+    while s.cache.length + len(chunk) <= slots:  # fill the stream with stored frames (no vision cost)
+        s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=0.0, logits=False, mrope=chunk.mrope)
+    commit, evict_ms = s.cache.commit, []
+
+    def timed_commit():
+        sync()
+        t0 = time.perf_counter()
+        out = commit()
+        sync()
+        if out:
+            evict_ms.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    s.cache.commit = timed_commit
+    rows = []
+    for i in range(frames + 1):  # the first frame warms up
+        before = len(evict_ms)
+        r = s.ingest_frame(test_frame(i + 1), float(i + 1))
+        sync()
+        ev = evict_ms[-1] if len(evict_ms) > before else 0.0
+        rows.append((r.vision_ms, r.prefill_ms - ev, ev, r.tokens))
+    rows = rows[1:]
+    q = model.tokenizer.encode(model.tokenizer.render_turn("user", "What did you see, and when?", True))
+    snap = s.cache.snapshot()
+    sync()
+    t0 = time.perf_counter()
+    last = s.backend.run_chunk(s._embed_ids(q), s.cache)
+    first = int(last.argmax())
+    sync()
+    t1 = time.perf_counter()
+    out = greedy_decode(s.backend, s.cache, last, new_tokens)  # no stop tokens: exactly new_tokens
+    sync()
+    t2 = time.perf_counter()
+    s.cache.restore(snap)
+    del first
+    return {"vision_ms": statistics.median(r[0] for r in rows), "prefill_ms": statistics.median(r[1] for r in rows),
+            "evict_ms": statistics.median(r[2] for r in rows), "frame_tokens": rows[0][3],
+            "ttft_s": t1 - t0, "decode_tokens_per_s": (len(out) - 1) / (t2 - t1) if len(out) > 1 else 0.0,
+            "kv_bytes": s.cache.nbytes}
+
+
+def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int, device: torch.device,
+                     dtype) -> dict:
+    """The same figures from transformers with a full ``DynamicCache`` of ``slots`` tokens."""
+    sync = synchronizer(device)
+    from transformers import AutoModelForImageTextToText, DynamicCache
+
+    ref = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    lm = ref.model.language_model if hasattr(ref.model, "language_model") else ref.model.text_model
+    embed = lm.get_input_embeddings()
+    qwen = hasattr(model, "visual")
+    enc = model.encode_frame(test_frame(0))
+    chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
+    ids = torch.tensor(chunk.ids(model.image_token_id), device=device)
+    chunk_embeds = embed(ids)
+    chunk_embeds[len(chunk.before):len(chunk.before) + chunk.vision_tokens] = enc.embeds.to(device, dtype)
+    cache = DynamicCache(config=lm.config)
+    with torch.inference_mode():
+        filled = 0
+        while filled + ids.numel() <= slots:
+            lm(inputs_embeds=chunk_embeds[None], past_key_values=cache, use_cache=True)
+            filled += ids.numel()
+        rows = []
+        for i in range(frames + 1):
+            rgb = test_frame(i + 1)
+            sync()
+            t0 = time.perf_counter()
+            if qwen:
+                px = model.processor(images=[rgb], return_tensors="pt")
+                feats = ref.model.get_image_features(px["pixel_values"].to(device, dtype),
+                                                     px["image_grid_thw"].to(device)).pooler_output[0]
+            else:
+                px = model.processor(images=[[rgb]], return_tensors="pt")
+                feats = ref.model.get_image_features(px["pixel_values"].to(device, dtype),
+                                                     px["pixel_attention_mask"].to(device)).pooler_output[0]
+            sync()
+            t1 = time.perf_counter()
+            x = chunk_embeds.clone()
+            x[len(chunk.before):len(chunk.before) + feats.shape[0]] = feats
+            lm(inputs_embeds=x[None], past_key_values=cache, use_cache=True)
+            sync()
+            t2 = time.perf_counter()
+            cache.crop(filled - cache.get_seq_length())  # drop the frame again (a negative count)
+            rows.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3))
+        rows = rows[1:]
+        q = torch.tensor(model.tokenizer.encode(model.tokenizer.render_turn(
+            "user", "What did you see, and when?", True)), device=device)
+        sync()
+        t0 = time.perf_counter()
+        h = lm(inputs_embeds=embed(q)[None], past_key_values=cache, use_cache=True).last_hidden_state
+        tok = ref.lm_head(h[:, -1]).argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            h = lm(inputs_embeds=embed(tok)[None], past_key_values=cache, use_cache=True).last_hidden_state
+            tok = ref.lm_head(h[:, -1]).argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+    kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * chunk_embeds.element_size()
+    return {"vision_ms": statistics.median(r[0] for r in rows), "prefill_ms": statistics.median(r[1] for r in rows),
+            "ttft_s": t1 - t0, "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1), "context_tokens": filled,
+            "kv_bytes_after": kv}
+
+
+def report(data: dict, out: Path) -> None:
+    """Markdown table beside the JSON."""
+    lines = [f"# Stream ingest and answer speed: {data['model']}", "",
+             f"{data['machine']} Date: {data['date']}. Command: `{data['command']}`.", "",
+             "Per frame (ms, median): vision tower + projector, prefill of the frame chunk, eviction. "
+             "Ratios are transformers / ours (above 1: we are faster).", "",
+             "| slots | frame tokens | ours vision | ours prefill | ours evict | hf vision | hf prefill | "
+             "frame ratio | ours TTFT s | hf TTFT s | ours tok/s | hf tok/s | decode ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        o, h = r["ours"], r.get("transformers")
+        ours_frame = o["vision_ms"] + o["prefill_ms"] + o["evict_ms"]
+        if h:
+            hf_frame = h["vision_ms"] + h["prefill_ms"]
+            peer = (f"{h['vision_ms']:.0f} | {h['prefill_ms']:.0f} | {hf_frame / ours_frame:.2f} | {o['ttft_s']:.2f} | "
+                    f"{h['ttft_s']:.2f} | {o['decode_tokens_per_s']:.1f} | {h['decode_tokens_per_s']:.1f} | "
+                    f"{o['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}")
+        else:
+            peer = f"- | - | - | {o['ttft_s']:.2f} | - | {o['decode_tokens_per_s']:.1f} | - | -"
+        lines.append(f"| {r['slots']} | {o['frame_tokens']} | {o['vision_ms']:.0f} | {o['prefill_ms']:.0f} | "
+                     f"{o['evict_ms']:.0f} | {peer} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    """Console entry point; returns the exit status (2 on bad input)."""
+    args = parse_args(argv)
+    from ..models import load_model
+    from ..models.registry import DTYPES
+    from .random_models import SHAPES, build_random_checkpoint
+
+    try:
+        device = check_device(args.device)
+        if args.random_weights:
+            if args.model not in SHAPES:
+                raise ValueError(f"--random-weights needs a shape: one of {sorted(SHAPES)}")
+            tmp = tempfile.TemporaryDirectory(prefix="infmllm-random-")
+            print(f"building random {args.model} weights in {tmp.name} ...", file=sys.stderr, flush=True)
+            path = build_random_checkpoint(args.model, tmp.name, dtype=DTYPES[args.precision])
+        else:
+            path = Path(args.model)
+        model = load_model(str(path), args.device, args.precision)
+        if min(args.slots) < 256:
+            raise ValueError("--slots must be >= 256 tokens")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"infmllm-bench-stream: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.json)
+    data = {"model": args.model, "family": model.family, "random_weights": args.random_weights,
+            "machine": describe(machine()), "date": time.strftime("%Y-%m-%d"),
+            "command": "infmllm-bench-stream " + " ".join(sys.argv[1:] if argv is None else argv), "runs": []}
+    for slots in args.slots:
+        print(f"[{slots} slots] ours ...", file=sys.stderr, flush=True)
+        try:
+            run = {"slots": slots, "ours": run_ours(model, slots, args.frames, args.new_tokens, device)}
+        except ValueError as exc:  # a cache too small for this model's prompt and frames
+            print(f"infmllm-bench-stream: error: {exc}", file=sys.stderr)
+            return 2
+        if not args.no_peer:
+            print(f"[{slots} slots] transformers ...", file=sys.stderr, flush=True)
+            run["transformers"] = run_transformers(path, model, slots, args.frames, args.new_tokens, device,
+                                                   DTYPES[args.precision])
+        data["runs"].append(run)
+        out.write_text(json.dumps(data, indent=1))
+        report(data, out)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+    return 0
