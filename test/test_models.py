@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_hf_model
 from infmllm_ros.kvcache import make_policy
 from infmllm_ros.models import load_gguf, load_hf_checkpoint
-from infmllm_ros.runtime import greedy_decode
+from infmllm_ros.runtime import Sampling, decode
 from infmllm_ros.runtime.backends import TorchBackend
 
 
@@ -62,7 +62,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2, smollm2_hf):
                                   pad_token_id=tok.eos_id)[0, ids.numel():].tolist()
     cache = dec.new_cache(256, 64, make_policy("full"))
     last = dec.logits(dec(dec.embed(ids), cache))[-1]
-    got = greedy_decode(TorchBackend(dec), cache, last, 32)
+    got = decode(TorchBackend(dec), cache, last, 32)
     assert got == ref and len(got) == 32
 
 
@@ -79,3 +79,45 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text, add_special_tokens=False),
                                                           skip_special_tokens=True)
     assert tok.stop_ids == {2}  # <|im_end|> is id 2 in SmolLM2 and is also its eos
+
+
+def test_repetition_controls_match_transformers_on_a_prompt_that_loops(smollm2, smollm2_hf):
+    """Plain greedy repeats itself on this prompt; with repetition_penalty and
+    no_repeat_ngram_size both sides choose the same 48 tokens and no 3-gram repeats."""
+    dec, tok = smollm2
+    prompt = tok.render_chat([{"role": "user", "content": "Repeat after me: the cat, the cat, the cat, the cat"}])
+    ids = tok.encode(prompt)
+
+    def ours(sampling):
+        cache = dec.new_cache(256, 64, make_policy("full"))
+        last = dec.logits(dec(dec.embed(torch.tensor(ids)), cache))[-1]
+        return decode(TorchBackend(dec), cache, last, 48, sampling=sampling, history=ids)
+
+    def grams(seq, n=4):
+        return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+    plain = ours(Sampling())
+    assert len(set(grams(plain))) < len(grams(plain))  # the loop the controls must break
+    for kw in ({"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3},
+               {"repetition_penalty": 1.2, "no_repeat_ngram_size": 4}):
+        with torch.no_grad():
+            ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False,
+                                      pad_token_id=tok.eos_id, **kw)[0, len(ids):].tolist()
+        assert ours(Sampling(**kw)) == ref, kw
+    assert len(set(grams(ref, 4))) == len(grams(ref, 4))
+
+
+def test_sampling_settings_are_checked_and_seeded_draws_repeat(smollm2):
+    dec, tok = smollm2
+    for bad in ({"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}, {"temperature": -0.1},
+                {"top_p": 0.0}, {"temperature": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Sampling(**bad)
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Say something about roads."}]))
+
+    def draw(seed):
+        cache = dec.new_cache(256, 64, make_policy("full"))
+        last = dec.logits(dec(dec.embed(torch.tensor(ids)), cache))[-1]
+        return decode(TorchBackend(dec), cache, last, 12, sampling=Sampling(temperature=1.0, top_p=0.9, seed=seed))
+
+    assert draw(1) == draw(1) and draw(1) != draw(2)

@@ -58,7 +58,7 @@ def test_frame(seed: int, size: int = 640) -> np.ndarray:
 def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.device) -> dict:
     """Ingest and answer figures of our session with a full ``inf_mllm`` cache of ``slots``."""
     sync = synchronizer(device)
-    from ..runtime.generate import greedy_decode
+    from ..runtime.generate import decode
     from ..runtime.session import StreamSession
 
     s = StreamSession(model, capacity=slots, policy="inf_mllm", recent=slots // 4, novelty_threshold=0.0,
@@ -96,7 +96,7 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     first = int(last.argmax())
     sync()
     t1 = time.perf_counter()
-    out = greedy_decode(s.backend, s.cache, last, new_tokens)  # no stop tokens: exactly new_tokens
+    out = decode(s.backend, s.cache, last, new_tokens)  # no stop tokens: exactly new_tokens
     sync()
     t2 = time.perf_counter()
     s.cache.restore(snap)

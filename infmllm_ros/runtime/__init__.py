@@ -1,4 +1,4 @@
 """Streaming runtime: decoding and sessions over the fixed-size KV cache."""
-from .generate import greedy_decode
+from .generate import Sampling, decode
 
-__all__ = ["greedy_decode"]
+__all__ = ["Sampling", "decode"]
