@@ -30,7 +30,7 @@ from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, VisionLanguageModel
 from .backends import Backend, TorchBackend, make_backend
-from .generate import greedy_decode
+from .generate import GREEDY, Sampling, decode
 from .novelty import SceneNovelty
 from .recall import Sighting, default_recall_layer, find_sightings
 
@@ -270,7 +270,7 @@ class StreamSession:
                 # The question's last chunk is the newest slots, which every policy keeps.
                 sightings = find_sightings(self.cache, len(ids) - s, self.recall_layer)
                 t1 = time.perf_counter()
-                out = greedy_decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
+                out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
