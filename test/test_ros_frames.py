@@ -82,6 +82,9 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     assert cfg.session_kwargs()["sinks"] is None and cfg.session_kwargs()["novelty_threshold"] is None  # family's
     assert cfg.session_kwargs()["max_chunk"] is None and cfg.precision == "fp32"  # 0: the model's largest frame
     assert validate({"novelty_threshold": 0.3, "cache.max_chunk": 96}).session_kwargs()["max_chunk"] == 96
+    sampled = validate({"answer.temperature": 0.7, "answer.top_p": 0.9, "answer.seed": 3}).sampling
+    assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 3)
+    assert cfg.sampling.no_repeat_ngram_size == 4 and cfg.sampling.seed is None  # loops end by default
     assert cfg.session_kwargs()["vision_budget"] is None  # -1: the session's default for the policy
     assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
@@ -90,6 +93,14 @@ def test_parameters_are_validated_with_the_name_in_the_message():
                       ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
                       ({"novelty_threshold": -0.5}, "novelty_threshold"), ({"precision": "int4"}, "precision"),
                       ({"cache.max_chunk": 4}, "cache.max_chunk"),
+                      ({"answer.repetition_penalty": 0.0}, "answer.repetition_penalty"),
+                      ({"answer.repetition_penalty": float("nan")}, "answer.repetition_penalty"),
+                      ({"answer.no_repeat_ngram_size": -1}, "answer.no_repeat_ngram_size"),
+                      ({"answer.sentence_stop_words": -2}, "answer.sentence_stop_words"),
+                      ({"answer.temperature": -1.0}, "answer.temperature"),
+                      ({"answer.top_p": 0.0}, "answer.top_p"), ({"answer.seed": -5}, "answer.seed"),
+                      ({"answer.evidence_sightings": 11}, "answer.evidence_sightings"),
+                      ({"answer.seen_threshold": float("inf")}, "answer.seen_threshold"),
                       ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
                       ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
                       ({"cache.vision_budget": 900}, "cache.vision_budget"),

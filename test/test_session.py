@@ -179,3 +179,41 @@ def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
         answer = s.ask("What did you see?", max_new_tokens=24, keep_in_context=False).text
         named[label] = (score_answer(answer, Event(label, 10.0, words))["named"], answer)
     assert sum(ok for ok, _ in named.values()) >= 5, named
+
+
+def test_a_question_with_no_frames_in_the_cache_is_not_seen_and_says_so(parts):
+    s = new_session(parts)
+    a = s.ask("Was there a giraffe? At what time?", max_new_tokens=24)
+    assert not a.seen and a.confidence == 0.0 and a.sightings == ()
+    assert a.evidence == "Memory: no stored camera frame matches this question."
+    assert a.text and len(a.token_ids) <= 24
+
+
+def test_evidence_names_what_and_when_and_stays_bounded_in_tokens(parts):
+    """Present: the best sighting's label, stamp and camera; the line is a few tokens per sighting
+    whatever the camera name or the number of sightings asked for."""
+    from skimage.data import chelsea, coffee
+
+    from infmllm_ros.runtime.recall import Sighting
+
+    s = new_session(parts, evidence_sightings=3)
+    s.ingest_frame(synthetic_road(0), 0.0, "front")  # each camera's first frame is its background
+    s.ingest_frame(synthetic_road(1), 1.0, "left_fisheye_camera")
+    s.ingest_frame(chelsea(), 12.0, "left_fisheye_camera")
+    s.ingest_frame(coffee(), 30.0, "front")
+    a = s.ask("Was there a cat? At what time?", max_new_tokens=12)
+    assert a.seen and a.confidence > 0.5 and a.sightings[0].camera == "left_fisheye_camera"
+    assert a.evidence.startswith("Memory: domestic cat at t=12 s (left_fisheye_camera camera)")
+    many = [Sighting(i, 1000.0 * i, 0.9, "camera_" + "x" * 40) for i in range(10)]
+    s._frame_info.update({i: ("c", "a very long class name indeed") for i in range(10)})
+    line = s.render_evidence(many, seen=True)
+    assert line.count(" at t=") == 3 and len(s.tokenizer.encode(line)) <= 3 * 40
+    s.evidence_sightings = 0
+    assert s.render_evidence(many, seen=True) == ""
+
+
+def test_short_questions_stop_at_the_end_of_the_first_sentence(parts):
+    s = new_session(parts)
+    assert s._sentence_end(s.tokenizer.encode(" I saw a cat."))
+    assert not s._sentence_end(s.tokenizer.encode(" It was at t=60."))  # a number goes on: "60.5 s"
+    assert not s._sentence_end(s.tokenizer.encode(" I saw a cat"))

@@ -11,6 +11,7 @@ import torch
 from infmllm_ros.bench.random_models import build_random_checkpoint
 from infmllm_ros.kvcache import SlotKind
 from infmllm_ros.models import load_model
+from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import StreamSession
 
 SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny")
@@ -48,10 +49,12 @@ def reference_inputs(model, chunk_ids: list[int], rgb: np.ndarray) -> dict:
 
 
 def prompt(session: StreamSession, rgb: np.ndarray, stamp: float = 3.0):
-    """Our chunks for system prompt + one frame + the question, and the same as one id list."""
+    """Our chunks for system prompt + one frame + the question turn (without a memory line),
+    and the same as one id list."""
     model = session.model
     chunk = model.frame_chunk(f"<frame t={stamp:.1f}s cam=front>", model.encode_frame(rgb))
-    question = model.tokenizer.encode(model.tokenizer.render_turn("user", QUESTION, add_generation_prompt=True))
+    head, tail = session.question_turn(QUESTION)
+    question = head + model.tokenizer.encode(tail)
     return chunk, question, session._system_ids + chunk.ids(model.image_token_id) + question
 
 
@@ -93,11 +96,11 @@ def test_image_and_text_prompt_logits_equal_transformers(family):
 def test_full_cache_session_answers_token_for_token_like_generate(family):
     _, ours, ref = family
     rgb = frame(2)
-    s = StreamSession(ours, capacity=512, policy="full", recent=64, novelty_threshold=0.0)
-    _, _, ids = prompt(s, rgb)
+    s = StreamSession(ours, capacity=512, policy="full", recent=64, novelty_threshold=0.0, evidence_sightings=0,
+                      sampling=Sampling(), sentence_stop_words=0)  # plain greedy, the prompt generate() gets
+    _, question, ids = prompt(s, rgb)
     r = s.ingest_frame(rgb, 3.0)
-    assert r.novel and r.stored and r.tokens == len(ids) - len(s._system_ids) - len(
-        ours.tokenizer.encode(ours.tokenizer.render_turn("user", QUESTION, add_generation_prompt=True)))
+    assert r.novel and r.stored and r.tokens == len(ids) - len(s._system_ids) - len(question)
     answer = s.ask(QUESTION, max_new_tokens=16)
     with torch.no_grad():
         out = ref.generate(**reference_inputs(ours, ids, rgb), max_new_tokens=16, do_sample=False,

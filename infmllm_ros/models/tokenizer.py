@@ -52,6 +52,17 @@ class ChatTokenizer:
                 self._content_parts = True
 
     @property
+    def turn_end_id(self) -> int:
+        """The token that closes a chat turn (``<|im_end|>``, ``<end_of_utterance>``): the first
+        token of a rendered turn's ending when it is a stop token, else ``eos_id``."""
+        if self._template is not None:
+            suffix = self.render_turn("user", "\0").split("\0")[1]
+            ids = self.encode(suffix)
+            if ids and ids[0] in self.stop_ids:
+                return ids[0]
+        return self.eos_id
+
+    @property
     def vocab_size(self) -> int:
         """Vocabulary size including special tokens."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -150,6 +150,8 @@ class InfMLLMNode(Node):
         response.tokens_in_cache = answer.tokens_in_cache
         response.sighting_stamps = [to_time(origin + s.stamp_s) for s in answer.sightings]
         response.sighting_scores = [s.score for s in answer.sightings]
+        response.sighting_cameras = [s.camera for s in answer.sightings]
+        response.seen, response.confidence, response.evidence = answer.seen, answer.confidence, answer.evidence
         response.latency_s = time.perf_counter() - t0
         self._ask_stats["answered"] += 1
         self._ask_stats["tokens_per_s"] = answer.decode_tokens_per_s
@@ -160,10 +162,12 @@ class InfMLLMNode(Node):
             first_frame_stamp=response.first_frame_stamp, last_frame_stamp=response.last_frame_stamp,
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
             latency_s=response.latency_s, sighting_stamps=response.sighting_stamps,
-            sighting_scores=response.sighting_scores))
-        seen = ", ".join(f"t={origin + s.stamp_s:.1f}s ({s.score:.2f})" for s in answer.sightings)
+            sighting_scores=response.sighting_scores, sighting_cameras=response.sighting_cameras,
+            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence))
+        seen = ", ".join(f"t={origin + s.stamp_s:.1f}s {s.camera} ({s.score:.2f})" for s in answer.sightings)
         log.info(f"/ask {request.question!r} -> {answer.text!r} ({response.latency_s:.2f} s, "
-                 f"{answer.frames_in_context} frames in context; best sightings: {seen or 'none'})")
+                 f"{answer.frames_in_context} frames in context; seen={answer.seen} "
+                 f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
         return response
 
     # ---- parameters and diagnostics -----------------------------------------------------
@@ -175,6 +179,8 @@ class InfMLLMNode(Node):
             return SetParametersResult(successful=False, reason=str(exc))
         self.worker.sample_rate_hz = checked.sample_rate_hz
         self.worker.duplicate_threshold = checked.duplicate_threshold
+        for name, value in checked.answer_kwargs().items():  # read by the next answer
+            setattr(self.session, name, value)
         return SetParametersResult(successful=True)
 
     def diagnostics(self) -> DiagnosticStatus:

@@ -7,11 +7,15 @@ one. YAML files use the usual ``/**: ros__parameters:`` layout with dotted names
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, scores_slots
 from ..runtime.backends import BACKENDS
-from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SYSTEM_PROMPT
+from ..runtime.generate import Sampling
+from ..runtime.recall import SEEN_THRESHOLD
+from ..runtime.session import (DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SAMPLING, DEFAULT_SENTENCE_STOP_WORDS,
+                               DEFAULT_SYSTEM_PROMPT)
 
 TRANSPORTS = ("raw", "compressed")
 
@@ -66,6 +70,19 @@ PARAMETERS = (
           f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
     Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: 64, or the model's largest frame: its vision tokens + 48)"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
+    Param("answer.repetition_penalty", DEFAULT_SAMPLING.repetition_penalty,
+          "transformers' repetition_penalty over the answer's own tokens (> 0; 1.0: off)", dynamic=True),
+    Param("answer.no_repeat_ngram_size", DEFAULT_SAMPLING.no_repeat_ngram_size,
+          "no n-gram of this many tokens twice in an answer (0: off)", dynamic=True),
+    Param("answer.sentence_stop_words", DEFAULT_SENTENCE_STOP_WORDS,
+          "questions of at most this many words are answered with one sentence (0: off)", dynamic=True),
+    Param("answer.temperature", 0.0, "sampling temperature (0: greedy, the default)", dynamic=True),
+    Param("answer.top_p", 1.0, "nucleus sampling mass in (0, 1] (with temperature > 0)", dynamic=True),
+    Param("answer.seed", -1, "sampling seed (-1: a fresh seed per answer)", dynamic=True),
+    Param("answer.evidence_sightings", 3,
+          "sightings rendered into the answer prompt as a memory line (0: none)", dynamic=True),
+    Param("answer.seen_threshold", SEEN_THRESHOLD,
+          "best-sighting score at which an object counts as seen (bench/results/seen_calibration.*)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
 )
@@ -100,6 +117,14 @@ class NodeConfig:
     cache_vision_budget: int
     cache_max_chunk: int
     max_new_tokens: int
+    answer_repetition_penalty: float
+    answer_no_repeat_ngram_size: int
+    answer_sentence_stop_words: int
+    answer_temperature: float
+    answer_top_p: float
+    answer_seed: int
+    answer_evidence_sightings: int
+    answer_seen_threshold: float
     system_prompt: str
     diagnostics_period_s: float
 
@@ -113,6 +138,17 @@ class NodeConfig:
             out.append((topic, name or camera_name_from_topic(topic), transport == "compressed"))
         return out
 
+    @property
+    def sampling(self) -> Sampling:
+        """The answers' decoding (validated by :func:`validate`)."""
+        return Sampling(self.answer_repetition_penalty, self.answer_no_repeat_ngram_size, self.answer_temperature,
+                        self.answer_top_p, None if self.answer_seed < 0 else self.answer_seed)
+
+    def answer_kwargs(self) -> dict:
+        """The session attributes that shape answers (set at start and by ``ros2 param set``)."""
+        return dict(sampling=self.sampling, sentence_stop_words=self.answer_sentence_stop_words,
+                    evidence_sightings=self.answer_evidence_sightings, seen_threshold=self.answer_seen_threshold)
+
     def session_kwargs(self) -> dict:
         """Keyword arguments for :func:`~infmllm_ros.runtime.session.open_session`."""
         return dict(backend=self.backend, engine_dir=self.engine_dir,
@@ -121,7 +157,8 @@ class NodeConfig:
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
                     novelty_threshold=None if self.novelty_threshold < 0 else self.novelty_threshold,
                     familiar_interval_s=self.familiar_interval_s,
-                    vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget)
+                    vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget,
+                    **self.answer_kwargs())
 
 
 def flatten_parameters(doc: dict) -> dict:
@@ -207,9 +244,24 @@ def validate(values: dict) -> NodeConfig:
     need(v["familiar_interval_s"] >= 0.0, "familiar_interval_s", "must be >= 0 seconds")
     need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")
     need(bool(v["system_prompt"].strip()), "system_prompt", "must not be empty")
+    need(math.isfinite(v["answer.repetition_penalty"]) and v["answer.repetition_penalty"] > 0,
+         "answer.repetition_penalty", "must be a finite number > 0 (1.0: off)")
+    need(0 <= v["answer.no_repeat_ngram_size"] <= 64, "answer.no_repeat_ngram_size", "must be in 0..64 (0: off)")
+    need(v["answer.sentence_stop_words"] >= 0, "answer.sentence_stop_words", "must be >= 0 (0: off)")
+    need(math.isfinite(v["answer.temperature"]) and 0 <= v["answer.temperature"] <= 10, "answer.temperature",
+         "must be in [0, 10] (0: greedy)")
+    need(math.isfinite(v["answer.top_p"]) and 0 < v["answer.top_p"] <= 1, "answer.top_p", "must be in (0, 1]")
+    need(v["answer.seed"] >= -1, "answer.seed", "must be >= 0, or -1 for a fresh seed per answer")
+    need(0 <= v["answer.evidence_sightings"] <= 10, "answer.evidence_sightings", "must be in 0..10")
+    need(math.isfinite(v["answer.seen_threshold"]), "answer.seen_threshold", "must be a finite number")
     need(v["diagnostics_period_s"] > 0, "diagnostics_period_s", "must be > 0")
-    kwargs = {f.name: v[f.name.replace("cache_", "cache.", 1) if f.name.startswith("cache_") else f.name]
-              for f in fields(NodeConfig)}
+    def ros_name(field: str) -> str:
+        for group in ("cache", "answer"):
+            if field.startswith(group + "_"):
+                return field.replace("_", ".", 1)
+        return field
+
+    kwargs = {f.name: v[ros_name(f.name)] for f in fields(NodeConfig)}
     for key in ("camera_topics", "camera_transports", "camera_names"):
         kwargs[key] = tuple(kwargs[key])
     return NodeConfig(**kwargs)

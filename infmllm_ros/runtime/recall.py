@@ -14,6 +14,7 @@ Only what the eviction policy kept can be found: an evicted frame has no slots t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +41,39 @@ class Sighting:
     Attributes:
         frame_id: the frame's index in the stream. stamp_s: its time (seconds).
         score: contrast in cosine units (0 = no better than the average frame in context).
+        camera: the camera that saw it ("" when not known).
     """
 
     frame_id: int
     stamp_s: float
     score: float
+    camera: str = ""
+
+
+#: Best-sighting score at or above which the question's object counts as seen, and the width
+#: (score units) of the logistic that turns the score into a confidence. Fitted on needle drives
+#: of seeds 0-2 (present vs absent objects) and reported on seeds 3-5:
+#: bench/results/seen_calibration.json, by ``infmllm-bench-calibrate``.
+SEEN_THRESHOLD = 0.3
+SEEN_SCALE = 0.05
+
+
+def judge(sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: float = SEEN_SCALE
+          ) -> tuple[bool, float]:
+    """``(seen, confidence)`` for a question from its sightings (best first).
+
+    ``confidence = 1 / (1 + exp(-(best_score - threshold) / scale))`` in (0, 1), 0 without any
+    sighting; ``seen = confidence >= 0.5`` (the best score reaches ``threshold``). With one frame
+    of vision tokens in context its contrast is 0 by definition and says nothing: that frame
+    is the evidence, ``seen`` is True and ``confidence`` 0.5 (undecided).
+    """
+    if not sightings:
+        return False, 0.0
+    if len(sightings) == 1:
+        return True, 0.5
+    z = (sightings[0].score - threshold) / scale
+    confidence = 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+    return confidence >= 0.5, confidence
 
 
 def find_sightings(cache: KVCache, query_tokens: int, layer: int,

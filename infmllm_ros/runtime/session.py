@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,14 +30,23 @@ from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, VisionLanguageModel
 from .backends import Backend, TorchBackend, make_backend
-from .generate import GREEDY, Sampling, decode
+from .generate import Sampling, decode
 from .novelty import SceneNovelty
-from .recall import Sighting, default_recall_layer, find_sightings
+from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
 #: frame of a 1 Hz camera spent ~300 ms of prefill and ~17 slots a second on the same
 #: sentence; one a 10 s is enough to keep the clock in the cache (bench/results/README.md).
 DEFAULT_FAMILIAR_INTERVAL_S = 10.0
+
+#: Decoding defaults: greedy, with the two repetition controls set so that an answer cannot loop
+#: (no 4-gram twice; a mild penalty on the answer's own tokens). Plain greedy answered "I'm
+#: sorry for any confusion." seven times in a row on the demo drive.
+DEFAULT_SAMPLING = Sampling(repetition_penalty=1.1, no_repeat_ngram_size=4)
+
+#: A question of at most this many words is answered with one sentence: decoding stops at the
+#: first sentence end.
+DEFAULT_SENTENCE_STOP_WORDS = 16
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
@@ -78,6 +87,10 @@ class Answer:
         sightings: the frames in context that best match the question, best first
             (:func:`.recall.find_sightings`): when the answer's object was seen.
         token_ids: the generated token ids (without the stop token).
+        seen, confidence: whether the question's object is in the cached frames, from the best
+            sighting's score (:func:`.recall.judge`), and how sure, in [0, 1].
+        evidence: the memory line rendered into the answer prompt ("Memory: t=60 s cam=front
+            (match 0.41); ..."), so the answer can say when.
     """
 
     text: str
@@ -91,6 +104,9 @@ class Answer:
     last_frame_s: float
     sightings: tuple[Sighting, ...] = ()
     token_ids: tuple[int, ...] = ()
+    seen: bool = False
+    confidence: float = 0.0
+    evidence: str = ""
 
 
 class StreamSession:
@@ -114,6 +130,11 @@ class StreamSession:
             frame). Novel frames are always stored.
         recall_layer: decoder layer whose values find the sightings of a question (negative
             counts from the top; None: :func:`.recall.default_recall_layer`).
+        sampling: default decoding of answers (:class:`.generate.Sampling`).
+        sentence_stop_words: a question of at most this many words is answered up to the end of
+            the first sentence (0: off).
+        evidence_sightings: most sightings rendered into the answer prompt (0: no evidence line).
+        seen_threshold: best-sighting score at which an object counts as seen.
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
@@ -128,7 +149,9 @@ class StreamSession:
                  max_chunk: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float | None = None,
                  background_decay: float = 0.7, recall_layer: int | None = None,
-                 vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S):
+                 vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
+                 sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
+                 evidence_sightings: int = 1, seen_threshold: float = SEEN_THRESHOLD):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -141,6 +164,13 @@ class StreamSession:
             raise ValueError(f"recall_layer {recall_layer} out of range for a {layers}-layer model")
         if not familiar_interval_s >= 0:
             raise ValueError(f"familiar_interval_s must be >= 0 seconds, got {familiar_interval_s}")
+        if sentence_stop_words < 0 or evidence_sightings < 0:
+            raise ValueError(f"sentence_stop_words ({sentence_stop_words}) and evidence_sightings "
+                             f"({evidence_sightings}) must be >= 0")
+        if not math.isfinite(seen_threshold):
+            raise ValueError(f"seen_threshold must be finite, got {seen_threshold}")
+        self.sampling, self.sentence_stop_words = sampling, sentence_stop_words
+        self.evidence_sightings, self.seen_threshold = evidence_sightings, seen_threshold
         self.familiar_interval_s = float(familiar_interval_s)
         self.recall_layer = recall_layer
         self.model, self.tokenizer = model, tokenizer
@@ -169,6 +199,7 @@ class StreamSession:
             self.frames_ingested = 0
             self.last_stamp_s = -math.inf
             self._last_stored_s: dict[str, float] = {}  # per camera
+            self._frame_info: dict[int, tuple[str, str]] = {}  # stored frame -> (camera, label), pruned
             step = self.cache.max_chunk
             for s in range(0, len(self._system_ids), step):
                 self.backend.run_chunk(self._embed_ids(self._system_ids[s:s + step]), self.cache, SlotKind.SINK,
@@ -219,6 +250,10 @@ class StreamSession:
                 self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
                                        logits=False, mrope=chunk.mrope)
                 self._last_stored_s[camera] = float(stamp_s)
+                self._frame_info[frame_id] = (camera, frame.label if novel else "")
+                if len(self._frame_info) > 2 * self.cache.capacity:  # frames left the cache long ago
+                    present = set(self.cache.frames()[0])
+                    self._frame_info = {f: c for f, c in self._frame_info.items() if f in present}
             self.scene.observe(camera, frame.summary)
             self.frames_ingested += 1
             self.last_stamp_s = float(stamp_s)
@@ -240,16 +275,23 @@ class StreamSession:
         kinds[len(chunk.before):len(chunk.before) + chunk.vision_tokens] = int(SlotKind.VISION)
         return embeds, kinds
 
-    def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True) -> Answer:
-        """Answer ``question`` from what is in the cache (greedy decoding), with the frames in
-        the cache that match it (:attr:`Answer.sightings`, found right after the question's
-        prefill, before decoding).
+    def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True,
+            sampling: Sampling | None = None) -> Answer:
+        """Answer ``question`` from what is in the cache, evidence first.
+
+        The question is prefilled as a user turn; the frames in the cache that match it are
+        found (:attr:`Answer.sightings`) and judged (:attr:`Answer.seen`,
+        :attr:`Answer.confidence`); the best of them are rendered into the same turn as a memory
+        line (:meth:`render_evidence`), so the model answers knowing when; then the answer is
+        decoded (``sampling``, default the session's; the repetition controls look at the
+        answer's own tokens; a short question stops at the first sentence end).
 
         Args:
             question: the operator's question (non-empty).
             max_new_tokens: most tokens generated (>= 1).
             keep_in_context: keep the question and answer in the cache for later rounds; if
                 False the cache is restored to its state before the question.
+            sampling: decoding for this answer (None: the session's).
 
         Raises:
             ValueError: empty question, ``max_new_tokens < 1``. The stream is unchanged.
@@ -258,19 +300,28 @@ class StreamSession:
             raise ValueError("question is empty")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt = self.tokenizer.render_turn("user", question.strip(), add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt)
+        question = question.strip()
+        ids, tail = self.question_turn(question)
+        short = 0 < len(question.split()) <= self.sentence_stop_words
         t0 = time.perf_counter()
         with self._lock:
             snap = None if keep_in_context else self.cache.snapshot()
             try:
                 step = self.cache.max_chunk
                 for s in range(0, len(ids), step):
-                    last = self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache)
+                    self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
-                sightings = find_sightings(self.cache, len(ids) - s, self.recall_layer)
+                sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
+                             find_sightings(self.cache, len(ids) - s, self.recall_layer)]
+                seen, confidence = judge(sightings, self.seen_threshold)
+                evidence = self.render_evidence(sightings, seen)
+                rest = self.tokenizer.encode(evidence + tail)
+                for s in range(0, len(rest), step):
+                    last = self.backend.run_chunk(self._embed_ids(rest[s:s + step]), self.cache)
                 t1 = time.perf_counter()
-                out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids)
+                out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
+                             sampling or self.sampling, stop_after=self._sentence_end if short else None,
+                             close_id=self.tokenizer.turn_end_id)
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
@@ -282,7 +333,38 @@ class StreamSession:
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
                       last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings),
-                      token_ids=tuple(out))
+                      token_ids=tuple(out), seen=seen, confidence=confidence, evidence=evidence)
+
+    def question_turn(self, question: str) -> tuple[list[int], str]:
+        """The user turn of ``question`` in the chat template, split where the memory line goes:
+        ``(ids of the turn's opening + question + newline, text after the memory line: the
+        turn's end and the assistant's opening)``."""
+        head, tail = self.tokenizer.render_turn("user", question + "\n\0", add_generation_prompt=True).split("\0")
+        return self.tokenizer.encode(head), tail
+
+    def render_evidence(self, sightings: list[Sighting], seen: bool) -> str:
+        """The memory line of an answer prompt, a plain sentence a small model can repeat: the
+        best sighting and the next ones at or above the seen threshold (at most
+        ``evidence_sightings``), each ``domestic cat at t=60 s (front camera)`` (the label where
+        the family names what it saw, else "a matching frame"), so at most ~20 tokens each; or
+        that nothing matches. "" when evidence is off. Match scores stay out of the text (a
+        135M model copied them into its answers); they are in :attr:`Answer.sightings`."""
+        if not self.evidence_sightings:
+            return ""
+        if not seen:
+            return "Memory: no stored camera frame matches this question."
+        parts = []
+        best = sightings[:1] + [x for x in sightings[1:] if x.score >= self.seen_threshold]
+        for x in best[:self.evidence_sightings]:
+            label = self._frame_info.get(x.frame_id, ("", ""))[1] or "a matching frame"
+            parts.append(f"{label} at t={x.stamp_s:.0f} s" + (f" ({x.camera} camera)" if x.camera else ""))
+        return "Memory: " + "; ".join(parts) + "."
+
+    def _sentence_end(self, out: list[int]) -> bool:
+        """Whether the answer so far ends a sentence: ``.``, ``!`` or ``?`` after at least two
+        tokens, a ``.`` not right after a digit (``t=60.5 s`` goes on)."""
+        text = self.tokenizer.decode(out).rstrip()
+        return len(out) >= 2 and text.endswith((".", "!", "?")) and not (text[-1] == "." and text[-2:-1].isdigit())
 
 
 def open_session(model: VisionLanguageModel, backend: str = "torch", engine_dir: str | Path = "engines",
