@@ -31,7 +31,6 @@ from .common import check_device, describe, machine, markdown_table, png_figure,
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
 #: is the rate at which "named" only echoes the question.
-ABSENT = ("horse", "umbrella", "pizza")
 
 
 def run_drive(session, drive, log_every: int = 60) -> dict:
@@ -43,7 +42,8 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         out of room, if it did). A cache that overflowed cannot take a question either, so
         such a run has no answers and its scores, TTFT and decode rate are None.
     """
-    from ..runtime.drive import score_answer
+    from ..runtime.drive import (ABSENT_OBJECTS, absent_question, is_clear_no, names_unshown, repeats_ngram,
+                                 score_answer, time_tolerance_s)
 
     ingest_ms, stored, rss = [], [], []
     overflow = None
@@ -64,16 +64,21 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
                   f"cache {session.cache.length} tokens", file=sys.stderr, flush=True)
     answers, absent_asked = [], []
     if overflow is None:  # an overflowed cache cannot take the question either
+        tolerance = time_tolerance_s(drive.minutes)
         for ev in drive.schedule:
             a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
             seen = a.sightings[0] if a.sightings else None
             answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
-                            "decode_tokens_per_s": a.decode_tokens_per_s,
+                            "decode_tokens_per_s": a.decode_tokens_per_s, "seen": a.seen, "confidence": a.confidence,
                             "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
-                            **score_answer(a.text, ev, seen_at_s=seen.stamp_s if seen else None)})
-        absent_asked = [session.ask(f"Was there a {label}? At what time?", max_new_tokens=32,
-                                    keep_in_context=False) for label in ABSENT]
+                            **score_answer(a.text, ev, tolerance, seen_at_s=seen.stamp_s if seen else None)})
+        absent_asked = [session.ask(absent_question(label), max_new_tokens=32, keep_in_context=False)
+                        for label in ABSENT_OBJECTS]
     absent = [a.text for a in absent_asked]
+    vocabulary = {**{e.label: e.words for e in drive.schedule}, **{label: (label,) for label in ABSENT_OBJECTS}}
+    shown = {e.label for e in drive.schedule}
+    texts = [a["answer"] for a in answers] + absent
+    errors = [a["time_error_s"] for a in answers if a["time_error_s"] is not None]
     ms = np.asarray(ingest_ms)
     stored_ms = ms[np.asarray(stored, dtype=bool)]  # a frame that overflowed the cache is in neither
     per_min = max(1, int(60 * drive.fps))
@@ -81,8 +86,13 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "answers": answers, "accuracy": _mean([a["correct"] for a in answers]),
             "named": _mean([a["named"] for a in answers]),
             "absent_answers": absent,
-            "absent_named": _mean([label in text.lower() for label, text in zip(ABSENT, absent)]),
+            "absent_named": _mean([label in text.lower() for label, text in zip(ABSENT_OBJECTS, absent)]),
+            "absent_correct": _mean([is_clear_no(text) for text in absent]),
+            "absent_seen": [a.seen for a in absent_asked],
             "absent_seen_scores": [a.sightings[0].score if a.sightings else None for a in absent_asked],
+            "degenerate": sum(repeats for repeats in (repeats_ngram(t) for t in texts)),
+            "hallucinated": sum(names_unshown(t, vocabulary, shown) for t in texts),
+            "time_error_s_median": _median(errors),
             "ingest_ms_median": float(np.median(ms)), "ingest_ms_p95": float(np.percentile(ms, 95)),
             "ingest_ms_mean": float(ms.mean()), "frames_stored": int(stored_ms.size),
             "stored_ms_median": _median(stored_ms.tolist()),
@@ -152,11 +162,12 @@ def _accuracy(runs: list[dict], policy: str, minutes: float, capacity: int | Non
 def rescore(run: dict) -> None:
     """Score ``run``'s stored answers again with the current :func:`score_answer` (in place), so
     one grid is scored one way whichever version answered."""
-    from ..runtime.drive import Event, score_answer
+    from ..runtime.drive import Event, score_answer, time_tolerance_s
 
     words = {e["label"]: tuple(e["words"]) for e in run["manifest"]["events"]}
+    tolerance = time_tolerance_s(run["manifest"]["minutes"])
     for a in run["answers"]:
-        a.update(score_answer(a["answer"], Event(a["label"], a["time_s"], words[a["label"]]),
+        a.update(score_answer(a["answer"], Event(a["label"], a["time_s"], words[a["label"]]), tolerance,
                               seen_at_s=a.get("seen_at_s")))  # runs from before sightings have none
     for metric, field in (("accuracy", "correct"), ("named", "named"), ("recalled", "recalled"),
                           ("text_timed", "timed")):
@@ -168,17 +179,22 @@ def report(data: dict, out: Path) -> None:
     beside ``out`` (the JSON path)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
     rows = [[r["minutes"], r["policy"], r["capacity"], r.get("vision_budget", 0), r["accuracy"], r["named"],
-             r["recalled"], r["text_timed"], r["absent_named"], r["ingest_ms_median"], r["ingest_ms_p95"],
+             r["recalled"], r["text_timed"], r.get("absent_correct"), r.get("degenerate"), r.get("hallucinated"),
+             r.get("time_error_s_median"), r["ingest_ms_median"], r["ingest_ms_p95"],
              r.get("stored_ms_median"), r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
             for r in runs]
     md = ["# Needle in the drive", "", describe(data['machine']), "",
-          "accuracy = named in the text and timed (by the text or by the best sighting from the cache, "
-          "+-30 s); recalled = best sighting within +-30 s; text timed = the text itself states the time.", "",
+          "accuracy = the answer names the object AND its text states a time within +-10 s of the event "
+          "(+-60 s on drives over 10 minutes); recalled = the cache's best sighting is that close (the "
+          "cache's, not the answer's); text timed = the text states the time; absent correct = a clear "
+          "no to a question about an object never shown; degenerate = answers repeating a 4-word "
+          "sequence; hallucinated = answers naming a class never shown without denying it.", "",
           "vision budget = vision tokens per row kept ahead of other saddles; stored ms = ingest of the "
           "frames written to the cache (the others cost the vision encoder only).", "",
           markdown_table(["minutes", "policy", "capacity", "vision budget", "accuracy", "named", "recalled",
-                          "text timed", "absent named", "ingest ms median", "ingest ms p95", "stored ms median",
-                          "TTFT s", "decode tok/s", "note"], rows)]
+                          "text timed", "absent correct", "degenerate", "hallucinated", "time error s",
+                          "ingest ms median", "ingest ms p95", "stored ms median", "TTFT s", "decode tok/s", "note"],
+                         rows)]
     full5 = _accuracy(runs, "full", min((r["minutes"] for r in runs), default=0))
     longest = max((r["minutes"] for r in runs), default=0)
     for cap in sorted({r["capacity"] for r in runs if r["policy"] != "full"}):

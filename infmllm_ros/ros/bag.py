@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 import yaml
 
-from ..runtime.drive import Drive, LoopedClip, bundled_events, events_from_dir, synthetic_road, video_frames
+from ..runtime.drive import (ABSENT_OBJECTS, Drive, LoopedClip, absent_question, bundled_events, events_from_dir,
+                             synthetic_road, video_frames)
 
 TYPESTORE_NAME = "ros2_kilted"
 DEFAULT_START_STAMP = 1_700_000_000.0  # a fixed epoch: bags made twice are identical
@@ -132,10 +133,13 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
 
 
 def questions_for(drive: Drive) -> list[dict]:
-    """One scripted question per event, asked after the last frame (bag seconds from its start)."""
+    """One scripted question per event, then one per object never shown (:data:`ABSENT_OBJECTS`,
+    ``absent: true``), all asked after the last frame (bag seconds from its start)."""
     end = drive.n_frames / drive.fps
     return [{"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": e.time_s,
-             "label": e.label} for e in drive.schedule]
+             "label": e.label} for e in drive.schedule] + [
+        {"at_s": end, "question": absent_question(label), "label": label, "absent": True}
+        for label in ABSENT_OBJECTS if label not in drive.events]
 
 
 def _event_time(text: str) -> tuple[str, float]:

@@ -84,8 +84,11 @@ def main(argv=None) -> int:
         return 1
     rep = json.loads(report.read_text())
     print(report.with_suffix(".md").read_text())
-    print(f"answers named the event in {rep['named']}/{len(rep['answers'])} cases; report: {report} "
-          f"(and {report.with_suffix('.md')})")
+    events = [a for a in rep["answers"] if "correct" in a.get("score", {})]
+    absent = [a for a in rep["answers"] if "absent_correct" in a.get("score", {})]
+    print(f"events named with the right time (+-10 s): {sum(a['score']['correct'] for a in events)}/{len(events)}; "
+          f"absent objects answered no: {sum(a['score']['absent_correct'] for a in absent)}/{len(absent)}; "
+          f"degenerate answers: {rep['degenerate']}; report: {report} (and {report.with_suffix('.md')})")
     return 0 if status == 0 else 1
 
 

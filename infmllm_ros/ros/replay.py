@@ -35,7 +35,7 @@ from std_msgs.msg import Header
 from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
-from ..runtime.drive import Event, score_answer
+from ..runtime.drive import Event, is_clear_no, repeats_ngram, score_answer
 from .ask import call_ask
 from .stamps import stamp_seconds, to_time
 
@@ -139,15 +139,19 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float 
     t0 = time.monotonic()
     response = call_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
                         bool(q.get("keep_in_context", False)), timeout_s)
-    rec = {"at_s": q["at_s"], "question": q["question"], "label": q.get("label")}
+    rec = {"at_s": q["at_s"], "question": q["question"], "label": q.get("label"),
+           "expect_time_s": q.get("expect_time_s")}
     if response is None:
         return {**rec, "success": False, "message": f"no answer within {timeout_s:.0f} s",
                 "latency_s": time.monotonic() - t0}
     rec.update(success=response.success, answer=response.answer, message=response.message,
                latency_s=response.latency_s, frames_in_context=response.frames_in_context,
-               tokens_in_cache=response.tokens_in_cache,
+               tokens_in_cache=response.tokens_in_cache, seen=response.seen, confidence=response.confidence,
+               evidence=response.evidence,
                seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [])
-    if response.success and q.get("expect_words"):
+    if response.success and q.get("absent"):
+        rec["score"] = {"absent_correct": is_clear_no(response.answer), "degenerate": repeats_ngram(response.answer)}
+    elif response.success and q.get("expect_words"):
         event = Event(q.get("label", ""), float(q.get("expect_time_s", math.nan)), tuple(q["expect_words"]))
         rec["score"] = score_answer(response.answer, event, seen_at_s=(rec["seen_at_s"] or [None])[0])
     return rec
@@ -253,15 +257,20 @@ def main(argv=None) -> int:
             report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout, origin_s))
             print(f"  [end] {report['answers'][-1]}", flush=True)
         time.sleep(1.5)  # one more /diagnostics sample after the answers
-        scored = [a["score"]["correct"] for a in report["answers"] if "score" in a]
+        scores = [a["score"] for a in report["answers"] if "score" in a]
+        present = [x for x in scores if "correct" in x]
+        absent = [x["absent_correct"] for x in scores if "absent_correct" in x]
         report.update(answers_published=len(player.answers), frames_published=published, frames_unacked=unacked, bag_duration_s=end_t,
                       wall_s=time.monotonic() - t_wall0, node_outcomes=dict(player.outcomes),
-                      accuracy=sum(scored) / len(scored) if scored else None,
-                      named=sum(a["score"]["named"] for a in report["answers"] if "score" in a),
+                      accuracy=sum(x["correct"] for x in present) / len(present) if present else None,
+                      named=sum(x["named"] for x in present),
+                      absent_correct=sum(absent) / len(absent) if absent else None,
+                      degenerate=sum(x["degenerate"] for x in scores),
                       memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
                       diagnostics=player.diagnostics)
         write_report(report, Path(args.report))
-        print(f"report: {args.report} (accuracy {report['accuracy']}, outcomes {player.outcomes})")
+        print(f"report: {args.report} (accuracy {report['accuracy']}, absent correct {report['absent_correct']}, "
+              f"degenerate {report['degenerate']}, outcomes {player.outcomes})")
     finally:
         reader.close()
         executor.shutdown()
@@ -274,11 +283,16 @@ def main(argv=None) -> int:
 def write_report(report: dict, path: Path) -> None:
     """Write ``path`` (JSON) and ``path`` with ``.md`` (answers table + figures)."""
     write_json(path, report)
+    def yes(key: str, a: dict) -> str:
+        score = a.get("score", {})
+        return "" if key not in score else "yes" if score[key] else "no"
+
     rows = [[f"{a['at_s']:.0f}", a["question"], (a.get("answer") or a.get("message", "")).replace("|", "/"),
-             f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "",
-             "yes" if a.get("score", {}).get("named") else "no",
-             "yes" if a.get("score", {}).get("correct") else "no", f"{a['latency_s']:.2f}"]
-            for a in report["answers"]]
+             f"{'yes' if a.get('seen') else 'no'} ({a.get('confidence', 0.0):.2f})",
+             (f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "")
+             + (f" / {a['expect_time_s']:.0f}" if a.get("expect_time_s") is not None else ""),
+             yes("named", a), yes("correct", a), yes("absent_correct", a), yes("degenerate", a),
+             f"{a['latency_s']:.2f}"] for a in report["answers"]]
     mem = report.get("memory") or {}
     lines = [f"# Replay of {report['bag']}", "",
              describe(report["machine"]), "",
@@ -290,7 +304,11 @@ def write_report(report: dict, path: Path) -> None:
                   f"{mem['rss_mib_last']:.0f} MiB at {mem['rss_mib_last_at_s']:.0f} s "
                   f"(growth {mem['rss_growth']:+.1%}); {mem['rss_mib_after_questions']:.0f} MiB after the "
                   f"questions, max {mem['rss_mib_max']:.0f} MiB.", ""]
-    lines.append(markdown_table(["bag s", "question", "answer", "seen at s", "named", "named+time", "latency s"], rows))
+    lines.append(f"Events answered with name and time (+-10 s): {report.get('accuracy')}; absent objects answered "
+                 f"no: {report.get('absent_correct')}; degenerate answers: {report.get('degenerate')}.")
+    lines.append("")
+    lines.append(markdown_table(["bag s", "question", "answer", "seen (confidence)", "sighting s / truth s", "named",
+                                 "named+time", "absent: no", "degenerate", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -41,6 +41,14 @@ class Event:
         a 1-minute dashcam drive; the other phrasing named the cat)."""
         return f"Was there a {self.label.replace('_', ' ')}? At what time?"
 
+#: Objects never shown in a drive, asked about to check that the answer is a clear no.
+ABSENT_OBJECTS = ("giraffe", "horse", "umbrella", "pizza", "bicycle", "dog")
+
+
+def absent_question(label: str) -> str:
+    """The question about an object that was never shown."""
+    return f"Was there a {label}? At what time?"
+
 
 def bundled_events() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     """Real photos from scikit-image: label -> (uint8 RGB image, accepted words)."""
@@ -232,22 +240,58 @@ def answer_times(answer: str) -> list[float]:
     return times
 
 
-def score_answer(answer: str, event: Event, tolerance_s: float = 30.0, seen_at_s: float | None = None) -> dict:
+def time_tolerance_s(minutes: float) -> float:
+    """How close a stated time must be to the event: 10 s on drives up to 10 minutes, the right
+    minute (60 s) on longer ones."""
+    return 10.0 if minutes <= 10 else 60.0
+
+
+def score_answer(answer: str, event: Event, tolerance_s: float = 10.0, seen_at_s: float | None = None) -> dict:
     """Did ``answer`` name the event, and say when within ``tolerance_s`` of it?
 
     Args:
         answer: the reply text. event: what was shown and when.
+        tolerance_s: :func:`time_tolerance_s` of the drive.
         seen_at_s: stamp (seconds) of the answer's best sighting
             (:func:`~infmllm_ros.runtime.recall.find_sightings`), or None when it had none.
 
     Returns:
-        ``{"named", "timed", "recalled", "correct"}``: ``named``, one of the event's words is in
-        the text; ``timed``, a time the text states (:func:`answer_times`, e.g. a quoted
-        ``t=312.0s`` tag) is within the tolerance; ``recalled``, the best sighting is;
-        ``correct = named and (timed or recalled)``.
+        ``named``: one of the event's words is in the text; ``timed``: a time the text states
+        (:func:`answer_times`) is within the tolerance; ``time_error_s``: seconds from the
+        event to the closest stated time (None when the text states none); ``recalled``: the
+        best sighting from the cache is within the tolerance (scored apart: it is the cache's,
+        not the answer's); ``correct = named and timed``, so an answer that echoes the
+        question's word cannot score; ``degenerate``: the text repeats a 4-word sequence.
     """
     text = answer.lower()
     named = any(w in text for w in event.words)
-    timed = any(abs(t - event.time_s) <= tolerance_s for t in answer_times(text))
+    errors = [abs(t - event.time_s) for t in answer_times(text)]
+    timed = any(e <= tolerance_s for e in errors)
     recalled = seen_at_s is not None and abs(seen_at_s - event.time_s) <= tolerance_s
-    return {"named": named, "timed": timed, "recalled": recalled, "correct": named and (timed or recalled)}
+    return {"named": named, "timed": timed, "time_error_s": min(errors) if errors else None, "recalled": recalled,
+            "correct": named and timed, "degenerate": repeats_ngram(answer)}
+
+
+def repeats_ngram(text: str, n: int = 4) -> bool:
+    """Whether ``text`` holds the same ``n`` consecutive words twice (case and punctuation
+    ignored): the mark of a looping answer."""
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+_NO = re.compile(r"^\W*(no|nope|not that i|i did not|i didn't|i have not|i haven't|nothing)\b")
+
+
+def is_clear_no(answer: str) -> bool:
+    """Whether ``answer`` starts by saying no ("No, ...", "I did not see ...", "Nothing ...")."""
+    return bool(_NO.match(answer.strip().lower()))
+
+
+def names_unshown(answer: str, vocabulary: dict[str, tuple[str, ...]], shown: set[str]) -> bool:
+    """Whether ``answer`` names an object class of ``vocabulary`` (label -> words) that is not in
+    ``shown`` (the drive's event labels) and does not deny it: a hallucination."""
+    text = answer.lower()
+    named = any(any(re.search(rf"\b{re.escape(w)}", text) for w in words)
+                for label, words in vocabulary.items() if label not in shown)
+    return named and not is_clear_no(answer)
