@@ -203,7 +203,7 @@ def test_evidence_names_what_and_when_and_stays_bounded_in_tokens(parts):
     s.ingest_frame(coffee(), 30.0, "front")
     a = s.ask("Was there a cat? At what time?", max_new_tokens=12)
     assert a.seen and a.confidence > 0.5 and a.sightings[0].camera == "left_fisheye_camera"
-    assert a.evidence.startswith("Memory: domestic cat at t=12 s (cam=left_fisheye_camera)")
+    assert a.evidence.startswith("Memory: domestic cat at t=12 s (left_fisheye_camera camera)")
     many = [Sighting(i, 1000.0 * i, 0.9, "camera_" + "x" * 40) for i in range(10)]
     s._frame_info.update({i: ("c", "a very long class name indeed") for i in range(10)})
     line = s.render_evidence(many, seen=True)

@@ -345,10 +345,12 @@ class StreamSession:
     def render_evidence(self, sightings: list[Sighting], seen: bool) -> str:
         """The memory line of an answer prompt, a plain sentence a small model can repeat: the
         best sighting and the next ones at or above the seen threshold (at most
-        ``evidence_sightings``), each ``domestic cat at t=60 s (cam=front)`` (the label where
+        ``evidence_sightings``), each ``domestic cat at t=60 s (front camera)`` (the label where
         the family names what it saw, else "a matching frame"), so at most ~20 tokens each; or
         that nothing matches. "" when evidence is off. Match scores stay out of the text (a
-        135M model copied them into its answers); they are in :attr:`Answer.sightings`."""
+        135M model copied them into its answers); they are in :attr:`Answer.sightings`. The camera
+        reads as words: with ``cam=front`` SmolLM2 named 4 of the 6 sanity photos, with ``(front
+        camera)`` 5 of 6 (test_session.py)."""
         if not self.evidence_sightings:
             return ""
         if not seen:
@@ -357,7 +359,7 @@ class StreamSession:
         best = sightings[:1] + [x for x in sightings[1:] if x.score >= self.seen_threshold]
         for x in best[:self.evidence_sightings]:
             label = self._frame_info.get(x.frame_id, ("", ""))[1] or "a matching frame"
-            parts.append(f"{label} at t={x.stamp_s:.0f} s" + (f" (cam={x.camera})" if x.camera else ""))
+            parts.append(f"{label} at t={x.stamp_s:.0f} s" + (f" ({x.camera} camera)" if x.camera else ""))
         return "Memory: " + "; ".join(parts) + "."
 
     def _sentence_end(self, out: list[int]) -> bool:
