@@ -30,6 +30,7 @@ setup(
             "infmllm-bench-kernels = infmllm_ros.bench.kernels:main",
             "infmllm-bench-backends = infmllm_ros.bench.backends:main",
             "infmllm-bench-stream = infmllm_ros.bench.stream:main",
+            "infmllm-bench-calibrate = infmllm_ros.bench.calibrate:main",
             "infmllm-build-engines = infmllm_ros.engines.build:main",
             "infmllm-node = infmllm_ros.ros.node:main",
             "infmllm_node = infmllm_ros.ros.node:main",
