@@ -50,8 +50,9 @@ def test_one_minute_drive(tmp_path, clip):
     assert [a["label"] for a in run["answers"]] == ["cat"]
     cat = run["answers"][0]  # its best sighting (if any survived) is a frame of this drive, scored
     assert cat["seen_at_s"] is None or 0 <= cat["seen_at_s"] < 60
-    assert run["recalled"] == float(cat["recalled"]) and len(run["absent_seen_scores"]) == 3
-    assert 0 <= run["absent_named"] <= 1 and len(run["absent_answers"]) == 3
+    assert run["recalled"] == float(cat["recalled"]) and len(run["absent_seen_scores"]) == 6
+    assert 0 <= run["absent_named"] <= 1 and len(run["absent_answers"]) == 6 and len(run["absent_seen"]) == 6
+    assert 0 <= run["absent_correct"] <= 1 and run["degenerate"] == 0 and run["hallucinated"] >= 0
     assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
     assert "| 1 | streaming_llm | 256 | 0 |" in out.with_suffix(".md").read_text()
     # familiar frames are stored once per 10 s: 30 frames, at most 1 + 30 / 5 written

@@ -48,9 +48,12 @@ def format_response(response) -> str:
     if not response.success:
         return f"refused: {response.message}"
     first, last = stamp_seconds(response.first_frame_stamp), stamp_seconds(response.last_frame_stamp)
-    seen = ", ".join(f"{stamp_seconds(t):.1f} (match {s:.2f})"
-                     for t, s in zip(response.sighting_stamps, response.sighting_scores))
+    seen = ", ".join(f"{stamp_seconds(t):.1f}" + (f" {c}" if c else "") + f" (match {s:.2f})"
+                     for t, s, c in zip(response.sighting_stamps, response.sighting_scores,
+                                        list(response.sighting_cameras) or [""] * len(response.sighting_scores)))
     return (f"{response.answer}\n"
+            f"-- {'seen' if response.seen else 'not seen'} (confidence {response.confidence:.2f}); "
+            f"{response.evidence or 'no memory line'}\n"
             f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"
             f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
             f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "
