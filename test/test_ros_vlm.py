@@ -1,4 +1,4 @@
-"""The node with a Hugging Face VLM directory (a tiny random Qwen2.5-VL built here) over real
+"""The node with a Hugging Face VLM directory (tiny random Qwen2.5-VL and SmolVLM2 built here) over real
 DDS on loopback: raw frames in, /ask answered, and a broken checkpoint stops it with the reason."""
 import shutil
 
@@ -18,12 +18,13 @@ from test_vlm_families import frame  # noqa: E402
 TOPIC = "/vlmtest/front/image_raw"
 
 
-def test_node_runs_a_hugging_face_vlm_directory(tmp_path):
-    model = build_random_checkpoint("qwen2.5-vl-tiny", tmp_path / "qwen")
+@pytest.mark.parametrize("shape,family", [("qwen2.5-vl-tiny", "qwen2_5_vl"), ("smolvlm2-tiny", "smolvlm")])
+def test_node_runs_a_hugging_face_vlm_directory(tmp_path, shape, family):
+    model = build_random_checkpoint(shape, tmp_path / "model")
     env = ros_env()
     proc, log = start_node(tmp_path, env, {
         "model": str(model), "camera_topics": [TOPIC], "camera_transports": ["raw"], "qos_reliability": "reliable",
-        "qos_depth": 5, "cache.capacity": 512, "cache.recent": 64, "novelty_threshold": 0.0,
+        "qos_depth": 5, "cache.capacity": 640, "cache.recent": 64, "novelty_threshold": 0.0,
         "max_new_tokens": 8, "diagnostics_period_s": 0.5})
     graph = Graph(env)
     try:
@@ -38,7 +39,7 @@ def test_node_runs_a_hugging_face_vlm_directory(tmp_path):
         assert "3 frames in context" in out.stdout
         status = graph.latest_status()
         assert status["frames_ingested"] == "3" and status["frames_stored"] == "3"
-        assert "qwen2_5_vl" in log.read_text()
+        assert f"({family} family)" in log.read_text()
     finally:
         graph.close()
         assert stop_node(proc) == 0
