@@ -18,13 +18,12 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
-
-from collections.abc import Callable
-from pathlib import Path
 
 from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
