@@ -88,9 +88,9 @@ def test_clear_no_and_hallucinated_class():
     from infmllm_ros.runtime.drive import is_clear_no, names_unshown
 
     for text in ("No, no stored camera frame matches this question.", "No.", "I did not see a horse.",
-                 "Nothing like that."):
+                 "Nothing like that.", 'The answer to this question is: "No, there was no horse."'):
         assert is_clear_no(text), text
-    for text in ("The horse was at t=30 s.", "I see a horse. No more.", "Not sure, maybe a horse"):
+    for text in ("The horse was at t=30 s.", "I see a horse. No more.", "A horse at t=12 s. Nothing else."):
         assert not is_clear_no(text), text
     vocab = {"cat": ("cat", "tabby"), "horse": ("horse",), "pizza": ("pizza",)}
     assert names_unshown("I saw a horse at t=30 s.", vocab, shown={"cat"})

@@ -42,8 +42,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         out of room, if it did). A cache that overflowed cannot take a question either, so
         such a run has no answers and its scores, TTFT and decode rate are None.
     """
-    from ..runtime.drive import (ABSENT_OBJECTS, absent_question, is_clear_no, names_unshown, repeats_ngram,
-                                 score_answer, time_tolerance_s)
+    from ..runtime.drive import ABSENT_OBJECTS, absent_question, score_answer, time_tolerance_s
 
     ingest_ms, stored, rss = [], [], []
     overflow = None
@@ -75,10 +74,6 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         absent_asked = [session.ask(absent_question(label), max_new_tokens=32, keep_in_context=False)
                         for label in ABSENT_OBJECTS]
     absent = [a.text for a in absent_asked]
-    vocabulary = {**{e.label: e.words for e in drive.schedule}, **{label: (label,) for label in ABSENT_OBJECTS}}
-    shown = {e.label for e in drive.schedule}
-    texts = [a["answer"] for a in answers] + absent
-    errors = [a["time_error_s"] for a in answers if a["time_error_s"] is not None]
     ms = np.asarray(ingest_ms)
     stored_ms = ms[np.asarray(stored, dtype=bool)]  # a frame that overflowed the cache is in neither
     per_min = max(1, int(60 * drive.fps))
@@ -87,12 +82,9 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "named": _mean([a["named"] for a in answers]),
             "absent_answers": absent,
             "absent_named": _mean([label in text.lower() for label, text in zip(ABSENT_OBJECTS, absent)]),
-            "absent_correct": _mean([is_clear_no(text) for text in absent]),
             "absent_seen": [a.seen for a in absent_asked],
             "absent_seen_scores": [a.sightings[0].score if a.sightings else None for a in absent_asked],
-            "degenerate": sum(repeats for repeats in (repeats_ngram(t) for t in texts)),
-            "hallucinated": sum(names_unshown(t, vocabulary, shown) for t in texts),
-            "time_error_s_median": _median(errors),
+            **run_scores(answers, absent, {e.label: e.words for e in drive.schedule}),
             "ingest_ms_median": float(np.median(ms)), "ingest_ms_p95": float(np.percentile(ms, 95)),
             "ingest_ms_mean": float(ms.mean()), "frames_stored": int(stored_ms.size),
             "stored_ms_median": _median(stored_ms.tolist()),
@@ -160,8 +152,9 @@ def _accuracy(runs: list[dict], policy: str, minutes: float, capacity: int | Non
 
 
 def rescore(run: dict) -> None:
-    """Score ``run``'s stored answers again with the current :func:`score_answer` (in place), so
-    one grid is scored one way whichever version answered."""
+    """Score ``run``'s stored answers again with the current scoring (in place), so one grid is
+    scored one way whichever version answered: each event answer (:func:`score_answer`) and the
+    run's absent-object, degeneration and hallucination counts."""
     from ..runtime.drive import Event, score_answer, time_tolerance_s
 
     words = {e["label"]: tuple(e["words"]) for e in run["manifest"]["events"]}
@@ -172,6 +165,21 @@ def rescore(run: dict) -> None:
     for metric, field in (("accuracy", "correct"), ("named", "named"), ("recalled", "recalled"),
                           ("text_timed", "timed")):
         run[metric] = _mean([a[field] for a in run["answers"]])
+    run.update(run_scores(run["answers"], run.get("absent_answers", []), words))
+
+
+def run_scores(answers: list[dict], absent: list[str], shown: dict[str, tuple[str, ...]]) -> dict:
+    """A run's answer-level counts: ``absent_correct`` (fraction of absent-object answers that
+    are a clear no), ``degenerate`` and ``hallucinated`` (answers, of all), ``time_error_s_median``
+    (over event answers that state a time). ``shown``: the drive's events, label -> words."""
+    from ..runtime.drive import ABSENT_OBJECTS, is_clear_no, names_unshown, repeats_ngram
+
+    texts = [a["answer"] for a in answers] + absent
+    vocabulary = {**shown, **{label: (label,) for label in ABSENT_OBJECTS}}
+    return {"absent_correct": _mean([is_clear_no(t) for t in absent]),
+            "degenerate": sum(repeats_ngram(t) for t in texts),
+            "hallucinated": sum(names_unshown(t, vocabulary, set(shown)) for t in texts),
+            "time_error_s_median": _median([a["time_error_s"] for a in answers if a["time_error_s"] is not None])}
 
 
 def report(data: dict, out: Path) -> None:

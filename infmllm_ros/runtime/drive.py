@@ -280,12 +280,15 @@ def repeats_ngram(text: str, n: int = 4) -> bool:
     return len(set(grams)) < len(grams)
 
 
-_NO = re.compile(r"^\W*(no|nope|not that i|i did not|i didn't|i have not|i haven't|nothing)\b")
+_NEGATION = re.compile(r"\b(no|nope|not|nothing|none|never)\b|n't\b")
 
 
 def is_clear_no(answer: str) -> bool:
-    """Whether ``answer`` starts by saying no ("No, ...", "I did not see ...", "Nothing ...")."""
-    return bool(_NO.match(answer.strip().lower()))
+    """Whether the first sentence of ``answer`` denies: "No, ...", "I did not see ...", "Nothing
+    ...", 'The answer is: "No, there was no horse."'. An answer that starts on something else
+    ("I saw a horse. No more.") is not a no."""
+    first = re.split(r"(?<=[.!?])\s+", answer.strip().lower(), maxsplit=1)[0]
+    return bool(_NEGATION.search(first))
 
 
 def names_unshown(answer: str, vocabulary: dict[str, tuple[str, ...]], shown: set[str]) -> bool:
