@@ -47,3 +47,18 @@ def test_chat_exits_2_with_the_reason_for_bad_input(clip, tmp_path, capsys):
         args = [x for kv in base.items() for x in kv] + ["--question", "Anything?"]
         assert main(args) == 2
         assert reason in capsys.readouterr().err
+
+
+def test_chat_takes_images_one_per_frame_interval(tmp_path, capsys):
+    model = build_random_checkpoint("smolvlm2-tiny", tmp_path / "model")
+    images = []
+    for i in range(3):
+        images += ["--image", str(tmp_path / f"{i}.png")]
+        cv2.imwrite(images[-1], frame(i)[:, :, ::-1].copy())
+    out = tmp_path / "chat.json"
+    assert main(["--model", str(model), *images, "--fps", "0.5", "--capacity", "512", "--question", "What?",
+                 "--max-new-tokens", "3", "--json", str(out)]) == 0
+    assert [f["t"] for f in json.loads(out.read_text())["frames"]] == [0.0, 2.0, 4.0]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert main(["--model", str(model), "--image", str(tmp_path / "bad.png"), "--question", "What?"]) == 2
+    assert "cannot decode" in capsys.readouterr().err
