@@ -163,7 +163,7 @@ class Drive:
         minutes: drive length. fps: sampled frames per second.
         events: label -> (image, words) (e.g. :func:`bundled_events`).
         seed: RNG seed for event times (spread over the drive, >= 20 s apart, not in the first
-            20 s, whose first frame a :class:`~infmllm_ros.models.vision.SceneNovelty` gate takes
+            20 s, whose first frame a :class:`~infmllm_ros.runtime.novelty.SceneNovelty` gate takes
             as the background, nor in the last 10%, so a question can follow).
         at: label -> seconds into the drive, to place events by hand instead (every label must
             be in ``events``); the seed is then unused.
