@@ -85,6 +85,12 @@ class QwenVL(VisionLanguageModel):
         return torch.cat([before, vision, after], dim=1).to(self.device)
 
 
+class Qwen2VL(QwenVL):
+    """Qwen2-VL: the same layout and positions as Qwen2.5-VL (its tower has no window attention)."""
+
+    family = "qwen2_vl"
+
+
 def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  frame_tokens: int = DEFAULT_FRAME_TOKENS) -> QwenVL:
     """A Qwen2.5-VL or Qwen2-VL checkpoint folder (``Qwen2_5_VLForConditionalGeneration`` /
@@ -125,7 +131,6 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     processor = Qwen2VLImageProcessorPil.from_pretrained(
         str(path), max_pixels=frame_tokens * cell * cell, min_pixels=min(4, frame_tokens) * cell * cell)
     tokenizer = ChatTokenizer.from_hf_dir(path)
-    model = QwenVL(decoder.to(device, dtype), tokenizer, path.name, visual.to(device, dtype).eval(), processor,
-                   int(hf["image_token_id"]), merge, frame_tokens)
-    model.family = "qwen2_vl" if hf.get("model_type") == "qwen2_vl" else "qwen2_5_vl"
-    return model
+    family = Qwen2VL if hf.get("model_type") == "qwen2_vl" else QwenVL
+    return family(decoder.to(device, dtype), tokenizer, path.name, visual.to(device, dtype).eval(), processor,
+                  int(hf["image_token_id"]), merge, frame_tokens)
