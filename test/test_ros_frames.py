@@ -93,6 +93,8 @@ def test_parameters_are_validated_with_the_name_in_the_message():
                       ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
                       ({"novelty_threshold": -0.5}, "novelty_threshold"), ({"precision": "int4"}, "precision"),
                       ({"cache.max_chunk": 4}, "cache.max_chunk"),
+                      ({"sample_rate_hz": float("nan")}, "sample_rate_hz"),
+                      ({"sample_rate_hz": float("inf")}, "sample_rate_hz"),
                       ({"answer.repetition_penalty": 0.0}, "answer.repetition_penalty"),
                       ({"answer.repetition_penalty": float("nan")}, "answer.repetition_penalty"),
                       ({"answer.no_repeat_ngram_size": -1}, "answer.no_repeat_ngram_size"),

@@ -218,6 +218,8 @@ def validate(values: dict) -> NodeConfig:
     need(all(" " not in n and ">" not in n for n in names), "camera_names", "names cannot hold spaces or '>'")
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
+    need(math.isfinite(v["sample_rate_hz"]) and v["sample_rate_hz"] <= 1000.0, "sample_rate_hz",
+         "must be a finite number of frames per second up to 1000 (<= 0: every frame)")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
     need(v["novelty_threshold"] == -1.0 or 0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold",
          "must be in [0, 1], or -1 for the model family's default")
