@@ -134,3 +134,54 @@ def test_vision_budget_errors_are_clear(tiny):
         tiny.new_cache(48, 8, make_policy("h2o", sinks=4, recent=8, vision_budget=40))
     with pytest.raises(ValueError, match="vision_budget .* must be >= 0"):
         make_policy("inf_mllm", vision_budget=-1)
+
+
+def occupied(cache: KVCache) -> tuple:
+    """Every state tensor's occupied part (cloned) and the counters."""
+    n = cache.length
+    return ([t[:, :, :n].clone() for t in cache._state()],
+            (cache.length, cache.stream_tokens, cache.evicted_tokens, cache.position_offset))
+
+
+def assert_same(before: tuple, cache: KVCache) -> None:
+    after = occupied(cache)
+    assert after[1] == before[1]
+    for a, b in zip(after[0], before[0]):  # bit-identical; stamps of text slots are NaN on both sides
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+
+
+@pytest.mark.parametrize("name", ["h2o", "inf_mllm"])
+def test_restoring_a_snapshot_undoes_chunks_that_evicted(tiny, name):
+    """The state a question asked with keep_in_context=False must leave: bit-identical tensors,
+    scores and counters, even though the question's chunks evicted and compacted."""
+    cache = tiny.new_cache(64, 16, make_policy(name, sinks=4, recent=16))
+    ids = torch.randint(0, 97, (90,), generator=torch.Generator().manual_seed(1))
+    stream_logits(tiny, cache, ids[:60], 16)  # nearly full
+    before, snap = occupied(cache), cache.snapshot()
+    evicted = cache.evicted_tokens
+    stream_logits(tiny, cache, ids[60:], 16)  # the "question": evicts
+    assert cache.evicted_tokens > evicted
+    cache.restore(snap)
+    assert_same(before, cache)
+
+
+def test_a_failure_half_way_through_the_layers_leaves_the_cache_as_it_was(tiny, monkeypatch):
+    """Layer 2 raises mid-chunk: the cache is bit-identical to before the chunk, and the next
+    chunk gives the same logits as a cache that never saw the failed one."""
+    ids = torch.randint(0, 97, (48,), generator=torch.Generator().manual_seed(2))
+    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8))
+    clean = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8))
+    stream_logits(tiny, cache, ids[:40], 8)  # full: the failed chunk would have evicted
+    stream_logits(tiny, clean, ids[:40], 8)
+    before = occupied(cache)
+    layer = tiny.model.layers[2]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure in layer 2")
+
+    monkeypatch.setattr(layer, "forward", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        tiny(tiny.embed(ids[40:48]), cache)
+    monkeypatch.undo()
+    assert_same(before, cache) and cache.pending == 0
+    assert torch.equal(stream_logits(tiny, cache, ids[40:48], 8), stream_logits(tiny, clean, ids[40:48], 8))
