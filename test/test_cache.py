@@ -185,3 +185,38 @@ def test_a_failure_half_way_through_the_layers_leaves_the_cache_as_it_was(tiny, 
     monkeypatch.undo()
     assert_same(before, cache) and cache.pending == 0
     assert torch.equal(stream_logits(tiny, cache, ids[40:48], 8), stream_logits(tiny, clean, ids[40:48], 8))
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "inf_mllm"])
+def test_kept_keys_equal_their_raw_keys_rotated_fresh_at_their_new_slots(tiny, name):
+    """After evictions, every kept key in every layer is its layer's pre-RoPE key (recorded from
+    k_proj) rotated by transformers' LlamaRotaryEmbedding at its new slot: re-rotation checked
+    against an implementation that is not the cache's."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from infmllm_ros.kvcache.rope import rotate_half
+
+    cfg = tiny.cfg
+    raw = {i: [] for i in range(cfg.num_layers)}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: raw[i].append(out.view(out.shape[0], cfg.num_kv_heads, cfg.head_dim)))
+        for i, layer in enumerate(tiny.model.layers)]
+    cache = tiny.new_cache(48, 8, make_policy(name, sinks=4, recent=8))
+    try:
+        stream_logits(tiny, cache, torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(3)), 8)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert cache.evicted_tokens > 60
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+                                              rope_theta=cfg.rope_theta, max_position_embeddings=512))
+    slots = torch.arange(cache.length)
+    for layer in range(cfg.num_layers):
+        keys = torch.cat(raw[layer])  # [stream tokens, kv_heads, head_dim]
+        for h in range(cfg.num_kv_heads):
+            token = cache.position[layer, h, :cache.length]
+            assert bool((token > slots).any())  # tokens did move
+            cos, sin = rotary(keys, slots[None])
+            want = keys[token, h] * cos[0] + rotate_half(keys[token, h]) * sin[0]
+            assert (cache.k[layer, h, :cache.length] - want).abs().max().item() <= 1e-5
