@@ -166,15 +166,16 @@ def build_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
 
 def main(argv=None) -> int:
     """``infmllm-random-checkpoint SHAPE OUT_DIR``: write a random-weight checkpoint (exit 2 on bad input)."""
+    from ..models.registry import DTYPES
+
     p = argparse.ArgumentParser(prog="infmllm-random-checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("shape", help=f"one of {', '.join(sorted(SHAPES))}")
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args(argv)
     try:
-        build_random_checkpoint(args.shape, args.out, args.seed,
-                                {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+        build_random_checkpoint(args.shape, args.out, args.seed, DTYPES[args.dtype])
     except ValueError as exc:
         print(f"infmllm-random-checkpoint: error: {exc}", file=sys.stderr)
         return 2

@@ -93,14 +93,12 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     sync()
     t0 = time.perf_counter()
     last = s.backend.run_chunk(s._embed_ids(q), s.cache)
-    first = int(last.argmax())
     sync()
     t1 = time.perf_counter()
     out = decode(s.backend, s.cache, last, new_tokens)  # no stop tokens: exactly new_tokens
     sync()
     t2 = time.perf_counter()
     s.cache.restore(snap)
-    del first
     return {"vision_ms": statistics.median(r[0] for r in rows), "prefill_ms": statistics.median(r[1] for r in rows),
             "evict_ms": statistics.median(r[2] for r in rows), "frame_tokens": rows[0][3],
             "ttft_s": t1 - t0, "decode_tokens_per_s": (len(out) - 1) / (t2 - t1) if len(out) > 1 else 0.0,
