@@ -14,8 +14,8 @@ from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, 
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
-from ..runtime.session import (DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SAMPLING, DEFAULT_SENTENCE_STOP_WORDS,
-                               DEFAULT_SYSTEM_PROMPT)
+from ..runtime.session import (DEFAULT_EVIDENCE_SIGHTINGS, DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SAMPLING,
+                               DEFAULT_SENTENCE_STOP_WORDS, DEFAULT_SYSTEM_PROMPT)
 
 TRANSPORTS = ("raw", "compressed")
 
@@ -79,7 +79,7 @@ PARAMETERS = (
     Param("answer.temperature", 0.0, "sampling temperature (0: greedy, the default)", dynamic=True),
     Param("answer.top_p", 1.0, "nucleus sampling mass in (0, 1] (with temperature > 0)", dynamic=True),
     Param("answer.seed", -1, "sampling seed (-1: a fresh seed per answer)", dynamic=True),
-    Param("answer.evidence_sightings", 3,
+    Param("answer.evidence_sightings", DEFAULT_EVIDENCE_SIGHTINGS,
           "sightings rendered into the answer prompt as a memory line (0: none)", dynamic=True),
     Param("answer.seen_threshold", SEEN_THRESHOLD,
           "best-sighting score at which an object counts as seen (bench/results/seen_calibration.*)", dynamic=True),

@@ -47,6 +47,10 @@ DEFAULT_SAMPLING = Sampling(repetition_penalty=1.1, no_repeat_ngram_size=4)
 #: first sentence end.
 DEFAULT_SENTENCE_STOP_WORDS = 16
 
+#: Sightings rendered into the answer prompt: the best one, as one plain sentence a small
+#: model can repeat (a list of several read worse to SmolLM2-135M).
+DEFAULT_EVIDENCE_SIGHTINGS = 1
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
@@ -88,8 +92,8 @@ class Answer:
         token_ids: the generated token ids (without the stop token).
         seen, confidence: whether the question's object is in the cached frames, from the best
             sighting's score (:func:`.recall.judge`), and how sure, in [0, 1].
-        evidence: the memory line rendered into the answer prompt ("Memory: t=60 s cam=front
-            (match 0.41); ..."), so the answer can say when.
+        evidence: the memory line rendered into the answer prompt ("Memory: domestic cat at
+            t=60 s (front camera)."), so the answer can say when (:meth:`StreamSession.render_evidence`).
     """
 
     text: str
@@ -150,7 +154,7 @@ class StreamSession:
                  background_decay: float = 0.7, recall_layer: int | None = None,
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
                  sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
-                 evidence_sightings: int = 1, seen_threshold: float = SEEN_THRESHOLD):
+                 evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -199,10 +203,16 @@ class StreamSession:
             self.last_stamp_s = -math.inf
             self._last_stored_s: dict[str, float] = {}  # per camera
             self._frame_info: dict[int, tuple[str, str]] = {}  # stored frame -> (camera, label), pruned
-            step = self.cache.max_chunk
-            for s in range(0, len(self._system_ids), step):
-                self.backend.run_chunk(self._embed_ids(self._system_ids[s:s + step]), self.cache, SlotKind.SINK,
-                                       logits=False)
+            self._prefill(self._system_ids, SlotKind.SINK, logits=False)
+
+    def _prefill(self, ids: list[int], kind: SlotKind = SlotKind.TEXT, logits: bool = True
+                 ) -> tuple[torch.Tensor | None, int]:
+        """Run ``ids`` through the cache in chunks of ``max_chunk``: (fp32 logits ``[vocab]`` of
+        the last token or None, tokens in the last chunk). Call with the lock held."""
+        step = self.cache.max_chunk
+        for s in range(0, len(ids), step):
+            last = self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache, kind, logits=logits)
+        return last, len(ids) - s
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
@@ -306,17 +316,13 @@ class StreamSession:
         with self._lock:
             snap = None if keep_in_context else self.cache.snapshot()
             try:
-                step = self.cache.max_chunk
-                for s in range(0, len(ids), step):
-                    self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache, logits=False)
+                _, newest = self._prefill(ids, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
                 sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
-                             find_sightings(self.cache, len(ids) - s, self.recall_layer)]
+                             find_sightings(self.cache, newest, self.recall_layer)]
                 seen, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.render_evidence(sightings, seen)
-                rest = self.tokenizer.encode(evidence + tail)
-                for s in range(0, len(rest), step):
-                    last = self.backend.run_chunk(self._embed_ids(rest[s:s + step]), self.cache)
+                last, _ = self._prefill(self.tokenizer.encode(evidence + tail))
                 t1 = time.perf_counter()
                 out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
                              sampling or self.sampling, stop_after=self._sentence_end if short else None,
