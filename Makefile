@@ -32,7 +32,7 @@ $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_ven
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The perplexity benchmark of issue 2 (long: see bench/README.md).
+# The streaming perplexity benchmark (long: see bench/results/README.md).
 bench-ppl: $(STAMP)
 	$(VENV)/bin/infmllm-bench-ppl --text ../shared/data/wikitext2_test.txt --json bench/results/perplexity.json
 
@@ -44,6 +44,6 @@ clean:
 demo: $(STAMP)
 	$(VENV)/bin/infmllm-demo --out demo-out --minutes 5
 
-# The hour-long drive of issue 4 (node memory, drops, latencies): ~45 minutes on 2 cores.
+# The hour-long drive through the node (memory, drops, latencies): ~45 minutes on 2 cores.
 bench-drive: $(STAMP)
 	$(VENV)/bin/infmllm-demo --out bench/results/drive_60min --minutes 60

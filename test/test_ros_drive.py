@@ -1,4 +1,4 @@
-"""The 5-minute replayed drive (issue 4): `infmllm-demo` end to end as separate processes
+"""The 5-minute replayed drive: `infmllm-demo` end to end as separate processes
 (make-bag -> node -> replay with a question per event -> SIGINT), checked from its report."""
 import json
 

@@ -166,7 +166,7 @@ def test_cosine_novelty_compares_feature_directions():
 @pytest.mark.skipif(not (SHARED / "dashcam_solidWhiteRight.mp4").is_file(),
                     reason="needs ../shared/data/dashcam_solidWhiteRight.mp4 (the shared data beside the clone)")
 def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
-    """Issue 3's sanity bar: full cache, each photo between 10 and 5 dashcam frames."""
+    """The sanity bar: full cache, each photo between 10 and 5 dashcam frames."""
     from infmllm_ros.runtime.drive import bundled_events, score_answer, video_frames, Event
 
     clip = video_frames(SHARED / "dashcam_solidWhiteRight.mp4", 1.0)

@@ -1,7 +1,7 @@
 """The TensorRT path: type-checked against the TensorRT 10 stubs, clear errors without TensorRT,
 and the engine manifest that decides which engine a node may load.
 
-TensorRT itself is not installed on these machines (nor on the lent GPU machines), so nothing
+TensorRT itself is not installed on these machines (nor on the GPU test machines), so nothing
 here builds or runs an engine; see infmllm_ros/engines/tensorrt_engine.py.
 """
 import importlib.util

@@ -2,7 +2,7 @@
 
 Written against the TensorRT 10 API (JetPack 6 ships 10.3) and type-checked in CI with mypy
 against ``tensorrt-stubs==10.13.0.35.1``. **Never run here**: these machines have no TensorRT,
-and the lent GPU machines have no TensorRT wheel small enough to carry. On a Jetson,
+and the GPU test machines have no TensorRT wheel small enough to carry. On a Jetson,
 ``infmllm-build-engines`` builds the engines on the device they will run on.
 
 * :func:`build_engine`: ONNX parser, fp16 by default, one optimisation profile over the chunk
