@@ -185,7 +185,7 @@ def test_a_question_with_no_frames_in_the_cache_is_not_seen_and_says_so(parts):
     s = new_session(parts)
     a = s.ask("Was there a giraffe? At what time?", max_new_tokens=24)
     assert not a.seen and a.confidence == 0.0 and a.sightings == ()
-    assert a.evidence == "Memory: no stored camera frame matches this question."
+    assert a.evidence == "Memory: no, no stored camera frame matches this question."
     assert a.text and len(a.token_ids) <= 24
 
 
@@ -203,13 +203,24 @@ def test_evidence_names_what_and_when_and_stays_bounded_in_tokens(parts):
     s.ingest_frame(coffee(), 30.0, "front")
     a = s.ask("Was there a cat? At what time?", max_new_tokens=12)
     assert a.seen and a.confidence > 0.5 and a.sightings[0].camera == "left_fisheye_camera"
-    assert a.evidence.startswith("Memory: domestic cat at t=12 s (left_fisheye_camera camera)")
+    assert a.evidence.startswith("Memory: I saw a domestic cat at t=12 s (left_fisheye_camera camera)")
     many = [Sighting(i, 1000.0 * i, 0.9, "camera_" + "x" * 40) for i in range(10)]
     s._frame_info.update({i: ("c", "a very long class name indeed") for i in range(10)})
     line = s.render_evidence(many, seen=True)
     assert line.count(" at t=") == 3 and len(s.tokenizer.encode(line)) <= 3 * 40
     s.evidence_sightings = 0
     assert s.render_evidence(many, seen=True) == ""
+
+
+def test_with_one_camera_the_memory_line_is_the_answer_it_supports_without_the_camera(parts):
+    from skimage.data import chelsea
+
+    s = new_session(parts)
+    s.ingest_frame(synthetic_road(0), 0.0, "front")
+    s.ingest_frame(chelsea(), 12.0, "front")
+    s.ingest_frame(synthetic_road(13), 13.0, "front")
+    a = s.ask("Was there a cat? At what time?", max_new_tokens=12)
+    assert a.evidence == "Memory: I saw a domestic cat at t=12 s."
 
 
 def test_short_questions_stop_at_the_end_of_the_first_sentence(parts):

@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .recall import with_article
+
 # Words that count as naming each bundled event (its ImageNet class's main word and synonyms).
 BUNDLED_EVENT_WORDS = {
     "cat": ("cat", "tabby", "kitten"),
@@ -39,7 +41,7 @@ class Event:
         """The question asked about this event. Phrased as "Was there a cat? At what time?":
         SmolLM2-135M answers "Did you see a cat? When?" with "as a robot I cannot see" (measured on
         a 1-minute dashcam drive; the other phrasing named the cat)."""
-        return f"Was there a {self.label.replace('_', ' ')}? At what time?"
+        return f"Was there {with_article(self.label.replace('_', ' '))}? At what time?"
 
 #: Objects never shown in a drive, asked about to check that the answer is a clear no.
 ABSENT_OBJECTS = ("giraffe", "horse", "umbrella", "pizza", "bicycle", "dog")
@@ -47,7 +49,7 @@ ABSENT_OBJECTS = ("giraffe", "horse", "umbrella", "pizza", "bicycle", "dog")
 
 def absent_question(label: str) -> str:
     """The question about an object that was never shown."""
-    return f"Was there a {label}? At what time?"
+    return f"Was there {with_article(label)}? At what time?"
 
 
 def bundled_events() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:

@@ -58,6 +58,13 @@ SEEN_THRESHOLD = 0.24
 SEEN_SCALE = 0.1
 
 
+def with_article(noun: str) -> str:
+    """``noun`` with its indefinite article: "a domestic cat", "an espresso", "an astronaut"
+    (by the first letter; "a" before a consonant letter)."""
+    noun = noun.strip()
+    return ("an " if noun[:1].lower() in "aeiou" and noun else "a ") + noun
+
+
 def judge(sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: float = SEEN_SCALE
           ) -> tuple[bool, float]:
     """``(seen, confidence)`` for a question from its sightings (best first).

@@ -31,7 +31,7 @@ from ..models.family import FrameChunk, VisionLanguageModel
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .novelty import SceneNovelty
-from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
+from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge, with_article
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
 #: frame of a 1 Hz camera spent ~300 ms of prefill and ~17 slots a second on the same
@@ -92,8 +92,8 @@ class Answer:
         token_ids: the generated token ids (without the stop token).
         seen, confidence: whether the question's object is in the cached frames, from the best
             sighting's score (:func:`.recall.judge`), and how sure, in [0, 1].
-        evidence: the memory line rendered into the answer prompt ("Memory: domestic cat at
-            t=60 s (front camera)."), so the answer can say when (:meth:`StreamSession.render_evidence`).
+        evidence: the memory line rendered into the answer prompt ("Memory: I saw a domestic
+            cat at t=60 s."), so the answer can say when (:meth:`StreamSession.render_evidence`).
     """
 
     text: str
@@ -291,7 +291,9 @@ class StreamSession:
         The question is prefilled as a user turn; the frames in the cache that match it are
         found (:attr:`Answer.sightings`) and judged (:attr:`Answer.seen`,
         :attr:`Answer.confidence`); the best of them are rendered into the same turn as a memory
-        line (:meth:`render_evidence`), so the model answers knowing when; then the answer is
+        line (:meth:`render_evidence`) followed by the question again, so the model answers
+        knowing when (without the repeat, a small model takes the memory line for an answer
+        already given: bench/results/README.md, "Answers"); then the answer is
         decoded (``sampling``, default the session's; the repetition controls look at the
         answer's own tokens; a short question stops at the first sentence end).
 
@@ -322,7 +324,8 @@ class StreamSession:
                              find_sightings(self.cache, newest, self.recall_layer)]
                 seen, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.render_evidence(sightings, seen)
-                last, _ = self._prefill(self.tokenizer.encode(evidence + tail))
+                # The question again after the memory line: the turn ends on what to answer.
+                last, _ = self._prefill(self.tokenizer.encode(f"{evidence}\n{question}{tail}" if evidence else tail))
                 t1 = time.perf_counter()
                 out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
                              sampling or self.sampling, stop_after=self._sentence_end if short else None,
@@ -348,24 +351,30 @@ class StreamSession:
         return self.tokenizer.encode(head), tail
 
     def render_evidence(self, sightings: list[Sighting], seen: bool) -> str:
-        """The memory line of an answer prompt, a plain sentence a small model can repeat: the
-        best sighting and the next ones at or above the seen threshold (at most
-        ``evidence_sightings``), each ``domestic cat at t=60 s (front camera)`` (the label where
-        the family names what it saw, else "a matching frame"), so at most ~20 tokens each; or
-        that nothing matches. "" when evidence is off. Match scores stay out of the text (a
-        135M model copied them into its answers); they are in :attr:`Answer.sightings`. The camera
-        reads as words: with ``cam=front`` SmolLM2 named 4 of the 6 sanity photos, with ``(front
-        camera)`` 5 of 6 (test_session.py)."""
+        """The memory line of an answer prompt, written as the answer it supports so that a
+        small model can repeat it: "Memory: I saw a domestic cat at t=60 s." with the best
+        sighting and the next ones at or above the seen threshold (at most
+        ``evidence_sightings``, about 10-20 tokens each; the label where the family names what
+        it saw, else "a matching frame"), or "Memory: no, no stored camera frame matches this
+        question." when the object is not seen; "" when evidence is off.
+
+        The camera is named ("... at t=60 s (rear camera).") only once the stream has had more
+        than one camera: with one camera the name adds nothing, and the word "camera" drew
+        SmolLM2-135M to a camera-tripod frame. Match scores stay out of the text (the model
+        copied them into answers); they are in :attr:`Answer.sightings`. How the phrasing was
+        chosen, and what it scores: bench/results/README.md, "Answers"."""
         if not self.evidence_sightings:
             return ""
         if not seen:
-            return "Memory: no stored camera frame matches this question."
+            return "Memory: no, no stored camera frame matches this question."
+        several = len(self._last_stored_s) > 1
         parts = []
         best = sightings[:1] + [x for x in sightings[1:] if x.score >= self.seen_threshold]
         for x in best[:self.evidence_sightings]:
-            label = self._frame_info.get(x.frame_id, ("", ""))[1] or "a matching frame"
-            parts.append(f"{label} at t={x.stamp_s:.0f} s" + (f" ({x.camera} camera)" if x.camera else ""))
-        return "Memory: " + "; ".join(parts) + "."
+            label = self._frame_info.get(x.frame_id, ("", ""))[1]
+            parts.append(f"{with_article(label) if label else 'a matching frame'} at t={x.stamp_s:.0f} s"
+                         + (f" ({x.camera} camera)" if several and x.camera else ""))
+        return "Memory: I saw " + ", ".join(parts) + "."
 
     def _sentence_end(self, out: list[int]) -> bool:
         """Whether the answer so far ends a sentence: ``.``, ``!`` or ``?`` after at least two
