@@ -23,7 +23,7 @@ def generate_launch_description():
                               description="compressed front camera topic"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="run on /clock"),
         DeclareLaunchArgument("fastdds_profile", default_value=os.path.join(share, "config", "fastdds_shm.xml"),
-                              description="Fast DDS profile (32 MiB shared-memory segment)"),
+                              description="Fast DDS profile (64 MiB shared-memory segment: raw 4K frames)"),
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
         Node(
             package="infmllm_ros",

@@ -106,13 +106,27 @@ def test_remapped_camera_topic_is_one_the_node_subscribes(launched):
     assert resolve(node["namespace"], args) == ""
 
 
-def test_fastdds_profile_is_a_shared_memory_profile(launched):
-    args, _, env = launched
-    profile = Path(resolve(env["FASTDDS_DEFAULT_PROFILES_FILE"], args))
-    root = ET.parse(profile).getroot()
+def shm_segments(profile: Path) -> list[int]:
     ns = {"d": "http://www.eprosima.com"}
-    kinds = [t.findtext("d:type", namespaces=ns) for t in root.iter("{http://www.eprosima.com}transport_descriptor")]
-    assert "SHM" in kinds
+    return [int(t.findtext("d:segment_size", namespaces=ns)) for t in ET.parse(profile).getroot().iter(
+        "{http://www.eprosima.com}transport_descriptor") if t.findtext("d:type", namespaces=ns) == "SHM"]
+
+
+def test_fastdds_profile_is_a_shared_memory_profile_that_holds_a_raw_4k_frame(launched):
+    args, _, env = launched
+    (segment,) = shm_segments(Path(resolve(env["FASTDDS_DEFAULT_PROFILES_FILE"], args)))
+    assert segment >= 3840 * 2160 * 4  # bgra8
+
+
+def test_the_test_profile_binds_udp_to_loopback_only():
+    from infmllm_ros.ros.processes import ros_env
+
+    profile = Path(ros_env()["FASTDDS_DEFAULT_PROFILES_FILE"])
+    ns = {"d": "http://www.eprosima.com"}
+    udp = [t for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
+           if t.findtext("d:type", namespaces=ns) == "UDPv4"]
+    assert udp and all([a.text for a in t.iter("{http://www.eprosima.com}address")] == ["127.0.0.1"] for t in udp)
+    assert shm_segments(profile)[0] >= 3840 * 2160 * 4
 
 
 @pytest.mark.parametrize("name", ["orin.yaml", "desktop.yaml"])

@@ -120,13 +120,15 @@ class FakeSession:
     """Records ingests; ``block`` holds the worker inside ingest_frame."""
 
     def __init__(self):
-        self.ingested, self.last_stamp_s, self.block = [], -math.inf, threading.Event()
+        self.ingested, self.restarted, self.block = [], [], threading.Event()
         self.block.set()
+
+    def restart_camera(self, camera):
+        self.restarted.append(camera)
 
     def ingest_frame(self, rgb, stamp_s, camera):
         self.block.wait(10)
         self.ingested.append((stamp_s, camera, rgb.shape))
-        self.last_stamp_s = stamp_s
         return SimpleNamespace(vision_ms=1.0, prefill_ms=2.0, evicted_tokens=3, stored=True)
 
 
@@ -161,11 +163,45 @@ def test_worker_rejects_bad_late_and_duplicate_frames_without_touching_the_strea
     s = FakeSession()
     frames = [frame("front", 10.0, 10), frame("front", 11.0, 10),  # same picture: duplicate
               frame("front", 12.0, 0, encoding="32FC1"), frame("front", 13.0, 90),
-              frame("rear", 12.5, 50)]  # older than the stream's newest frame
+              frame("front", 12.5, 50)]  # half a second older than its camera's newest: reordered
     w, done = run_worker(s, frames, dup=0.01)
     assert [o for *_, o in done] == ["ingested", "duplicate", "rejected", "ingested", "late"]
     assert [x[0] for x in s.ingested] == [0.0, 3.0]
-    assert "clock jump" in w.stats().last_error
+    assert "older than camera 'front'" in w.stats().last_error
+
+
+def test_each_camera_is_ordered_on_its_own_clock_and_a_clock_that_jumps_back_restarts_it():
+    s = FakeSession()
+    frames = [frame("front", 100.0, 10), frame("front", 110.0, 20),
+              frame("rear", 105.0, 30),    # behind front's clock, first of its own: taken
+              frame("front", 101.0, 40),   # 9 s back (> clock_reset_s): a bag loop, not a late frame
+              frame("front", 102.0, 50)]
+    w, done = run_worker(s, frames)
+    assert [o for *_, o in done] == ["ingested"] * 5
+    assert [(t, c) for t, c, _ in s.ingested] == [(0.0, "front"), (10.0, "front"), (5.0, "rear"), (1.0, "front"),
+                                               (2.0, "front")]
+    assert s.restarted == ["front"] and w.stats().clock_resets == 1
+
+
+def test_frames_over_the_pixel_limit_are_refused_from_the_header_before_decoding():
+    """A 16000 x 16000 PNG (a ~1 MiB decompression bomb) and an 8K raw header with no pixels:
+    both refused as too_large in well under a second, with no decoded pixels allocated."""
+    import cv2
+    import resource
+
+    bomb = cv2.imencode(".png", np.zeros((16000, 16000), np.uint8))[1].tobytes()
+    assert len(bomb) < 2**20
+    s = FakeSession()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    w, done = run_worker(s, [PendingFrame("front", 1.0, SimpleNamespace(format="png", data=bomb), True),
+                             PendingFrame("front", 2.0, SimpleNamespace(encoding="rgb8", width=7680, height=4320,
+                                                                        step=3 * 7680, is_bigendian=0, data=b""),
+                                          False)])
+    assert time.perf_counter() - t0 < 1.0
+    assert [o for *_, o in done] == ["too_large", "too_large"] and not s.ingested
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 100 * 2**20
+    assert "max_frame_pixels" in w.stats().last_error
 
 
 def test_worker_keeps_the_newest_frame_and_counts_drops():

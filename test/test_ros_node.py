@@ -5,7 +5,6 @@ The tests share one node process (loading the model takes ~13 s) and run in file
 stream is empty for the first test and holds the replayed drive for the later ones.
 """
 import json
-import os
 import threading
 import time
 
@@ -16,65 +15,14 @@ import yaml
 
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from builtin_interfaces.msg import Time  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_msgs.msg import Header  # noqa: E402
+
+from ros_graph import Graph, header  # noqa: E402
 
 from infmllm_ros.ros.ask import call_ask  # noqa: E402
 from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
-
-
-class Graph:
-    """This test process's ROS node: publishers for bad frames, listeners, an /ask client."""
-
-    def __init__(self, env):
-        self.saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-        os.environ.update({k: env[k] for k in self.saved})
-        rclpy.init()
-        self.node = rclpy.create_node("itest")
-        self.front = self.node.create_publisher(CompressedImage, FRONT, 10)
-        self.rear = self.node.create_publisher(Image, REAR, 10)
-        self.frames, self.diagnostics = [], []
-        self.node.create_subscription(Header, "/infmllm/frames", self.frames.append, 100)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
-        self.executor = MultiThreadedExecutor(num_threads=3)
-        self.executor.add_node(self.node)
-        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
-        self.spinner.start()
-
-    def close(self):
-        self.executor.shutdown()
-        self.spinner.join(5)
-        self.node.destroy_node()
-        rclpy.try_shutdown()
-        for k, v in self.saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-    def publish_and_wait(self, pub, msg, timeout_s=30.0) -> str:
-        """Publish until the node reports the frame (best-effort can lose one); its outcome."""
-        deadline = time.monotonic() + timeout_s
-        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
-        while time.monotonic() < deadline:
-            pub.publish(msg)
-            for _ in range(20):
-                time.sleep(0.05)
-                hits = [f.frame_id for f in list(self.frames) if (f.stamp.sec, f.stamp.nanosec) == stamp]
-                if hits:
-                    return hits[0].rpartition(":")[2]
-        raise AssertionError(f"node never reported the frame stamped {stamp}")
-
-    def latest_status(self):
-        deadline = time.monotonic() + 10
-        n = len(self.diagnostics)
-        while len(self.diagnostics) == n and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values}
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +33,11 @@ def system(tmp_path_factory):
         "camera_topics": [FRONT, REAR], "camera_transports": ["compressed", "raw"],
         "camera_names": ["front", "rear"], "qos_reliability": "reliable", "qos_depth": 5,
         "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 24, "diagnostics_period_s": 0.5})
-    graph = Graph(env)
+    graph = Graph(env, {"front": (CompressedImage, FRONT), "rear": (Image, REAR)})
     yield {"tmp": tmp, "env": env, "proc": proc, "log": log, "graph": graph}
     graph.close()
     if proc.poll() is None:
         stop_node(proc)
-
-
-def header(sec):
-    return Header(stamp=Time(sec=sec), frame_id="cam")
 
 
 def ask_cli(system, question, expect_rc):

@@ -6,13 +6,11 @@ import pytest
 import yaml
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
-from std_msgs.msg import Header  # noqa: E402
 
 from infmllm_ros.bench.random_models import build_random_checkpoint  # noqa: E402
 from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
-from test_ros_node import Graph  # noqa: E402
+from ros_graph import Graph, header  # noqa: E402
 from test_vlm_families import frame  # noqa: E402
 
 TOPIC = "/vlmtest/front/image_raw"
@@ -26,14 +24,13 @@ def test_node_runs_a_hugging_face_vlm_directory(tmp_path, shape, family):
         "model": str(model), "camera_topics": [TOPIC], "camera_transports": ["raw"], "qos_reliability": "reliable",
         "qos_depth": 5, "cache.capacity": 640, "cache.recent": 64, "novelty_threshold": 0.0,
         "max_new_tokens": 8, "diagnostics_period_s": 0.5})
-    graph = Graph(env)
+    graph = Graph(env, {"camera": (Image, TOPIC)})
     try:
-        pub = graph.node.create_publisher(Image, TOPIC, 10)
         for sec in (1, 2, 3):
             rgb = frame(sec)
-            msg = Image(header=Header(stamp=Time(sec=1_700_000_000 + sec), frame_id="cam"), height=rgb.shape[0],
+            msg = Image(header=header(1_700_000_000 + sec), height=rgb.shape[0],
                         width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3, data=rgb.tobytes())
-            assert graph.publish_and_wait(pub, msg) == "ingested"
+            assert graph.publish_and_wait(graph.camera, msg) == "ingested"
         out = run_tool("infmllm-ask", ["What did you see?", "--timeout", "120"], env)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "3 frames in context" in out.stdout

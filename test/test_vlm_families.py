@@ -53,8 +53,8 @@ def prompt(session: StreamSession, rgb: np.ndarray, stamp: float = 3.0):
     and the same as one id list."""
     model = session.model
     chunk = model.frame_chunk(f"<frame t={stamp:.1f}s cam=front>", model.encode_frame(rgb))
-    head, tail = session.question_turn(QUESTION)
-    question = head + model.tokenizer.encode(tail)
+    head, newline, tail = session.question_turn()
+    question = head + session.operator_ids(QUESTION) + newline + tail
     return chunk, question, session._system_ids + chunk.ids(model.image_token_id) + question
 
 

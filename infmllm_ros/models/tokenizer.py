@@ -40,6 +40,9 @@ class ChatTokenizer:
             if tid is not None:
                 stops.add(tid)
         self.stop_ids = frozenset(stops)
+        # A copy that reads special-token strings as plain characters, for operator text.
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
             chat_template) if chat_template else None
         # VLM templates (SmolVLM's) iterate a message's content as typed parts; others take a string.
@@ -68,8 +71,15 @@ class ChatTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special-token strings in the text are recognised)."""
+        """Token ids of ``text`` (special-token strings in the text are recognised): for text
+        the program writes (templates, tags, memory lines)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings (``<|im_end|>``, ``<image>``) read as
+        the characters they are: for text an operator writes, which must never become chat
+        structure or an image marker."""
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` with special tokens removed."""

@@ -46,12 +46,12 @@ def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
 def format_response(response) -> str:
     """Human-readable lines for an ``Ask.Response``."""
     if not response.success:
-        return f"refused: {response.message}"
+        return f"refused: {response.message}" + (f"\n(partial answer: {response.answer})" if response.answer else "")
     first, last = stamp_seconds(response.first_frame_stamp), stamp_seconds(response.last_frame_stamp)
     seen = ", ".join(f"{stamp_seconds(t):.1f}" + (f" {c}" if c else "") + f" (match {s:.2f})"
                      for t, s, c in zip(response.sighting_stamps, response.sighting_scores,
                                         list(response.sighting_cameras) or [""] * len(response.sighting_scores)))
-    return (f"{response.answer}\n"
+    return (f"{response.answer}\n" + (f"-- {response.message}\n" if response.stopped else "") +
             f"-- {'seen' if response.seen else 'not seen'} (confidence {response.confidence:.2f}); "
             f"{response.evidence or 'no memory line'}\n"
             f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"

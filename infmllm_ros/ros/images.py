@@ -7,8 +7,11 @@ YUV 4:2:2 and Bayer-free colour conversions).
 """
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
+import PIL.Image
 
 #: Raw encodings accepted (sensor_msgs/image_encodings names) -> (channels, OpenCV conversion to RGB).
 RAW_ENCODINGS = {
@@ -25,8 +28,25 @@ RAW_ENCODINGS = {
 }
 
 
+#: Default pixel limit (width x height) of a frame: 4096 x 4096 takes 4K UHD (3840 x 2160) and
+#: 12-megapixel cameras; a PNG that decodes to 16000 x 16000 (a 730 KiB "decompression bomb")
+#: is refused from its header.
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
 class FrameError(ValueError):
     """A message that cannot be turned into a frame; the text says what is wrong with it."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame with more pixels than allowed, found before its pixels are decoded."""
+
+
+def check_size(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise :class:`FrameTooLarge` when ``width x height`` exceeds ``max_pixels``."""
+    if width * height > max_pixels:
+        raise FrameTooLarge(f"{what} of {width}x{height} = {width * height} pixels is over the limit of "
+                            f"{max_pixels} (max_frame_pixels)")
 
 
 def _as_bytes(data) -> np.ndarray:
@@ -37,10 +57,11 @@ def _as_bytes(data) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def raw_to_rgb(msg) -> np.ndarray:
+def raw_to_rgb(msg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     """Convert a ``sensor_msgs/Image`` to a uint8 RGB array ``[height, width, 3]``.
 
     Raises:
+        FrameTooLarge: more than ``max_pixels`` pixels (checked first, from the header fields).
         FrameError: unknown encoding, zero size, odd width for YUV 4:2:2, a row stride shorter
             than a row, or a data buffer that does not hold ``height * step`` bytes.
     """
@@ -51,6 +72,7 @@ def raw_to_rgb(msg) -> np.ndarray:
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
         raise FrameError(f"image has zero size ({width}x{height})")
+    check_size(width, height, max_pixels, f"{encoding} image")
     if channels == 2 and width % 2:
         raise FrameError(f"{encoding} needs an even width, got {width}")
     row = width * channels
@@ -66,15 +88,30 @@ def raw_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
 
 
-def compressed_to_rgb(msg) -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ... as OpenCV reads) to RGB uint8.
+def compressed_to_rgb(msg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, WebP, ...) to RGB uint8.
+
+    The size is read from the file header first (Pillow reads only the header), so an image
+    that would decode to too many pixels costs microseconds, not its decoded size; the pixels
+    are then decoded by OpenCV.
 
     Raises:
-        FrameError: empty payload, or bytes OpenCV cannot decode (corrupt or unsupported format).
+        FrameTooLarge: a header with more than ``max_pixels`` pixels.
+        FrameError: empty payload, a header no reader recognises, or bytes OpenCV cannot decode
+            (corrupt or unsupported format).
     """
     data = _as_bytes(msg.data)
     if data.size == 0:
         raise FrameError("compressed image is empty")
+    try:
+        with PIL.Image.open(io.BytesIO(data.tobytes())) as header:
+            width, height = header.size
+    except PIL.Image.DecompressionBombError as exc:  # Pillow's own header check, far above ours
+        raise FrameTooLarge(f"{msg.format or 'compressed'} image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad headers
+        raise FrameError(f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): "
+                         f"corrupt or unsupported ({type(exc).__name__})") from None
+    check_size(width, height, max_pixels, f"{msg.format or 'compressed'} image")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
         raise FrameError(f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): "
@@ -82,9 +119,9 @@ def compressed_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def to_rgb(msg, compressed: bool) -> np.ndarray:
+def to_rgb(msg, compressed: bool, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     """Dispatch on the transport: ``compressed`` -> :func:`compressed_to_rgb`, else :func:`raw_to_rgb`."""
-    return compressed_to_rgb(msg) if compressed else raw_to_rgb(msg)
+    return compressed_to_rgb(msg, max_pixels) if compressed else raw_to_rgb(msg, max_pixels)
 
 
 def thumbnail(rgb: np.ndarray, size: int = 32) -> np.ndarray:

@@ -11,14 +11,23 @@ Graph interface (names relative to the node's namespace unless absolute):
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
   ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
 
-Threads: a :class:`MultiThreadedExecutor` runs callbacks; one :class:`IngestWorker` thread runs
-the model: ingest, and each ``/ask`` handed to it ahead of pending frames (the service callback
-waits for it; frames keep arriving meanwhile and the newest is kept). SIGINT/SIGTERM stop the executor, the worker finishes
-its frame, and the node exits 0.
+Threads: a :class:`MultiThreadedExecutor` runs callbacks on a spinning thread; one
+:class:`IngestWorker` thread runs the model: ingest, and each ``/ask`` handed to it ahead of
+pending frames (the service callback waits for it; frames keep arriving meanwhile and the newest
+is kept). The main thread waits for SIGINT/SIGTERM; then an answer being decoded stops at its
+next token and is replied to (``stopped="shutdown"``, ``success=false``), new questions are
+refused, the worker finishes the frame in hand, and the node exits 0 (within a few seconds: one
+frame and one token).
+
+Limits (README, "Limits"): ``max_frame_pixels``, ``max_stamp_skew_s``, ``clock_reset_s``,
+``max_question_tokens``, ``max_new_tokens`` (<= 1024), ``answer.timeout_s``. Every refusal is
+counted in ``/diagnostics``; questions and answers are logged cut to 80 characters unless
+``log_full_text``.
 """
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import threading
 import time
@@ -28,9 +37,10 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -41,8 +51,8 @@ from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
 from .params import PARAMETERS, validate
-from .stamps import stamp_seconds, to_time
-from .worker import IngestWorker, PendingFrame
+from .stamps import stamp_problem, stamp_seconds, to_time
+from .worker import BAD_OUTCOMES, IngestWorker, PendingFrame
 
 
 class InfMLLMNode(Node):
@@ -73,7 +83,9 @@ class InfMLLMNode(Node):
         self._kv_bytes = kv_bytes
         self.frames_pub = self.create_publisher(Header, "~/frames", 50)
         self.worker = IngestWorker(self.session, cfg.sample_rate_hz, cfg.duplicate_threshold,
-                                   on_done=self._frame_done, log=log.warning)
+                                   on_done=self._frame_done, log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
+                                   clock_reset_s=cfg.clock_reset_s)
+        self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
                          reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
                          else ReliabilityPolicy.RELIABLE)
@@ -88,8 +100,9 @@ class InfMLLMNode(Node):
         self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._ask_lock = threading.Lock()
-        self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "tokens_per_s": math.nan,
-                           "ttft_s": math.nan}
+        self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
+        self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
+                           "stopped_deadline": 0, "stopped_shutdown": 0, "tokens_per_s": math.nan, "ttft_s": math.nan}
         self.create_service(Ask, "ask", self._on_ask, callback_group=ReentrantCallbackGroup())
         self._last_diag = (time.monotonic(), 0)
         self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics,
@@ -101,21 +114,36 @@ class InfMLLMNode(Node):
     # ---- cameras -------------------------------------------------------------------------
     def _on_image(self, msg, camera: str, compressed: bool) -> None:
         stamp = stamp_seconds(msg.header.stamp)
-        if stamp == 0.0:  # unstamped driver: use the node clock (sim time when replaying)
-            stamp = self.get_clock().now().nanoseconds * 1e-9
-        self.worker.offer(PendingFrame(camera, stamp, msg, compressed))
+        now = self.get_clock().now().nanoseconds * 1e-9  # sim time when replaying; 0 before /clock
+        if stamp == 0.0:  # unstamped driver: use the node clock
+            stamp = now
+        frame = PendingFrame(camera, stamp, msg, compressed)
+        problem = stamp_problem(msg.header.stamp, now, self.config.max_stamp_skew_s)
+        if problem:
+            self.worker.reject(frame, "bad_stamp", problem)
+        else:
+            self.worker.offer(frame)
 
     def _frame_done(self, frame: PendingFrame, outcome: str, detail: str) -> None:
         self.frames_pub.publish(Header(stamp=to_time(frame.stamp_s), frame_id=f"{frame.camera}:{outcome}"))
 
     # ---- questions -----------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        with self._serving_lock:
+            self._serving += 1
+        try:
+            return self._answer(request, response)
+        finally:
+            with self._serving_lock:
+                self._serving -= 1
+
+    def _answer(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         t0 = time.perf_counter()
         log = self.get_logger()
 
         def refuse(message: str, counter: str = "failed") -> Ask.Response:
             self._ask_stats[counter] += 1
-            log.warning(f"/ask refused: {message}")
+            log.warning(f"/ask {self._loggable(request.question)} refused: {message}")
             response.success, response.message = False, message
             response.latency_s = time.perf_counter() - t0
             return response
@@ -129,21 +157,33 @@ class InfMLLMNode(Node):
                 topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)
                 return refuse(f"no camera frame has been ingested yet (watching {topics}; "
                               f"{stats.received} received, {stats.outcomes['rejected']} rejected)")
-            limit = request.max_new_tokens or self.get_parameter("max_new_tokens").value
+            limit = request.max_new_tokens or self.config.max_new_tokens
             if limit > 1024:
                 return refuse(f"max_new_tokens={limit} is above the limit of 1024")
+            if self.stopping.is_set():
+                return refuse("shutting down")
+            timeout = self.config.answer_timeout_s
+            deadline = time.monotonic() + timeout if timeout > 0 else None
             try:
                 answer = self.worker.call(lambda: self.session.ask(
-                    request.question, limit, request.keep_in_context)).result()
+                    request.question, limit, request.keep_in_context, deadline_s=deadline,
+                    cancel=self.stopping)).result()
             except ValueError as exc:
-                return refuse(str(exc))
+                return refuse(str(exc), "refused_too_long" if "max_question_tokens" in str(exc) else "failed")
             except Exception as exc:  # keep the node alive; the session restored its cache
                 log.error(traceback.format_exc())
                 return refuse(f"internal error while answering: {type(exc).__name__}: {exc}")
         finally:
             self._ask_lock.release()
         origin = stats.origin_s
-        response.success, response.answer = True, answer.text
+        stopped = "shutdown" if answer.stopped == "cancelled" else answer.stopped
+        # An answer cut by shutdown is a reply, not a success: the question was not answered.
+        response.success, response.answer, response.stopped = stopped != "shutdown", answer.text, stopped
+        if stopped:
+            self._ask_stats[f"stopped_{stopped}"] += 1
+            response.message = {"deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; "
+                                             "the text is partial",
+                                "shutdown": "shutting down: the answer was cut; the text is partial"}[stopped]
         response.first_frame_stamp = to_time(origin + answer.first_frame_s)
         response.last_frame_stamp = to_time(origin + answer.last_frame_s)
         response.frames_in_context = answer.frames_in_context
@@ -163,12 +203,19 @@ class InfMLLMNode(Node):
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
             latency_s=response.latency_s, sighting_stamps=response.sighting_stamps,
             sighting_scores=response.sighting_scores, sighting_cameras=response.sighting_cameras,
-            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence))
+            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence, stopped=stopped))
         seen = ", ".join(f"t={origin + s.stamp_s:.1f}s {s.camera} ({s.score:.2f})" for s in answer.sightings)
-        log.info(f"/ask {request.question!r} -> {answer.text!r} ({response.latency_s:.2f} s, "
+        log.info(f"/ask {self._loggable(request.question)} -> {self._loggable(answer.text)} "
+                 f"({response.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
                  f"{answer.frames_in_context} frames in context; seen={answer.seen} "
                  f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
         return response
+
+    def _loggable(self, text: str) -> str:
+        """``text`` quoted for the log: whole with ``log_full_text``, else its first 80 characters."""
+        if self.config.log_full_text or len(text) <= 80:
+            return repr(text)
+        return repr(text[:80]) + f"... ({len(text)} characters)"
 
     # ---- parameters and diagnostics -----------------------------------------------------
     def _on_set_parameters(self, params) -> SetParametersResult:
@@ -177,8 +224,10 @@ class InfMLLMNode(Node):
             checked = validate({**{p.name: self.get_parameter(p.name).value for p in PARAMETERS}, **values})
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        self.config = checked
         self.worker.sample_rate_hz = checked.sample_rate_hz
         self.worker.duplicate_threshold = checked.duplicate_threshold
+        self.worker.max_frame_pixels, self.worker.clock_reset_s = checked.max_frame_pixels, checked.clock_reset_s
         for name, value in checked.answer_kwargs().items():  # read by the next answer
             setattr(self.session, name, value)
         return SetParametersResult(successful=True)
@@ -197,6 +246,8 @@ class InfMLLMNode(Node):
             "frames_dropped": s.outcomes["dropped"], "frames_rejected": s.outcomes["rejected"],
             "frames_late": s.outcomes["late"], "frames_failed": s.outcomes["failed"],
             "frames_sampled_out": s.outcomes["sampled_out"], "frames_duplicate": s.outcomes["duplicate"],
+            "frames_too_large": s.outcomes["too_large"], "frames_bad_stamp": s.outcomes["bad_stamp"],
+            "camera_clock_resets": s.clock_resets,
             "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
             "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}", "vision_ms_last": f"{s.last_vision_ms:.1f}",
             "prefill_ms_last": f"{s.last_prefill_ms:.1f}",
@@ -205,13 +256,16 @@ class InfMLLMNode(Node):
             "kv_bytes": self._kv_bytes, "policy": self.config.cache_policy,
             "asks_answered": self._ask_stats["answered"], "asks_failed": self._ask_stats["failed"],
             "asks_refused_busy": self._ask_stats["refused_busy"],
+            "asks_refused_too_long": self._ask_stats["refused_too_long"],
+            "asks_stopped_deadline": self._ask_stats["stopped_deadline"],
+            "asks_stopped_shutdown": self._ask_stats["stopped_shutdown"],
             "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
             "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
             "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",
         }
         if ingested == 0:
             level, message = DiagnosticStatus.WARN, "waiting for camera frames"
-        elif s.last_error and s.outcomes["rejected"] + s.outcomes["failed"] > 0:
+        elif s.last_error and sum(s.outcomes[o] for o in BAD_OUTCOMES) > 0:
             level, message = DiagnosticStatus.WARN, f"streaming; last bad frame: {values['last_error']}"
         else:
             level, message = DiagnosticStatus.OK, f"streaming, {cache.length}/{cache.capacity} KV slots"
@@ -222,6 +276,11 @@ class InfMLLMNode(Node):
     def _publish_diagnostics(self) -> None:
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                               status=[self.diagnostics()]))
+
+    def answering(self) -> bool:
+        """True while an ``/ask`` callback has not returned (its reply is not yet handed over)."""
+        with self._serving_lock:
+            return self._serving > 0
 
     def shutdown(self) -> None:
         """Stop the ingest worker (finishes the frame in hand) and log the final counts."""
@@ -234,26 +293,38 @@ class InfMLLMNode(Node):
 
 
 def main(argv=None) -> int:
-    """Console entry point; returns the process exit status (2: bad parameters, model or engine)."""
+    """Console entry point; returns the process exit status (2: bad parameters, model or engine).
+
+    rclpy's own signal handlers are off: SIGINT/SIGTERM set :attr:`InfMLLMNode.stopping`
+    while the executor still spins, so the answer in flight is cut and its reply goes out
+    before the context is shut down.
+    """
     limit_malloc_arenas()
-    rclpy.init(args=argv)
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = InfMLLMNode()
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # parameters, model, engine, device
         rclpy.logging.get_logger("infmllm").fatal(f"cannot start: {exc}")
         rclpy.try_shutdown()
         return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+    spinner = threading.Thread(target=executor.spin, name="infmllm-executor", daemon=True)
+    spinner.start()
+    while not stop.wait(0.5) and spinner.is_alive():
         pass
-    finally:
-        node.shutdown()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    node.stopping.set()  # the answer being decoded stops at its next token
+    deadline = time.monotonic() + 3.0
+    while node.answering() and time.monotonic() < deadline:  # let its reply go out
+        time.sleep(0.05)
+    time.sleep(0.2)  # the executor sends a reply after its callback returns
+    node.shutdown()
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
     return 0
 
 

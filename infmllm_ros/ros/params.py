@@ -14,8 +14,9 @@ from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, 
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
-from ..runtime.session import (DEFAULT_EVIDENCE_SIGHTINGS, DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_SAMPLING,
-                               DEFAULT_SENTENCE_STOP_WORDS, DEFAULT_SYSTEM_PROMPT)
+from ..runtime.session import (DEFAULT_EVIDENCE_SIGHTINGS, DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_MAX_QUESTION_TOKENS,
+                               DEFAULT_SAMPLING, DEFAULT_SENTENCE_STOP_WORDS, DEFAULT_SYSTEM_PROMPT)
+from .images import MAX_FRAME_PIXELS
 
 TRANSPORTS = ("raw", "compressed")
 
@@ -41,11 +42,21 @@ PARAMETERS = (
           "per topic: the name in the frame tag (cam=...); '' derives it from the topic"),
     Param("qos_reliability", "best_effort", "camera subscription reliability: best_effort or reliable"),
     Param("qos_depth", 1, "camera subscription keep-last depth (1: the sampler wants the newest frame)"),
-    Param("sample_rate_hz", 1.0, "frames per second ingested per camera, by header stamp (<= 0: every frame)",
+    Param("sample_rate_hz", 1.0, "frames per second ingested per camera, by header stamp (0: every frame)",
           dynamic=True),
     Param("duplicate_threshold", 0.0,
           "skip a frame whose 32x32 grey thumbnail differs from the last ingested one by less than "
           "this mean absolute difference in [0, 1] (0: off)", dynamic=True),
+    Param("max_frame_pixels", MAX_FRAME_PIXELS,
+          "frames with more pixels (width x height, read from the header before decoding) are refused "
+          "as too_large", dynamic=True),
+    Param("max_stamp_skew_s", 10.0,
+          "frames stamped more than this many seconds ahead of the node clock are refused as bad_stamp "
+          "(never become the stream's newest time; 0: no check)", dynamic=True),
+    Param("clock_reset_s", 2.0,
+          "a camera whose stamp goes back by more than this many seconds has restarted its clock (bag "
+          "loop, simulator restart): its frame order restarts and memory is kept; by less, the frame is late",
+          dynamic=True),
     Param("novelty_threshold", -1.0,
           "change of a frame's summary from the camera's recent scene, in [0, 1], at which it is stored "
           "with vision tokens; below it, as 'Nothing new.' (0: every frame; -1: the model family's "
@@ -70,6 +81,13 @@ PARAMETERS = (
           f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
     Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: 64, or the model's largest frame: its vision tokens + 48)"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
+    Param("max_question_tokens", DEFAULT_MAX_QUESTION_TOKENS,
+          "longest question taken, in tokens; a longer one is refused at once", dynamic=True),
+    Param("answer.timeout_s", 60.0,
+          "seconds an answer may take; then decoding stops and the partial answer is returned with "
+          "stopped='deadline' (0: no deadline)", dynamic=True),
+    Param("log_full_text", False,
+          "log questions and answers in full (default: the first 80 characters)", dynamic=True),
     Param("answer.repetition_penalty", DEFAULT_SAMPLING.repetition_penalty,
           "transformers' repetition_penalty over the answer's own tokens (> 0; 1.0: off)", dynamic=True),
     Param("answer.no_repeat_ngram_size", DEFAULT_SAMPLING.no_repeat_ngram_size,
@@ -101,6 +119,9 @@ class NodeConfig:
     qos_depth: int
     sample_rate_hz: float
     duplicate_threshold: float
+    max_frame_pixels: int
+    max_stamp_skew_s: float
+    clock_reset_s: float
     novelty_threshold: float
     familiar_interval_s: float
     model: str
@@ -117,6 +138,9 @@ class NodeConfig:
     cache_vision_budget: int
     cache_max_chunk: int
     max_new_tokens: int
+    max_question_tokens: int
+    answer_timeout_s: float
+    log_full_text: bool
     answer_repetition_penalty: float
     answer_no_repeat_ngram_size: int
     answer_sentence_stop_words: int
@@ -147,7 +171,8 @@ class NodeConfig:
     def answer_kwargs(self) -> dict:
         """The session attributes that shape answers (set at start and by ``ros2 param set``)."""
         return dict(sampling=self.sampling, sentence_stop_words=self.answer_sentence_stop_words,
-                    evidence_sightings=self.answer_evidence_sightings, seen_threshold=self.answer_seen_threshold)
+                    evidence_sightings=self.answer_evidence_sightings, seen_threshold=self.answer_seen_threshold,
+                    max_question_tokens=self.max_question_tokens)
 
     def session_kwargs(self) -> dict:
         """Keyword arguments for :func:`~infmllm_ros.runtime.session.open_session`."""
@@ -218,9 +243,14 @@ def validate(values: dict) -> NodeConfig:
     need(all(" " not in n and ">" not in n for n in names), "camera_names", "names cannot hold spaces or '>'")
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
-    need(math.isfinite(v["sample_rate_hz"]) and v["sample_rate_hz"] <= 1000.0, "sample_rate_hz",
-         "must be a finite number of frames per second up to 1000 (<= 0: every frame)")
+    need(math.isfinite(v["sample_rate_hz"]) and 0.0 <= v["sample_rate_hz"] <= 1000.0, "sample_rate_hz",
+         "must be a finite number of frames per second in [0, 1000] (0: every frame)")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")
+    need(64 <= v["max_frame_pixels"] <= 2**31 - 1, "max_frame_pixels", "must be in 64..2147483647 pixels")
+    need(math.isfinite(v["max_stamp_skew_s"]) and v["max_stamp_skew_s"] >= 0, "max_stamp_skew_s",
+         "must be a finite number of seconds >= 0 (0: no check)")
+    need(math.isfinite(v["clock_reset_s"]) and v["clock_reset_s"] > 0, "clock_reset_s",
+         "must be a finite number of seconds > 0")
     need(v["novelty_threshold"] == -1.0 or 0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold",
          "must be in [0, 1], or -1 for the model family's default")
     need(v["precision"] in ("fp32", "fp16", "bf16"), "precision", "fp32, fp16 or bf16")
@@ -235,7 +265,7 @@ def validate(values: dict) -> NodeConfig:
     need(v["cache.capacity"] >= 1, "cache.capacity", "must be >= 1")
     need(v["cache.sinks"] >= 0, "cache.sinks", "must be >= 0 (0: the whole system prompt)")
     need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
-    need(v["cache.beta"] >= 0.0, "cache.beta", "must be >= 0")
+    need(math.isfinite(v["cache.beta"]) and v["cache.beta"] >= 0.0, "cache.beta", "must be a finite number >= 0")
     need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
     need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
          "must be >= 8, or 0 for the session's default")
@@ -243,8 +273,12 @@ def validate(values: dict) -> NodeConfig:
          "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
     need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",
          "must be -1 or in [0, cache.capacity - cache.recent)")
-    need(v["familiar_interval_s"] >= 0.0, "familiar_interval_s", "must be >= 0 seconds")
+    need(math.isfinite(v["familiar_interval_s"]) and v["familiar_interval_s"] >= 0.0, "familiar_interval_s",
+         "must be a finite number of seconds >= 0")
     need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")
+    need(1 <= v["max_question_tokens"] <= 4096, "max_question_tokens", "must be in 1..4096")
+    need(math.isfinite(v["answer.timeout_s"]) and v["answer.timeout_s"] >= 0, "answer.timeout_s",
+         "must be a finite number of seconds >= 0 (0: no deadline)")
     need(bool(v["system_prompt"].strip()), "system_prompt", "must not be empty")
     need(math.isfinite(v["answer.repetition_penalty"]) and v["answer.repetition_penalty"] > 0,
          "answer.repetition_penalty", "must be a finite number > 0 (1.0: off)")
@@ -256,7 +290,8 @@ def validate(values: dict) -> NodeConfig:
     need(v["answer.seed"] >= -1, "answer.seed", "must be >= 0, or -1 for a fresh seed per answer")
     need(0 <= v["answer.evidence_sightings"] <= 10, "answer.evidence_sightings", "must be in 0..10")
     need(math.isfinite(v["answer.seen_threshold"]), "answer.seen_threshold", "must be a finite number")
-    need(v["diagnostics_period_s"] > 0, "diagnostics_period_s", "must be > 0")
+    need(math.isfinite(v["diagnostics_period_s"]) and 0 < v["diagnostics_period_s"] <= 3600, "diagnostics_period_s",
+         "must be in (0, 3600] seconds")
     def ros_name(field: str) -> str:
         for group in ("cache", "answer"):
             if field.startswith(group + "_"):

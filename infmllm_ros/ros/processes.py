@@ -1,6 +1,7 @@
 """Starting the node and the tools as separate processes, as on a robot: loopback-only
-discovery, a random domain, the shipped shared-memory Fast DDS profile, a node process that is
-waited for and stopped like Ctrl-C. Used by ``infmllm-demo`` and the integration tests."""
+discovery, a random domain, the shipped loopback Fast DDS profile (shared memory for the data,
+UDP bound to 127.0.0.1), a node process that is waited for and stopped like Ctrl-C. Used by
+``infmllm-demo`` and the integration tests."""
 import os
 import random
 import signal
@@ -13,13 +14,13 @@ import yaml
 
 BIN = Path(sys.executable).parent
 # config/ in a source checkout; share/infmllm_ros/config once installed by colcon.
-PROFILE_CANDIDATES = (Path(__file__).resolve().parents[2] / "config" / "fastdds_shm.xml",
-                      Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "fastdds_shm.xml")
+PROFILE_CANDIDATES = (Path(__file__).resolve().parents[2] / "config" / "fastdds_loopback.xml",
+                      Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "fastdds_loopback.xml")
 
 
 def ros_env() -> dict:
     """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID in 1..101, the
-    shared-memory Fast DDS profile when it is found."""
+    loopback Fast DDS profile when it is found."""
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(random.randint(1, 101)),
                PYTHONUNBUFFERED="1")
     profile = next((p for p in PROFILE_CANDIDATES if p.is_file()), None)

@@ -14,8 +14,18 @@ imports rclpy, so the logic is tested without a ROS graph.
 Every offered frame ends with exactly one outcome, reported to ``on_done``:
 ``ingested``, ``sampled_out`` (faster than ``sample_rate_hz``), ``duplicate`` (thumbnail within
 ``duplicate_threshold`` of the camera's last ingested frame), ``dropped`` (replaced by a newer
-frame), ``rejected`` (cannot be decoded: corrupt, unknown encoding, wrong size), ``late`` (older
-than the stream's newest frame), ``failed`` (the model raised; logged with its traceback).
+frame), ``rejected`` (cannot be decoded: corrupt, unknown encoding, wrong size), ``too_large``
+(more pixels than ``max_frame_pixels``, found from the header before any pixel is decoded),
+``bad_stamp`` (refused by the node before it was offered: a stamp ahead of the node clock by more
+than its skew, or a malformed one; :meth:`IngestWorker.reject`), ``late`` (older than its
+camera's newest frame by up to ``clock_reset_s``: a reordered frame), ``failed`` (the model
+raised; logged with its traceback).
+
+Stamp rules, per camera: each camera is ordered on its own clock. A frame older than its
+camera's newest ingested frame by at most ``clock_reset_s`` is ``late``; by more, the camera's
+clock has jumped back (a bag played in a loop, a simulator restart, a driver that switched from
+its boot clock to wall time): its order restarts from that frame (``clock_resets`` counts it) and
+memory is kept, so stamps in the stream repeat rather than the camera going blind.
 """
 from __future__ import annotations
 
@@ -29,9 +39,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .images import FrameError, frame_difference, thumbnail, to_rgb
+from .images import FrameError, FrameTooLarge, frame_difference, thumbnail, to_rgb
 
-OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "late", "failed")
+OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "too_large", "bad_stamp", "late",
+            "failed")
+#: Outcomes that are logged as warnings and kept as ``last_error``.
+BAD_OUTCOMES = ("rejected", "too_large", "bad_stamp", "late", "failed")
 
 
 @dataclass
@@ -63,6 +76,7 @@ class WorkerStats:
     evicted_tokens: int = 0
     last_error: str = ""
     origin_s: float = math.nan
+    clock_resets: int = 0
 
 
 class IngestWorker:
@@ -75,7 +89,11 @@ class IngestWorker:
             ingested one by less than this mean absolute difference in [0, 1] (0: never skip).
         on_done: called ``(frame, outcome, detail)`` once per offered frame, from the thread
             that decided it (the caller's for ``sampled_out``/``dropped``, the worker's otherwise).
-        log: called with a warning line for rejected, late and failed frames.
+        log: called with a warning line for each frame with a :data:`BAD_OUTCOMES` outcome and
+            each clock reset.
+        max_frame_pixels: frames with more pixels (width x height) are ``too_large``.
+        clock_reset_s: seconds a camera's stamp may go back before it counts as a clock reset
+            (see the module docstring).
 
     Stamps in the stream are seconds since the first ingested frame (``origin_s``), so answers
     quote drive time ("t=312.0s"); the first ingested frame's ROS stamp is kept as the origin.
@@ -83,8 +101,10 @@ class IngestWorker:
 
     def __init__(self, session, sample_rate_hz: float, duplicate_threshold: float,
                  on_done: Callable[[PendingFrame, str, str], None] = lambda *a: None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, max_frame_pixels: int = 4096 * 4096,
+                 clock_reset_s: float = 2.0):
         self.session = session
+        self.max_frame_pixels, self.clock_reset_s = max_frame_pixels, clock_reset_s
         self.sample_rate_hz = sample_rate_hz
         self.duplicate_threshold = duplicate_threshold
         self._on_done, self._log = on_done, log
@@ -92,6 +112,7 @@ class IngestWorker:
         self._jobs: deque = deque()
         self._last_offered: dict[str, float] = {}
         self._last_thumb: dict = {}
+        self._newest: dict[str, float] = {}  # per camera: ROS stamp of its newest ingested frame
         self._cond = threading.Condition()
         self._stats = WorkerStats()
         self._ingest_ms_sum = 0.0
@@ -161,6 +182,12 @@ class IngestWorker:
         if replaced is not None:
             self._on_done(replaced, "dropped", "a newer frame arrived before ingest")
 
+    def reject(self, frame: PendingFrame, outcome: str, detail: str) -> None:
+        """Count and report a frame the caller refused instead of offering it (``bad_stamp``)."""
+        with self._cond:
+            self._stats.received += 1
+        self._finish(frame, outcome, detail, taken=False)
+
     def _take(self) -> PendingFrame | None:
         while True:
             with self._cond:
@@ -184,12 +211,14 @@ class IngestWorker:
             self._busy = True
             return self._pending.pop(camera)
 
-    def _finish(self, frame: PendingFrame, outcome: str, detail: str = "", result=None, ms: float = 0.0):
+    def _finish(self, frame: PendingFrame, outcome: str, detail: str = "", result=None, ms: float = 0.0,
+                taken: bool = True):
         with self._cond:
-            self._busy = False
+            if taken:
+                self._busy = False
             s = self._stats
             s.outcomes[outcome] += 1
-            if outcome in ("rejected", "late", "failed"):
+            if outcome in BAD_OUTCOMES:
                 s.last_error = f"{frame.camera} @ {frame.stamp_s:.3f}s: {detail}"
             if result is not None:
                 n = s.outcomes["ingested"]
@@ -198,7 +227,7 @@ class IngestWorker:
                 s.last_vision_ms, s.last_prefill_ms = result.vision_ms, result.prefill_ms
                 s.evicted_tokens += result.evicted_tokens
                 s.stored += result.stored
-        if outcome in ("rejected", "late", "failed"):
+        if outcome in BAD_OUTCOMES:
             self._log(f"frame {outcome}: {frame.camera} @ {frame.stamp_s:.3f}s: {detail}")
         self._on_done(frame, outcome, detail)
 
@@ -206,7 +235,10 @@ class IngestWorker:
         while (frame := self._take()) is not None:
             t0 = time.perf_counter()
             try:
-                rgb = to_rgb(frame.msg, frame.compressed)
+                rgb = to_rgb(frame.msg, frame.compressed, self.max_frame_pixels)
+            except FrameTooLarge as exc:
+                self._finish(frame, "too_large", str(exc))
+                continue
             except FrameError as exc:
                 self._finish(frame, "rejected", str(exc))
                 continue
@@ -217,10 +249,16 @@ class IngestWorker:
                 self._finish(frame, "duplicate")
                 continue
             origin = self._stats.origin_s if not math.isnan(self._stats.origin_s) else frame.stamp_s
-            if frame.stamp_s - origin < self.session.last_stamp_s:
-                self._finish(frame, "late", f"older than the stream's newest frame "
-                             f"({origin + self.session.last_stamp_s:.3f}s); did the clock jump back?")
-                continue
+            newest = self._newest.get(frame.camera, -math.inf)
+            if frame.stamp_s < newest:
+                if newest - frame.stamp_s <= self.clock_reset_s:
+                    self._finish(frame, "late", f"older than camera {frame.camera!r}'s newest frame ({newest:.3f}s)")
+                    continue
+                self.session.restart_camera(frame.camera)
+                with self._cond:
+                    self._stats.clock_resets += 1
+                self._log(f"camera {frame.camera!r}: clock jumped back {newest - frame.stamp_s:.3f}s "
+                          f"(from {newest:.3f}s to {frame.stamp_s:.3f}s); its frame order restarts, memory is kept")
             try:
                 result = self.session.ingest_frame(rgb, frame.stamp_s - origin, frame.camera)
             except ValueError as exc:  # a frame the model cannot take (e.g. smaller than 8x8)
@@ -233,4 +271,5 @@ class IngestWorker:
                 if math.isnan(self._stats.origin_s):
                     self._stats.origin_s = origin
             self._last_thumb[frame.camera] = thumb
+            self._newest[frame.camera] = frame.stamp_s
             self._finish(frame, "ingested", result=result, ms=(time.perf_counter() - t0) * 1e3)

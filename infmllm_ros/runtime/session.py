@@ -51,6 +51,9 @@ DEFAULT_SENTENCE_STOP_WORDS = 16
 #: model can repeat (a list of several read worse to SmolLM2-135M).
 DEFAULT_EVIDENCE_SIGHTINGS = 1
 
+#: Longest question taken, in tokens (about 200 English words).
+DEFAULT_MAX_QUESTION_TOKENS = 256
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
@@ -94,6 +97,8 @@ class Answer:
             sighting's score (:func:`.recall.judge`), and how sure, in [0, 1].
         evidence: the memory line rendered into the answer prompt ("Memory: I saw a domestic
             cat at t=60 s."), so the answer can say when (:meth:`StreamSession.render_evidence`).
+        stopped: "" when the answer ended by itself (stop token, sentence end, token budget);
+            "deadline" or "cancelled" when it was cut there and is partial.
     """
 
     text: str
@@ -110,6 +115,7 @@ class Answer:
     seen: bool = False
     confidence: float = 0.0
     evidence: str = ""
+    stopped: str = ""
 
 
 class StreamSession:
@@ -138,6 +144,8 @@ class StreamSession:
             the first sentence (0: off).
         evidence_sightings: most sightings rendered into the answer prompt (0: no evidence line).
         seen_threshold: best-sighting score at which an object counts as seen.
+        max_question_tokens: longest question taken (tokens); a longer one is refused before any
+            work (it would hold the model while it prefills and stay in context).
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
@@ -154,7 +162,8 @@ class StreamSession:
                  background_decay: float = 0.7, recall_layer: int | None = None,
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
                  sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
-                 evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD):
+                 evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD,
+                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -172,6 +181,9 @@ class StreamSession:
                              f"({evidence_sightings}) must be >= 0")
         if not math.isfinite(seen_threshold):
             raise ValueError(f"seen_threshold must be finite, got {seen_threshold}")
+        if max_question_tokens < 1:
+            raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens}")
+        self.max_question_tokens = max_question_tokens
         self.sampling, self.sentence_stop_words = sampling, sentence_stop_words
         self.evidence_sightings, self.seen_threshold = evidence_sightings, seen_threshold
         self.familiar_interval_s = float(familiar_interval_s)
@@ -200,7 +212,8 @@ class StreamSession:
             self.cache.reset()
             self.scene.reset()
             self.frames_ingested = 0
-            self.last_stamp_s = -math.inf
+            self.last_stamp_s = -math.inf  # newest stamp over all cameras
+            self.camera_stamps: dict[str, float] = {}  # newest stamp per camera: each camera's order
             self._last_stored_s: dict[str, float] = {}  # per camera
             self._frame_info: dict[int, tuple[str, str]] = {}  # stored frame -> (camera, label), pruned
             self._prefill(self._system_ids, SlotKind.SINK, logits=False)
@@ -223,7 +236,9 @@ class StreamSession:
 
         Args:
             rgb: uint8 ``[H, W, 3]`` RGB (or float in [0, 1]).
-            stamp_s: frame time in seconds (stream or ROS time), not older than the last frame.
+            stamp_s: frame time in seconds (stream or ROS time), not older than this camera's
+                newest frame (cameras are ordered each on its own clock; :meth:`restart_camera`
+                forgets a camera's order after its clock jumped back).
             camera: camera name for the tag.
 
         Raises:
@@ -233,12 +248,11 @@ class StreamSession:
         """
         if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
             raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
-        if stamp_s < self.last_stamp_s:
-            raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame ({self.last_stamp_s:.3f}s)")
-        if not camera or not camera.strip():
+        if not isinstance(camera, str) or not camera.strip():
             raise ValueError("camera name is empty")
-        t0 = time.perf_counter()
         camera = camera.strip()
+        self._check_order(camera, stamp_s)
+        t0 = time.perf_counter()
         frame = self.model.encode_frame(rgb)
         novelty = self.scene.novelty(camera, frame.summary)
         novel = self.scene.is_novel(novelty)
@@ -251,8 +265,7 @@ class StreamSession:
             embeds, kinds = self.chunk_embeds(chunk)
         t1 = time.perf_counter()
         with self._lock:
-            if stamp_s < self.last_stamp_s:  # re-check under the lock (two ingest threads)
-                raise ValueError(f"frame stamp {stamp_s:.3f}s is older than the last frame")
+            self._check_order(camera, stamp_s)  # again under the lock (two ingest threads)
             before = self.cache.evicted_tokens
             frame_id = self.frames_ingested
             if store:
@@ -265,11 +278,23 @@ class StreamSession:
                     self._frame_info = {f: c for f, c in self._frame_info.items() if f in present}
             self.scene.observe(camera, frame.summary)
             self.frames_ingested += 1
-            self.last_stamp_s = float(stamp_s)
+            self.camera_stamps[camera] = float(stamp_s)
+            self.last_stamp_s = max(self.last_stamp_s, float(stamp_s))
             evicted = self.cache.evicted_tokens - before
         t2 = time.perf_counter()
         return FrameResult(frame_id, embeds.shape[0] if store else 0, frame.label,
                            (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
+
+    def _check_order(self, camera: str, stamp_s: float) -> None:
+        last = self.camera_stamps.get(camera, -math.inf)
+        if stamp_s < last:
+            raise ValueError(f"frame stamp {stamp_s:.3f}s is older than camera {camera!r}'s last frame ({last:.3f}s)")
+
+    def restart_camera(self, camera: str) -> None:
+        """Forget ``camera``'s frame order (its clock jumped back: a bag loop, a simulator
+        restart), so its next frame is taken whatever its stamp; the memory is kept."""
+        with self._lock:
+            self.camera_stamps.pop(camera, None)
 
     def chunk_embeds(self, chunk: FrameChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """A frame chunk as input embeddings ``[n, hidden]`` and int8 slot kinds ``[n]`` (the
@@ -285,7 +310,8 @@ class StreamSession:
         return embeds, kinds
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True,
-            sampling: Sampling | None = None) -> Answer:
+            sampling: Sampling | None = None, deadline_s: float | None = None,
+            cancel: threading.Event | None = None) -> Answer:
         """Answer ``question`` from what is in the cache, evidence first.
 
         The question is prefilled as a user turn; the frames in the cache that match it are
@@ -297,39 +323,63 @@ class StreamSession:
         decoded (``sampling``, default the session's; the repetition controls look at the
         answer's own tokens; a short question stops at the first sentence end).
 
+        The question is operator text (:meth:`operator_ids`): special-token strings in it stay
+        characters and ``<``/``>`` become ``‹``/``›``, so it can neither close the turn nor
+        pass for a frame tag. With ``keep_in_context`` the question, memory line and answer stay
+        in the cache as DIALOGUE slots, which sightings never match: what an operator says is
+        context for later rounds, never memory of a camera.
+
         Args:
-            question: the operator's question (non-empty).
+            question: the operator's question (non-empty, at most ``max_question_tokens``).
             max_new_tokens: most tokens generated (>= 1).
             keep_in_context: keep the question and answer in the cache for later rounds; if
                 False the cache is restored to its state before the question.
             sampling: decoding for this answer (None: the session's).
+            deadline_s: ``time.monotonic()`` value after which decoding stops and the answer so
+                far is returned with ``stopped="deadline"`` (None: no deadline).
+            cancel: set it (from any thread) to stop decoding at the next token; the answer so
+                far is returned with ``stopped="cancelled"``.
 
         Raises:
-            ValueError: empty question, ``max_new_tokens < 1``. The stream is unchanged.
+            ValueError: empty question, a question over ``max_question_tokens`` tokens,
+                ``max_new_tokens < 1``. The stream is unchanged.
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question is empty")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        question = question.strip()
-        ids, tail = self.question_turn(question)
+        question_ids = self.operator_ids(question)
+        if len(question_ids) > self.max_question_tokens:
+            raise ValueError(f"question is {len(question_ids)} tokens; the limit is {self.max_question_tokens} "
+                             "(max_question_tokens)")
+        head, newline, tail = self.question_turn()
         short = 0 < len(question.split()) <= self.sentence_stop_words
+        stopped = []
+
+        def stop_after(out: list[int]) -> bool:
+            if cancel is not None and cancel.is_set():
+                stopped.append("cancelled")
+            elif deadline_s is not None and time.monotonic() >= deadline_s:
+                stopped.append("deadline")
+            return bool(stopped) or (short and self._sentence_end(out))
+
         t0 = time.perf_counter()
         with self._lock:
             snap = None if keep_in_context else self.cache.snapshot()
             try:
-                _, newest = self._prefill(ids, logits=False)
+                _, newest = self._prefill(head + question_ids + newline, SlotKind.DIALOGUE, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
                 sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
                              find_sightings(self.cache, newest, self.recall_layer)]
                 seen, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.render_evidence(sightings, seen)
                 # The question again after the memory line: the turn ends on what to answer.
-                last, _ = self._prefill(self.tokenizer.encode(f"{evidence}\n{question}{tail}" if evidence else tail))
+                again = self.tokenizer.encode(evidence) + newline + question_ids if evidence else []
+                last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
                 out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
-                             sampling or self.sampling, stop_after=self._sentence_end if short else None,
-                             close_id=self.tokenizer.turn_end_id)
+                             sampling or self.sampling, stop_after=stop_after,
+                             close_id=self.tokenizer.turn_end_id, kind=SlotKind.DIALOGUE)
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
@@ -341,14 +391,21 @@ class StreamSession:
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
                       last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings),
-                      token_ids=tuple(out), seen=seen, confidence=confidence, evidence=evidence)
+                      token_ids=tuple(out), seen=seen, confidence=confidence, evidence=evidence,
+                      stopped=stopped[0] if stopped else "")
 
-    def question_turn(self, question: str) -> tuple[list[int], str]:
-        """The user turn of ``question`` in the chat template, split where the memory line goes:
-        ``(ids of the turn's opening + question + newline, text after the memory line: the
-        turn's end and the assistant's opening)``."""
-        head, tail = self.tokenizer.render_turn("user", question + "\n\0", add_generation_prompt=True).split("\0")
-        return self.tokenizer.encode(head), tail
+    def operator_ids(self, text: str) -> list[int]:
+        """Token ids of operator text: stripped, ``<`` and ``>`` replaced by ``‹`` and ``›`` (no
+        frame tag or markup can be written), special-token strings read as plain characters
+        (:meth:`~infmllm_ros.models.tokenizer.ChatTokenizer.encode_plain`)."""
+        return self.tokenizer.encode_plain(text.strip().replace("<", "\u2039").replace(">", "\u203a"))
+
+    def question_turn(self) -> tuple[list[int], list[int], list[int]]:
+        """The user turn of a question in the chat template, as ids around the operator's text:
+        ``(the turn's opening, a newline, the turn's end + the assistant's opening)``; the
+        prompt is ``opening + question + newline [+ memory line + newline + question] + end``."""
+        head, tail = self.tokenizer.render_turn("user", "\0", add_generation_prompt=True).split("\0")
+        return self.tokenizer.encode(head), self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
 
     def render_evidence(self, sightings: list[Sighting], seen: bool) -> str:
         """The memory line of an answer prompt, written as the answer it supports so that a

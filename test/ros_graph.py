@@ -1,0 +1,83 @@
+"""The test process's side of a ROS graph: one rclpy node that publishes frames, listens to the
+node's ``~/frames`` and ``/diagnostics``, and sets its parameters. Used by the DDS tests."""
+import os
+import threading
+import time
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import SetParameters
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from std_msgs.msg import Header
+
+
+class Graph:
+    """This test process's ROS node: a publisher per camera (``publishers``: attribute name ->
+    (message type, topic)), listeners, an /ask client, a parameter client."""
+
+    def __init__(self, env: dict, publishers: dict):
+        self.saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+                                                      "FASTDDS_DEFAULT_PROFILES_FILE")}
+        os.environ.update({k: env[k] for k in self.saved if k in env})
+        rclpy.init()
+        self.node = rclpy.create_node("itest")
+        for name, (msg_type, topic) in publishers.items():
+            setattr(self, name, self.node.create_publisher(msg_type, topic, 10))
+        self.frames, self.diagnostics = [], []
+        self.node.create_subscription(Header, "/infmllm/frames", self.frames.append, 100)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.executor = MultiThreadedExecutor(num_threads=3)
+        self.executor.add_node(self.node)
+        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self.spinner.start()
+
+    def close(self):
+        self.executor.shutdown()
+        self.spinner.join(5)
+        self.node.destroy_node()
+        rclpy.try_shutdown()
+        for k, v in self.saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+    def publish_and_wait(self, pub, msg, timeout_s=30.0, reported=None) -> str:
+        """Publish until the node reports the frame (best-effort can lose one); its outcome.
+        ``reported``: the ``(sec, nanosec)`` the node reports it under, if not the header's."""
+        deadline = time.monotonic() + timeout_s
+        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stamp = reported or (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        while time.monotonic() < deadline:
+            pub.publish(msg)
+            for _ in range(20):
+                time.sleep(0.05)
+                hits = [f.frame_id for f in list(self.frames) if (f.stamp.sec, f.stamp.nanosec) == stamp]
+                if hits:
+                    return hits[0].rpartition(":")[2]
+        raise AssertionError(f"node never reported the frame stamped {stamp}")
+
+    def set_parameters(self, values: dict, node: str = "/infmllm"):
+        """Set the node's parameters over ``set_parameters``; one ``SetParametersResult`` each."""
+        client = self.node.create_client(SetParameters, f"{node}/set_parameters")
+        try:
+            assert client.wait_for_service(timeout_sec=30)
+            future = client.call_async(SetParameters.Request(
+                parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]))
+            deadline = time.monotonic() + 30
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return future.result().results
+        finally:
+            self.node.destroy_client(client)
+
+    def latest_status(self):
+        deadline = time.monotonic() + 10
+        n = len(self.diagnostics)
+        while len(self.diagnostics) == n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values}
+
+
+def header(sec, nanosec=0):
+    return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id="cam")
