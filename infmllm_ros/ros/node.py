@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -45,7 +46,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from infmllm_interfaces.msg import Answer
-from infmllm_interfaces.srv import Ask
+from infmllm_interfaces.srv import Ask, MemoryFile
+from std_srvs.srv import Trigger
 
 from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
@@ -53,6 +55,14 @@ from ..runtime.session import open_session
 from .params import PARAMETERS, validate
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, IngestWorker, PendingFrame
+
+
+def report(logger, ok: bool, message: str) -> None:
+    """Log ``message`` as info when ``ok``, else as an error (rclpy wants one severity per call site)."""
+    if ok:
+        logger.info(message)
+    else:
+        logger.error(message)
 
 
 class InfMLLMNode(Node):
@@ -86,6 +96,9 @@ class InfMLLMNode(Node):
                                    on_done=self._frame_done, log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
                                    clock_reset_s=cfg.clock_reset_s)
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
+        if cfg.memory_file and Path(cfg.memory_file).is_file():
+            ok, message = self._load_memory(cfg.memory_file)
+            report(log, ok, message if ok else f"{message}; starting with empty memory")
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
                          reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
                          else ReliabilityPolicy.RELIABLE)
@@ -104,6 +117,12 @@ class InfMLLMNode(Node):
         self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
                            "stopped_deadline": 0, "stopped_shutdown": 0, "tokens_per_s": math.nan, "ttft_s": math.nan}
         self.create_service(Ask, "ask", self._on_ask, callback_group=ReentrantCallbackGroup())
+        memory = MutuallyExclusiveCallbackGroup()
+        self.create_service(MemoryFile, "~/save_memory", self._on_save_memory, callback_group=memory)
+        self.create_service(MemoryFile, "~/load_memory", self._on_load_memory, callback_group=memory)
+        self.create_service(Trigger, "~/reset_memory", self._on_reset_memory, callback_group=memory)
+        if cfg.memory_save_period_s > 0:
+            self.create_timer(cfg.memory_save_period_s, self._save_periodically, callback_group=memory)
         self._last_diag = (time.monotonic(), 0)
         self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -153,7 +172,7 @@ class InfMLLMNode(Node):
                           "refused_busy")
         try:
             stats = self.worker.stats()
-            if stats.outcomes["ingested"] == 0:
+            if self.session.frames_ingested == 0:  # none since the start, a reset, or in the loaded memory
                 topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)
                 return refuse(f"no camera frame has been ingested yet (watching {topics}; "
                               f"{stats.received} received, {stats.outcomes['rejected']} rejected)")
@@ -210,6 +229,63 @@ class InfMLLMNode(Node):
                  f"{answer.frames_in_context} frames in context; seen={answer.seen} "
                  f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
         return response
+
+    # ---- memory on disk --------------------------------------------------------------------
+    def _save_memory(self, path: str) -> tuple[bool, str]:
+        """Save the stream to ``path`` (call on the worker thread or with it stopped)."""
+        try:
+            size = self.session.save_memory(path, extra={"origin_s": self.worker.stats().origin_s})
+        except OSError as exc:
+            return False, f"cannot save memory to {path}: {exc}"
+        return True, (f"saved {self.session.cache.length} KV slots, {self.session.frames_ingested} frames, "
+                      f"{size / 2**20:.1f} MiB to {path}")
+
+    def _load_memory(self, path: str) -> tuple[bool, str]:
+        """Load the stream from ``path`` (call on the worker thread or before it starts)."""
+        try:
+            extra = self.session.load_memory(path)
+        except (FileNotFoundError, ValueError) as exc:
+            return False, f"memory file refused: {exc}"
+        self.worker.resume(extra.get("origin_s", math.nan))
+        return True, (f"loaded {self.session.cache.length} KV slots, {self.session.frames_ingested} frames "
+                      f"from {path}")
+
+    def _memory_call(self, fn, response):
+        """Run ``fn() -> (success, message)`` on the worker thread (between frames) into ``response``."""
+        try:
+            response.success, response.message = self.worker.call(fn).result()
+        except RuntimeError as exc:  # the worker has stopped: shutting down
+            response.success, response.message = False, str(exc)
+        report(self.get_logger(), response.success, response.message)
+        return response
+
+    def _on_save_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
+        path = request.path or self.config.memory_file
+        if not path:
+            response.success, response.message = False, "no path given and no memory_file parameter set"
+            return response
+        return self._memory_call(lambda: self._save_memory(path), response)
+
+    def _on_load_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
+        path = request.path or self.config.memory_file
+        if not path:
+            response.success, response.message = False, "no path given and no memory_file parameter set"
+            return response
+        return self._memory_call(lambda: self._load_memory(path), response)
+
+    def _on_reset_memory(self, request: Trigger.Request, response: Trigger.Response):
+        def reset():
+            self.session.reset()
+            return True, "memory reset: the KV cache holds the system prompt only"
+        return self._memory_call(reset, response)
+
+    def _save_periodically(self) -> None:
+        try:
+            self.worker.call(lambda: self._save_memory(self.config.memory_file)).add_done_callback(
+                lambda f: None if f.exception() is None and f.result()[0] else
+                self.get_logger().error(str(f.exception() or f.result()[1])))
+        except RuntimeError:  # shutting down; the final save follows
+            pass
 
     def _loggable(self, text: str) -> str:
         """``text`` quoted for the log: whole with ``log_full_text``, else its first 80 characters."""
@@ -283,11 +359,16 @@ class InfMLLMNode(Node):
             return self._serving > 0
 
     def shutdown(self) -> None:
-        """Stop the ingest worker (finishes the frame in hand) and log the final counts."""
+        """Stop the ingest worker (finishes the frame in hand), save memory to ``memory_file``
+        if set, and log the final counts."""
         stopped = self.worker.stop()
-        s = self.worker.stats()
         # Not the node's logger: after SIGINT the context is gone and /rosout cannot publish.
-        rclpy.logging.get_logger("infmllm").info(f"shutting down: {s.outcomes['ingested']} frames ingested, "
+        log = rclpy.logging.get_logger("infmllm")
+        if self.config.memory_file and stopped:
+            ok, message = self._save_memory(self.config.memory_file)
+            report(log, ok, message)
+        s = self.worker.stats()
+        log.info(f"shutting down: {s.outcomes['ingested']} frames ingested, "
                                f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
                                + ("" if stopped else "; ingest worker did not stop in time"))
 

@@ -103,6 +103,9 @@ PARAMETERS = (
           "best-sighting score at which an object counts as seen (bench/results/seen_calibration.*)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
+    Param("memory_file", "", "memory file (safetensors): loaded at start when it exists, saved at shutdown and "
+          "every memory_save_period_s; '' keeps memory in RAM only"),
+    Param("memory_save_period_s", 0.0, "seconds between periodic saves of memory_file (0: at shutdown only)"),
 )
 
 PARAMETER_NAMES = frozenset(p.name for p in PARAMETERS)
@@ -151,6 +154,8 @@ class NodeConfig:
     answer_seen_threshold: float
     system_prompt: str
     diagnostics_period_s: float
+    memory_file: str
+    memory_save_period_s: float
 
     @property
     def cameras(self) -> list[tuple[str, str, bool]]:
@@ -292,6 +297,11 @@ def validate(values: dict) -> NodeConfig:
     need(math.isfinite(v["answer.seen_threshold"]), "answer.seen_threshold", "must be a finite number")
     need(math.isfinite(v["diagnostics_period_s"]) and 0 < v["diagnostics_period_s"] <= 3600, "diagnostics_period_s",
          "must be in (0, 3600] seconds")
+    need(math.isfinite(v["memory_save_period_s"]) and v["memory_save_period_s"] >= 0, "memory_save_period_s",
+         "must be a finite number of seconds >= 0 (0: at shutdown only)")
+    need(v["memory_save_period_s"] == 0 or bool(v["memory_file"].strip()), "memory_save_period_s",
+         "needs memory_file")
+
     def ros_name(field: str) -> str:
         for group in ("cache", "answer"):
             if field.startswith(group + "_"):

@@ -182,6 +182,13 @@ class IngestWorker:
         if replaced is not None:
             self._on_done(replaced, "dropped", "a newer frame arrived before ingest")
 
+    def resume(self, origin_s: float) -> None:
+        """Continue a stream loaded from a memory file: its stamp origin (ROS seconds of stream
+        time 0) and each camera's newest frame from the session, so order checks go on."""
+        with self._cond:
+            self._stats.origin_s = origin_s
+            self._newest = {c: origin_s + t for c, t in self.session.camera_stamps.items()}
+
     def reject(self, frame: PendingFrame, outcome: str, detail: str) -> None:
         """Count and report a frame the caller refused instead of offering it (``bad_stamp``)."""
         with self._cond:

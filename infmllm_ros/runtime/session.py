@@ -30,6 +30,7 @@ from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, 
 from ..models.family import FrameChunk, VisionLanguageModel
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
+from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge, with_article
 
@@ -393,6 +394,16 @@ class StreamSession:
                       last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings),
                       token_ids=tuple(out), seen=seen, confidence=confidence, evidence=evidence,
                       stopped=stopped[0] if stopped else "")
+
+    def save_memory(self, path: str | Path, extra: dict | None = None) -> int:
+        """Write the stream's memory to ``path`` atomically (:func:`.memory_file.save_memory`);
+        its size in bytes."""
+        return save_memory(self, path, extra)
+
+    def load_memory(self, path: str | Path) -> dict:
+        """Replace the stream's memory with ``path``'s (:func:`.memory_file.load_memory`); the
+        file's ``extra``. Raises FileNotFoundError or ValueError (the stream is unchanged)."""
+        return load_memory(self, path)
 
     def operator_ids(self, text: str) -> list[int]:
         """Token ids of operator text: stripped, ``<`` and ``>`` replaced by ``‹`` and ``›`` (no
