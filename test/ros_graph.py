@@ -72,11 +72,14 @@ class Graph:
             self.node.destroy_client(client)
 
     def latest_status(self):
-        deadline = time.monotonic() + 10
-        n = len(self.diagnostics)
-        while len(self.diagnostics) == n and time.monotonic() < deadline:
+        """The node's ``/diagnostics`` values from a message stamped after this call."""
+        now, deadline = time.time(), time.monotonic() + 10
+        while time.monotonic() < deadline:
+            fresh = [m for m in list(self.diagnostics) if m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 > now]
+            if fresh:
+                return {kv.key: kv.value for kv in fresh[-1].status[0].values}
             time.sleep(0.1)
-        return {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values}
+        raise AssertionError("no /diagnostics message within 10 s")
 
 
 def header(sec, nanosec=0):

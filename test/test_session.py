@@ -287,3 +287,25 @@ def test_a_deadline_or_a_cancel_cuts_the_answer_and_marks_it(parts):
     cancel.set()
     cut = s.ask("Describe the road.", max_new_tokens=40, keep_in_context=False, cancel=cancel)
     assert cut.stopped == "cancelled" and cut.new_tokens == 1
+
+
+def test_a_cancelled_answer_streams_its_tokens_and_leaves_the_stream_as_before_even_when_kept(parts):
+    import threading
+
+    from infmllm_ros.runtime.generate import Sampling
+
+    s = new_session(parts, sampling=Sampling(), sentence_stop_words=0)
+    s.ingest_frame(synthetic_road(0), 0.0)
+    before = s.cache.snapshot()
+    cancel, seen = threading.Event(), []
+
+    def on_token(ids):
+        seen.append(list(ids))
+        if len(ids) == 5:
+            cancel.set()
+
+    a = s.ask("Describe the road.", max_new_tokens=40, keep_in_context=True, cancel=cancel, on_token=on_token)
+    assert a.stopped == "cancelled" and a.new_tokens == 5 and seen[-1] == list(a.token_ids)
+    assert [len(x) for x in seen] == [1, 2, 3, 4, 5] and a.tokens_in_cache == before["counters"][0]
+    assert s.cache.snapshot()["counters"] == before["counters"]
+    assert all(torch.equal(x, y) for x, y in zip(s.cache.snapshot()["tensors"][:2], before["tensors"][:2]))

@@ -1,8 +1,10 @@
 """``infmllm-ask "question"``: the operator's console client for the node's ``/ask`` service.
 
 Prints the answer, when its object was seen (the best-matching frames' stamps) and the figures
-(frames and time span in context, KV tokens, latency). Exit
-status 0 on an answer, 1 on a refusal (``success=false``) or a timeout, 2 on bad arguments.
+(frames and time span in context, KV tokens, latency). ``--stream`` asks through the ``ask``
+action instead and prints the answer as it is decoded (Ctrl-C cancels it; the stream is left as
+it was before the question). Exit status 0 on an answer, 1 on a refusal (``success=false``), a
+cancel or a timeout, 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import argparse
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import rclpy
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 
+from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.srv import Ask
 
 from .stamps import stamp_seconds
@@ -43,6 +49,45 @@ def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
         node.destroy_client(client)
 
 
+#: The fields an ``Ask`` service response shares with the ``Answer`` message (the action's result).
+ANSWER_FIELDS = ("answer", "first_frame_stamp", "last_frame_stamp", "frames_in_context", "tokens_in_cache",
+                 "latency_s", "sighting_stamps", "sighting_scores", "sighting_cameras", "seen", "confidence",
+                 "evidence", "stopped")
+
+
+def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, keep_in_context: bool = False,
+               timeout_s: float = 120.0, on_feedback=lambda feedback: None, cancel: threading.Event | None = None):
+    """Send an ``Ask`` action goal from ``node`` (spun on another thread) and wait for its result.
+
+    ``on_feedback`` gets each ``Ask.Feedback`` (the text so far); setting ``cancel`` cancels the
+    goal. Returns ``Ask.Result``, or None when the server did not appear, refused the goal or
+    did not finish within ``timeout_s`` seconds.
+    """
+    client = ActionClient(node, AskAction, action)
+    deadline = time.monotonic() + timeout_s
+    try:
+        if not client.wait_for_server(timeout_sec=timeout_s):
+            return None
+        sent = client.send_goal_async(AskAction.Goal(question=question, max_new_tokens=max_new_tokens,
+                                                     keep_in_context=keep_in_context),
+                                      feedback_callback=lambda m: on_feedback(m.feedback))
+        while not sent.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handle = sent.result() if sent.done() else None
+        if handle is None or not handle.accepted:
+            return None
+        result = handle.get_result_async()
+        cancelled = False
+        while not result.done() and time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set() and not cancelled:
+                handle.cancel_goal_async()
+                cancelled = True
+            time.sleep(0.01)
+        return result.result().result if result.done() else None
+    finally:
+        client.destroy()
+
+
 def format_response(response) -> str:
     """Human-readable lines for an ``Ask.Response``."""
     if not response.success:
@@ -68,17 +113,42 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the node's default")
     parser.add_argument("--keep", action="store_true", help="keep the Q/A in the stream's context")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    parser.add_argument("--stream", action="store_true",
+                        help="ask through the action and print the answer as it is decoded (Ctrl-C cancels)")
     args = parser.parse_args(argv)
     if not args.question.strip():
         parser.error("question is empty")
-    rclpy.init()
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C cancels, then we shut down
     node = rclpy.create_node("infmllm_ask")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
-        response = call_ask(node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout)
+        if args.stream:
+            printed = [0]
+
+            def show(feedback):
+                print(feedback.text[printed[0]:], end="", flush=True)
+                printed[0] = len(feedback.text)
+
+            cancel, box = threading.Event(), []
+            asking = threading.Thread(target=lambda: box.append(stream_ask(
+                node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout, show, cancel)))
+            asking.start()
+            try:
+                while asking.is_alive():
+                    asking.join(0.1)
+            except KeyboardInterrupt:  # cancel the goal, then wait for its result
+                cancel.set()
+                asking.join(args.timeout)
+            print()
+            result = box[0] if box else None
+            response = None if result is None else SimpleNamespace(
+                success=result.success, message=result.message,
+                **{name: getattr(result.answer, name) for name in ANSWER_FIELDS})
+        else:
+            response = call_ask(node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout)
     finally:
         executor.shutdown()
         spinner.join(5.0)

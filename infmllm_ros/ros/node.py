@@ -4,8 +4,12 @@ Graph interface (names relative to the node's namespace unless absolute):
 
 * subscribes: ``camera_topics`` (``sensor_msgs/CompressedImage`` or ``sensor_msgs/Image``), best
   effort keep-last 1 by default (overridable by parameter);
-* service ``ask`` (``infmllm_interfaces/srv/Ask``) in its own reentrant callback group: one answer
-  at a time, a second concurrent request is refused at once with ``success=false``;
+* service ``ask`` (``infmllm_interfaces/srv/Ask``) and action ``ask``
+  (``infmllm_interfaces/action/Ask``: the answer streamed as feedback, cancel stops it and leaves
+  the stream as before the question): one answer at a time over both, a second concurrent
+  request is refused at once with ``success=false``;
+* services ``~/save_memory``, ``~/load_memory`` (``infmllm_interfaces/srv/MemoryFile``) and
+  ``~/reset_memory`` (``std_srvs/Trigger``);
 * publishes ``~/answers`` (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
   (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``, and ``~/frames``
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
@@ -37,6 +41,7 @@ from pathlib import Path
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
@@ -46,15 +51,27 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from infmllm_interfaces.msg import Answer
+from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.srv import Ask, MemoryFile
 from std_srvs.srv import Trigger
 
 from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
+from .ask import ANSWER_FIELDS
 from .params import PARAMETERS, validate
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, IngestWorker, PendingFrame
+
+
+class AnyEvent:
+    """Set when any of ``events`` is set (what :meth:`StreamSession.ask` reads as ``cancel``)."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def report(logger, ok: bool, message: str) -> None:
@@ -115,8 +132,13 @@ class InfMLLMNode(Node):
         self._ask_lock = threading.Lock()
         self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
         self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
-                           "stopped_deadline": 0, "stopped_shutdown": 0, "tokens_per_s": math.nan, "ttft_s": math.nan}
-        self.create_service(Ask, "ask", self._on_ask, callback_group=ReentrantCallbackGroup())
+                           "stopped_deadline": 0, "stopped_shutdown": 0, "stopped_cancelled": 0,
+                           "tokens_per_s": math.nan, "ttft_s": math.nan}
+        questions = ReentrantCallbackGroup()
+        self.create_service(Ask, "ask", self._on_ask, callback_group=questions)
+        self._action = ActionServer(self, AskAction, "ask", self._on_ask_goal, callback_group=questions,
+                                    goal_callback=lambda goal: GoalResponse.ACCEPT,
+                                    cancel_callback=lambda goal: CancelResponse.ACCEPT)
         memory = MutuallyExclusiveCallbackGroup()
         self.create_service(MemoryFile, "~/save_memory", self._on_save_memory, callback_group=memory)
         self.create_service(MemoryFile, "~/load_memory", self._on_load_memory, callback_group=memory)
@@ -148,24 +170,61 @@ class InfMLLMNode(Node):
 
     # ---- questions -----------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        msg, refusal = self._answer(request.question, request.max_new_tokens, request.keep_in_context)
+        for name in ANSWER_FIELDS:
+            setattr(response, name, getattr(msg, name))
+        response.success, response.message = self._outcome(msg, refusal)
+        return response
+
+    def _on_ask_goal(self, goal_handle) -> AskAction.Result:
+        goal = goal_handle.request
+        cancel = AnyEvent(self.stopping, threading.Event())
+        tokenizer = self.session.tokenizer
+
+        def on_token(ids: list[int]) -> None:
+            if goal_handle.is_cancel_requested:
+                cancel.events[1].set()
+            goal_handle.publish_feedback(AskAction.Feedback(text=tokenizer.decode(ids).strip(), tokens=len(ids)))
+
+        msg, refusal = self._answer(goal.question, goal.max_new_tokens, goal.keep_in_context, cancel, on_token)
+        success, message = self._outcome(msg, refusal)
+        if msg.stopped == "cancelled":
+            goal_handle.canceled()
+        elif success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return AskAction.Result(success=success, message=message, answer=msg)
+
+    def _outcome(self, msg: Answer, refusal: str) -> tuple[bool, str]:
+        """``(success, message)`` of an answer from :meth:`_answer`."""
+        if refusal:
+            return False, refusal
+        return msg.stopped in ("", "deadline"), {
+            "": "", "deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; the text is partial",
+            "shutdown": "shutting down: the answer was cut; the text is partial",
+            "cancelled": "cancelled: the answer was cut; the stream is as it was before the question"}[msg.stopped]
+
+    def _answer(self, question: str, max_new_tokens: int, keep_in_context: bool, cancel=None,
+                on_token=None) -> tuple[Answer, str]:
+        """Answer one question on the worker thread, one at a time: ``(the ~/answers message, "")``,
+        or ``(a message with the question and latency only, the reason it was refused)``."""
         with self._serving_lock:
             self._serving += 1
         try:
-            return self._answer(request, response)
+            return self._answer_once(question, max_new_tokens, keep_in_context, cancel or self.stopping, on_token)
         finally:
             with self._serving_lock:
                 self._serving -= 1
 
-    def _answer(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+    def _answer_once(self, question, max_new_tokens, keep_in_context, cancel, on_token) -> tuple[Answer, str]:
         t0 = time.perf_counter()
         log = self.get_logger()
 
-        def refuse(message: str, counter: str = "failed") -> Ask.Response:
+        def refuse(message: str, counter: str = "failed") -> tuple[Answer, str]:
             self._ask_stats[counter] += 1
-            log.warning(f"/ask {self._loggable(request.question)} refused: {message}")
-            response.success, response.message = False, message
-            response.latency_s = time.perf_counter() - t0
-            return response
+            log.warning(f"/ask {self._loggable(question)} refused: {message}")
+            return Answer(question=question, latency_s=time.perf_counter() - t0), message
 
         if not self._ask_lock.acquire(blocking=False):
             return refuse("busy: another question is being answered; ask again when it returns",
@@ -176,7 +235,7 @@ class InfMLLMNode(Node):
                 topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)
                 return refuse(f"no camera frame has been ingested yet (watching {topics}; "
                               f"{stats.received} received, {stats.outcomes['rejected']} rejected)")
-            limit = request.max_new_tokens or self.config.max_new_tokens
+            limit = max_new_tokens or self.config.max_new_tokens
             if limit > 1024:
                 return refuse(f"max_new_tokens={limit} is above the limit of 1024")
             if self.stopping.is_set():
@@ -185,8 +244,8 @@ class InfMLLMNode(Node):
             deadline = time.monotonic() + timeout if timeout > 0 else None
             try:
                 answer = self.worker.call(lambda: self.session.ask(
-                    request.question, limit, request.keep_in_context, deadline_s=deadline,
-                    cancel=self.stopping)).result()
+                    question, limit, keep_in_context, deadline_s=deadline, cancel=cancel,
+                    on_token=on_token)).result()
             except ValueError as exc:
                 return refuse(str(exc), "refused_too_long" if "max_question_tokens" in str(exc) else "failed")
             except Exception as exc:  # keep the node alive; the session restored its cache
@@ -195,40 +254,29 @@ class InfMLLMNode(Node):
         finally:
             self._ask_lock.release()
         origin = stats.origin_s
-        stopped = "shutdown" if answer.stopped == "cancelled" else answer.stopped
-        # An answer cut by shutdown is a reply, not a success: the question was not answered.
-        response.success, response.answer, response.stopped = stopped != "shutdown", answer.text, stopped
+        stopped = answer.stopped
+        if stopped == "cancelled" and self.stopping.is_set():
+            stopped = "shutdown"
         if stopped:
             self._ask_stats[f"stopped_{stopped}"] += 1
-            response.message = {"deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; "
-                                             "the text is partial",
-                                "shutdown": "shutting down: the answer was cut; the text is partial"}[stopped]
-        response.first_frame_stamp = to_time(origin + answer.first_frame_s)
-        response.last_frame_stamp = to_time(origin + answer.last_frame_s)
-        response.frames_in_context = answer.frames_in_context
-        response.tokens_in_cache = answer.tokens_in_cache
-        response.sighting_stamps = [to_time(origin + s.stamp_s) for s in answer.sightings]
-        response.sighting_scores = [s.score for s in answer.sightings]
-        response.sighting_cameras = [s.camera for s in answer.sightings]
-        response.seen, response.confidence, response.evidence = answer.seen, answer.confidence, answer.evidence
-        response.latency_s = time.perf_counter() - t0
         self._ask_stats["answered"] += 1
         self._ask_stats["tokens_per_s"] = answer.decode_tokens_per_s
         self._ask_stats["ttft_s"] = answer.ttft_s
-        self.answers_pub.publish(Answer(
+        msg = Answer(
             header=Header(stamp=self.get_clock().now().to_msg(), frame_id=self.get_name()),
-            question=request.question, answer=answer.text,
-            first_frame_stamp=response.first_frame_stamp, last_frame_stamp=response.last_frame_stamp,
+            question=question, answer=answer.text,
+            first_frame_stamp=to_time(origin + answer.first_frame_s), last_frame_stamp=to_time(origin + answer.last_frame_s),
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
-            latency_s=response.latency_s, sighting_stamps=response.sighting_stamps,
-            sighting_scores=response.sighting_scores, sighting_cameras=response.sighting_cameras,
-            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence, stopped=stopped))
+            latency_s=time.perf_counter() - t0, sighting_stamps=[to_time(origin + s.stamp_s) for s in answer.sightings],
+            sighting_scores=[s.score for s in answer.sightings], sighting_cameras=[s.camera for s in answer.sightings],
+            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence, stopped=stopped)
+        self.answers_pub.publish(msg)
         seen = ", ".join(f"t={origin + s.stamp_s:.1f}s {s.camera} ({s.score:.2f})" for s in answer.sightings)
-        log.info(f"/ask {self._loggable(request.question)} -> {self._loggable(answer.text)} "
-                 f"({response.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
+        log.info(f"/ask {self._loggable(question)} -> {self._loggable(answer.text)} "
+                 f"({msg.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
                  f"{answer.frames_in_context} frames in context; seen={answer.seen} "
                  f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
-        return response
+        return msg, ""
 
     # ---- memory on disk --------------------------------------------------------------------
     def _save_memory(self, path: str) -> tuple[bool, str]:
@@ -335,6 +383,7 @@ class InfMLLMNode(Node):
             "asks_refused_too_long": self._ask_stats["refused_too_long"],
             "asks_stopped_deadline": self._ask_stats["stopped_deadline"],
             "asks_stopped_shutdown": self._ask_stats["stopped_shutdown"],
+            "asks_cancelled": self._ask_stats["stopped_cancelled"],
             "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
             "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
             "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",

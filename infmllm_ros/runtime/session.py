@@ -312,7 +312,7 @@ class StreamSession:
 
     def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True,
             sampling: Sampling | None = None, deadline_s: float | None = None,
-            cancel: threading.Event | None = None) -> Answer:
+            cancel: threading.Event | None = None, on_token: Callable[[list[int]], None] | None = None) -> Answer:
         """Answer ``question`` from what is in the cache, evidence first.
 
         The question is prefilled as a user turn; the frames in the cache that match it are
@@ -338,8 +338,12 @@ class StreamSession:
             sampling: decoding for this answer (None: the session's).
             deadline_s: ``time.monotonic()`` value after which decoding stops and the answer so
                 far is returned with ``stopped="deadline"`` (None: no deadline).
-            cancel: set it (from any thread) to stop decoding at the next token; the answer so
-                far is returned with ``stopped="cancelled"``.
+            cancel: an event (anything with ``is_set()``); once set, from any thread, decoding
+                stops at the next token, the answer so far is returned with
+                ``stopped="cancelled"`` and the cache is left as it was before the question,
+                whatever ``keep_in_context``.
+            on_token: called with the answer's token ids so far after each generated token
+                (on this thread; for streaming partial answers).
 
         Raises:
             ValueError: empty question, a question over ``max_question_tokens`` tokens,
@@ -358,6 +362,8 @@ class StreamSession:
         stopped = []
 
         def stop_after(out: list[int]) -> bool:
+            if on_token is not None:
+                on_token(out)
             if cancel is not None and cancel.is_set():
                 stopped.append("cancelled")
             elif deadline_s is not None and time.monotonic() >= deadline_s:
@@ -366,7 +372,8 @@ class StreamSession:
 
         t0 = time.perf_counter()
         with self._lock:
-            snap = None if keep_in_context else self.cache.snapshot()
+            snap = None if keep_in_context and cancel is None else self.cache.snapshot()
+            done = False
             try:
                 _, newest = self._prefill(head + question_ids + newline, SlotKind.DIALOGUE, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
@@ -384,9 +391,13 @@ class StreamSession:
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
+                done = True
             finally:
-                if snap is not None:
+                if snap is not None and (not done or not keep_in_context or stopped == ["cancelled"]):
                     self.cache.restore(snap)
+            if stopped == ["cancelled"]:  # the stream is as it was before the question
+                frames, stamps = self.cache.frames()
+                length = self.cache.length
         rate = (len(out) - 1) / (t2 - t1) if len(out) > 1 and t2 > t1 else 0.0
         return Answer(text=self.tokenizer.decode(out).strip(), latency_s=t2 - t0, ttft_s=t1 - t0,
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
