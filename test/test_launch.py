@@ -41,7 +41,7 @@ def stand_in_modules() -> dict:
     mods["launch.actions"].DeclareLaunchArgument = Recorded
     mods["launch.actions"].SetEnvironmentVariable = Recorded
     mods["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
-    mods["launch_ros.actions"].Node = Recorded
+    mods["launch_ros.actions"].LifecycleNode = Recorded
     # The installed share directory holds the repository's config/ (setup.py data_files).
     mods["ament_index_python.packages"].get_package_share_directory = \
         lambda pkg: str(ROOT) if pkg == "infmllm_ros" else pytest.fail(f"unknown package {pkg}")
@@ -94,7 +94,8 @@ def test_parameter_file_declares_only_known_parameters_and_validates(launched):
     values = ros_parameters(params_file)
     assert set(values) <= PARAMETER_NAMES and values
     assert validate(values).cache_policy == "inf_mllm"
-    assert set(node["parameters"][1]) == {"use_sim_time"}
+    assert set(node["parameters"][1]) == {"use_sim_time", "autostart"}
+    assert resolve(node["parameters"][1]["autostart"], args) == "true" and node["name"] == "infmllm"
 
 
 def test_remapped_camera_topic_is_one_the_node_subscribes(launched):

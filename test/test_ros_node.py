@@ -121,4 +121,4 @@ def test_empty_and_concurrent_questions_get_clear_refusals(system):
 
 def test_sigint_shuts_down_cleanly(system):
     assert stop_node(system["proc"]) == 0
-    assert "shutting down: 10 frames ingested" in system["log"].read_text()
+    assert "stream stopped: 10 frames ingested" in system["log"].read_text()

@@ -44,7 +44,7 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
@@ -82,12 +82,20 @@ def report(logger, ok: bool, message: str) -> None:
         logger.error(message)
 
 
-class InfMLLMNode(Node):
-    """The stream-memory node. Loads the model, then watches the cameras.
+class InfMLLMNode(LifecycleNode):
+    """The stream-memory node, a managed (lifecycle) node.
 
-    Raises:
-        ValueError: a parameter fails validation (message names it and the accepted values).
-        FileNotFoundError: the model file or a weight wheel is missing.
+    * ``configure``: validate the parameters, load the model, allocate the KV buffer, restore
+      ``memory_file`` if set, start the worker. A failure returns FAILURE with the reason logged
+      (:attr:`configure_error`); the process stays up, unconfigured.
+    * ``activate``: subscribe to the cameras (ingest starts).
+    * ``deactivate``: unsubscribe (ingest stops); memory is kept and questions are still answered.
+    * ``cleanup``: save ``memory_file`` if set, stop the worker, free the model.
+    * ``shutdown``: save ``memory_file`` if set, stop the worker.
+
+    Services, the action and ``/diagnostics`` exist in every state; questions are refused until
+    the node is configured. :func:`main` configures and activates at start unless the
+    ``autostart`` parameter is false (a lifecycle manager then drives it).
     """
 
     def __init__(self, **node_kwargs):
@@ -95,38 +103,12 @@ class InfMLLMNode(Node):
         for p in PARAMETERS:
             self.declare_parameter(p.name, p.default, ParameterDescriptor(
                 description=p.description, read_only=not p.dynamic))
-        self.config = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
-        cfg = self.config
-        log = self.get_logger()
-        log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
-        t0 = time.perf_counter()
-        self.model = load_model(cfg.model, cfg.device, cfg.precision)
-        self.session = open_session(self.model, progress=log.info, **cfg.session_kwargs())
-        kv_bytes = 2 * self.session.cache.k.numel() * self.session.cache.k.element_size()
-        log.info(f"model {self.model.name} ({self.model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
-                 f"KV cache {cfg.cache_capacity} tokens "
-                 f"({kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), system prompt "
-                 f"{self.session.cache.length} tokens")
-        self._kv_bytes = kv_bytes
-        self.frames_pub = self.create_publisher(Header, "~/frames", 50)
-        self.worker = IngestWorker(self.session, cfg.sample_rate_hz, cfg.duplicate_threshold,
-                                   on_done=self._frame_done, log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
-                                   clock_reset_s=cfg.clock_reset_s)
+        self.config = None
+        self.model = self.session = self.worker = None
+        self.configure_error = ""
+        self._subs, self._memory_timer = [], None
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
-        if cfg.memory_file and Path(cfg.memory_file).is_file():
-            ok, message = self._load_memory(cfg.memory_file)
-            report(log, ok, message if ok else f"{message}; starting with empty memory")
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
-                         reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
-                         else ReliabilityPolicy.RELIABLE)
-        cameras = MutuallyExclusiveCallbackGroup()
-        self._subs = []
-        for topic, camera, compressed in cfg.cameras:
-            msg_type = CompressedImage if compressed else Image
-            self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, c=camera, z=compressed: self._on_image(msg, c, z), qos,
-                callback_group=cameras))
-            log.info(f"watching {self.resolve_topic_name(topic)} ({msg_type.__name__}) as cam={camera}")
+        self.frames_pub = self.create_publisher(Header, "~/frames", 50)
         self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._ask_lock = threading.Lock()
@@ -139,18 +121,102 @@ class InfMLLMNode(Node):
         self._action = ActionServer(self, AskAction, "ask", self._on_ask_goal, callback_group=questions,
                                     goal_callback=lambda goal: GoalResponse.ACCEPT,
                                     cancel_callback=lambda goal: CancelResponse.ACCEPT)
-        memory = MutuallyExclusiveCallbackGroup()
-        self.create_service(MemoryFile, "~/save_memory", self._on_save_memory, callback_group=memory)
-        self.create_service(MemoryFile, "~/load_memory", self._on_load_memory, callback_group=memory)
-        self.create_service(Trigger, "~/reset_memory", self._on_reset_memory, callback_group=memory)
-        if cfg.memory_save_period_s > 0:
-            self.create_timer(cfg.memory_save_period_s, self._save_periodically, callback_group=memory)
+        self._memory_group = MutuallyExclusiveCallbackGroup()
+        self.create_service(MemoryFile, "~/save_memory", self._on_save_memory, callback_group=self._memory_group)
+        self.create_service(MemoryFile, "~/load_memory", self._on_load_memory, callback_group=self._memory_group)
+        self.create_service(Trigger, "~/reset_memory", self._on_reset_memory, callback_group=self._memory_group)
         self._last_diag = (time.monotonic(), 0)
-        self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics,
-                          callback_group=MutuallyExclusiveCallbackGroup())
+        period = self.get_parameter("diagnostics_period_s").value
+        self.create_timer(period if isinstance(period, float) and 0 < period <= 3600 else 1.0,
+                          self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    @property
+    def lifecycle_state(self) -> str:
+        """The lifecycle state's label ("unconfigured", "inactive", "active", "finalized", ...)."""
+        return self._state_machine.current_state[1]
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        try:
+            cfg = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
+            log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
+            t0 = time.perf_counter()
+            model = load_model(cfg.model, cfg.device, cfg.precision)
+            session = open_session(model, progress=log.info, **cfg.session_kwargs())
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:  # parameters, model, engine, device
+            self.configure_error = str(exc)
+            log.error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.config, self.model, self.session, self.configure_error = cfg, model, session, ""
+        self._kv_bytes = session.cache.nbytes
+        log.info(f"model {model.name} ({model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
+                 f"KV cache {cfg.cache_capacity} tokens ({self._kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), "
+                 f"system prompt {session.cache.length} tokens")
+        self.worker = IngestWorker(session, cfg.sample_rate_hz, cfg.duplicate_threshold, on_done=self._frame_done,
+                                   log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
+                                   clock_reset_s=cfg.clock_reset_s)
+        if cfg.memory_file and Path(cfg.memory_file).is_file():
+            ok, message = self._load_memory(cfg.memory_file)
+            report(log, ok, message if ok else f"{message}; starting with empty memory")
         self.worker.start()
+        if cfg.memory_save_period_s > 0:
+            self._memory_timer = self.create_timer(cfg.memory_save_period_s, self._save_periodically,
+                                                   callback_group=self._memory_group)
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        cfg, log = self.config, self.get_logger()
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
+                         reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
+                         else ReliabilityPolicy.RELIABLE)
+        cameras = MutuallyExclusiveCallbackGroup()
+        for topic, camera, compressed in cfg.cameras:
+            msg_type = CompressedImage if compressed else Image
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, c=camera, z=compressed: self._on_image(msg, c, z), qos,
+                callback_group=cameras))
+            log.info(f"watching {self.resolve_topic_name(topic)} ({msg_type.__name__}) as cam={camera}")
         log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        self.get_logger().info("inactive: cameras unsubscribed; memory kept, questions still answered")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_stream()
+        self.model = self.session = self.worker = self.config = None
+        self.get_logger().info("cleaned up: model and KV buffer freed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.session is not None:
+            self._stop_stream()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_stream(self) -> None:
+        """Stop the worker (it finishes the frame in hand), save memory if configured, log the
+        final counts. Logs with the process logger: after SIGINT /rosout cannot publish."""
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        if self._memory_timer is not None:
+            self.destroy_timer(self._memory_timer)
+            self._memory_timer = None
+        stopped = self.worker.stop()
+        log = rclpy.logging.get_logger("infmllm")
+        if self.config.memory_file and stopped:
+            ok, message = self._save_memory(self.config.memory_file)
+            report(log, ok, message)
+        s = self.worker.stats()
+        log.info(f"stream stopped: {s.outcomes['ingested']} frames ingested, "
+                 f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
+                 + ("" if stopped else "; ingest worker did not stop in time"))
 
     # ---- cameras -------------------------------------------------------------------------
     def _on_image(self, msg, camera: str, compressed: bool) -> None:
@@ -226,6 +292,8 @@ class InfMLLMNode(Node):
             log.warning(f"/ask {self._loggable(question)} refused: {message}")
             return Answer(question=question, latency_s=time.perf_counter() - t0), message
 
+        if self.session is None:
+            return refuse(f"not configured (lifecycle state {self.lifecycle_state})")
         if not self._ask_lock.acquire(blocking=False):
             return refuse("busy: another question is being answered; ask again when it returns",
                           "refused_busy")
@@ -300,6 +368,9 @@ class InfMLLMNode(Node):
 
     def _memory_call(self, fn, response):
         """Run ``fn() -> (success, message)`` on the worker thread (between frames) into ``response``."""
+        if self.worker is None:
+            response.success, response.message = False, f"not configured (lifecycle state {self.lifecycle_state})"
+            return response
         try:
             response.success, response.message = self.worker.call(fn).result()
         except RuntimeError as exc:  # the worker has stopped: shutting down
@@ -308,14 +379,14 @@ class InfMLLMNode(Node):
         return response
 
     def _on_save_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
-        path = request.path or self.config.memory_file
+        path = request.path or (self.config.memory_file if self.config else "")
         if not path:
             response.success, response.message = False, "no path given and no memory_file parameter set"
             return response
         return self._memory_call(lambda: self._save_memory(path), response)
 
     def _on_load_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
-        path = request.path or self.config.memory_file
+        path = request.path or (self.config.memory_file if self.config else "")
         if not path:
             response.success, response.message = False, "no path given and no memory_file parameter set"
             return response
@@ -337,7 +408,7 @@ class InfMLLMNode(Node):
 
     def _loggable(self, text: str) -> str:
         """``text`` quoted for the log: whole with ``log_full_text``, else its first 80 characters."""
-        if self.config.log_full_text or len(text) <= 80:
+        if (self.config is not None and self.config.log_full_text) or len(text) <= 80:
             return repr(text)
         return repr(text[:80]) + f"... ({len(text)} characters)"
 
@@ -348,6 +419,8 @@ class InfMLLMNode(Node):
             checked = validate({**{p.name: self.get_parameter(p.name).value for p in PARAMETERS}, **values})
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        if self.worker is None:  # unconfigured: configure reads the parameters
+            return SetParametersResult(successful=True)
         self.config = checked
         self.worker.sample_rate_hz = checked.sample_rate_hz
         self.worker.duplicate_threshold = checked.duplicate_threshold
@@ -358,6 +431,11 @@ class InfMLLMNode(Node):
 
     def diagnostics(self) -> DiagnosticStatus:
         """The node's health and figures as one ``DiagnosticStatus`` (also used by tests)."""
+        if self.session is None:
+            reason = f": {self.configure_error}" if self.configure_error else ""
+            return DiagnosticStatus(level=DiagnosticStatus.WARN, name=f"{self.get_fully_qualified_name()}: stream",
+                                    message=f"{self.lifecycle_state}{reason}",
+                                    values=[KeyValue(key="lifecycle_state", value=self.lifecycle_state)])
         s = self.worker.stats()
         cache = self.session.cache
         now = time.monotonic()
@@ -387,8 +465,11 @@ class InfMLLMNode(Node):
             "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
             "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
             "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",
+            "lifecycle_state": self.lifecycle_state,
         }
-        if ingested == 0:
+        if self.lifecycle_state != "active":
+            level, message = DiagnosticStatus.OK, f"{self.lifecycle_state}: not watching cameras, answering questions"
+        elif ingested == 0:
             level, message = DiagnosticStatus.WARN, "waiting for camera frames"
         elif s.last_error and sum(s.outcomes[o] for o in BAD_OUTCOMES) > 0:
             level, message = DiagnosticStatus.WARN, f"streaming; last bad frame: {values['last_error']}"
@@ -407,23 +488,10 @@ class InfMLLMNode(Node):
         with self._serving_lock:
             return self._serving > 0
 
-    def shutdown(self) -> None:
-        """Stop the ingest worker (finishes the frame in hand), save memory to ``memory_file``
-        if set, and log the final counts."""
-        stopped = self.worker.stop()
-        # Not the node's logger: after SIGINT the context is gone and /rosout cannot publish.
-        log = rclpy.logging.get_logger("infmllm")
-        if self.config.memory_file and stopped:
-            ok, message = self._save_memory(self.config.memory_file)
-            report(log, ok, message)
-        s = self.worker.stats()
-        log.info(f"shutting down: {s.outcomes['ingested']} frames ingested, "
-                               f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
-                               + ("" if stopped else "; ingest worker did not stop in time"))
-
 
 def main(argv=None) -> int:
-    """Console entry point; returns the process exit status (2: bad parameters, model or engine).
+    """Console entry point; returns the process exit status (2: with ``autostart``, bad parameters,
+    model or engine: configure failed).
 
     rclpy's own signal handlers are off: SIGINT/SIGTERM set :attr:`InfMLLMNode.stopping`
     while the executor still spins, so the answer in flight is cut and its reply goes out
@@ -431,12 +499,16 @@ def main(argv=None) -> int:
     """
     limit_malloc_arenas()
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
-    try:
-        node = InfMLLMNode()
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # parameters, model, engine, device
-        rclpy.logging.get_logger("infmllm").fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 2
+    node = InfMLLMNode()
+    if node.get_parameter("autostart").value:
+        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            rclpy.logging.get_logger("infmllm").fatal(f"cannot start: {node.configure_error}")
+            node.destroy_node()
+            rclpy.try_shutdown()
+            return 2
+        node.trigger_activate()
+    else:
+        node.get_logger().info("unconfigured: waiting for a lifecycle manager to configure and activate the node")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -451,7 +523,8 @@ def main(argv=None) -> int:
     while node.answering() and time.monotonic() < deadline:  # let its reply go out
         time.sleep(0.05)
     time.sleep(0.2)  # the executor sends a reply after its callback returns
-    node.shutdown()
+    if node.lifecycle_state in ("unconfigured", "inactive", "active"):
+        node.trigger_shutdown()  # saves memory_file if set
     executor.shutdown()
     node.destroy_node()
     rclpy.try_shutdown()

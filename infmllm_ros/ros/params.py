@@ -103,6 +103,8 @@ PARAMETERS = (
           "best-sighting score at which an object counts as seen (bench/results/seen_calibration.*)", dynamic=True),
     Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
+    Param("autostart", True, "configure and activate at start (false: stay unconfigured until a lifecycle "
+          "manager drives the node)"),
     Param("memory_file", "", "memory file (safetensors): loaded at start when it exists, saved at shutdown and "
           "every memory_save_period_s; '' keeps memory in RAM only"),
     Param("memory_save_period_s", 0.0, "seconds between periodic saves of memory_file (0: at shutdown only)"),
@@ -154,6 +156,7 @@ class NodeConfig:
     answer_seen_threshold: float
     system_prompt: str
     diagnostics_period_s: float
+    autostart: bool
     memory_file: str
     memory_save_period_s: float
 

@@ -29,9 +29,9 @@ def ros_env() -> dict:
     return env
 
 
-def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0):
+def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0, ready: str = "ready: /ask"):
     """Start ``infmllm-node`` with ``params`` (dotted names, written to ``tmp/params.yaml``) and
-    wait for its "ready" log line (log in ``tmp/node.log``).
+    wait for the log line holding ``ready`` (log in ``tmp/node.log``).
 
     Returns:
         ``(process, log_path)``.
@@ -53,7 +53,7 @@ def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0):
                             env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "ready: /ask" in log_path.read_text():
+        if ready in log_path.read_text():
             return proc, log_path
         if proc.poll() is not None:
             break

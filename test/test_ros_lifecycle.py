@@ -1,0 +1,98 @@
+"""The node as a lifecycle node over real DDS on loopback: transitions in order and out of order,
+a configure that fails with the reason while the process stays up, an inactive node that keeps
+its memory and answers but does not ingest, cleanup that frees the model."""
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from sensor_msgs.msg import CompressedImage  # noqa: E402
+
+from ros_graph import Graph, header  # noqa: E402
+
+from infmllm_ros.ros.ask import call_ask  # noqa: E402
+from infmllm_ros.ros.processes import ros_env, start_node, stop_node  # noqa: E402
+
+TOPIC = "/lifecycletest/front/image_raw/compressed"
+WAITING = "waiting for a lifecycle manager"
+
+
+def call(graph, srv_type, name, request, timeout_s=120.0):
+    client = graph.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=30)
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout_s
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return future.result()
+    finally:
+        graph.node.destroy_client(client)
+
+
+def transition(graph, transition_id) -> bool:
+    return call(graph, ChangeState, "/infmllm/change_state",
+                ChangeState.Request(transition=Transition(id=transition_id))).success
+
+
+def state(graph) -> str:
+    return call(graph, GetState, "/infmllm/get_state", GetState.Request()).current_state.label
+
+
+@pytest.fixture(scope="module")
+def graph():
+    env = ros_env()
+    g = Graph(env, {"camera": (CompressedImage, TOPIC)})
+    yield env, g
+    g.close()
+
+
+def frame(sec, value=80):
+    data = cv2.imencode(".jpg", np.full((120, 160, 3), value, np.uint8))[1].tobytes()
+    return CompressedImage(header=header(sec), format="jpeg", data=data)
+
+
+def test_a_bad_model_fails_configure_with_the_reason_and_the_process_stays_up(graph, tmp_path):
+    env, g = graph
+    proc, log = start_node(tmp_path, env, {"autostart": False, "model": str(tmp_path / "missing.gguf"),
+                                           "camera_topics": [TOPIC]}, ready=WAITING)
+    try:
+        assert state(g) == "unconfigured"
+        assert not transition(g, Transition.TRANSITION_ACTIVATE)  # activate before configure
+        assert not transition(g, Transition.TRANSITION_CONFIGURE)
+        assert state(g) == "unconfigured" and proc.poll() is None
+        assert "configure failed" in log.read_text() and "missing.gguf" in log.read_text()
+        refused = call_ask(g.node, "/ask", "What did you see?", 4)
+        assert not refused.success and "not configured" in refused.message
+    finally:
+        assert stop_node(proc) == 0
+
+
+def test_transitions_in_order_keep_memory_while_inactive_and_free_it_at_cleanup(graph, tmp_path):
+    env, g = graph
+    proc, log = start_node(tmp_path, env, {"autostart": False, "camera_topics": [TOPIC], "qos_reliability": "reliable",
+                                           "qos_depth": 5, "cache.capacity": 512, "cache.recent": 128,
+                                           "max_new_tokens": 8, "diagnostics_period_s": 0.5}, ready=WAITING)
+    try:
+        assert transition(g, Transition.TRANSITION_CONFIGURE) and state(g) == "inactive"
+        assert transition(g, Transition.TRANSITION_ACTIVATE) and state(g) == "active"
+        assert g.publish_and_wait(g.camera, frame(1_700_000_000)) == "ingested"
+        assert transition(g, Transition.TRANSITION_DEACTIVATE) and state(g) == "inactive"
+        received = int(g.latest_status()["frames_received"])
+        for i in range(5):
+            g.camera.publish(frame(1_700_000_001 + i, 90))
+            time.sleep(0.2)
+        assert int(g.latest_status()["frames_received"]) == received  # not subscribed
+        answer = call_ask(g.node, "/ask", "What did you see?", 8)
+        assert answer.success and answer.frames_in_context == 1  # memory kept, still answering
+        assert transition(g, Transition.TRANSITION_ACTIVATE)
+        assert g.publish_and_wait(g.camera, frame(1_700_000_010, 100)) == "ingested"
+        assert transition(g, Transition.TRANSITION_DEACTIVATE) and transition(g, Transition.TRANSITION_CLEANUP)
+        assert state(g) == "unconfigured" and "model and KV buffer freed" in log.read_text()
+        assert not call_ask(g.node, "/ask", "What did you see?", 4).success
+    finally:
+        assert stop_node(proc) == 0
