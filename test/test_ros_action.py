@@ -26,7 +26,7 @@ def system(tmp_path_factory):
     proc, log = start_node(tmp, env, {
         "camera_topics": [TOPIC], "qos_reliability": "reliable", "qos_depth": 5, "cache.capacity": 512,
         "cache.recent": 128, "answer.repetition_penalty": 1.0, "answer.no_repeat_ngram_size": 0,
-        "answer.sentence_stop_words": 0, "diagnostics_period_s": 0.5})
+        "answer.sentence_stop_words": 0, "diagnostics_period_s": 0.5, "memory_image_period_s": 0.5})
     graph = Graph(env, {"camera": (CompressedImage, TOPIC)})
     frame = cv2.imencode(".jpg", np.full((120, 160, 3), 80, np.uint8))[1].tobytes()
     assert graph.publish_and_wait(graph.camera, CompressedImage(header=header(1_700_000_000), format="jpeg",
@@ -61,6 +61,25 @@ def test_a_cancel_mid_answer_leaves_the_stream_as_before(system):
     assert time.monotonic() - t0 < 30  # 1024 tokens would take ~100 s here
     assert not result.success and result.answer.stopped == "cancelled" and "cancelled" in result.message
     assert result.answer.tokens_in_cache == before and int(g.latest_status()["kv_tokens"]) == before
+
+
+def test_the_memory_image_shows_the_frames_in_context(system):
+    from sensor_msgs.msg import Image
+
+    from infmllm_ros.ros.memory_image import CAPTION_H
+    from infmllm_ros.runtime.session import THUMBNAIL_SIZE
+
+    g = system["graph"]
+    images = []
+    g.node.create_subscription(Image, "/infmllm/memory_image", images.append, 1)
+    deadline = time.monotonic() + 10
+    while not images and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (image, *_) = images
+    frames = stream_ask(g.node, "/ask", "Describe the road.", 1).answer.frames_in_context
+    assert frames == 1 and (image.height, image.width) == (THUMBNAIL_SIZE[1] + CAPTION_H, 8 * THUMBNAIL_SIZE[0])
+    rgb = np.frombuffer(bytes(image.data), np.uint8).reshape(image.height, image.width, 3)
+    assert abs(int(rgb[10, 10].mean()) - 80) <= 3 and rgb[10, 200].max() == 0  # the grey frame, then empty tiles
 
 
 def test_the_console_client_streams(system):

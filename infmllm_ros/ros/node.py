@@ -10,7 +10,8 @@ Graph interface (names relative to the node's namespace unless absolute):
   request is refused at once with ``success=false``;
 * services ``~/save_memory``, ``~/load_memory`` (``infmllm_interfaces/srv/MemoryFile``) and
   ``~/reset_memory`` (``std_srvs/Trigger``);
-* publishes ``~/answers`` (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
+* publishes ``~/memory_image`` (``sensor_msgs/Image``, every ``memory_image_period_s``: the
+  frames still in the KV cache, :mod:`.memory_image`), ``~/answers`` (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
   (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``, and ``~/frames``
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
   ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
@@ -59,6 +60,7 @@ from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
 from .ask import ANSWER_FIELDS
+from .memory_image import mosaic
 from .params import PARAMETERS, validate
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, IngestWorker, PendingFrame
@@ -106,11 +108,12 @@ class InfMLLMNode(LifecycleNode):
         self.config = None
         self.model = self.session = self.worker = None
         self.configure_error = ""
-        self._subs, self._memory_timer = [], None
+        self._subs, self._memory_timer, self._image_timer = [], None, None
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
         self.frames_pub = self.create_publisher(Header, "~/frames", 50)
         self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.memory_image_pub = self.create_publisher(Image, "~/memory_image", 1)
         self._ask_lock = threading.Lock()
         self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
         self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
@@ -164,6 +167,9 @@ class InfMLLMNode(LifecycleNode):
         if cfg.memory_save_period_s > 0:
             self._memory_timer = self.create_timer(cfg.memory_save_period_s, self._save_periodically,
                                                    callback_group=self._memory_group)
+        if cfg.memory_image_period_s > 0:
+            self._image_timer = self.create_timer(cfg.memory_image_period_s, self._publish_memory_image,
+                                                  callback_group=MutuallyExclusiveCallbackGroup())
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -205,9 +211,10 @@ class InfMLLMNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        if self._memory_timer is not None:
-            self.destroy_timer(self._memory_timer)
-            self._memory_timer = None
+        for timer in (self._memory_timer, self._image_timer):
+            if timer is not None:
+                self.destroy_timer(timer)
+        self._memory_timer = self._image_timer = None
         stopped = self.worker.stop()
         log = rclpy.logging.get_logger("infmllm")
         if self.config.memory_file and stopped:
@@ -478,6 +485,15 @@ class InfMLLMNode(LifecycleNode):
         return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: stream",
                                 message=message, hardware_id=self.config.device,
                                 values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+
+    def _publish_memory_image(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        rgb = mosaic(session.memory_frames())
+        h, w, _ = rgb.shape
+        self.memory_image_pub.publish(Image(header=Header(stamp=self.get_clock().now().to_msg(), frame_id="memory"),
+                                            height=h, width=w, encoding="rgb8", step=3 * w, data=rgb.tobytes()))
 
     def _publish_diagnostics(self) -> None:
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),

@@ -105,6 +105,8 @@ PARAMETERS = (
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
     Param("autostart", True, "configure and activate at start (false: stay unconfigured until a lifecycle "
           "manager drives the node)"),
+    Param("memory_image_period_s", 5.0, "seconds between ~/memory_image mosaics of the frames in the KV cache "
+          "(0: off)"),
     Param("memory_file", "", "memory file (safetensors): loaded at start when it exists, saved at shutdown and "
           "every memory_save_period_s; '' keeps memory in RAM only"),
     Param("memory_save_period_s", 0.0, "seconds between periodic saves of memory_file (0: at shutdown only)"),
@@ -157,6 +159,7 @@ class NodeConfig:
     system_prompt: str
     diagnostics_period_s: float
     autostart: bool
+    memory_image_period_s: float
     memory_file: str
     memory_save_period_s: float
 
@@ -300,6 +303,8 @@ def validate(values: dict) -> NodeConfig:
     need(math.isfinite(v["answer.seen_threshold"]), "answer.seen_threshold", "must be a finite number")
     need(math.isfinite(v["diagnostics_period_s"]) and 0 < v["diagnostics_period_s"] <= 3600, "diagnostics_period_s",
          "must be in (0, 3600] seconds")
+    need(math.isfinite(v["memory_image_period_s"]) and v["memory_image_period_s"] >= 0, "memory_image_period_s",
+         "must be a finite number of seconds >= 0 (0: off)")
     need(math.isfinite(v["memory_save_period_s"]) and v["memory_save_period_s"] >= 0, "memory_save_period_s",
          "must be a finite number of seconds >= 0 (0: at shutdown only)")
     need(v["memory_save_period_s"] == 0 or bool(v["memory_file"].strip()), "memory_save_period_s",

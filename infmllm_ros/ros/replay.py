@@ -5,7 +5,8 @@ Pacing: ``--rate R`` plays at R x bag time (frames the node cannot keep up with 
 the node, and counted); ``--keep-up`` (the default) publishes a frame only after the node has
 reported the previous one on ``<node>/frames``, so a replay gives the same stream at any machine
 speed. ``/clock`` carries bag time (start the node with ``use_sim_time:=true`` to run on it).
-Questions are asked synchronously: playback pauses while the node answers.
+Questions are asked synchronously: playback pauses while the node answers. The node's last
+``~/memory_image`` (what it still remembers) is saved beside the report as ``REPORT.memory.png``.
 
 Messages are published as the bag's CDR bytes (no deserialisation); the header stamp that
 pacing needs is read from the CDR directly (``std_msgs/Header`` is the first field of image
@@ -23,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import rclpy
 import yaml
 from rclpy.executors import MultiThreadedExecutor
@@ -30,6 +33,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
 from diagnostic_msgs.msg import DiagnosticArray
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from infmllm_interfaces.msg import Answer
@@ -96,6 +100,8 @@ class Replayer:
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.answers: list[Answer] = []
         node.create_subscription(Answer, f"{node_name}/answers", self.answers.append, 10)
+        self.memory_image = None  # the newest ~/memory_image (sensor_msgs/Image)
+        node.create_subscription(Image, f"{node_name}/memory_image", self._on_memory_image, 1)
         self.bag_time_s = 0.0
         self.phase = "stream"  # "questions" once playback has ended
 
@@ -105,6 +111,9 @@ class Replayer:
             self.acks[round(stamp_seconds(msg.stamp), 6)] = outcome
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             self._cond.notify_all()
+
+    def _on_memory_image(self, msg: Image) -> None:
+        self.memory_image = msg
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
@@ -269,6 +278,10 @@ def main(argv=None) -> int:
                       memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
                       diagnostics=player.diagnostics)
         write_report(report, Path(args.report))
+        if player.memory_image is not None:  # what the node still remembered after the drive
+            m = player.memory_image
+            rgb = np.frombuffer(bytes(m.data), np.uint8).reshape(m.height, m.width, 3)
+            cv2.imwrite(str(Path(args.report).with_suffix(".memory.png")), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         print(f"report: {args.report} (accuracy {report['accuracy']}, absent correct {report['absent_correct']}, "
               f"degenerate {report['degenerate']}, outcomes {player.outcomes})")
     finally:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -58,6 +59,31 @@ DEFAULT_MAX_QUESTION_TOKENS = 256
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
+
+
+#: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many new
+#: thumbnails may accumulate before those of evicted frames are dropped.
+THUMBNAIL_SIZE = (96, 72)
+THUMBNAIL_PRUNE_EVERY = 32
+
+
+def frame_rgb_uint8(rgb: np.ndarray) -> np.ndarray:
+    """A frame as uint8 RGB (a float frame in [0, 1] scaled)."""
+    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class MemoryFrame:
+    """A frame that still holds KV slots: ``frame_id``, ``stamp_s`` (stream seconds), ``camera``,
+    ``label`` ("" for a familiar frame), ``slots`` (mean slots per (layer, KV head) row) and
+    ``thumbnail`` (uint8 RGB ``[72, 96, 3]``, None for a frame loaded from a memory file)."""
+
+    frame_id: int
+    stamp_s: float
+    camera: str
+    label: str
+    slots: float
+    thumbnail: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -217,6 +243,8 @@ class StreamSession:
             self.camera_stamps: dict[str, float] = {}  # newest stamp per camera: each camera's order
             self._last_stored_s: dict[str, float] = {}  # per camera
             self._frame_info: dict[int, tuple[str, str]] = {}  # stored frame -> (camera, label), pruned
+            self._thumbs: dict[int, np.ndarray] = {}  # stored frame -> THUMBNAIL_SIZE RGB, while in the cache
+            self._thumbs_bound = THUMBNAIL_PRUNE_EVERY
             self._prefill(self._system_ids, SlotKind.SINK, logits=False)
 
     def _prefill(self, ids: list[int], kind: SlotKind = SlotKind.TEXT, logits: bool = True
@@ -264,6 +292,7 @@ class StreamSession:
                 raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
                                  f"raise max_chunk or lower the frame's vision tokens")
             embeds, kinds = self.chunk_embeds(chunk)
+            thumb = cv2.resize(np.asarray(frame_rgb_uint8(rgb)), THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA)
         t1 = time.perf_counter()
         with self._lock:
             self._check_order(camera, stamp_s)  # again under the lock (two ingest threads)
@@ -274,6 +303,11 @@ class StreamSession:
                                        logits=False, mrope=chunk.mrope)
                 self._last_stored_s[camera] = float(stamp_s)
                 self._frame_info[frame_id] = (camera, frame.label if novel else "")
+                self._thumbs[frame_id] = thumb
+                if len(self._thumbs) > self._thumbs_bound:  # keep thumbnails of frames still in the cache
+                    present = set(self.cache.frames()[0])
+                    self._thumbs = {f: t for f, t in self._thumbs.items() if f in present}
+                    self._thumbs_bound = len(self._thumbs) + THUMBNAIL_PRUNE_EVERY
                 if len(self._frame_info) > 2 * self.cache.capacity:  # frames left the cache long ago
                     present = set(self.cache.frames()[0])
                     self._frame_info = {f: c for f, c in self._frame_info.items() if f in present}
@@ -285,6 +319,17 @@ class StreamSession:
         t2 = time.perf_counter()
         return FrameResult(frame_id, embeds.shape[0] if store else 0, frame.label,
                            (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
+
+    def memory_frames(self) -> list[MemoryFrame]:
+        """The frames that still hold slots in the KV cache, oldest first, with their thumbnails
+        (what ``~/memory_image`` shows)."""
+        with self._lock:
+            ids = self.cache.frame[:, :, :self.cache.length]
+            rows = ids.shape[0] * ids.shape[1]
+            frames, stamps = self.cache.frames()
+            counts = torch.bincount(ids[ids >= 0].long().flatten()) if frames else torch.zeros(0)
+            return [MemoryFrame(f, s, *self._frame_info.get(f, ("", "")), float(counts[f]) / rows, self._thumbs.get(f))
+                    for f, s in zip(frames, stamps)]
 
     def _check_order(self, camera: str, stamp_s: float) -> None:
         last = self.camera_stamps.get(camera, -math.inf)
