@@ -57,19 +57,23 @@ class Graph:
                     return hits[0].rpartition(":")[2]
         raise AssertionError(f"node never reported the frame stamped {stamp}")
 
-    def set_parameters(self, values: dict, node: str = "/infmllm"):
-        """Set the node's parameters over ``set_parameters``; one ``SetParametersResult`` each."""
-        client = self.node.create_client(SetParameters, f"{node}/set_parameters")
+    def call(self, srv_type, name: str, request, timeout_s: float = 120.0):
+        """Call service ``name`` and wait for its response (None on timeout)."""
+        client = self.node.create_client(srv_type, name)
         try:
-            assert client.wait_for_service(timeout_sec=30)
-            future = client.call_async(SetParameters.Request(
-                parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]))
-            deadline = time.monotonic() + 30
+            assert client.wait_for_service(timeout_sec=30), f"no service {name}"
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout_s
             while not future.done() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            return future.result().results
+            return future.result() if future.done() else None
         finally:
             self.node.destroy_client(client)
+
+    def set_parameters(self, values: dict, node: str = "/infmllm"):
+        """Set the node's parameters over ``set_parameters``; one ``SetParametersResult`` each."""
+        return self.call(SetParameters, f"{node}/set_parameters", SetParameters.Request(
+            parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])).results
 
     def latest_status(self):
         """The node's ``/diagnostics`` values from a message stamped after this call."""

@@ -21,26 +21,13 @@ TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"
 
 
-def call(graph, srv_type, name, request, timeout_s=120.0):
-    client = graph.node.create_client(srv_type, name)
-    try:
-        assert client.wait_for_service(timeout_sec=30)
-        future = client.call_async(request)
-        deadline = time.monotonic() + timeout_s
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return future.result()
-    finally:
-        graph.node.destroy_client(client)
-
-
 def transition(graph, transition_id) -> bool:
-    return call(graph, ChangeState, "/infmllm/change_state",
+    return graph.call(ChangeState, "/infmllm/change_state",
                 ChangeState.Request(transition=Transition(id=transition_id))).success
 
 
 def state(graph) -> str:
-    return call(graph, GetState, "/infmllm/get_state", GetState.Request()).current_state.label
+    return graph.call(GetState, "/infmllm/get_state", GetState.Request()).current_state.label
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ cat, is stopped with SIGTERM (saving), and a new node on the same file answers a
 the first one did; ``~/save_memory``, ``~/load_memory`` and ``~/reset_memory``; a file cut
 short is refused at start and the node runs with empty memory, saying so."""
 import signal
-import time
 
 import cv2
 import numpy as np
@@ -27,19 +26,6 @@ QUESTION = "Was there a cat? At what time?"
 def jpeg(rgb, sec):
     return CompressedImage(header=header(sec), format="jpeg",
                            data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
-
-
-def call(graph, srv_type, name, request, timeout_s=60.0):
-    client = graph.node.create_client(srv_type, name)
-    try:
-        assert client.wait_for_service(timeout_sec=timeout_s)
-        future = client.call_async(request)
-        deadline = time.monotonic() + timeout_s
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return future.result()
-    finally:
-        graph.node.destroy_client(client)
 
 
 def node(tmp, env, memory_file):
@@ -85,17 +71,17 @@ def test_a_restarted_node_remembers_what_the_first_one_saw(graph, tmp_path):
         assert g.publish_and_wait(g.camera, jpeg(np.full((120, 160, 3), 80, np.uint8), T0 + 30)) == "ingested"
         assert g.publish_and_wait(g.camera, jpeg(np.full((120, 160, 3), 90, np.uint8), T0 + 29)) == "late"
 
-        saved = call(g, MemoryFile, "/infmllm/save_memory", MemoryFile.Request(path=str(tmp_path / "copy.safetensors")))
+        saved = g.call(MemoryFile, "/infmllm/save_memory", MemoryFile.Request(path=str(tmp_path / "copy.safetensors")))
         assert saved.success and "saved" in saved.message
-        reset = call(g, Trigger, "/infmllm/reset_memory", Trigger.Request())
+        reset = g.call(Trigger, "/infmllm/reset_memory", Trigger.Request())
         assert reset.success
         gone = call_ask(g.node, "/ask", QUESTION, 16)
         assert not gone.success and "no camera frame has been ingested yet" in gone.message
-        back = call(g, MemoryFile, "/infmllm/load_memory", MemoryFile.Request(path=str(tmp_path / "copy.safetensors")))
+        back = g.call(MemoryFile, "/infmllm/load_memory", MemoryFile.Request(path=str(tmp_path / "copy.safetensors")))
         assert back.success, back.message
         again = call_ask(g.node, "/ask", QUESTION, 16)
         assert again.sighting_stamps[0].sec == T0 + 10 and again.seen
-        bad = call(g, MemoryFile, "/infmllm/load_memory", MemoryFile.Request(path=str(tmp_path / "none")))
+        bad = g.call(MemoryFile, "/infmllm/load_memory", MemoryFile.Request(path=str(tmp_path / "none")))
         assert not bad.success and "no memory file" in bad.message
     finally:
         assert stop_node(proc) == 0

@@ -539,9 +539,10 @@ def main(argv=None) -> int:
     while node.answering() and time.monotonic() < deadline:  # let its reply go out
         time.sleep(0.05)
     time.sleep(0.2)  # the executor sends a reply after its callback returns
+    executor.shutdown()  # no callback runs while the node's entities go away
+    spinner.join(5.0)
     if node.lifecycle_state in ("unconfigured", "inactive", "active"):
         node.trigger_shutdown()  # saves memory_file if set
-    executor.shutdown()
     node.destroy_node()
     rclpy.try_shutdown()
     return 0

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from statistics import median as _median
 
 import cv2
 import numpy as np
@@ -40,7 +41,7 @@ from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
 from ..runtime.drive import Event, is_clear_no, repeats_ngram, score_answer
-from .ask import call_ask
+from .ask import stream_ask
 from .stamps import stamp_seconds, to_time
 
 
@@ -140,30 +141,41 @@ class Replayer:
 
 
 def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float | None) -> dict:
-    """Ask one scripted question; the record for the report (with a score when it has expectations).
+    """Ask one scripted question through the ``ask`` action (the answer streams); the record for
+    the report (with a score when it has expectations): ``ttft_s`` is the time from sending the
+    goal to the first streamed token, ``latency_s`` the node's whole-answer latency (what the
+    ``/ask`` service takes).
 
     ``origin_s``: header stamp (seconds) of the first frame published, against which sightings
     are compared with the question's ``expect_time_s`` (None before any frame).
     """
     t0 = time.monotonic()
-    response = call_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
-                        bool(q.get("keep_in_context", False)), timeout_s)
+    first = []
+    result = stream_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
+                        bool(q.get("keep_in_context", False)), timeout_s,
+                        on_feedback=lambda f: first or first.append(time.monotonic() - t0))
     rec = {"at_s": q["at_s"], "question": q["question"], "label": q.get("label"),
            "expect_time_s": q.get("expect_time_s")}
-    if response is None:
+    if result is None:
         return {**rec, "success": False, "message": f"no answer within {timeout_s:.0f} s",
                 "latency_s": time.monotonic() - t0}
-    rec.update(success=response.success, answer=response.answer, message=response.message,
-               latency_s=response.latency_s, frames_in_context=response.frames_in_context,
+    response = result.answer
+    rec.update(success=result.success, answer=response.answer, message=result.message,
+               latency_s=response.latency_s, ttft_s=first[0] if first else None, frames_in_context=response.frames_in_context,
                tokens_in_cache=response.tokens_in_cache, seen=response.seen, confidence=response.confidence,
                evidence=response.evidence,
                seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [])
-    if response.success and q.get("absent"):
+    if result.success and q.get("absent"):
         rec["score"] = {"absent_correct": is_clear_no(response.answer), "degenerate": repeats_ngram(response.answer)}
-    elif response.success and q.get("expect_words"):
+    elif result.success and q.get("expect_words"):
         event = Event(q.get("label", ""), float(q.get("expect_time_s", math.nan)), tuple(q["expect_words"]))
         rec["score"] = score_answer(response.answer, event, seen_at_s=(rec["seen_at_s"] or [None])[0])
     return rec
+
+
+def median(xs: list) -> float | None:
+    """Median of ``xs``, None when empty."""
+    return _median(xs) if xs else None
 
 
 def rss_growth(diagnostics: list[dict], start_s: float = 600.0, end_s: float = 3600.0) -> dict:
@@ -275,6 +287,8 @@ def main(argv=None) -> int:
                       named=sum(x["named"] for x in present),
                       absent_correct=sum(absent) / len(absent) if absent else None,
                       degenerate=sum(x["degenerate"] for x in scores),
+                      ttft_s_median=median([a["ttft_s"] for a in report["answers"] if a.get("ttft_s") is not None]),
+                      latency_s_median=median([a["latency_s"] for a in report["answers"] if a.get("success")]),
                       memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
                       diagnostics=player.diagnostics)
         write_report(report, Path(args.report))
@@ -305,7 +319,8 @@ def write_report(report: dict, path: Path) -> None:
              (f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "")
              + (f" / {a['expect_time_s']:.0f}" if a.get("expect_time_s") is not None else ""),
              yes("named", a), yes("correct", a), yes("absent_correct", a), yes("degenerate", a),
-             f"{a['latency_s']:.2f}"] for a in report["answers"]]
+             "" if a.get("ttft_s") is None else f"{a['ttft_s']:.2f}", f"{a['latency_s']:.2f}"]
+            for a in report["answers"]]
     mem = report.get("memory") or {}
     lines = [f"# Replay of {report['bag']}", "",
              describe(report["machine"]), "",
@@ -319,9 +334,12 @@ def write_report(report: dict, path: Path) -> None:
                   f"questions, max {mem['rss_mib_max']:.0f} MiB.", ""]
     lines.append(f"Events answered with name and time (+-10 s): {report.get('accuracy')}; absent objects answered "
                  f"no: {report.get('absent_correct')}; degenerate answers: {report.get('degenerate')}.")
+    if report.get("ttft_s_median") is not None:
+        lines.append(f"First streamed token (ask action) after {report['ttft_s_median']:.2f} s, whole answer "
+                     f"{report['latency_s_median']:.2f} s (medians over the questions).")
     lines.append("")
     lines.append(markdown_table(["bag s", "question", "answer", "seen (confidence)", "sighting s / truth s", "named",
-                                 "named+time", "absent: no", "degenerate", "latency s"], rows))
+                                 "named+time", "absent: no", "degenerate", "first token s", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
