@@ -3,6 +3,7 @@ node's ``~/frames`` and ``/diagnostics``, and sets its parameters. Used by the D
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 import rclpy
 from builtin_interfaces.msg import Time
@@ -10,7 +11,10 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.srv import SetParameters
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
+
+from infmllm_ros.ros.processes import ros_env, start_node
 
 
 class Graph:
@@ -88,3 +92,26 @@ class Graph:
 
 def header(sec, nanosec=0):
     return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id="cam")
+
+
+@contextmanager
+def camera_graph(msg_type, topic: str):
+    """A fresh ROS environment and a :class:`Graph` that publishes ``msg_type`` on ``topic`` as
+    ``camera``: ``(env, graph)``."""
+    env = ros_env()
+    graph = Graph(env, {"camera": (msg_type, topic)})
+    try:
+        yield env, graph
+    finally:
+        graph.close()
+
+
+def two_camera_node(tmp, front: str, rear: str, **params):
+    """A node watching ``front`` (JPEG) and ``rear`` (raw) over reliable QoS, 512 KV slots, and a
+    graph publishing to both: ``(env, process, log path, graph)``; ``params`` override."""
+    env = ros_env()
+    proc, log = start_node(tmp, env, {
+        "camera_topics": [front, rear], "camera_transports": ["compressed", "raw"],
+        "camera_names": ["front", "rear"], "qos_reliability": "reliable", "qos_depth": 5,
+        "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 24, "diagnostics_period_s": 0.5, **params})
+    return env, proc, log, Graph(env, {"front": (CompressedImage, front), "rear": (Image, rear)})

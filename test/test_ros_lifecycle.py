@@ -12,10 +12,10 @@ from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from sensor_msgs.msg import CompressedImage  # noqa: E402
 
-from ros_graph import Graph, header  # noqa: E402
+from ros_graph import camera_graph, header  # noqa: E402
 
 from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import ros_env, start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.processes import start_node, stop_node  # noqa: E402
 
 TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"
@@ -32,10 +32,8 @@ def state(graph) -> str:
 
 @pytest.fixture(scope="module")
 def graph():
-    env = ros_env()
-    g = Graph(env, {"camera": (CompressedImage, TOPIC)})
-    yield env, g
-    g.close()
+    with camera_graph(CompressedImage, TOPIC) as pair:
+        yield pair
 
 
 def frame(sec, value=80):

@@ -13,10 +13,10 @@ from sensor_msgs.msg import CompressedImage  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from infmllm_interfaces.srv import MemoryFile  # noqa: E402
-from ros_graph import Graph, header  # noqa: E402
+from ros_graph import camera_graph, header  # noqa: E402
 
 from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import ros_env, start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.processes import start_node, stop_node  # noqa: E402
 
 TOPIC = "/memtest/front/image_raw/compressed"
 T0 = 1_700_000_000
@@ -36,10 +36,8 @@ def node(tmp, env, memory_file):
 
 @pytest.fixture(scope="module")
 def graph():
-    env = ros_env()
-    g = Graph(env, {"camera": (CompressedImage, TOPIC)})
-    yield env, g
-    g.close()
+    with camera_graph(CompressedImage, TOPIC) as pair:
+        yield pair
 
 
 def test_a_restarted_node_remembers_what_the_first_one_saw(graph, tmp_path):

@@ -17,10 +17,10 @@ import yaml
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from ros_graph import Graph, header  # noqa: E402
+from ros_graph import header, two_camera_node  # noqa: E402
 
 from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.processes import run_tool, stop_node  # noqa: E402
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 
@@ -28,12 +28,7 @@ FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ros")
-    env = ros_env()
-    proc, log = start_node(tmp, env, {
-        "camera_topics": [FRONT, REAR], "camera_transports": ["compressed", "raw"],
-        "camera_names": ["front", "rear"], "qos_reliability": "reliable", "qos_depth": 5,
-        "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 24, "diagnostics_period_s": 0.5})
-    graph = Graph(env, {"front": (CompressedImage, FRONT), "rear": (Image, REAR)})
+    env, proc, log, graph = two_camera_node(tmp, FRONT, REAR)
     yield {"tmp": tmp, "env": env, "proc": proc, "log": log, "graph": graph}
     graph.close()
     if proc.poll() is None:
