@@ -220,3 +220,28 @@ def test_kept_keys_equal_their_raw_keys_rotated_fresh_at_their_new_slots(tiny, n
             cos, sin = rotary(keys, slots[None])
             want = keys[token, h] * cos[0] + rotate_half(keys[token, h]) * sin[0]
             assert (cache.k[layer, h, :cache.length] - want).abs().max().item() <= 1e-5
+
+
+def test_after_streaming_llm_evictions_the_next_chunk_equals_transformers_over_the_kept_cache(tiny):
+    """StreamingLLM equivalence: after evictions leave sinks + recent window, the next chunk's
+    logits equal transformers' own forward of that chunk over a DynamicCache holding exactly the
+    kept keys and values at their new slots (positions continue from the kept length). (A fresh
+    forward over the kept token ids is not the reference: their deeper-layer values were computed
+    with the evicted tokens in context, as StreamingLLM's are.)"""
+    from transformers import DynamicCache
+
+    hf = tiny_hf_model()
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(4))
+    cache = tiny.new_cache(48, 8, make_policy("streaming_llm", sinks=4, recent=8))
+    stream_logits(tiny, cache, ids[:192], 8)
+    n = cache.length
+    kept = cache.position[0, 0, :n]
+    assert cache.evicted_tokens == 144 and bool((cache.position[:, :, :n] == kept).all())
+    assert kept[:4].tolist() == [0, 1, 2, 3] and kept[-1].item() == 191
+    past = DynamicCache()
+    for layer in range(tiny.cfg.num_layers):
+        past.update(cache.k[layer, :, :n][None].clone(), cache.v[layer, :, :n][None].clone(), layer)
+    with torch.no_grad():
+        want = hf(ids[192:][None], past_key_values=past, position_ids=torch.arange(n, n + 8)[None]).logits[0]
+    got = stream_logits(tiny, cache, ids[192:], 8)
+    assert (got - want).abs().max().item() <= 1e-4
