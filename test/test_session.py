@@ -309,3 +309,39 @@ def test_a_cancelled_answer_streams_its_tokens_and_leaves_the_stream_as_before_e
     assert [len(x) for x in seen] == [1, 2, 3, 4, 5] and a.tokens_in_cache == before["counters"][0]
     assert s.cache.snapshot()["counters"] == before["counters"]
     assert all(torch.equal(x, y) for x, y in zip(s.cache.snapshot()["tensors"][:2], before["tensors"][:2]))
+
+
+def test_concurrent_ingest_and_questions_leave_the_stream_as_ingest_alone_would(parts):
+    """An ingest thread and an ask thread on one session: every question (not kept) sees a
+    consistent cache and restores it, so the final state is bit-identical to the same frames
+    ingested with no questions at all (a serial order), evictions included."""
+    import threading
+
+    from skimage.data import chelsea
+
+    frames = [(chelsea() if t in (7, 25) else synthetic_road(t), float(t)) for t in range(36)]
+    serial = new_session(parts, capacity=256, recent=64, familiar_interval_s=0.0)
+    for rgb, t in frames:
+        serial.ingest_frame(rgb, t)
+    s = new_session(parts, capacity=256, recent=64, familiar_interval_s=0.0)
+    answers = []
+
+    def ingest():
+        for rgb, t in frames:
+            s.ingest_frame(rgb, t)
+
+    def ask():
+        while len(answers) < 20:
+            answers.append(s.ask("Was there a cat?", max_new_tokens=3, keep_in_context=False))
+
+    threads = [threading.Thread(target=ingest), threading.Thread(target=ask)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(answers) == 20 and serial.cache.evicted_tokens > 0
+    a, b = serial.cache.snapshot(), s.cache.snapshot()
+    assert a["counters"] == b["counters"] and s.frames_ingested == serial.frames_ingested
+    for x, y in zip(a["tensors"], b["tensors"]):
+        assert torch.equal(x.nan_to_num(-1.0), y.nan_to_num(-1.0))
+    assert all(x.new_tokens >= 1 for x in answers)
