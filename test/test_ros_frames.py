@@ -117,18 +117,22 @@ def test_parameters_are_validated_with_the_name_in_the_message():
 
 
 class FakeSession:
-    """Records ingests; ``block`` holds the worker inside ingest_frame."""
+    """Records ingests and keeps each camera's newest stamp as StreamSession does;
+    ``block`` holds the worker inside ingest_frame."""
 
     def __init__(self):
         self.ingested, self.restarted, self.block = [], [], threading.Event()
+        self.camera_stamps = {}
         self.block.set()
 
     def restart_camera(self, camera):
         self.restarted.append(camera)
+        self.camera_stamps.pop(camera, None)
 
     def ingest_frame(self, rgb, stamp_s, camera):
         self.block.wait(10)
         self.ingested.append((stamp_s, camera, rgb.shape))
+        self.camera_stamps[camera] = stamp_s
         return SimpleNamespace(vision_ms=1.0, prefill_ms=2.0, evicted_tokens=3, stored=True)
 
 

@@ -125,8 +125,10 @@ class InfMLLMNode(LifecycleNode):
                                     goal_callback=lambda goal: GoalResponse.ACCEPT,
                                     cancel_callback=lambda goal: CancelResponse.ACCEPT)
         self._memory_group = MutuallyExclusiveCallbackGroup()
-        self.create_service(MemoryFile, "~/save_memory", self._on_save_memory, callback_group=self._memory_group)
-        self.create_service(MemoryFile, "~/load_memory", self._on_load_memory, callback_group=self._memory_group)
+        self.create_service(MemoryFile, "~/save_memory", self._memory_file_service(self._save_memory),
+                            callback_group=self._memory_group)
+        self.create_service(MemoryFile, "~/load_memory", self._memory_file_service(self._load_memory),
+                            callback_group=self._memory_group)
         self.create_service(Trigger, "~/reset_memory", self._on_reset_memory, callback_group=self._memory_group)
         self._last_diag = (time.monotonic(), 0)
         period = self.get_parameter("diagnostics_period_s").value
@@ -385,19 +387,16 @@ class InfMLLMNode(LifecycleNode):
         report(self.get_logger(), response.success, response.message)
         return response
 
-    def _on_save_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
-        path = request.path or (self.config.memory_file if self.config else "")
-        if not path:
-            response.success, response.message = False, "no path given and no memory_file parameter set"
-            return response
-        return self._memory_call(lambda: self._save_memory(path), response)
-
-    def _on_load_memory(self, request: MemoryFile.Request, response: MemoryFile.Response):
-        path = request.path or (self.config.memory_file if self.config else "")
-        if not path:
-            response.success, response.message = False, "no path given and no memory_file parameter set"
-            return response
-        return self._memory_call(lambda: self._load_memory(path), response)
+    def _memory_file_service(self, fn):
+        """A ``MemoryFile`` service callback that runs ``fn(path) -> (success, message)`` on the
+        worker; the request's path, or ``memory_file`` when it is ""."""
+        def serve(request: MemoryFile.Request, response: MemoryFile.Response):
+            path = request.path or (self.config.memory_file if self.config else "")
+            if not path:
+                response.success, response.message = False, "no path given and no memory_file parameter set"
+                return response
+            return self._memory_call(lambda: fn(path), response)
+        return serve
 
     def _on_reset_memory(self, request: Trigger.Request, response: Trigger.Response):
         def reset():

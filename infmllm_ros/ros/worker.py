@@ -112,7 +112,6 @@ class IngestWorker:
         self._jobs: deque = deque()
         self._last_offered: dict[str, float] = {}
         self._last_thumb: dict = {}
-        self._newest: dict[str, float] = {}  # per camera: ROS stamp of its newest ingested frame
         self._cond = threading.Condition()
         self._stats = WorkerStats()
         self._ingest_ms_sum = 0.0
@@ -184,10 +183,9 @@ class IngestWorker:
 
     def resume(self, origin_s: float) -> None:
         """Continue a stream loaded from a memory file: its stamp origin (ROS seconds of stream
-        time 0) and each camera's newest frame from the session, so order checks go on."""
+        time 0); each camera's order goes on from the session's ``camera_stamps``."""
         with self._cond:
             self._stats.origin_s = origin_s
-            self._newest = {c: origin_s + t for c, t in self.session.camera_stamps.items()}
 
     def reject(self, frame: PendingFrame, outcome: str, detail: str) -> None:
         """Count and report a frame the caller refused instead of offering it (``bad_stamp``)."""
@@ -256,18 +254,20 @@ class IngestWorker:
                 self._finish(frame, "duplicate")
                 continue
             origin = self._stats.origin_s if not math.isnan(self._stats.origin_s) else frame.stamp_s
-            newest = self._newest.get(frame.camera, -math.inf)
-            if frame.stamp_s < newest:
-                if newest - frame.stamp_s <= self.clock_reset_s:
-                    self._finish(frame, "late", f"older than camera {frame.camera!r}'s newest frame ({newest:.3f}s)")
+            t = frame.stamp_s - origin  # stream time, compared as the session compares it
+            newest = self.session.camera_stamps.get(frame.camera, -math.inf)
+            if t < newest:
+                if newest - t <= self.clock_reset_s:
+                    self._finish(frame, "late", f"older than camera {frame.camera!r}'s newest frame "
+                                 f"({origin + newest:.3f}s)")
                     continue
                 self.session.restart_camera(frame.camera)
                 with self._cond:
                     self._stats.clock_resets += 1
-                self._log(f"camera {frame.camera!r}: clock jumped back {newest - frame.stamp_s:.3f}s "
-                          f"(from {newest:.3f}s to {frame.stamp_s:.3f}s); its frame order restarts, memory is kept")
+                self._log(f"camera {frame.camera!r}: clock jumped back {newest - t:.3f}s (from {origin + newest:.3f}s "
+                          f"to {frame.stamp_s:.3f}s); its frame order restarts, memory is kept")
             try:
-                result = self.session.ingest_frame(rgb, frame.stamp_s - origin, frame.camera)
+                result = self.session.ingest_frame(rgb, t, frame.camera)
             except ValueError as exc:  # a frame the model cannot take (e.g. smaller than 8x8)
                 self._finish(frame, "rejected", str(exc))
                 continue
@@ -278,5 +278,4 @@ class IngestWorker:
                 if math.isnan(self._stats.origin_s):
                     self._stats.origin_s = origin
             self._last_thumb[frame.camera] = thumb
-            self._newest[frame.camera] = frame.stamp_s
             self._finish(frame, "ingested", result=result, ms=(time.perf_counter() - t0) * 1e3)

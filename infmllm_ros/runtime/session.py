@@ -29,6 +29,7 @@ import torch
 from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, VisionLanguageModel
+from ..models.vision import check_rgb
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
@@ -61,15 +62,11 @@ DEFAULT_SYSTEM_PROMPT = (
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
 
 
-#: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many new
-#: thumbnails may accumulate before those of evicted frames are dropped.
+#: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many
+#: stored frames may accumulate before the per-frame records (camera, label, thumbnail) of
+#: frames that left the cache are dropped.
 THUMBNAIL_SIZE = (96, 72)
 THUMBNAIL_PRUNE_EVERY = 32
-
-
-def frame_rgb_uint8(rgb: np.ndarray) -> np.ndarray:
-    """A frame as uint8 RGB (a float frame in [0, 1] scaled)."""
-    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -242,9 +239,10 @@ class StreamSession:
             self.last_stamp_s = -math.inf  # newest stamp over all cameras
             self.camera_stamps: dict[str, float] = {}  # newest stamp per camera: each camera's order
             self._last_stored_s: dict[str, float] = {}  # per camera
-            self._frame_info: dict[int, tuple[str, str]] = {}  # stored frame -> (camera, label), pruned
-            self._thumbs: dict[int, np.ndarray] = {}  # stored frame -> THUMBNAIL_SIZE RGB, while in the cache
-            self._thumbs_bound = THUMBNAIL_PRUNE_EVERY
+            # Per stored frame while it holds slots; both pruned together in ingest_frame:
+            self._frame_info: dict[int, tuple[str, str]] = {}  # -> (camera, label)
+            self._thumbs: dict[int, np.ndarray] = {}  # -> THUMBNAIL_SIZE RGB
+            self._prune_at = THUMBNAIL_PRUNE_EVERY
             self._prefill(self._system_ids, SlotKind.SINK, logits=False)
 
     def _prefill(self, ids: list[int], kind: SlotKind = SlotKind.TEXT, logits: bool = True
@@ -292,7 +290,7 @@ class StreamSession:
                 raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
                                  f"raise max_chunk or lower the frame's vision tokens")
             embeds, kinds = self.chunk_embeds(chunk)
-            thumb = cv2.resize(np.asarray(frame_rgb_uint8(rgb)), THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA)
+            thumb = cv2.resize(check_rgb(rgb), THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA)
         t1 = time.perf_counter()
         with self._lock:
             self._check_order(camera, stamp_s)  # again under the lock (two ingest threads)
@@ -304,13 +302,11 @@ class StreamSession:
                 self._last_stored_s[camera] = float(stamp_s)
                 self._frame_info[frame_id] = (camera, frame.label if novel else "")
                 self._thumbs[frame_id] = thumb
-                if len(self._thumbs) > self._thumbs_bound:  # keep thumbnails of frames still in the cache
-                    present = set(self.cache.frames()[0])
-                    self._thumbs = {f: t for f, t in self._thumbs.items() if f in present}
-                    self._thumbs_bound = len(self._thumbs) + THUMBNAIL_PRUNE_EVERY
-                if len(self._frame_info) > 2 * self.cache.capacity:  # frames left the cache long ago
+                if len(self._thumbs) > self._prune_at:  # drop the records of frames that left the cache
                     present = set(self.cache.frames()[0])
                     self._frame_info = {f: c for f, c in self._frame_info.items() if f in present}
+                    self._thumbs = {f: t for f, t in self._thumbs.items() if f in present}
+                    self._prune_at = len(self._thumbs) + THUMBNAIL_PRUNE_EVERY
             self.scene.observe(camera, frame.summary)
             self.frames_ingested += 1
             self.camera_stamps[camera] = float(stamp_s)
