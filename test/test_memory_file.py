@@ -32,7 +32,9 @@ def test_a_loaded_stream_answers_and_goes_on_exactly_as_the_saved_one(embedded, 
     assert a.cache.evicted_tokens > 0
     a.save_memory(tmp_path / "m.safetensors", extra={"origin_s": 1.7e9})
     b = session(embedded)
+    b.ingest_frame(coffee(), 0.0, "front")  # a stream of its own, replaced by the load
     assert b.load_memory(tmp_path / "m.safetensors") == {"origin_s": 1.7e9}
+    assert all(f.thumbnail is None for f in b.memory_frames())  # none of b's own thumbnails survive
     n = a.cache.length
     for name in ("k", "v", "position", "kind", "frame", "stamp", "scores"):
         x, y = getattr(a.cache, name)[:, :, :n], getattr(b.cache, name)[:, :, :n]

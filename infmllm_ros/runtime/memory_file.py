@@ -129,6 +129,7 @@ def load_memory(session, path: str | Path) -> dict:
         session.camera_stamps = dict(state["camera_stamps"])
         session._last_stored_s = dict(state["last_stored_s"])
         session._frame_info = {int(f): tuple(v) for f, v in state["frame_info"].items()}
+        session._thumbs = {}  # thumbnails are not saved; the old stream's would show under reused frame ids
         session.scene.reset()
         for i, camera in enumerate(state["scene_cameras"]):
             session.scene._background[camera] = tensors[f"scene.{i}"]
