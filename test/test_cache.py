@@ -245,3 +245,104 @@ def test_after_streaming_llm_evictions_the_next_chunk_equals_transformers_over_t
         want = hf(ids[192:][None], past_key_values=past, position_ids=torch.arange(n, n + 8)[None]).logits[0]
     got = stream_logits(tiny, cache, ids[192:], 8)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+class IndependentScores:
+    """Per-row kept tokens and scores of h2o / inf_mllm, recomputed from each chunk's queries
+    and keys with a plain float64 softmax, by stream position, without the cache's scoring,
+    selection or compaction code: the window score of key ``j`` is the softmax of
+    ``q.k * scale + beta * j`` (causal) summed over the chunk's queries that see ``j`` (divided by
+    their count for inf_mllm), averaged over the query heads of the KV head; carried as
+    ``decay * old + window``; on overflow a row keeps its sinks, its newest ``recent`` and the
+    best-scoring others (the best ``vision_budget`` VISION tokens first), ties to the older."""
+
+    def __init__(self, cache, beta, normalise, decay, sinks, recent, vision_budget):
+        self.cache, self.beta, self.normalise, self.decay = cache, beta, normalise, decay
+        self.sinks, self.recent, self.vision_budget = sinks, recent, vision_budget
+        layers, heads = cache.rows
+        self.rows = [[{"tok": [], "kind": [], "score": torch.zeros(0, dtype=torch.float64)} for _ in range(heads)]
+                     for _ in range(layers)]
+        self.seen = {}
+        self.evictions = 0
+        attend, commit = cache.attend, cache.commit
+
+        def recording_attend(layer, q, k, v):
+            out = attend(layer, q, k, v)
+            t = cache.length + cache.pending
+            self.seen[layer] = (q.detach().double(), cache.k[layer, :, :t].detach().double().clone())
+            return out
+
+        def checked_commit():
+            self.step()
+            evicted = commit()
+            self.check()
+            return evicted
+
+        cache.attend, cache.commit = recording_attend, checked_commit
+
+    def step(self):
+        cache = self.cache
+        s, n = cache.length, cache.pending
+        t = s + n
+        new_tok = list(range(cache.stream_tokens, cache.stream_tokens + n))
+        new_kind = cache.kind[0, 0, s:t].tolist()
+        slot = torch.arange(t, dtype=torch.float64)
+        hidden = slot[None, :] > (s + torch.arange(n))[:, None]            # [n, t]: query i cannot see key j
+        viewers = (~hidden).sum(0).clamp(min=1).double()
+        for layer, heads in enumerate(self.rows):
+            q, keys = self.seen.pop(layer)
+            group = q.shape[0] // keys.shape[0]
+            for h, row in enumerate(heads):
+                logits = q[h * group:(h + 1) * group] @ keys[h].T * cache.scale + self.beta * slot
+                probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+                window = probs.sum(1) / (viewers if self.normalise else 1.0)
+                window = window.mean(0)
+                row["score"] = torch.cat((self.decay * row["score"] + window[:s], window[s:]))
+                row["tok"] += new_tok
+                row["kind"] += new_kind
+                if t > cache.capacity:
+                    self.evict(row, t)
+        self.evictions += t > cache.capacity
+
+    def evict(self, row, t):
+        middle = range(self.sinks, t - self.recent)
+        best = sorted(middle, key=lambda j: (-row["score"][j].item(), j))
+        vision = [j for j in best if row["kind"][j] == SlotKind.VISION][:self.vision_budget]
+        others = [j for j in best if j not in vision]
+        keep = sorted([*range(self.sinks), *vision, *others[:self.cache.capacity - self.sinks - self.recent - len(vision)],
+                       *range(t - self.recent, t)])
+        row["tok"] = [row["tok"][j] for j in keep]
+        row["kind"] = [row["kind"][j] for j in keep]
+        row["score"] = row["score"][keep]
+
+    def check(self):
+        n = self.cache.length
+        for layer, heads in enumerate(self.rows):
+            for h, row in enumerate(heads):
+                assert self.cache.position[layer, h, :n].tolist() == row["tok"], (layer, h)
+                torch.testing.assert_close(self.cache.scores[layer, h, :n].double(), row["score"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, beta, normalise, decay, vision_budget", [
+    ("h2o", 0.0, False, 1.0, 0),
+    ("inf_mllm", 0.05, True, 0.9, 0),
+    ("inf_mllm", 0.0, True, 0.0, 0),
+    ("inf_mllm", 0.05, True, 0.9, 6),
+])
+def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(tiny, name, beta, normalise, decay, vision_budget):
+    """Every commit, every (layer, KV head) row holds exactly the tokens, and carries the scores,
+    that :class:`IndependentScores` computes from the same queries and keys: the window score,
+    the bias, the carry with decay, the sinks/recent/top-k selection and the vision budget each
+    have to be right for this to hold over a stream with many evictions."""
+    kw = dict(beta=beta, decay=decay) if name == "inf_mllm" else {}
+    cache = tiny.new_cache(40, 8, make_policy(name, sinks=4, recent=8, vision_budget=vision_budget, **kw))
+    ref = IndependentScores(cache, beta, normalise, decay, 4, 8, vision_budget)
+    ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(5))
+    tiny(tiny.embed(ids[:4]), cache, SlotKind.SINK)
+    for i, start in enumerate(range(4, 240, 6)):
+        kind = SlotKind.VISION if i % 4 == 1 else SlotKind.TEXT  # a "frame" every fourth chunk
+        tiny(tiny.embed(ids[start:start + 6]), cache, kind, frame_id=i if kind == SlotKind.VISION else -1)
+    assert ref.evictions >= 30
+    kept_vision = (cache.kind[:, :, :cache.length] == SlotKind.VISION).sum(-1)
+    if vision_budget:
+        assert bool((kept_vision >= vision_budget).all())
