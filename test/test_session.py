@@ -43,15 +43,27 @@ def test_photo_among_road_frames_is_recalled(parts):
     assert a.new_tokens >= 1 and a.ttft_s > 0 and a.latency_s >= a.ttft_s
 
 
-def test_ask_without_keeping_context_restores_the_cache(parts):
-    s = new_session(parts)
-    s.ingest_frame(synthetic_road(0), 0.0)
-    before = (s.cache.length, s.cache.stream_tokens, s.cache.k[:, :, :s.cache.length].clone())
-    s.ask("What did you see?", max_new_tokens=4, keep_in_context=False)
-    assert (s.cache.length, s.cache.stream_tokens) == before[:2]
-    assert torch.equal(s.cache.k[:, :, :s.cache.length], before[2])
+def test_a_question_that_evicts_and_is_not_kept_leaves_every_cache_tensor_bit_identical(parts):
+    """The question and its answer overflow the cache (evicting and compacting); with
+    ``keep_in_context=False`` every state tensor (K, V, positions, kinds, frames, stamps, scores),
+    and every counter, is bit-identical afterwards; kept, the question stays."""
+    from test_cache import assert_same, occupied
+
+    s = new_session(parts, capacity=256, recent=64, familiar_interval_s=0.0)
+    t = 0
+    while not s.cache.evicted_tokens:  # until the cache is full: then the question must evict
+        s.ingest_frame(synthetic_road(t), float(t))
+        t += 1
+    before, evicted = occupied(s.cache), s.cache.evicted_tokens
+    calls = []
+    commit = s.cache.commit
+    s.cache.commit = lambda: calls.append(commit()) or calls[-1]
+    s.ask("What did you see on the road, and at what time did you see it?", max_new_tokens=12,
+          keep_in_context=False)
+    assert sum(calls) > 0, "the question must have evicted for this test to mean anything"
+    assert_same(before, s.cache) and s.cache.evicted_tokens == evicted
     s.ask("What did you see?", max_new_tokens=4, keep_in_context=True)
-    assert s.cache.length > before[0]
+    assert s.cache.stream_tokens > before[1][1]
 
 
 def test_memory_stays_fixed_over_many_frames(parts):
