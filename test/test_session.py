@@ -176,6 +176,30 @@ def test_cosine_novelty_compares_feature_directions():
     assert gate.novelty("front", torch.tensor([2.0, -1.0, 0.0])) == pytest.approx(0.5)  # orthogonal
 
 
+def test_after_evictions_questions_that_do_not_name_the_object_rank_the_right_event_first(parts):
+    """Three photos (cat, espresso, missile) among 37 road frames in a 256-slot cache that has
+    evicted hundreds of tokens. Questions that name a kind, not the object, rank its frame
+    first; an object never shown is not seen. Sightings come from the cache, so echoing the
+    question's word cannot pass this."""
+    from skimage.data import chelsea, coffee, rocket
+
+    s = new_session(parts, capacity=256, recent=64, familiar_interval_s=0.0)
+    events = {6.0: chelsea(), 14.0: coffee(), 22.0: rocket()}
+    for t in range(40):
+        s.ingest_frame(events.get(float(t), synthetic_road(t)), float(t))
+    assert s.cache.evicted_tokens > 300
+
+    def best(question):
+        a = s.ask(question, max_new_tokens=2, keep_in_context=False)
+        return a.sightings[0].stamp_s, a.seen
+
+    assert best("What animal did you see?")[0] == 6.0
+    assert best("Which pet was there?")[0] == 6.0
+    assert best("Was there a drink?")[0] == 14.0
+    assert best("Did you see a kitten?") == (6.0, True)
+    assert best("Was there a giraffe?")[1] is False
+
+
 @pytest.mark.skipif(not (SHARED / "dashcam_solidWhiteRight.mp4").is_file(),
                     reason="needs ../shared/data/dashcam_solidWhiteRight.mp4 (the shared data beside the clone)")
 def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
