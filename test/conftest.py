@@ -1,8 +1,51 @@
 """Shared fixtures: the real SmolLM2 model (installed by `make test`) and tiny random models."""
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 from infmllm_ros.models import load_gguf, smollm2_gguf_path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_changes() -> set[str] | None:
+    """``git status`` lines of the checkout (changed and untracked, not ignored files); None
+    outside a git checkout."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    session.config.stash_tree = _tree_changes()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test writes into the source tree: files the run added or changed fail the run."""
+    before, after = getattr(session.config, "stash_tree", None), _tree_changes()
+    if before is not None and after is not None and after - before:
+        print("\ntests wrote into the source tree:\n  " + "\n  ".join(sorted(after - before)))
+        session.exitstatus = 1
+
+
+#: The shared data folder beside the clone (``../shared/data``), which CI always provides.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """``../shared/data/<name>``. Missing, the test fails under CI (``CI`` set, as ``.ci/run``
+    sets it), where the data is always beside the clone, and is skipped elsewhere."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        message = f"needs {path} (the shared data folder beside the clone)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

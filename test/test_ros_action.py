@@ -7,13 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from sensor_msgs.msg import CompressedImage  # noqa: E402
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+from sensor_msgs.msg import CompressedImage
 
-from ros_graph import Graph, header  # noqa: E402
+from ros_graph import Graph, header
 
-from infmllm_ros.ros.ask import stream_ask  # noqa: E402
-from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.ask import stream_ask
+from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node
 
 TOPIC = "/actiontest/front/image_raw/compressed"
 

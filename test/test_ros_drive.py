@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 
-from infmllm_ros.ros.processes import ros_env, run_tool  # noqa: E402
-from infmllm_ros.ros.replay import rss_growth  # noqa: E402
+from infmllm_ros.ros.processes import ros_env, run_tool
+from infmllm_ros.ros.replay import rss_growth
 
 
 def test_five_minute_drive_is_replayed_without_drops_and_with_flat_memory(tmp_path):

@@ -7,15 +7,15 @@ import cv2
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from lifecycle_msgs.msg import Transition  # noqa: E402
-from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from sensor_msgs.msg import CompressedImage  # noqa: E402
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from sensor_msgs.msg import CompressedImage
 
-from ros_graph import camera_graph, header  # noqa: E402
+from ros_graph import camera_graph, header
 
-from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.ask import call_ask
+from infmllm_ros.ros.processes import start_node, stop_node
 
 TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"

@@ -8,15 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from sensor_msgs.msg import CompressedImage  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+from sensor_msgs.msg import CompressedImage
+from std_srvs.srv import Trigger
 
-from infmllm_interfaces.srv import MemoryFile  # noqa: E402
-from ros_graph import camera_graph, header  # noqa: E402
+from infmllm_interfaces.srv import MemoryFile
+from ros_graph import camera_graph, header
 
-from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import start_node, stop_node  # noqa: E402
+from infmllm_ros.ros.ask import call_ask
+from infmllm_ros.ros.processes import start_node, stop_node
 
 TOPIC = "/memtest/front/image_raw/compressed"
 T0 = 1_700_000_000

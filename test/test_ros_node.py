@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 
-rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+from sensor_msgs.msg import CompressedImage, Image
 
-from ros_graph import header, two_camera_node  # noqa: E402
+from ros_graph import header, two_camera_node
 
-from infmllm_ros.ros.ask import call_ask  # noqa: E402
-from infmllm_ros.ros.processes import run_tool, stop_node  # noqa: E402
+from infmllm_ros.ros.ask import call_ask
+from infmllm_ros.ros.processes import run_tool, stop_node
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 

@@ -5,13 +5,13 @@ import shutil
 import pytest
 import yaml
 
-rclpy = pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (make test installs them)")
-from sensor_msgs.msg import Image  # noqa: E402
+import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+from sensor_msgs.msg import Image
 
-from infmllm_ros.bench.random_models import build_random_checkpoint  # noqa: E402
-from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node  # noqa: E402
-from ros_graph import Graph, header  # noqa: E402
-from test_vlm_families import frame  # noqa: E402
+from infmllm_ros.bench.random_models import build_random_checkpoint
+from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node
+from ros_graph import Graph, header
+from test_vlm_families import frame
 
 TOPIC = "/vlmtest/front/image_raw"
 

@@ -1,21 +1,19 @@
 """StreamSession on the embedded model: frames in, answers out, bad input loses nothing.
 
-Road frames are drawn by the test (no ../shared data); event photos come from scikit-image.
+Road frames are drawn by the test and event photos come from scikit-image; one test reads the
+shared dashcam clip (``../shared/data``).
 """
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import shared_file
 from infmllm_ros.kvcache import SlotKind
 from infmllm_ros.models.vision import check_rgb
 from infmllm_ros.runtime.drive import synthetic_road
 from infmllm_ros.runtime.session import StreamSession
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def parts(embedded):
@@ -200,13 +198,11 @@ def test_after_evictions_questions_that_do_not_name_the_object_rank_the_right_ev
     assert best("Was there a giraffe?")[1] is False
 
 
-@pytest.mark.skipif(not (SHARED / "dashcam_solidWhiteRight.mp4").is_file(),
-                    reason="needs ../shared/data/dashcam_solidWhiteRight.mp4 (the shared data beside the clone)")
 def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
     """The sanity bar: full cache, each photo between 10 and 5 dashcam frames."""
     from infmllm_ros.runtime.drive import bundled_events, score_answer, video_frames, Event
 
-    clip = video_frames(SHARED / "dashcam_solidWhiteRight.mp4", 1.0)
+    clip = video_frames(shared_file("dashcam_solidWhiteRight.mp4"), 1.0)
     s = new_session(parts, capacity=1024, policy="full")
     named = {}
     for label, (photo, words) in bundled_events().items():

@@ -38,8 +38,7 @@ def stub_dir(tmp_path: Path) -> Path:
     out = tmp_path / "stubs"
     for pkg in ("tensorrt", "tensorrt_bindings"):
         spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("tensorrt-stubs is not installed (make test installs it)")
+        assert spec is not None and spec.submodule_search_locations, "tensorrt-stubs is not installed (make test installs it)"
         shutil.copytree(next(iter(spec.submodule_search_locations)), out / pkg)
     pyi = out / "tensorrt_bindings" / "tensorrt.pyi"
     text = re.sub(r"([(,] ?)in: ", r"\1in_: ", pyi.read_text())
@@ -47,8 +46,8 @@ def stub_dir(tmp_path: Path) -> Path:
     return out
 
 
-def mypy(files: list[str], stubs: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mypy", *files], cwd=ROOT, capture_output=True, text=True,
+def mypy(files: list[str], stubs: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mypy", *files], cwd=root, capture_output=True, text=True,
                           env={"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"})
 
 
@@ -56,14 +55,15 @@ def test_tensorrt_modules_type_check_against_the_tensorrt_10_stubs(tmp_path):
     stubs = stub_dir(tmp_path)
     proc = mypy(TRT_MODULES, stubs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The check has teeth: a call removed in TensorRT 10 and a misspelt enum fail it.
-    broken = ROOT / "infmllm_ros" / "engines" / "_broken_tensorrt_engine.py"
-    broken.write_text((ROOT / TRT_MODULES[0]).read_text().replace("execute_async_v3(", "execute_async_v2(")
+    # The check has teeth: a call removed in TensorRT 10 and a misspelt enum fail it (checked on
+    # a copy of the package, so the test never writes into the source tree).
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "infmllm_ros", copy / "infmllm_ros", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.cfg", copy)
+    broken = copy / TRT_MODULES[0]
+    broken.write_text(broken.read_text().replace("execute_async_v3(", "execute_async_v2(")
                       .replace("MemoryPoolType.WORKSPACE", "MemoryPoolType.WORKSPACES"))
-    try:
-        proc = mypy([str(broken.relative_to(ROOT))], stubs)
-    finally:
-        broken.unlink()
+    proc = mypy([TRT_MODULES[0]], stubs, root=copy)
     assert proc.returncode == 1
     assert "execute_async_v2" in proc.stdout and "WORKSPACES" in proc.stdout
 
