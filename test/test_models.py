@@ -105,12 +105,19 @@ def test_repetition_controls_match_transformers_on_a_prompt_that_loops(smollm2, 
                                       pad_token_id=tok.eos_id, **kw)[0, len(ids):].tolist()
         assert ours(Sampling(**kw)) == ref, kw
     assert len(set(grams(ref, 4))) == len(grams(ref, 4))
+    # banned sequences: a two-token sequence greedy writes, and a single token
+    ban = ((plain[2], plain[3]), (plain[5],))
+    with torch.no_grad():
+        ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False,
+                                  pad_token_id=tok.eos_id, bad_words_ids=[list(b) for b in ban])[0, len(ids):].tolist()
+    assert ours(Sampling(bad_words_ids=ban)) == ref != plain
+    assert plain[5] not in ref and all(ref[i:i + 2] != list(ban[0]) for i in range(len(ref) - 1))
 
 
 def test_sampling_settings_are_checked_and_seeded_draws_repeat(smollm2):
     dec, tok = smollm2
     for bad in ({"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}, {"temperature": -0.1},
-                {"top_p": 0.0}, {"temperature": float("nan")}):
+                {"top_p": 0.0}, {"temperature": float("nan")}, {"bad_words_ids": ((),)}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Sampling(**bad)
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "Say something about roads."}]))

@@ -8,7 +8,10 @@ The logits of each step pass, in ``transformers``' order, through
    divided by the penalty when positive and multiplied by it when negative;
 2. ``no_repeat_ngram_size`` (transformers' ``NoRepeatNGramLogitsProcessor``): a token that
    would complete an n-gram already in the history gets ``-inf``;
-3. with ``temperature > 0``: division by the temperature, then nucleus filtering (``top_p``,
+3. ``bad_words_ids`` (transformers' ``NoBadWordsLogitsProcessor``): the last token of each
+   banned sequence gets ``-inf`` when the history ends with the rest of that sequence (a
+   one-token sequence is always banned);
+4. with ``temperature > 0``: division by the temperature, then nucleus filtering (``top_p``,
    Holtzman et al. 2020: keep the smallest set of most probable tokens whose mass reaches
    ``top_p``), then a draw from a ``torch.Generator`` seeded with ``seed``. With
    ``temperature == 0`` the argmax is taken (greedy, the default).
@@ -38,6 +41,7 @@ class Sampling:
         repetition_penalty: > 0; 1.0 is off. no_repeat_ngram_size: >= 0 tokens; 0 is off.
         temperature: >= 0; 0 is greedy. top_p: in (0, 1]; 1.0 keeps every token.
         seed: seeds the sampler (None: a fresh random seed per answer).
+        bad_words_ids: token-id sequences the answer may not contain (each non-empty).
 
     Raises:
         ValueError: a value outside its range (the message names it).
@@ -48,6 +52,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
@@ -58,13 +63,16 @@ class Sampling:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not seq for seq in self.bad_words_ids):
+            raise ValueError("bad_words_ids must hold non-empty token-id sequences")
 
 
 GREEDY = Sampling()
 
 
 def process_logits(logits: torch.Tensor, history: list[int], sampling: Sampling) -> torch.Tensor:
-    """Apply the repetition penalty and the n-gram ban to fp32 ``logits`` ``[vocab]`` (a copy).
+    """Apply the repetition penalty, the n-gram ban and the banned sequences to fp32 ``logits``
+    ``[vocab]`` (a copy).
 
     Args:
         history: token ids the penalties look at (the turn so far).
@@ -80,6 +88,9 @@ def process_logits(logits: torch.Tensor, history: list[int], sampling: Sampling)
         banned = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == prefix}
         if banned:
             out[torch.tensor(sorted(banned), device=out.device)] = -math.inf
+    for seq in sampling.bad_words_ids:
+        if len(seq) == 1 or (len(history) >= len(seq) - 1 and tuple(history[len(history) - len(seq) + 1:]) == seq[:-1]):
+            out[seq[-1]] = -math.inf
     return out
 
 
