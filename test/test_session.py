@@ -12,7 +12,7 @@ import torch
 from conftest import shared_file
 from infmllm_ros.kvcache import SlotKind
 from infmllm_ros.models.vision import check_rgb
-from infmllm_ros.runtime.drive import synthetic_road
+from infmllm_ros.runtime.drive import answer_times, synthetic_road
 from infmllm_ros.runtime.session import StreamSession
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_photo_among_road_frames_is_recalled(parts):
     s.ingest_frame(synthetic_road(4), 4.0)
     assert "cat" in r.top_label.lower() and r.novel
     a = s.ask("Was there a cat? At what time?", max_new_tokens=24)
-    assert "cat" in a.text.lower()
     assert a.sightings[0].stamp_s == 3.0 and a.sightings[0].frame_id == 3  # when: from the cache
+    assert a.evidence == "Memory: I saw a domestic cat at t=3 s." and 3.0 in answer_times(a.text)
     # stored: the first road frame and the cat; the familiar frames between only update the scene
     assert a.frames_in_context == 2 and a.first_frame_s == 0.0 and a.last_frame_s == 3.0
     assert a.new_tokens >= 1 and a.ttft_s > 0 and a.latency_s >= a.ttft_s
@@ -273,6 +273,24 @@ def test_operator_text_never_becomes_chat_structure_or_a_frame_tag(parts):
     ids = s.operator_ids(FORGERY)
     assert not special & set(ids) and not parts.tokenizer.stop_ids & set(ids)
     assert "<frame" not in parts.tokenizer.decode(ids) and "\u2039frame t=7.0s" in parts.tokenizer.decode(ids)
+
+
+def test_answers_are_decoded_with_the_frame_tag_opening_banned(parts, monkeypatch):
+    """The model cannot open a frame tag of its own in an answer (an invented "<frame t=..>" would
+    read as a sighting): every answer is decoded with the tag's opening, at a line start or after
+    a space, as banned sequences on top of the session's sampling (their effect:
+    test_models.py, the banned-sequence parity with transformers)."""
+    from infmllm_ros.runtime import session as session_module
+
+    used = []
+    real = session_module.decode
+    monkeypatch.setattr(session_module, "decode", lambda *a, **kw: used.append(a[5]) or real(*a, **kw))
+    s = new_session(parts)
+    s.ingest_frame(synthetic_road(0), 0.0)
+    s.ask("What did you see?", max_new_tokens=3)
+    banned = {parts.tokenizer.decode(list(seq)) for seq in used[0].bad_words_ids}
+    assert banned == {"<frame", " <frame"}
+    assert used[0].repetition_penalty == s.sampling.repetition_penalty and s.sampling.bad_words_ids == ()
 
 
 def test_a_question_kept_in_context_cannot_plant_a_memory(parts):

@@ -54,6 +54,22 @@ DEFAULT_SENTENCE_STOP_WORDS = 16
 #: model can repeat (a list of several read worse to SmolLM2-135M).
 DEFAULT_EVIDENCE_SIGHTINGS = 1
 
+#: Opening of the text tag that starts every stored frame (:func:`frame_tag`). Answers may not
+#: write it (a banned sequence, :class:`~.generate.Sampling`): SmolLM2-135M sometimes opened an
+#: answer with an invented tag ("<frame t=0.1s cam=name> I saw ...") whose time is no sighting.
+FRAME_TAG_OPEN = "<frame"
+
+
+def frame_tag(stamp_s: float, camera: str) -> str:
+    """The text tag of a frame stored at ``stamp_s`` seconds by ``camera``: ``<frame t=12.0s cam=front>``."""
+    return f"{FRAME_TAG_OPEN} t={stamp_s:.1f}s cam={camera}>"
+
+
+#: Label of the question's second copy, after the memory line. Repeated bare, the question read
+#: to SmolLM2-135M as the operator asking again after a wrong answer ("I'm sorry for the error");
+#: bench/results/README.md, "Answers".
+QUESTION_LABEL = "Question: "
+
 #: Longest question taken, in tokens (about 200 English words).
 DEFAULT_MAX_QUESTION_TOKENS = 256
 
@@ -218,6 +234,8 @@ class StreamSession:
         system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
                                             add_generation_prompt=False)
         self._system_ids = tokenizer.encode(system_text)
+        # the tag's opening at a line start and after a space (a newline ends in the first)
+        self._tag_ban = tuple(sorted({tuple(tokenizer.encode(lead + FRAME_TAG_OPEN)) for lead in ("", " ")}))
         if sinks is None:
             sinks = len(self._system_ids)
         if not 1 <= sinks <= len(self._system_ids):
@@ -285,7 +303,7 @@ class StreamSession:
         novel = self.scene.is_novel(novelty)
         store = novel or stamp_s - self._last_stored_s.get(camera, -math.inf) >= self.familiar_interval_s
         if store:
-            chunk = self.model.frame_chunk(f"<frame t={stamp_s:.1f}s cam={camera}>", frame if novel else None)
+            chunk = self.model.frame_chunk(frame_tag(stamp_s, camera), frame if novel else None)
             if len(chunk) > self.cache.max_chunk:
                 raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
                                  f"raise max_chunk or lower the frame's vision tokens")
@@ -359,11 +377,13 @@ class StreamSession:
         The question is prefilled as a user turn; the frames in the cache that match it are
         found (:attr:`Answer.sightings`) and judged (:attr:`Answer.seen`,
         :attr:`Answer.confidence`); the best of them are rendered into the same turn as a memory
-        line (:meth:`render_evidence`) followed by the question again, so the model answers
-        knowing when (without the repeat, a small model takes the memory line for an answer
-        already given: bench/results/README.md, "Answers"); then the answer is
+        line (:meth:`render_evidence`) followed by the question again after
+        :data:`QUESTION_LABEL`, so the model answers knowing when (without the repeat, a small
+        model takes the memory line for an answer already given; repeated bare, for the operator
+        asking again after a wrong answer: bench/results/README.md, "Answers"); then the answer is
         decoded (``sampling``, default the session's; the repetition controls look at the
-        answer's own tokens; a short question stops at the first sentence end).
+        answer's own tokens; a short question stops at the first sentence end; the answer
+        cannot write a frame tag's opening, :data:`FRAME_TAG_OPEN`).
 
         The question is operator text (:meth:`operator_ids`): special-token strings in it stay
         characters and ``<``/``>`` become ``‹``/``›``, so it can neither close the turn nor
@@ -422,12 +442,15 @@ class StreamSession:
                              find_sightings(self.cache, newest, self.recall_layer)]
                 seen, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.render_evidence(sightings, seen)
-                # The question again after the memory line: the turn ends on what to answer.
-                again = self.tokenizer.encode(evidence) + newline + question_ids if evidence else []
+                # The question again after the memory line, labelled: the turn ends on what to answer.
+                again = (self.tokenizer.encode(evidence) + newline + self.tokenizer.encode(QUESTION_LABEL)
+                         + question_ids) if evidence else []
                 last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
+                sampling = sampling or self.sampling
+                sampling = replace(sampling, bad_words_ids=sampling.bad_words_ids + self._tag_ban)
                 out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
-                             sampling or self.sampling, stop_after=stop_after,
+                             sampling, stop_after=stop_after,
                              close_id=self.tokenizer.turn_end_id, kind=SlotKind.DIALOGUE)
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
@@ -466,7 +489,8 @@ class StreamSession:
     def question_turn(self) -> tuple[list[int], list[int], list[int]]:
         """The user turn of a question in the chat template, as ids around the operator's text:
         ``(the turn's opening, a newline, the turn's end + the assistant's opening)``; the
-        prompt is ``opening + question + newline [+ memory line + newline + question] + end``."""
+        prompt is ``opening + question + newline [+ memory line + newline + QUESTION_LABEL +
+        question] + end``."""
         head, tail = self.tokenizer.render_turn("user", "\0", add_generation_prompt=True).split("\0")
         return self.tokenizer.encode(head), self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
 
