@@ -87,6 +87,7 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     assert cfg.sampling.no_repeat_ngram_size == 4 and cfg.sampling.seed is None  # loops end by default
     assert cfg.session_kwargs()["vision_budget"] is None  # -1: the session's default for the policy
     assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
+    assert validate({"cache.decay": 1.0}).session_kwargs()["decay"] == 1.0  # the policy's range: [0, 1]
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
                       ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
                       ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
@@ -106,6 +107,9 @@ def test_parameters_are_validated_with_the_name_in_the_message():
                       ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
                       ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
                       ({"cache.vision_budget": 900}, "cache.vision_budget"),
+                      ({"cache.vision_budget": -2}, "cache.vision_budget"),
+                      ({"cache.decay": 1.5}, "cache.decay"), ({"cache.beta": float("nan")}, "cache.beta"),
+                      ({"cache.beta": -0.1, "cache.policy": "h2o"}, "cache.beta"),
                       ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
                                                       "camera_transports")]:
         with pytest.raises(ValueError, match=name):

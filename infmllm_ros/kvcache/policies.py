@@ -28,6 +28,7 @@ vision slots go").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -213,7 +214,7 @@ class InfMLLMPolicy(EvictionPolicy):
         decay: score carry across chunks (0 = retrieval window only).
 
     Raises:
-        ValueError: for ``beta < 0`` or ``decay`` outside [0, 1].
+        ValueError: for ``beta`` not a finite number >= 0 or ``decay`` outside [0, 1].
     """
 
     name = "inf_mllm"
@@ -221,8 +222,8 @@ class InfMLLMPolicy(EvictionPolicy):
 
     def __init__(self, sinks: int, recent: int, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY,
                  vision_budget: int = 0):
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.score_spec = ScoreSpec(beta=float(beta), normalise=True, decay=float(decay))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, scores_slots
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
@@ -276,14 +276,21 @@ def validate(values: dict) -> NodeConfig:
     need(v["cache.capacity"] >= 1, "cache.capacity", "must be >= 1")
     need(v["cache.sinks"] >= 0, "cache.sinks", "must be >= 0 (0: the whole system prompt)")
     need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
-    need(math.isfinite(v["cache.beta"]) and v["cache.beta"] >= 0.0, "cache.beta", "must be a finite number >= 0")
-    need(0.0 <= v["cache.decay"] < 1.0, "cache.decay", "must be in [0, 1)")
     need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
          "must be >= 8, or 0 for the session's default")
-    need(v["cache.vision_budget"] <= 0 or scores_slots(v["cache.policy"]),
-         "cache.vision_budget", f"must be 0 or -1 with cache.policy {v['cache.policy']} (it does not score slots)")
-    need(-1 <= v["cache.vision_budget"] < v["cache.capacity"] - v["cache.recent"], "cache.vision_budget",
-         "must be -1 or in [0, cache.capacity - cache.recent)")
+    need(v["cache.vision_budget"] >= -1, "cache.vision_budget", "must be -1 (the policy's default) or >= 0")
+    # beta, decay, the vision budget and the capacity follow the policies' own rules
+    # (kvcache/policies.py): beta and decay are checked whatever the policy; the capacity check is
+    # repeated with the cache, once the system prompt's length (sinks 0) and the chunk are known
+    try:
+        make_policy("inf_mllm", beta=v["cache.beta"], decay=v["cache.decay"])
+        make_policy(v["cache.policy"], sinks=v["cache.sinks"], recent=v["cache.recent"],
+                    vision_budget=max(0, v["cache.vision_budget"])).check_capacity(
+            v["cache.capacity"], max(1, v["cache.max_chunk"]))
+    except ValueError as exc:
+        name = next(f"cache.{k}" for k in ("beta", "decay", "vision_budget", "capacity", "policy") if k in str(exc)
+                    or k == "policy")
+        need(False, name, str(exc))
     need(math.isfinite(v["familiar_interval_s"]) and v["familiar_interval_s"] >= 0.0, "familiar_interval_s",
          "must be a finite number of seconds >= 0")
     need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")
