@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tree_changes() -> set[str] | None:
     """``git status`` lines of the checkout (changed and untracked, not ignored files); None
-    outside a git checkout."""
+    where the tests do not sit at the top of a git checkout (e.g. mutmut's copy in ``mutants/``)."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ROOT:
+        return None
     proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
                           capture_output=True, text=True)
     return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
