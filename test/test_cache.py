@@ -101,6 +101,38 @@ def test_kvcache_validates_shape_arguments():
                 policy=make_policy("full"), rope=None)
 
 
+def test_size_and_count_limits_are_exact():
+    """Each limit refuses exactly below its bound and accepts the bound itself."""
+    full = make_policy("full")
+    for kw in (dict(layers=0), dict(kv_heads=0), dict(head_dim=0), dict(capacity=0)):
+        with pytest.raises(ValueError):
+            KVCache(**{**dict(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=1, policy=full, rope=None), **kw})
+    smallest = KVCache(layers=1, kv_heads=1, head_dim=1, capacity=1, max_chunk=1, policy=full, rope=None)
+    assert tuple(smallest.k.shape) == (1, 1, 2, 1) and smallest.kind.dtype == torch.int8
+    assert smallest.frame.dtype == torch.int32 and smallest.stamp.dtype == torch.float64
+    for kw in (dict(sinks=-1), dict(recent=-1), dict(vision_budget=-1)):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            make_policy("h2o", **kw)
+    make_policy("h2o", sinks=0, recent=0, vision_budget=0)
+    make_policy("inf_mllm", beta=0.0, decay=0.0), make_policy("inf_mllm", decay=1.0)
+    for bad in (dict(decay=-0.01), dict(decay=1.01), dict(beta=float("inf"))):
+        with pytest.raises(ValueError):
+            make_policy("inf_mllm", **bad)
+
+
+def test_frames_lists_every_frame_held_by_any_row_with_its_stamp(tiny):
+    """Rows keep different tokens (h2o), so a frame counts while any row holds one of its slots."""
+    cache = tiny.new_cache(24, 4, make_policy("h2o", sinks=2, recent=4))
+    assert cache.frames() == ([], [])
+    tiny(tiny.embed(torch.arange(2)), cache, SlotKind.SINK)
+    for f in range(12):
+        tiny(tiny.embed(torch.tensor([1, 10 + f, 11 + f, 3])), cache, SlotKind.VISION, frame_id=f, stamp_s=100.0 + f)
+    ids, stamps = cache.frames()
+    held = cache.frame[:, :, :cache.length]
+    want = sorted({int(x) for x in held[held >= 0]})
+    assert ids == want and stamps == [100.0 + f for f in want] and ids[-1] == 11 and 0 < len(ids) < 12
+
+
 def test_reserve_top_lifts_the_best_eligible_slots_of_each_row():
     from infmllm_ros.kvcache.policies import RESERVED_SCORE, reserve_top
     scores = torch.tensor([[0.9, 0.1, 0.3, 0.2, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
