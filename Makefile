@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl bench-drive clean
+.PHONY: venv test demo bench-ppl bench-drive mutation clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -37,7 +37,18 @@ bench-ppl: $(STAMP)
 	$(VENV)/bin/infmllm-bench-ppl --text ../shared/data/wikitext2_test.txt --json bench/results/perplexity.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out
+	rm -rf $(VENV) build *.egg-info demo-out mutants
+
+# Mutation testing of the KV-cache package (setup.cfg [mutmut] says what is mutated and which
+# tests must kill it). MUTANTS narrows the run to mutant names, e.g.
+# MUTANTS='infmllm_ros.kvcache.policies*'. One thread per process: mutmut forks a child per
+# mutant after torch has loaded, and children of a parent with an OpenMP thread pool hang (they
+# showed as timeouts). Long on 2 cores: see bench/results/README.md.
+MUTANTS ?=
+mutation: $(STAMP)
+	$(PIP) install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(PY) -m infmllm_ros.bench.mutation --json bench/results/mutation_kvcache.json
 
 # The main job: a 5-minute drive bag from the dashcam clip, the node, a replay with questions
 # about every event, answers printed (see infmllm_ros/ros/demo.py). ~4 minutes on 2 cores.

@@ -1,0 +1,19 @@
+"""The mutation report's survivor kinds: a changed message, a dropped device, a CUDA call, and a
+change of behaviour each land in their own kind."""
+import pytest
+
+from infmllm_ros.bench.mutation import survivor_kind
+
+
+@pytest.mark.parametrize("removed, added, kind", [
+    ('raise ValueError(f"beta must be >= 0, got {beta}")', 'raise ValueError(f"XXbeta must be >= 0, got {beta}XX")',
+     "message"),
+    ("slots = torch.arange(t, device=logits.device)", "slots = torch.arange(t, device=None)", "device"),
+    ("slots = torch.arange(t, device=logits.device)", "slots = torch.arange(t, )", "device"),
+    ("return kernels.saddle_select(scores, length, sinks, recent, budget)",
+     "return kernels.saddle_select(scores, length, sinks, recent, None)", "cuda"),
+    ("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:", "other"),
+    ("k = budget - sinks - recent", "k = budget + sinks - recent", "other"),
+])
+def test_each_survivor_lands_in_its_kind(removed, added, kind):
+    assert survivor_kind(removed, added) == kind
