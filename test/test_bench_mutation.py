@@ -13,7 +13,9 @@ from infmllm_ros.bench.mutation import survivor_kind
     ("return kernels.saddle_select(scores, length, sinks, recent, budget)",
      "return kernels.saddle_select(scores, length, sinks, recent, None)", "cuda"),
     ("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:", "other"),
+    ("spec.beta, out=self._window)", "None, out=self._window)", "cuda"),
     ("k = budget - sinks - recent", "k = budget + sinks - recent", "other"),
 ])
 def test_each_survivor_lands_in_its_kind(removed, added, kind):
-    assert survivor_kind(removed, added) == kind
+    before = "kernels.window_scores(q, k, t, s," if kind == "cuda" and "kernels" not in removed else "x = 1"
+    assert survivor_kind(removed, added, before) == kind

@@ -11,8 +11,8 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 * ``message``: only string text changed (an error message; tests match its key words).
 * ``other``: everything else: a gap in the tests, or an equivalent mutant to explain by hand.
 
-Kill rate = killed / (killed + survived + no tests), over all mutants and over those reachable and
-observable here (without ``cuda``, ``device`` and ``message``). Writes JSON and markdown.
+Kill rate = (killed + timed out) / (killed + timed out + survived + no tests): over the mutants
+checked (a stopped run leaves some "not checked"), and over those reachable and observable here (without ``cuda``, ``device`` and ``message``). Writes JSON and markdown.
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ _STRING = re.compile(r"""[rbfu]*("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNOREC
 _DEVICE = re.compile(r",?\s*device=[^,)]*")
 
 
-def survivor_kind(removed: str, added: str) -> str:
-    """The kind of a surviving mutant from its diff's removed and added line (see the module
+def survivor_kind(removed: str, added: str, before: str = "") -> str:
+    """The kind of a surviving mutant from its diff's removed and added line and the source line
+    just before them (a call continued onto the mutated line starts there; see the module
     docstring): ``cuda``, ``device``, ``message`` or ``other``."""
-    if "kernels." in removed or "_cuda_kernels" in removed:
+    if "kernels." in removed or "_cuda_kernels" in removed or ("kernels." in before and before.endswith((",", "("))):
         return "cuda"
     if _DEVICE.sub("", removed).replace(", )", ")") == _DEVICE.sub("", added).replace(", )", ")") \
             and removed != added:
@@ -47,12 +48,15 @@ def _mutmut(*args: str) -> str:
                           check=True).stdout
 
 
-def diff_lines(name: str) -> tuple[str, str]:
-    """The (removed, added) source lines of mutant ``name`` (stripped; "" when a side is empty)."""
+def diff_lines(name: str) -> tuple[str, str, str]:
+    """The (removed, added, line before) source lines of mutant ``name`` (stripped; "" when
+    empty)."""
     lines = _mutmut("show", name).splitlines()
     removed = [x[1:].strip() for x in lines if x.startswith("-") and not x.startswith("---")]
     added = [x[1:].strip() for x in lines if x.startswith("+") and not x.startswith("+++")]
-    return " ".join(removed), " ".join(added)
+    first = next((i for i, x in enumerate(lines) if x.startswith("-") and not x.startswith("---")), 0)
+    before = lines[first - 1].strip() if first and lines[first - 1].startswith(" ") else ""
+    return " ".join(removed), " ".join(added), before
 
 
 def _cell(code: str) -> str:
@@ -71,8 +75,9 @@ def main(argv=None) -> int:
             verdicts[name] = verdict
     survivors = []
     for name in sorted(n for n, v in verdicts.items() if v == "survived"):
-        removed, added = diff_lines(name)
-        survivors.append({"mutant": name, "kind": survivor_kind(removed, added), "removed": removed, "added": added})
+        removed, added, before = diff_lines(name)
+        survivors.append({"mutant": name, "kind": survivor_kind(removed, added, before), "removed": removed,
+                          "added": added})
     counts = Counter(verdicts.values())
     kinds = Counter(s["kind"] for s in survivors)
     scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
     files = sorted({f for f, _ in per_file})
     md = ["# Mutation testing of infmllm_ros/kvcache", "",
           f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
-          f"Kill rate {data['kill_rate']:.3f} over all mutants; {data['kill_rate_reachable']:.3f} without the "
+          f"Kill rate {data['kill_rate']:.3f} over the {scored} mutants checked; {data['kill_rate_reachable']:.3f} "
+          "without the "
           "survivors that are CUDA-only, device-only or message-only (see the module docstring of "
           "infmllm_ros/bench/mutation.py).", "",
           markdown_table(["file", "cuda", "device", "message", "other"],
