@@ -20,6 +20,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+from action_msgs.msg import GoalStatus
 from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.srv import Ask
 
@@ -55,6 +56,12 @@ ANSWER_FIELDS = ("answer", "first_frame_stamp", "last_frame_stamp", "frames_in_c
                  "evidence", "stopped")
 
 
+#: Goal states after which the server holds the result (action_msgs/GoalStatus: SUCCEEDED,
+#: CANCELED, ABORTED), and how long a finished goal's result may take before it is asked again.
+FINISHED = (GoalStatus.STATUS_SUCCEEDED, GoalStatus.STATUS_CANCELED, GoalStatus.STATUS_ABORTED)
+RESULT_RETRY_S = 2.0
+
+
 def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, keep_in_context: bool = False,
                timeout_s: float = 120.0, on_feedback=lambda feedback: None, cancel: threading.Event | None = None):
     """Send an ``Ask`` action goal from ``node`` (spun on another thread) and wait for its result.
@@ -77,11 +84,15 @@ def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, 
         if handle is None or not handle.accepted:
             return None
         result = handle.get_result_async()
-        cancelled = False
+        cancelled, asked_s = False, time.monotonic()
         while not result.done() and time.monotonic() < deadline:
             if cancel is not None and cancel.is_set() and not cancelled:
                 handle.cancel_goal_async()
                 cancelled = True
+            if handle.status in FINISHED and time.monotonic() - asked_s > RESULT_RETRY_S:
+                # finished, but no result: a response sent before this fresh client's reader was
+                # matched is lost, so ask again (the server keeps the result)
+                result, asked_s = handle.get_result_async(), time.monotonic()
             time.sleep(0.01)
         return result.result().result if result.done() else None
     finally:
