@@ -105,14 +105,19 @@ def test_bad_sample_rates_are_refused_at_runtime(system, value):
     assert not result.successful and "sample_rate_hz" in result.reason
 
 
+#: A question the model answers at length (a list), for the tests that cut an answer short.
+LONG_QUESTION = "Write a long numbered list of everything on the road, one item per line, at least fifty items."
+
+
 def test_an_answer_past_its_deadline_comes_back_partial_and_marked(system):
     g = system["graph"]
-    # Plain greedy without a sentence stop loops until its budget: a long answer on demand.
+    # Plain greedy without a sentence stop or a memory line loops until its budget: a long answer on demand.
     results = g.set_parameters({"answer.repetition_penalty": 1.0, "answer.no_repeat_ngram_size": 0,
-                                "answer.sentence_stop_words": 0, "answer.timeout_s": 1.5})
+                                "answer.sentence_stop_words": 0, "answer.evidence_sightings": 0,
+                                "answer.timeout_s": 1.5})
     assert all(r.successful for r in results)
     t0 = time.monotonic()
-    answer = call_ask(g.node, "/ask", "Describe the road.", 1024)
+    answer = call_ask(g.node, "/ask", LONG_QUESTION, 1024)
     assert answer.success and answer.stopped == "deadline" and "partial" in answer.message
     assert answer.answer and time.monotonic() - t0 < 10
 
@@ -121,7 +126,7 @@ def test_sigint_during_a_long_answer_replies_and_exits_within_five_seconds(syste
     g = system["graph"]
     assert all(r.successful for r in g.set_parameters({"answer.timeout_s": 0.0}))
     replies = []
-    asker = threading.Thread(target=lambda: replies.append(call_ask(g.node, "/ask", "Describe the road.", 1024)))
+    asker = threading.Thread(target=lambda: replies.append(call_ask(g.node, "/ask", LONG_QUESTION, 1024)))
     asker.start()
     time.sleep(3.0)  # decoding (1024 tokens take ~100 s here)
     t0 = time.monotonic()

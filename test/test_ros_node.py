@@ -81,7 +81,7 @@ def test_replayed_bag_is_remembered_and_answers_are_published(system):
     (answer,) = rep["answers"]
     # stored: the first frame and the cat (familiar frames are written once per 10 s per camera)
     assert answer["success"] and answer["frames_in_context"] == 2
-    assert answer["score"]["named"], answer["answer"]
+    assert "domestic cat" in answer["evidence"] and answer["score"]["timed"], answer["answer"]
     assert answer["seen_at_s"][0] == pytest.approx(4.0) and answer["score"]["recalled"]  # the cat's frame
     assert rep["answers_published"] == 1 and rep["diagnostics"]
     assert (tmp / "report.md").read_text().count("Was there a cat?") == 1
