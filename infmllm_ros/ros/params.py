@@ -288,8 +288,8 @@ def validate(values: dict) -> NodeConfig:
                     vision_budget=max(0, v["cache.vision_budget"])).check_capacity(
             v["cache.capacity"], max(1, v["cache.max_chunk"]))
     except ValueError as exc:
-        name = next(f"cache.{k}" for k in ("beta", "decay", "vision_budget", "capacity", "policy") if k in str(exc)
-                    or k == "policy")
+        name = next((f"cache.{k}" for k in ("beta", "decay", "vision_budget", "capacity") if k in str(exc)),
+                    "cache.policy")
         need(False, name, str(exc))
     need(math.isfinite(v["familiar_interval_s"]) and v["familiar_interval_s"] >= 0.0, "familiar_interval_s",
          "must be a finite number of seconds >= 0")
