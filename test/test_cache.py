@@ -286,10 +286,11 @@ class IndependentScores:
     ``q.k * scale + beta * j`` (causal) summed over the chunk's queries that see ``j`` (divided by
     their count for inf_mllm), averaged over the query heads of the KV head; carried as
     ``decay * old + window``; on overflow a row keeps its sinks, its newest ``recent`` and the
-    best-scoring others (the best ``vision_budget`` VISION tokens first), ties to the older."""
+    best-scoring others (the best ``vision_budget`` VISION tokens first), ties to the older.
+    Lazy eviction: a row evicts only once it holds more than ``capacity + slack`` tokens."""
 
-    def __init__(self, cache, beta, normalise, decay, sinks, recent, vision_budget):
-        self.cache, self.beta, self.normalise, self.decay = cache, beta, normalise, decay
+    def __init__(self, cache, beta, normalise, decay, sinks, recent, vision_budget, slack=0):
+        self.cache, self.beta, self.normalise, self.decay, self.slack = cache, beta, normalise, decay, slack
         self.sinks, self.recent, self.vision_budget = sinks, recent, vision_budget
         layers, heads = cache.rows
         self.rows = [[{"tok": [], "kind": [], "score": torch.zeros(0, dtype=torch.float64)} for _ in range(heads)]
@@ -332,9 +333,9 @@ class IndependentScores:
                 row["score"] = torch.cat((self.decay * row["score"] + window[:s], window[s:]))
                 row["tok"] += new_tok
                 row["kind"] += new_kind
-                if t > cache.capacity:
+                if t > cache.capacity + self.slack:
                     self.evict(row, t)
-        self.evictions += t > cache.capacity
+        self.evictions += t > cache.capacity + self.slack
 
     def evict(self, row, t):
         middle = range(self.sinks, t - self.recent)
@@ -355,26 +356,71 @@ class IndependentScores:
                 torch.testing.assert_close(self.cache.scores[layer, h, :n].double(), row["score"], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("name, beta, normalise, decay, vision_budget", [
-    ("h2o", 0.0, False, 1.0, 0),
-    ("inf_mllm", 0.05, True, 0.9, 0),
-    ("inf_mllm", 0.0, True, 0.0, 0),
-    ("inf_mllm", 0.05, True, 0.9, 6),
+@pytest.mark.parametrize("name, beta, normalise, decay, vision_budget, slack, chunk", [
+    ("h2o", 0.0, False, 1.0, 0, 0, 6),
+    ("inf_mllm", 0.05, True, 0.9, 0, 0, 6),
+    ("inf_mllm", 0.0, True, 0.0, 0, 0, 6),
+    ("inf_mllm", 0.05, True, 0.9, 6, 0, 6),
+    ("h2o", 0.0, False, 1.0, 0, 0, 1),
+    ("inf_mllm", 0.05, True, 0.9, 0, 0, 1),
+    ("inf_mllm", 0.05, True, 0.9, 6, 13, 6),
+    ("inf_mllm", 0.05, True, 0.9, 0, 3, 1),
 ])
-def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(tiny, name, beta, normalise, decay, vision_budget):
+def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(tiny, name, beta, normalise, decay, vision_budget,
+                                                                     slack, chunk):
     """Every commit, every (layer, KV head) row holds exactly the tokens, and carries the scores,
-    that :class:`IndependentScores` computes from the same queries and keys: the window score,
-    the bias, the carry with decay, the sinks/recent/top-k selection and the vision budget each
-    have to be right for this to hold over a stream with many evictions."""
+    that :class:`IndependentScores` computes from the same queries and keys: the window score
+    (of a chunk, and of a single decoded token, which takes its own path), the bias, the carry
+    with decay, the sinks/recent/top-k selection, the vision budget and lazy eviction's slack
+    each have to be right for this to hold over a stream with many evictions."""
     kw = dict(beta=beta, decay=decay) if name == "inf_mllm" else {}
-    cache = tiny.new_cache(40, 8, make_policy(name, sinks=4, recent=8, vision_budget=vision_budget, **kw))
-    ref = IndependentScores(cache, beta, normalise, decay, 4, 8, vision_budget)
+    cache = tiny.new_cache(40, 8, make_policy(name, sinks=4, recent=8, vision_budget=vision_budget, **kw), slack=slack)
+    ref = IndependentScores(cache, beta, normalise, decay, 4, 8, vision_budget, slack)
     ids = torch.randint(0, 97, (240,), generator=torch.Generator().manual_seed(5))
     tiny(tiny.embed(ids[:4]), cache, SlotKind.SINK)
-    for i, start in enumerate(range(4, 240, 6)):
+    for i, start in enumerate(range(4, 240, chunk)):
         kind = SlotKind.VISION if i % 4 == 1 else SlotKind.TEXT  # a "frame" every fourth chunk
-        tiny(tiny.embed(ids[start:start + 6]), cache, kind, frame_id=i if kind == SlotKind.VISION else -1)
-    assert ref.evictions >= 30
+        tiny(tiny.embed(ids[start:start + chunk]), cache, kind, frame_id=i if kind == SlotKind.VISION else -1)
+    assert ref.evictions >= (30 if slack < 5 else 8)
     kept_vision = (cache.kind[:, :, :cache.length] == SlotKind.VISION).sum(-1)
     if vision_budget:
         assert bool((kept_vision >= vision_budget).all())
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "inf_mllm", "window"])
+def test_lazy_eviction_runs_at_most_once_per_slack_tokens_and_never_grows_the_buffer(tiny, name):
+    """With slack S a cache appends until it holds more than capacity + S tokens, then evicts
+    down to exactly its capacity: between two evictions at least S + 1 tokens arrive, the length
+    never exceeds capacity + S, and the buffer is the one allocated at the start."""
+    slack = 10
+    cache = tiny.new_cache(40, 8, make_policy(name, sinks=4, recent=8), slack=slack)
+    assert cache.k.shape[2] == 40 + slack + 8
+    ptr = cache.k.data_ptr()
+    g = torch.Generator().manual_seed(2)
+    since, evictions = 0, 0
+    for _ in range(120):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        before = cache.length
+        tiny(tiny.embed(torch.randint(0, 97, (n,), generator=g)), cache)
+        since += n
+        if cache.length < before + n:  # this chunk evicted
+            evictions += 1
+            assert cache.length == 40 and since >= slack + 1 and before + n > 40 + slack
+            since = 0
+        assert cache.length <= 40 + slack
+    assert evictions >= 10 and cache.k.data_ptr() == ptr
+    assert cache.evicted_tokens == cache.stream_tokens - cache.length
+
+
+def test_a_full_cache_ignores_slack_and_stops_at_its_capacity(tiny):
+    cache = tiny.new_cache(32, 8, make_policy("full"), slack=16)
+    assert cache.slack == 0 and cache.k.shape[2] == 40
+    for start in range(0, 32, 8):
+        tiny(tiny.embed(torch.arange(start, start + 8)), cache)
+    with pytest.raises(CacheFullError):
+        tiny(tiny.embed(torch.arange(1)), cache)
+
+
+def test_a_negative_slack_is_refused(tiny):
+    with pytest.raises(ValueError, match="slack"):
+        tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8), slack=-1)

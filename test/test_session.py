@@ -69,7 +69,8 @@ def test_memory_stays_fixed_over_many_frames(parts):
     ptr = s.cache.k.data_ptr()
     for t in range(12):
         s.ingest_frame(synthetic_road(t), float(t))
-    assert s.cache.length == 220 and s.cache.k.data_ptr() == ptr
+    assert 220 <= s.cache.length <= 220 + s.cache.slack and s.cache.k.data_ptr() == ptr
+    assert s.cache.k.shape[2] == 220 + s.cache.slack + s.cache.max_chunk  # allocated once, never grown
     frames, stamps = s.cache.frames()
     assert frames[-1] == 11 and stamps[-1] == 11.0 and s.cache.evicted_tokens > 100
     # The system prompt (sinks) survives every eviction.

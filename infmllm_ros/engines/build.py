@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..kvcache import POLICIES, make_policy
+from ..kvcache import DEFAULT_SLACK, POLICIES, KVCache, make_policy
 from ..kvcache.policies import MEMORY_BETA
 
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="model preset or GGUF path (as the node's `model`)")
     ap.add_argument("--capacity", type=int, default=2048, help="KV-cache capacity (tokens), as cache.capacity")
     ap.add_argument("--max-chunk", type=int, default=64, help="largest chunk (tokens), as cache.max_chunk")
+    ap.add_argument("--slack", type=int, default=DEFAULT_SLACK, help="lazy-eviction slack (tokens), as cache.slack")
     ap.add_argument("--policy", default="inf_mllm", choices=sorted(POLICIES), help="as cache.policy")
     ap.add_argument("--beta", type=float, default=MEMORY_BETA, help="as cache.beta")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder = decoder.half()
     spec = make_policy(args.policy, beta=args.beta).score_spec
     beta, normalise = (spec.beta, spec.normalise) if spec else (0.0, True)
-    slots = args.capacity + args.max_chunk
+    slots = KVCache.buffer_slots(args.capacity, args.max_chunk, args.slack, make_policy(args.policy))
     out = Path(args.out)
     stem = f"{path.stem}.{args.precision}.s{slots}.c{args.max_chunk}"
     print(f"[1/2] exporting the decoder step to {out / (stem + '.onnx')} ...", flush=True)

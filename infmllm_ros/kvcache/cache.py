@@ -1,10 +1,20 @@
 """The fixed-size KV cache: one preallocated buffer, per-slot metadata, chunked attention, eviction.
 
-Memory never grows with the stream: K and V are ``[layers, kv_heads, capacity + max_chunk,
-head_dim]`` from the start. A chunk of ``n`` tokens is written after the ``length`` occupied
-slots (RoPE positions ``length..length+n-1``: positions are slot indices, as in StreamingLLM),
-attended, and then, if ``length + n > capacity``, the policy chooses ``capacity`` slots per
-(layer, kv_head) row to keep and they are compacted to the front with their keys re-rotated.
+Memory never grows with the stream: K and V are ``[layers, kv_heads, capacity + slack +
+max_chunk, head_dim]`` from the start. A chunk of ``n`` tokens is written after the ``length``
+occupied slots (RoPE positions ``length..length+n-1``: positions are slot indices, as in
+StreamingLLM), attended, and then, if ``length + n > capacity + slack``, the policy chooses
+``capacity`` slots per (layer, kv_head) row to keep and they are compacted to the front with
+their keys re-rotated.
+
+Eviction is lazy: with ``slack = 0`` every chunk that overflows the capacity evicts (selection
+and compaction on every decoded token of a full cache); with ``slack = S`` chunks are appended
+until the stream holds more than ``capacity + S`` tokens, and one eviction then drops at least
+``S + 1``, so selection and compaction run at most once per ``S + 1`` appended tokens. Scores
+accumulate over the appended chunks as they would have, so the policy decides the same kind of
+thing, over a larger candidate set and less often. The price: ``S`` more slots of K/V in
+memory, up to ``S`` more keys attended per query, and between evictions the model sees up to
+``capacity + S`` tokens rather than exactly ``capacity``.
 
 M-RoPE models (Qwen2-VL) give a chunk's vision tokens 2-D (h, w) positions, so an image chunk
 moves the position counter by less than its length (transformers' ``get_rope_index``: the text
@@ -31,14 +41,15 @@ from .rope import Rope
 from .slots import SlotKind
 
 
-def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped-query attention of a chunk over cached + chunk keys (softmax in fp32).
 
     Args:
         q: post-RoPE queries ``[q_heads, n, head_dim]``.
         keys, values: ``[kv_heads, T, head_dim]`` (q's dtype).
-        mask: bool ``[n, T]``, True where a query must not see a key.
+        mask: bool ``[n, T]``, True where a query must not see a key (None: every query sees
+            every key, as the single query of a decoded token does).
         scale: logit scale (``head_dim ** -0.5``).
 
     Returns:
@@ -51,7 +62,8 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     # Each kv head's group of query heads as one [g * n, d] matrix: plain bmm, no broadcast
     # copy of the keys/values per query head.
     logits = (torch.bmm(q.reshape(hkv, g * n, d), keys.transpose(1, 2)).float() * scale).view(hkv, g, n, t)
-    probs = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1).to(values.dtype)
+    probs = torch.softmax(logits if mask is None else logits.masked_fill(mask, float("-inf")), dim=-1)
+    probs = probs.to(values.dtype)
     return torch.bmm(probs.view(hkv, g * n, t), values).view(hq, n, d), logits
 
 
@@ -67,7 +79,10 @@ class KVCache:
         capacity: slots kept after eviction (tokens), ``>= sinks + recent + max_chunk``
             (:meth:`EvictionPolicy.check_capacity`).
         max_chunk: largest chunk (tokens) written at once; the buffer has
-            ``capacity + max_chunk`` slots.
+            ``capacity + slack + max_chunk`` slots.
+        slack: tokens appended beyond ``capacity`` before an eviction runs (lazy eviction, see
+            the module docstring; 0 = evict whenever a chunk overflows the capacity). A policy
+            that never evicts (``full``) stops at ``capacity`` whatever the slack.
         policy: eviction policy (:mod:`.policies`).
         rope: the model's RoPE, used to re-rotate keys on compaction (None: keys without RoPE).
         dtype, device: buffer dtype/device (scores and softmax are always fp32).
@@ -87,25 +102,28 @@ class KVCache:
         evicted_tokens: tokens dropped per row since the last reset.
 
     Raises:
-        ValueError: on inconsistent sizes.
+        ValueError: on inconsistent sizes or a negative slack.
     """
 
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, capacity: int, max_chunk: int,
                  policy: EvictionPolicy, rope: Rope | None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", slack: int = 0):
         if min(layers, kv_heads, head_dim) < 1:
             raise ValueError("layers, kv_heads and head_dim must be >= 1")
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0 tokens, got {slack}")
         policy.check_capacity(capacity, max_chunk)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.max_chunk = max_chunk
+        self.slack = slack if policy.evicts else 0
         self.policy = policy
         self.rope = rope
         self.scale = head_dim ** -0.5
-        slots = capacity + max_chunk
+        slots = self.buffer_slots(capacity, max_chunk, slack, policy)
         shape = (layers, kv_heads, slots)
         self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -121,7 +139,15 @@ class KVCache:
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
         self._window = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
         self._causal = torch.ones(max_chunk, max_chunk, dtype=torch.bool, device=device).triu(1)
+        # the scoring bias beta * slot of every slot (column_scores' ``beta * slots``)
+        self._slot_bias = spec.beta * torch.arange(slots, device=device).to(torch.float32) if spec else None
         self.reset()
+
+    @staticmethod
+    def buffer_slots(capacity: int, max_chunk: int, slack: int, policy: EvictionPolicy) -> int:
+        """Slots of the K/V buffer of a cache with these settings: ``capacity + slack +
+        max_chunk`` (the slack only for a policy that evicts). Engines are built for this size."""
+        return capacity + (slack if policy.evicts else 0) + max_chunk
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -183,9 +209,12 @@ class KVCache:
         self.stamp[:, :, s:e] = stamp_s
         if self.scores is not None:
             self.scores[:, :, s:e] = 0.0
-        # Causal mask of the chunk's queries over cache + chunk, shared by every layer.
-        self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
-        self._mask[:, s:] = self._causal[:n, :n]
+        # Causal mask of the chunk's queries over cache + chunk, shared by every layer (a
+        # single token's query sees every key: no mask).
+        self._mask = None
+        if n > 1:
+            self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
+            self._mask[:, s:] = self._causal[:n, :n]
         if self.rope_lag is not None:
             self.rope_lag[:, :, s:e] = self.position_offset + self._segment_lag(n, mrope, dev)
         self.pending = n
@@ -257,6 +286,11 @@ class KVCache:
         if self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
             kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
                                   spec.beta, spec.normalise, out=self._window[layer:layer + 1])
+        elif n == 1:
+            # column_scores of a one-query window, without its no-op parts (the query sees every
+            # key, once): the same operations on the same values, so the same bits.
+            biased = logits + self._slot_bias[:t] if spec.beta else logits
+            self._window[layer, :, :t] = torch.softmax(biased, dim=-1)[:, :, 0].mean(dim=1)
         else:
             self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
 
@@ -297,7 +331,8 @@ class KVCache:
         self.pending = 0
 
     def commit(self) -> int:
-        """Finish the chunk: update scores, and evict down to capacity if needed.
+        """Finish the chunk: update scores, and evict down to ``capacity`` once the stream holds
+        more than ``capacity + slack`` tokens.
 
         Returns:
             tokens evicted per row by this call (0 when the chunk fitted).
@@ -310,7 +345,7 @@ class KVCache:
         self.stream_tokens += self.pending
         self.position_offset += self._advance - self.pending
         self.pending = 0
-        if t <= self.capacity:
+        if t <= self.capacity + self.slack:
             return 0
         scores = self.scores[:, :, :t] if spec is not None else None
         keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device, self.kind[:, :, :t])

@@ -196,6 +196,11 @@ DEFAULT_BETA, DEFAULT_DECAY = 5e-2, 0.9
 #: keep all six (bench/results/README.md, "Sightings").
 MEMORY_BETA, MEMORY_DECAY = 1e-3, 0.99
 
+#: Lazy-eviction slack of a stream's cache (tokens past the capacity before an eviction runs,
+#: :class:`~infmllm_ros.kvcache.KVCache`): an answer of up to 64 tokens decodes without a
+#: selection or compaction, and a frame rarely pays for one. Costs 64 slots of K/V.
+DEFAULT_SLACK = 64
+
 #: Vision budget for a camera stream's memory (tokens per row; policies that score slots). An
 #: hour of the needle drive stores ~4 vision tokens per novel frame; 128 keeps the last ~32
 #: novel frames' tokens whatever the text around them scores (bench/results/README.md).

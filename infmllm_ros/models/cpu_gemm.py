@@ -1,4 +1,6 @@
-"""Linear layers with weights prepacked for oneDNN, for chunk-sized GEMMs on a CPU.
+"""CPU linear layers: fp32 weights prepacked for oneDNN, or weight-only int8.
+
+**Packed fp32** (:func:`pack_linears`, the default on CPU).
 
 A frame chunk is ~20 tokens, so every projection is a thin GEMM (``M`` ~ 20, ``K`` = 576,
 ``N`` up to 1536 for SmolLM2). MKL's ``sgemm`` behind ``nn.Linear`` runs these at a fraction of
@@ -12,6 +14,14 @@ The two ops are PyTorch's own (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, what Inductor's weight freezing emits on CPU); they are internal, so
 :func:`pack_linears` checks them against ``F.linear`` once and leaves the model as it is if
 they are missing or disagree.
+
+**Weight-only int8** (:func:`quantize_linears`, ``precision: int8``). A decoded token is one
+matrix-vector product per weight, so its time is the bytes of weights read: int8 reads a quarter
+of fp32. Each output channel's weights are rounded to int8 with a scale ``max|w| / 127``
+(symmetric, per channel); activations are not quantised but rounded to bf16, and torch's
+``aten._weight_int8pack_mm`` (the kernel behind gpt-fast's and torchao's int8 weight-only path on
+CPU) computes ``x @ (W_int8 * scale)^T`` with fp32 accumulation. The error is measured, not
+assumed: perplexity and needle next to fp32 in ``bench/results/README.md`` ("Decode").
 """
 from __future__ import annotations
 
@@ -27,7 +37,22 @@ log = logging.getLogger(__name__)
 CHECK_RTOL = 1e-4
 
 
-class PackedLinear(nn.Module):
+class CpuLinear(nn.Module):
+    """A linear layer whose weight is held in a CPU-only form; it refuses to change device or
+    dtype (its :meth:`dense` gives an ``nn.Linear`` that can)."""
+
+    def dense(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1))
+        if probe.device.type != "cpu" or probe.dtype != torch.float32:
+            raise RuntimeError("a packed or int8 CPU linear cannot change device or dtype: load the model on that "
+                               "device instead (load_model(device=...)) or use dense_linears() first")
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(CpuLinear):
     """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout (CPU, fp32).
 
     Args:
@@ -55,12 +80,53 @@ class PackedLinear(nn.Module):
             layer.bias = self.bias
         return layer.requires_grad_(False)
 
-    def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1))
-        if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise RuntimeError("a packed CPU linear cannot change device or dtype: load the model on that device "
-                               "instead (load_embedded(device=...)) or use dense_linears() first")
-        return super()._apply(fn, recurse)
+
+class Int8Linear(CpuLinear):
+    """``y = x (s * W_q)^T + b`` with ``W_q`` int8 ``[out, in]`` and ``s`` one scale per output.
+
+    Args:
+        linear: the dense layer (CPU, float weight ``[out, in]``); not modified.
+
+    Shapes and dtypes: ``x`` ``[..., in]`` float -> ``[..., out]`` in ``x``'s dtype; the product
+    runs with ``x`` rounded to bf16 and fp32 accumulation.
+
+    Raises:
+        ValueError: a weight not on the CPU.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        if w.device.type != "cpu":
+            raise ValueError(f"int8 weights are a CPU path; {w.device} weights run fp16/bf16 or a TensorRT engine")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize_int8(w)
+        self.register_buffer("weight_int8", weight)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
+                                               self.scale).to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> nn.Linear:
+        """The ``nn.Linear`` of the dequantised weight (what this layer computes, in fp32)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = nn.Parameter(self.weight_int8.float() * self.scale.float()[:, None], requires_grad=False)
+        if self.bias is not None:
+            layer.bias = self.bias
+        return layer.requires_grad_(False)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a weight ``[out, in]``: ``(int8 [out, in], fp32 scale
+    [out])`` with ``w ~ q * scale[:, None]``, ``scale = max|w_row| / 127`` (1 for an all-zero row)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -115,11 +181,35 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
     return len(targets)
 
 
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` (and :class:`PackedLinear`) of a CPU ``model`` by an
+    :class:`Int8Linear`, in place; the LM head too (a tied embedding table stays float for the
+    lookup, and the head gets its own int8 copy).
+
+    Returns:
+        layers quantised.
+
+    Raises:
+        ValueError: the model is not on the CPU, or this torch has no ``_weight_int8pack_mm``.
+    """
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        raise ValueError(f"int8 weights are a CPU path; a model on {p.device} runs fp16/bf16 or a TensorRT engine")
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        raise ValueError(f"torch {torch.__version__} has no aten._weight_int8pack_mm: int8 weights need torch >= 2.4")
+    targets = [(name, mod.dense() if isinstance(mod, CpuLinear) else mod) for name, mod in model.named_modules()
+               if isinstance(mod, (nn.Linear, CpuLinear))]
+    for name, mod in targets:
+        _replace(model, name, Int8Linear(mod))
+    return len(targets)
+
+
 @contextmanager
 def dense_linears(model: nn.Module):
-    """Within the block ``model`` has dense ``nn.Linear`` layers again (exact weights); packed
-    ones are restored after it. A no-op for a model that was not packed."""
-    swapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, PackedLinear)]
+    """Within the block ``model`` has dense ``nn.Linear`` layers again (packed: the exact weights;
+    int8: the dequantised ones); the CPU layers are restored after it. A no-op for a model of
+    plain ``nn.Linear`` layers."""
+    swapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, CpuLinear)]
     for name, mod in swapped:
         _replace(model, name, mod.dense())
     try:

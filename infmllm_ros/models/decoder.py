@@ -152,22 +152,23 @@ class Decoder(nn.Module):
         self.requires_grad_(False)  # inference only
 
     def new_cache(self, capacity: int, max_chunk: int, policy: EvictionPolicy,
-                  dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache shaped for this model (see :class:`KVCache` for the errors it raises).
+                  dtype: torch.dtype | None = None, slack: int = 0) -> KVCache:
+        """A KV cache shaped for this model (see :class:`KVCache` for the arguments and the
+        errors it raises; ``slack``: tokens appended past ``capacity`` before an eviction).
 
         Raises:
-            ValueError: also when ``capacity + max_chunk`` exceeds the trained context, since
-                slot positions must stay inside it.
+            ValueError: also when ``capacity + slack + max_chunk`` exceeds the trained context,
+                since slot positions must stay inside it.
         """
-        slots = capacity + max_chunk
+        slots = KVCache.buffer_slots(capacity, max_chunk, slack, policy)
         if slots > self.cfg.max_position_embeddings:
             raise ValueError(
-                f"capacity + max_chunk = {slots} slots exceeds the model's trained context "
+                f"capacity + slack + max_chunk = {slots} slots exceeds the model's trained context "
                 f"({self.cfg.max_position_embeddings} tokens)")
         p = next(self.parameters())
         return KVCache(layers=self.cfg.num_layers, kv_heads=self.cfg.num_kv_heads,
                        head_dim=self.cfg.head_dim, capacity=capacity, max_chunk=max_chunk,
-                       policy=policy, rope=self.rope, dtype=dtype or p.dtype, device=p.device)
+                       policy=policy, rope=self.rope, dtype=dtype or p.dtype, device=p.device, slack=slack)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids int64 ``[n]`` -> input embeddings ``[n, hidden]``."""

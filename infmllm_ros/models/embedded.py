@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .cpu_gemm import pack_linears
 from .family import FrameEncoding, VisionLanguageModel
 from .gguf_loader import load_gguf
 from .vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
@@ -59,6 +58,5 @@ def load_embedded(gguf: str | Path, device: str = "cpu") -> EmbeddedVLM:
     vision = VisionEncoder()
     decoder.to(device)
     vision.to(device)
-    pack_linears(decoder)  # on CPU (a no-op elsewhere): thin chunk GEMMs run faster in oneDNN's packed layout
     return EmbeddedVLM(decoder, tokenizer, path.stem, vision,
                        LabelEmbeddingProjector(decoder, tokenizer, imagenet_names()))

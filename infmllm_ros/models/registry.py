@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_gemm import pack_linears
+from .cpu_gemm import pack_linears, quantize_linears
 from .embedded import load_embedded
 from .family import VisionLanguageModel
 from .hf_loader import read_config
@@ -31,6 +31,9 @@ FAMILIES: dict[str, Callable[..., VisionLanguageModel]] = {
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Precisions: a weight dtype (:data:`DTYPES`), or ``int8``: fp32 activations with weight-only
+#: int8 linear layers on the CPU (:func:`~.cpu_gemm.quantize_linears`).
+PRECISIONS = (*DTYPES, "int8")
 
 
 def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> VisionLanguageModel:
@@ -39,7 +42,9 @@ def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> Visi
 
     Args:
         device: torch device for all weights ("cpu", "cuda", "cuda:1").
-        precision: weight dtype of an HF model (``fp32``, ``fp16``, ``bf16``); GGUF models are fp32.
+        precision: one of :data:`PRECISIONS`: the weight dtype of an HF model (``fp32``,
+            ``fp16``, ``bf16``; GGUF models are fp32), or ``int8`` (any model, CPU only). On the
+            CPU, fp32 linears are prepacked for oneDNN (:mod:`.cpu_gemm`).
 
     Raises:
         FileNotFoundError: neither a preset nor an existing file or directory, or a file the
@@ -47,8 +52,19 @@ def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> Visi
             message lists the supported families), a bad precision, or a checkpoint whose
             tensors disagree with its config. RuntimeError: an unavailable device.
     """
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"precision int8 is a CPU path; on {device} use fp16/bf16 or a TensorRT engine")
+    loaded = _load(model, device, DTYPES.get(precision, torch.float32))
+    if precision == "int8":
+        quantize_linears(loaded.decoder)
+    elif precision == "fp32":
+        pack_linears(loaded.decoder)  # CPU only (a no-op elsewhere): see cpu_gemm
+    return loaded
+
+
+def _load(model: str, device: str, dtype: torch.dtype) -> VisionLanguageModel:
     if model in PRESETS:
         return load_embedded(PRESETS[model](), device)
     path = Path(model).expanduser()
@@ -61,7 +77,4 @@ def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> Visi
     if arch not in FAMILIES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
                          f"(and GGUF LLaMA models with the embedded vision front end)")
-    loaded = FAMILIES[arch](path, device=device, dtype=DTYPES[precision])
-    if precision == "fp32":
-        pack_linears(loaded.decoder)  # CPU only (a no-op elsewhere): see cpu_gemm
-    return loaded
+    return FAMILIES[arch](path, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy
+from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
@@ -79,6 +79,8 @@ PARAMETERS = (
     Param("cache.decay", MEMORY_DECAY, "inf_mllm score carry decay per chunk (0: retrieval window only)"),
     Param("cache.vision_budget", -1, "vision tokens per (layer, KV head) row kept ahead of other saddles, "
           f"h2o and inf_mllm only (-1: {MEMORY_VISION_BUDGET} for those, 0 for the others)"),
+    Param("cache.slack", DEFAULT_SLACK, "lazy eviction: tokens appended past cache.capacity before an eviction "
+          "runs; one eviction then makes room for this many (0: evict on every chunk that overflows)"),
     Param("cache.max_chunk", 0, "largest prefill chunk in tokens (0: 64, or the model's largest frame: its vision tokens + 48)"),
     Param("max_new_tokens", 48, "default answer length limit in tokens (Ask.max_new_tokens = 0)", dynamic=True),
     Param("max_question_tokens", DEFAULT_MAX_QUESTION_TOKENS,
@@ -143,6 +145,7 @@ class NodeConfig:
     cache_beta: float
     cache_decay: float
     cache_vision_budget: int
+    cache_slack: int
     cache_max_chunk: int
     max_new_tokens: int
     max_question_tokens: int
@@ -190,6 +193,7 @@ class NodeConfig:
         return dict(backend=self.backend, engine_dir=self.engine_dir,
                     capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
                     beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk or None,
+                    slack=self.cache_slack,
                     system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
                     novelty_threshold=None if self.novelty_threshold < 0 else self.novelty_threshold,
                     familiar_interval_s=self.familiar_interval_s,
@@ -278,6 +282,7 @@ def validate(values: dict) -> NodeConfig:
     need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
     need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
          "must be >= 8, or 0 for the session's default")
+    need(0 <= v["cache.slack"] <= 4096, "cache.slack", "must be in 0..4096 tokens")
     need(v["cache.vision_budget"] >= -1, "cache.vision_budget", "must be -1 (the policy's default) or >= 0")
     # beta, decay, the vision budget and the capacity follow the policies' own rules
     # (kvcache/policies.py): beta and decay are checked whatever the policy; the capacity check is

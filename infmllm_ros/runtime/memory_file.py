@@ -3,7 +3,7 @@
 One ``safetensors`` file: the occupied slots of every cache tensor (K, V, positions, kinds, frame
 ids, stamps, carried scores, M-RoPE lags) and each camera's novelty background as tensors; the
 rest as JSON in the file's metadata under ``"infmllm"``: the format version, the identity of the
-stream (model, family, KV dtype, shape, capacity, max chunk, policy, a hash of the system
+stream (model, family, KV dtype, shape, capacity, slack, max chunk, policy, a hash of the system
 prompt's token ids) and its state (counters, clocks, per-frame camera and label, ``extra``
 from the caller, e.g. the node's stamp origin).
 
@@ -36,7 +36,7 @@ def identity(session) -> dict:
     layers, kv_heads, _, head_dim = cache.k.shape
     return {"format": FORMAT_VERSION, "model": session.model.name, "family": session.model.family,
             "kv_dtype": str(cache.k.dtype).removeprefix("torch."), "layers": layers, "kv_heads": kv_heads,
-            "head_dim": head_dim, "capacity": cache.capacity, "max_chunk": cache.max_chunk,
+            "head_dim": head_dim, "capacity": cache.capacity, "slack": cache.slack, "max_chunk": cache.max_chunk,
             "policy": cache.policy.name,
             "system_prompt": hashlib.sha256(json.dumps(session._system_ids).encode()).hexdigest()[:16]}
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..kvcache import SlotKind, make_policy
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
+from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, VisionLanguageModel
 from ..models.vision import check_rgb
 from .backends import Backend, TorchBackend, make_backend
@@ -165,8 +165,10 @@ class StreamSession:
         model: the model family instance (decoder, tokenizer, vision front end; :func:`load_model`).
         capacity: KV slots (tokens) kept. policy: policy name (:data:`kvcache.POLICIES`).
         recent: protected newest tokens. beta, decay: inf_mllm attention bias and score carry.
-        max_chunk: largest chunk (tokens); the buffer has ``capacity + max_chunk`` slots.
+        max_chunk: largest chunk (tokens); the buffer has ``capacity + slack + max_chunk`` slots.
             None: 64, or room for the model's largest frame (its vision tokens + 48 tokens of text).
+        slack: tokens appended past ``capacity`` before an eviction runs (lazy eviction,
+            :class:`~infmllm_ros.kvcache.KVCache`; 0: evict whenever a chunk overflows).
         system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
@@ -203,7 +205,7 @@ class StreamSession:
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
                  sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
                  evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD,
-                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS):
+                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS, slack: int = DEFAULT_SLACK):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -243,7 +245,7 @@ class StreamSession:
         if vision_budget is None:
             vision_budget = MEMORY_VISION_BUDGET if scores_slots(policy) else 0
         pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay, vision_budget=vision_budget)
-        self.cache = decoder.new_cache(capacity, max_chunk, pol)
+        self.cache = decoder.new_cache(capacity, max_chunk, pol, slack=slack)
         self.backend.check_cache(self.cache)
         self._lock = threading.Lock()
         self.reset()
