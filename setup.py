@@ -29,6 +29,7 @@ setup(
             "infmllm-bench-needle = infmllm_ros.bench.needle:main",
             "infmllm-bench-kernels = infmllm_ros.bench.kernels:main",
             "infmllm-bench-backends = infmllm_ros.bench.backends:main",
+            "infmllm-bench-decode = infmllm_ros.bench.decode:main",
             "infmllm-bench-stream = infmllm_ros.bench.stream:main",
             "infmllm-bench-calibrate = infmllm_ros.bench.calibrate:main",
             "infmllm-build-engines = infmllm_ros.engines.build:main",

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from infmllm_ros.kvcache.reference import kv_compact, saddle_select, visible_counts, window_scores
+from infmllm_ros.kvcache.reference import (chunk_column_scores, column_scores, kv_compact, saddle_select, visible_counts,
+                                           window_scores)
 from infmllm_ros.kvcache.rope import Rope
 
 
@@ -102,3 +103,20 @@ def test_kv_compact_rejects_out_of_range_indices():
     k = torch.zeros(1, 1, 8, 4)
     with pytest.raises(ValueError, match="out of the buffer"):
         kv_compact(k, k.clone(), torch.tensor([[[0, 9]]]), None)
+
+
+@pytest.mark.parametrize("w", [1, 5])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+@pytest.mark.parametrize("normalise", [True, False])
+def test_chunk_column_scores_are_column_scores_bit_for_bit(w, beta, normalise):
+    """The cache's CPU window scores (tables precomputed, mask on the chunk's corner only) give
+    exactly the bits of the reference, for a decoded token (W = 1) and a chunk."""
+    t = 37
+    logits = torch.randn(3, 2, w, t, generator=torch.Generator().manual_seed(w))
+    before = logits.clone()
+    slot_bias = beta * torch.arange(t + 8).to(torch.float32) if beta else None
+    causal = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    viewers = visible_counts(t, t - w, w).clamp(min=1.0) if normalise else None
+    got = chunk_column_scores(logits, slot_bias, causal, viewers)
+    assert torch.equal(got, column_scores(logits, t - w, beta, normalise))
+    assert torch.equal(logits, before)  # the model's logits are not touched

