@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl bench-drive mutation clean
+.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -35,6 +35,12 @@ test: $(STAMP)
 # The streaming perplexity benchmark (long: see bench/results/README.md).
 bench-ppl: $(STAMP)
 	$(VENV)/bin/infmllm-bench-ppl --text ../shared/data/wikitext2_test.txt --json bench/results/perplexity.json
+
+# Decode tok/s, TTFT and stored-frame ms against transformers and llama.cpp on the same run.
+# llama-cpp-python (the llama.cpp peer) builds from source: ~15 minutes on 2 cores, once.
+bench-decode: $(STAMP)
+	$(PIP) install -q llama-cpp-python==0.3.36
+	$(VENV)/bin/infmllm-bench-decode --json bench/results/decode_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out mutants

@@ -122,22 +122,28 @@ def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict |
         print("infmllm-bench-decode: llama-cpp-python is not installed (make bench-decode installs it); "
               "llama.cpp skipped", file=sys.stderr)
         return None
+    import llama_cpp
+
     llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(),
                 n_batch=512, verbose=False)
+
+    def next_token() -> int:  # greedy over the last evaluated token's logits
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
     ttft, rate = [], []
     for _ in range(args.repeats):
         llm.reset()
         llm.eval(prompt.tolist())
         t0 = time.perf_counter()
         llm.eval(question.tolist())
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = next_token()
         ttft.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(args.decode):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = next_token()
         rate.append(args.decode / (time.perf_counter() - t0))
-    import llama_cpp
     return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate,
             "version": llama_cpp.__version__, "weights": "Q4_1 (the GGUF as shipped)"}
 

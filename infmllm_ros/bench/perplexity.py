@@ -13,6 +13,7 @@ runs already in the JSON, so a long sweep can be stopped and continued.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -27,6 +28,7 @@ import torch
 from ..kvcache import make_policy
 from ..kvcache.policies import DEFAULT_BETA, DEFAULT_DECAY, POLICIES
 from ..models import Decoder, load_gguf, smollm2_gguf_path
+from ..models.cpu_gemm import quantize_linears
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
 
 
@@ -103,16 +105,18 @@ def summarise(nll: np.ndarray, times: np.ndarray, capacity: int, chunk: int, buc
 _WORKER: dict = {}
 
 
-def _init_worker(model_path: str, threads: int, device: str) -> None:
+def _init_worker(model_path: str, threads: int, device: str, precision: str = "fp32") -> None:
     torch.set_num_threads(threads)
     _WORKER["decoder"] = load_gguf(model_path)[0].to(device)
+    if precision == "int8":
+        quantize_linears(_WORKER["decoder"])
 
 
 def _run_job(job: dict, ids: torch.Tensor, chunk: int, buckets: int) -> dict:
     decoder = _WORKER["decoder"]
     policy = make_policy(job["policy"], sinks=job["sinks"], recent=job["recent"], beta=job["beta"],
                          decay=job["decay"])
-    cache = decoder.new_cache(job["capacity"], chunk, policy)
+    cache = decoder.new_cache(job["capacity"], chunk, policy, slack=job.get("slack", 0))
     t0 = time.perf_counter()
     nll, times = stream_nll(decoder, ids.to(cache.k.device), cache, chunk, progress=job["key"])
     out = dict(job)
@@ -126,13 +130,13 @@ def _run_all(jobs: list[dict], ids: torch.Tensor, args, model_path: Path, thread
     """Yield finished runs: in this process for ``--jobs 1``, else in a spawned process pool
     (fork after torch has started its thread pool can deadlock the children)."""
     if args.jobs <= 1:
-        _init_worker(str(model_path), threads, args.device)
+        _init_worker(str(model_path), threads, args.device, args.precision)
         for job in jobs:
             yield _run_job(job, ids, args.chunk, args.buckets)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(model_path), threads, args.device)) as pool:
+                             initargs=(str(model_path), threads, args.device, args.precision)) as pool:
         futures = [pool.submit(_run_job, j, ids, args.chunk, args.buckets) for j in jobs]
         for fut in as_completed(futures):
             yield fut.result()
@@ -198,6 +202,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decay", type=_csv(float), default=[DEFAULT_DECAY],
                    help="comma list of inf_mllm score-carry decays (0 = retrieval window only)")
     p.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct wheel)")
+    p.add_argument("--slack", type=_csv(int), default=[0],
+                   help="comma list of lazy-eviction slacks (tokens past the capacity before an eviction)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="linear layers: fp32, or weight-only int8 (CPU; models/cpu_gemm.py)")
     p.add_argument("--buckets", type=int, default=10, help="stream-position buckets (default 10)")
     p.add_argument("--hf-contexts", type=_csv(int), default=[2048, 4096, 8160],
                    help="contexts for the transformers full-cache timing ('' to skip)")
@@ -222,19 +230,21 @@ def plan_jobs(args) -> list[dict]:
         recent = args.recent if args.recent is not None else cap // 4
         for name in args.policy:
             variants = [(b, d) for b in args.beta for d in args.decay] if name == "inf_mllm" else [(0.0, 0.0)]
-            for beta, decay in variants:
+            for (beta, decay), slack in itertools.product(variants, args.slack):
                 make_policy(name, sinks=args.sinks, recent=recent, beta=beta,
                             decay=decay).check_capacity(cap, args.chunk)
-                key = f"{name}@{cap}" + (f",beta={beta:g},decay={decay:g}" if name == "inf_mllm" else "")
+                key = (f"{name}@{cap}" + (f",beta={beta:g},decay={decay:g}" if name == "inf_mllm" else "")
+                       + (f",slack={slack}" if slack else ""))
                 jobs.append({"key": key, "policy": name, "capacity": cap, "sinks": args.sinks,
-                             "recent": recent, "beta": beta, "decay": decay})
+                             "recent": recent, "beta": beta, "decay": decay, "slack": slack})
     return jobs
 
 
 def _label(run: dict) -> str:
+    slack = f" slack={run['slack']}" if run.get("slack") else ""
     if run["policy"] != "inf_mllm":
-        return run["policy"]
-    return f"inf_mllm beta={run['beta']:g} decay={run['decay']:g}"
+        return run["policy"] + slack
+    return f"inf_mllm beta={run['beta']:g} decay={run['decay']:g}" + slack
 
 
 def report(data: dict, out: Path) -> None:
