@@ -35,7 +35,7 @@ def export_decoder_step(decoder: Decoder, path: str | Path, *, slots: int, max_c
     Args:
         decoder: the model, on CPU (packed CPU linears are exported as their dense weights).
         path: output ``.onnx`` path.
-        slots: KV-buffer slots (``capacity + max_chunk`` of the cache), static in the graph.
+        slots: KV-buffer slots (``KVCache.buffer_slots``: capacity + slack + max_chunk), static in the graph.
         max_chunk: largest chunk (tokens); ``n`` is dynamic in ``1..max_chunk``.
         beta, normalise: window-score settings baked into the graph (the cache's policy).
 
