@@ -7,8 +7,8 @@ shapes, against ``transformers`` with the same weights and a full cache, in the 
 For each cache size S (tokens), both sides first hold S tokens of stream (the same frame chunk
 repeated: one stored frame is a user turn with the tag, image markers and vision tokens):
 
-* ours: a :class:`StreamSession` with an ``inf_mllm`` cache of S slots, full, so every new frame
-  evicts; per frame: vision tower + projector (``vision_ms``), prefill of the frame chunk
+* ours: a :class:`StreamSession` with an ``inf_mllm`` cache of S slots, full, and no lazy-eviction
+  slack, so every new frame evicts (the worst case; with the default slack most frames do not); per frame: vision tower + projector (``vision_ms``), prefill of the frame chunk
   (``prefill_ms``) and the eviction (selection + compaction, ``evict_ms``);
 * transformers: the same checkpoint's ``*ForConditionalGeneration``, a ``DynamicCache`` holding
   the S tokens; per frame: ``get_image_features`` and the language model over the frame chunk
@@ -62,7 +62,7 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     from ..runtime.session import StreamSession
 
     s = StreamSession(model, capacity=slots, policy="inf_mllm", recent=slots // 4, novelty_threshold=0.0,
-                      familiar_interval_s=0.0)
+                      familiar_interval_s=0.0, slack=0)  # eager eviction: every frame pays one, the worst case
     enc = model.encode_frame(test_frame(0))
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
     embeds, kinds = s.chunk_embeds(chunk)
