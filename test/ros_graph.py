@@ -89,6 +89,16 @@ class Graph:
             time.sleep(0.1)
         raise AssertionError("no /diagnostics message within 10 s")
 
+    def status_when(self, ready, timeout_s: float = 10.0) -> dict:
+        """The first fresh ``/diagnostics`` values for which ``ready(values)`` holds: counters are
+        published on the diagnostics period, after the outcome a frame report carries; the last
+        values seen if none holds within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        status = self.latest_status()
+        while not ready(status) and time.monotonic() < deadline:
+            status = self.latest_status()
+        return status
+
 
 def header(sec, nanosec=0):
     return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id="cam")

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_hf_model
 from infmllm_ros.kvcache import make_policy
-from infmllm_ros.models import load_gguf, load_model, smollm2_gguf_path
-from infmllm_ros.models.cpu_gemm import Int8Linear, PackedLinear, dense_linears, pack_linears, quantize_int8, quantize_linears
+from infmllm_ros.models import load_gguf, load_hf_checkpoint, load_model, smollm2_gguf_path
+from infmllm_ros.models.cpu_gemm import (Int8Linear, PackedLinear, dense_linears, fuse_projections, pack_linears,
+                                         quantize_int8, quantize_linears)
 from test_cache import stream_logits, tiny_decoder
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -83,7 +85,9 @@ def test_int8_smollm2_stays_within_stated_bounds_of_fp32():
     (measured here: 95%, 0.008 nats, 0.3%)."""
     dense, tok = load_gguf(smollm2_gguf_path())
     int8, _ = load_gguf(smollm2_gguf_path())
-    assert quantize_linears(int8) == 30 * 7 + 1  # every projection and the LM head
+    assert quantize_linears(int8) == 30 * 4 + 1  # qkv, o, gate_up and down per layer, and the LM head
+    attn = int8.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, Int8Linear) and attn.q_proj is None
     assert isinstance(int8.lm_head, Int8Linear) and int8.model.embed_tokens.weight.dtype == torch.float32
     ids = torch.tensor(tok.encode((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"))[:136])
     def run(dec):
@@ -115,3 +119,18 @@ def test_int8_precision_is_refused_off_the_cpu_before_anything_loads():
         load_model("no-such-model", device="cuda", precision="int8")
     with pytest.raises(ValueError, match="int8"):  # the message lists the precisions
         load_model("smollm2-135m", precision="int4")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases are stacked too
+def test_fused_projections_compute_what_the_separate_ones_did(arch, tmp_path):
+    tiny_hf_model(arch, seed=3).save_pretrained(tmp_path)
+    separate, fused = (load_hf_checkpoint(tmp_path)[0] for _ in range(2))
+    assert fuse_projections(fused) == 2 * fused.cfg.num_layers and fuse_projections(fused) == 0
+    layer = fused.model.layers[0]
+    assert layer.self_attn.q_proj is None and layer.mlp.gate_proj is None
+    assert layer.self_attn.qkv_proj.weight.shape[0] == sum(layer.self_attn.qkv_widths)
+    ids = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(3))
+    policy = dict(sinks=4, recent=16)
+    want = stream_logits(separate, separate.new_cache(40, 16, make_policy("inf_mllm", **policy)), ids, 16)
+    got = stream_logits(fused, fused.new_cache(40, 16, make_policy("inf_mllm", **policy)), ids, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -95,7 +95,7 @@ def test_an_hour_of_frames_keeps_memory_and_per_frame_cost_flat(qwen):
         times.append(time.perf_counter() - t0)
         if i in (199, 999):
             rss[i] = rss_mib()
-        assert s.cache.length <= s.cache.capacity and -s.cache.capacity < s.cache.position_offset <= 0
+        assert s.cache.length <= s.cache.capacity + s.cache.slack and -s.cache.capacity < s.cache.position_offset <= 0
     assert s.cache.k.data_ptr() == ptr and s.cache.evicted_tokens > 100 * 256
     early, late = np.median(times[100:300]), np.median(times[800:])
     assert late < 1.5 * early, (early, late)

@@ -181,10 +181,45 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
     return len(targets)
 
 
+#: Projections read from the same input, fused into one matrix product: (parts, fused slot). A
+#: decoder module that has the parts and the (empty) slot gets the rows of the parts stacked in
+#: this order (:class:`~.decoder.Attention`, :class:`~.decoder.MLP`).
+FUSIONS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Stack the rows of the projections in :data:`FUSIONS` into one ``nn.Linear`` per module, in
+    place (the parts become None). One call per token instead of three (attention) and two (MLP):
+    fewer dispatches, and one longer weight stream per matrix-vector product.
+
+    Returns:
+        fused projections made (0 for a model without the slots or already fused).
+    """
+    made = 0
+    for module in list(model.modules()):
+        for parts, slot in FUSIONS:
+            layers = [getattr(module, p, None) for p in parts]
+            if slot not in module._modules or module._modules[slot] is not None or \
+                    not all(isinstance(x, nn.Linear) for x in layers):
+                continue
+            fused = nn.Linear(layers[0].in_features, sum(x.out_features for x in layers),
+                              bias=layers[0].bias is not None, device=layers[0].weight.device,
+                              dtype=layers[0].weight.dtype)
+            fused.weight = nn.Parameter(torch.cat([x.weight.detach() for x in layers]), requires_grad=False)
+            if fused.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([x.bias.detach() for x in layers]), requires_grad=False)
+            setattr(module, slot, fused.requires_grad_(False))
+            for p in parts:
+                setattr(module, p, None)
+            made += 1
+    return made
+
+
 def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` (and :class:`PackedLinear`) of a CPU ``model`` by an
-    :class:`Int8Linear`, in place; the LM head too (a tied embedding table stays float for the
-    lookup, and the head gets its own int8 copy).
+    :class:`Int8Linear`, in place, after :func:`fuse_projections`; the LM head too (a tied
+    embedding table stays float for the lookup, and the head gets its own int8 copy). Rows are
+    scaled one by one, so fusing first changes no value.
 
     Returns:
         layers quantised.
@@ -197,8 +232,10 @@ def quantize_linears(model: nn.Module) -> int:
         raise ValueError(f"int8 weights are a CPU path; a model on {p.device} runs fp16/bf16 or a TensorRT engine")
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         raise ValueError(f"torch {torch.__version__} has no aten._weight_int8pack_mm: int8 weights need torch >= 2.4")
-    targets = [(name, mod.dense() if isinstance(mod, CpuLinear) else mod) for name, mod in model.named_modules()
-               if isinstance(mod, (nn.Linear, CpuLinear))]
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, CpuLinear)]:
+        _replace(model, name, mod.dense())
+    fuse_projections(model)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         _replace(model, name, Int8Linear(mod))
     return len(targets)

@@ -68,7 +68,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention whose keys/values live in the :class:`KVCache`."""
+    """GQA self-attention whose keys/values live in the :class:`KVCache`.
+
+    ``qkv_proj`` is an optional fused ``[q; k; v]`` projection (one matrix product instead of
+    three, set by :mod:`.cpu_gemm`); while it is set, ``q_proj``, ``k_proj`` and ``v_proj`` are None.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
@@ -78,14 +82,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        self.register_module("qkv_proj", None)
+        self.qkv_widths = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
 
     def project(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Post-RoPE q ``[heads, n, d]``, k and v ``[kv_heads, n, d]`` of ``x`` ``[n, hidden]``."""
         n, d = x.shape[0], self.cfg.head_dim
-        q = self.q_proj(x).view(n, self.cfg.num_heads, d).transpose(0, 1)
-        k = self.k_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
-        v = self.v_proj(x).view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.cfg.num_heads, d).transpose(0, 1)
+        k = k.view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
+        v = v.view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
         return Rope.apply(q, *rope_cs), Rope.apply(k, *rope_cs), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
@@ -98,16 +108,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``.
+
+    ``gate_up_proj`` is an optional fused ``[gate; up]`` projection (set by :mod:`.cpu_gemm`);
+    while it is set, ``gate_proj`` and ``up_proj`` are None.
+    """
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.register_module("gate_up_proj", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
