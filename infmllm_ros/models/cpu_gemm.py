@@ -20,8 +20,11 @@ matrix-vector product per weight, so its time is the bytes of weights read: int8
 of fp32. Each output channel's weights are rounded to int8 with a scale ``max|w| / 127``
 (symmetric, per channel); activations are not quantised but rounded to bf16, and torch's
 ``aten._weight_int8pack_mm`` (the kernel behind gpt-fast's and torchao's int8 weight-only path on
-CPU) computes ``x @ (W_int8 * scale)^T`` with fp32 accumulation. The error is measured, not
-assumed: perplexity and needle next to fp32 in ``bench/results/README.md`` ("Decode").
+CPU) computes ``x @ (W_int8 * scale)^T`` with fp32 accumulation. Projections of the same input
+are fused first (:func:`fuse_projections`: q/k/v, gate/up). The error is measured, not assumed:
+perplexity next to fp32 in ``bench/results/README.md`` ("Decode"), logits in
+``test/test_cpu_gemm.py``. For chunks of ~25 rows the kernel is slower than packed fp32: int8 is
+for decode-bound use.
 """
 from __future__ import annotations
 
