@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..kvcache import CacheFullError
-from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy, scores_slots
+from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy,
+                                scores_slots)
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
@@ -121,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "slots (h2o, inf_mllm)")
     p.add_argument("--familiar-interval", type=float, default=DEFAULT_FAMILIAR_INTERVAL_S,
                    help="seconds between stored familiar frames (0: store every frame)")
+    p.add_argument("--slack", type=int, default=DEFAULT_SLACK,
+                   help="lazy-eviction slack (tokens past the capacity before an eviction; 0: every overflow)")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
     p.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default cpu; "
                    "cuda uses the project's CUDA kernels for scoring and compaction)")
@@ -246,6 +249,8 @@ def main(argv=None) -> int:
             raise ValueError(f"unknown KV-cache policy {unknown[0]!r}; choose from {sorted(POLICIES)}")
         # a bad --beta/--decay/--vision-budget fails here
         make_policy("inf_mllm", beta=args.beta, decay=args.decay, vision_budget=args.vision_budget)
+        if args.slack < 0:
+            raise ValueError(f"--slack must be >= 0 tokens, got {args.slack}")
         if args.familiar_interval < 0:
             raise ValueError(f"--familiar-interval must be >= 0 seconds, got {args.familiar_interval}")
         check_device(args.device)
@@ -270,15 +275,18 @@ def main(argv=None) -> int:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
                 size = model.decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
                 budget = args.vision_budget if scores_slots(policy) else 0
-                key = f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
+                slack = args.slack if policy != "full" else 0
+                key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
+                       + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else ""))
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
                 session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
                                         decay=args.decay, vision_budget=budget,
-                                        familiar_interval_s=args.familiar_interval)
+                                        familiar_interval_s=args.familiar_interval, slack=slack)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
-                                                    "vision_budget": budget, "manifest": drive.manifest(),
+                                                    "vision_budget": budget, "slack": slack,
+                                                    "manifest": drive.manifest(),
                                                     **run_drive(session, drive)})
                 report(data, out)
     if data is None and out.is_file():  # nothing left to run: score and report the grid again
