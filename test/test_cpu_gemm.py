@@ -78,12 +78,12 @@ def test_int8_linear_computes_the_product_with_its_dequantised_weight():
     assert q(x[0]).shape == (96,)  # any leading shape
 
 
-def test_int8_smollm2_stays_within_stated_bounds_of_fp32():
+def test_int8_smollm2_stays_within_stated_bounds_of_fp32(smollm2):
     """SmolLM2-135M, 128 tokens of this README in chunks of 32 plus 8 decoded single tokens:
     weight-only int8 agrees with fp32 on >= 90% of next-token argmaxes, the mean KL divergence
     of its next-token distribution from fp32's is < 0.02 nats, and perplexity moves < 3%
     (measured here: 95%, 0.008 nats, 0.3%)."""
-    dense, tok = load_gguf(smollm2_gguf_path())
+    dense, tok = smollm2  # the shared fp32 model, read only
     int8, _ = load_gguf(smollm2_gguf_path())
     assert quantize_linears(int8) == 30 * 4 + 1  # qkv, o, gate_up and down per layer, and the LM head
     attn = int8.model.layers[0].self_attn
