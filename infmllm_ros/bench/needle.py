@@ -189,7 +189,7 @@ def report(data: dict, out: Path) -> None:
     """Write the markdown table (with the issue's 80%-of-full check) and the accuracy plot
     beside ``out`` (the JSON path)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
-    rows = [[r["minutes"], r["policy"], r["capacity"], r.get("vision_budget", 0), r["accuracy"], r["named"],
+    rows = [[r["minutes"], r["policy"], r["capacity"], r.get("slack", 0), r.get("vision_budget", 0), r["accuracy"], r["named"],
              r["recalled"], r["text_timed"], r.get("absent_correct"), r.get("degenerate"), r.get("hallucinated"),
              r.get("time_error_s_median"), r["ingest_ms_median"], r["ingest_ms_p95"],
              r.get("stored_ms_median"), r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
@@ -200,9 +200,10 @@ def report(data: dict, out: Path) -> None:
           "cache's, not the answer's); text timed = the text states the time; absent correct = a clear "
           "no to a question about an object never shown; degenerate = answers repeating a 4-word "
           "sequence; hallucinated = answers naming a class never shown without denying it.", "",
+          "slack = lazy-eviction slack (tokens past the capacity before an eviction; runs that predate it: 0); "
           "vision budget = vision tokens per row kept ahead of other saddles; stored ms = ingest of the "
           "frames written to the cache (the others cost the vision encoder only).", "",
-          markdown_table(["minutes", "policy", "capacity", "vision budget", "accuracy", "named", "recalled",
+          markdown_table(["minutes", "policy", "capacity", "slack", "vision budget", "accuracy", "named", "recalled",
                           "text timed", "absent correct", "degenerate", "hallucinated", "time error s",
                           "ingest ms median", "ingest ms p95", "stored ms median", "TTFT s", "decode tok/s", "note"],
                          rows)]
