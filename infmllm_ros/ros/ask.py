@@ -20,7 +20,6 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from action_msgs.msg import GoalStatus
 from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.srv import Ask
 
@@ -56,9 +55,7 @@ ANSWER_FIELDS = ("answer", "first_frame_stamp", "last_frame_stamp", "frames_in_c
                  "evidence", "stopped")
 
 
-#: Goal states after which the server holds the result (action_msgs/GoalStatus: SUCCEEDED,
-#: CANCELED, ABORTED), and how long a finished goal's result may take before it is asked again.
-FINISHED = (GoalStatus.STATUS_SUCCEEDED, GoalStatus.STATUS_CANCELED, GoalStatus.STATUS_ABORTED)
+#: Seconds a goal's result may take before it is asked for again (see :func:`stream_ask`).
 RESULT_RETRY_S = 2.0
 
 
@@ -89,9 +86,11 @@ def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, 
             if cancel is not None and cancel.is_set() and not cancelled:
                 handle.cancel_goal_async()
                 cancelled = True
-            if handle.status in FINISHED and time.monotonic() - asked_s > RESULT_RETRY_S:
-                # finished, but no result: a response sent before this fresh client's reader was
-                # matched is lost, so ask again (the server keeps the result)
+            if time.monotonic() - asked_s > RESULT_RETRY_S:
+                # No result yet: ask again. A request or response sent before this fresh client's
+                # endpoints were matched is lost, and so can the status that says the goal has
+                # finished; the server keeps the result and answers a request for a running goal
+                # when it finishes, so a repeated request costs nothing but a wait.
                 result, asked_s = handle.get_result_async(), time.monotonic()
             time.sleep(0.01)
         return result.result().result if result.done() else None
