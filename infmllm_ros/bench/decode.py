@@ -117,14 +117,13 @@ def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dic
 def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict | None:
     """The same for llama.cpp through ``llama-cpp-python`` (None when it is not installed)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
         print("infmllm-bench-decode: llama-cpp-python is not installed (make bench-decode installs it); "
               "llama.cpp skipped", file=sys.stderr)
         return None
-    import llama_cpp
 
-    llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(),
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(),
                 n_batch=512, verbose=False)
 
     def next_token() -> int:  # greedy over the last evaluated token's logits
