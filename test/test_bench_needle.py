@@ -27,7 +27,7 @@ def clip(tmp_path):
     (["--policy", "lru"], "unknown KV-cache policy 'lru'"),
     (["--events", "/nonexistent_dir"], "events folder not found"),
     (["--decay", "1.5"], "decay must be in [0, 1]"),
-    (["--vision-budget", "-4"], "vision_budget (-4) must be >= 0"),
+    (["--vision-budget", "-4"], "vision_budget must be >= 0 tokens, got -4"),
     (["--familiar-interval", "-1"], "--familiar-interval must be >= 0"),
     (["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
     (["--device", "gpu0"], "unknown torch device 'gpu0'"),

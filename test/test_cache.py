@@ -4,6 +4,7 @@ import torch
 
 from conftest import tiny_hf_model
 from infmllm_ros.kvcache import POLICIES, CacheFullError, KVCache, SlotKind, make_policy
+from infmllm_ros.kvcache.policies import PolicySettingError
 from infmllm_ros.models import Decoder, DecoderConfig
 
 
@@ -111,13 +112,23 @@ def test_size_and_count_limits_are_exact():
     assert tuple(smallest.k.shape) == (1, 1, 2, 1) and smallest.kind.dtype == torch.int8
     assert smallest.frame.dtype == torch.int32 and smallest.stamp.dtype == torch.float64
     for kw in (dict(sinks=-1), dict(recent=-1), dict(vision_budget=-1)):
-        with pytest.raises(ValueError, match="must be >= 0"):
+        with pytest.raises(PolicySettingError, match="must be >= 0") as err:
             make_policy("h2o", **kw)
+        assert err.value.setting == next(iter(kw))  # the setting a caller reports under its own name
     make_policy("h2o", sinks=0, recent=0, vision_budget=0)
     make_policy("inf_mllm", beta=0.0, decay=0.0), make_policy("inf_mllm", decay=1.0)
-    for bad in (dict(decay=-0.01), dict(decay=1.01), dict(beta=float("inf"))):
-        with pytest.raises(ValueError):
-            make_policy("inf_mllm", **bad)
+    for bad in (dict(decay=-0.01), dict(decay=1.01), dict(beta=float("inf")), dict(beta=-1e-9)):
+        for name in ("inf_mllm", "streaming_llm"):  # checked whatever the policy: one rule for every caller
+            with pytest.raises(PolicySettingError) as err:
+                make_policy(name, **bad)
+            assert err.value.setting == next(iter(bad))
+    for kw, setting in ((dict(capacity=0), "capacity"), (dict(max_chunk=0), "max_chunk"), (dict(slack=-1), "slack"),
+                        (dict(capacity=11), "capacity"), (dict(capacity=4), "recent")):
+        with pytest.raises(PolicySettingError) as err:
+            KVCache.check_settings(**{**dict(capacity=12, max_chunk=4, slack=0,
+                                             policy=make_policy("h2o", sinks=4, recent=4)), **kw})
+        assert err.value.setting == setting
+    KVCache.check_settings(12, 4, 0, make_policy("h2o", sinks=4, recent=4))
 
 
 def test_frames_lists_every_frame_held_by_any_row_with_its_stamp(tiny):
@@ -164,7 +175,7 @@ def test_vision_budget_errors_are_clear(tiny):
         make_policy("streaming_llm", vision_budget=8)
     with pytest.raises(ValueError, match="vision_budget 40 does not fit"):
         tiny.new_cache(48, 8, make_policy("h2o", sinks=4, recent=8, vision_budget=40))
-    with pytest.raises(ValueError, match="vision_budget .* must be >= 0"):
+    with pytest.raises(ValueError, match="vision_budget must be >= 0"):
         make_policy("inf_mllm", vision_budget=-1)
 
 

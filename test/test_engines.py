@@ -11,7 +11,8 @@ import torch
 from test_cache import tiny_decoder
 
 from infmllm_ros.engines.decoder_step import DecoderStep
-from infmllm_ros.engines.onnx_export import OrtDecoderStep, export_decoder_step, step_metadata
+from infmllm_ros.engines.identity import StepIdentity
+from infmllm_ros.engines.onnx_export import OrtDecoderStep, export_decoder_step
 from infmllm_ros.kvcache import make_policy
 from infmllm_ros.runtime.backends import OnnxRuntimeBackend, make_backend
 
@@ -52,7 +53,8 @@ def test_step_matches_the_cache_path():
 
 def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
     dec = tiny_decoder()
-    path = export_decoder_step(dec, tmp_path / "step.onnx", slots=48, max_chunk=8, beta=1e-2)
+    path = export_decoder_step(dec, tmp_path / "step.onnx",
+                               StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2)))
     worst = compare_stream(dec, OrtDecoderStep(path), 40, 8, CHUNKS)
     assert max(worst.values()) < 1e-4, worst
 
@@ -123,12 +125,34 @@ def test_backend_refuses_an_engine_built_for_another_cache(smollm2_engines, tmp_
     (path,) = engines.glob("*.onnx")
     backend = OnnxRuntimeBackend(dec, tmp_path, "smollm2")
     other = dec.new_cache(CAPACITY + 64, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
-    want = backend.engine_path(step_metadata(dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, 1e-2, True))
+    want = backend.engine_path(StepIdentity.for_cache("smollm2", dec, other))
     want.symlink_to(path)  # a file under the right name but built for 320 slots
     with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384"):
         backend.check_cache(other)
+    h2o = StepIdentity.of("smollm2", dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, make_policy("h2o"))
+    with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384; infmllm.beta: engine 0.01, "
+                                         "wanted 0.0; infmllm.normalise: engine True, wanted False"):
+        OrtDecoderStep(path).check(h2o)
     with pytest.raises(ValueError, match="outside 1..max_chunk=64"):  # a chunk longer than the profile
         other.begin_chunk(65)
+
+
+def test_a_step_identity_follows_the_policy_rule_and_names_the_file():
+    dec = tiny_decoder()
+    ident = StepIdentity.of("m", dec, 48, 8, make_policy("inf_mllm", beta=0.125))
+    assert (ident.beta, ident.normalise, ident.slots, ident.max_chunk, ident.dtype) == (0.125, True, 48, 8, "float32")
+    assert ident.stem() == "m.float32.slots48.chunk8.beta0.125.norm"
+    assert ident.metadata()["infmllm.beta"] == "0.125" and ident.fields()["layers"] == str(dec.cfg.num_layers)
+    assert StepIdentity.of("m", dec, 48, 8, make_policy("h2o")).stem().endswith(".beta0.sum")
+    # policies without scores share one step (its scores go unread)
+    assert StepIdentity.of("m", dec, 48, 8, make_policy("window")) == StepIdentity.of(
+        "m", dec, 48, 8, make_policy("streaming_llm", beta=0.5))
+
+    class Unfused(type(make_policy("h2o"))):
+        fused_rule = None
+
+    with pytest.raises(ValueError, match="has no engine graph"):
+        StepIdentity.of("m", dec, 48, 8, Unfused(4, 8))
 
 
 def test_missing_corrupt_or_foreign_onnx_files_are_clear_errors(tmp_path):
@@ -146,7 +170,8 @@ def test_missing_corrupt_or_foreign_onnx_files_are_clear_errors(tmp_path):
 
 def test_export_rejects_a_chunk_larger_than_the_buffer(tmp_path):
     with pytest.raises(ValueError, match="max_chunk 64 must be in 1..slots"):
-        export_decoder_step(tiny_decoder(), tmp_path / "x.onnx", slots=48, max_chunk=64)
+        export_decoder_step(tiny_decoder(), tmp_path / "x.onnx",
+                            StepIdentity.of("tiny", tiny_decoder(), 48, 64, make_policy("streaming_llm")))
 
 
 def test_vision_front_end_on_onnxruntime_matches_torch(smollm2, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from infmllm_ros.engines import build
+from infmllm_ros.engines.identity import StepIdentity
 from infmllm_ros.engines.tensorrt_engine import (TrtDecoderStep, add_to_manifest, engine_key, read_manifest,
                                                  require_tensorrt, select_engine)
 
@@ -86,7 +87,9 @@ def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
 
 
 def key(**change):
-    k = engine_key("SmolLM2-135M-Instruct.Q4_1", "fp16", 2112, 64, 0.01, True, "10.3.0", "Orin")
+    ident = StepIdentity(model="SmolLM2-135M-Instruct.Q4_1", dtype="float16", slots=2112, max_chunk=64, beta=0.01,
+                         normalise=True, layers=30, kv_heads=3, head_dim=64, hidden=576, vocab=49152)
+    k = engine_key(ident, "10.3.0", "Orin")
     return {**k, **{name: str(v) for name, v in change.items()}}
 
 

@@ -4,9 +4,10 @@ Run on the Jetson the engine will serve (an engine is tied to its GPU and Tensor
 
     infmllm-build-engines --model smollm2-135m --capacity 2048 --max-chunk 64 --out engines
 
-Writes ``OUT/<model>.<precision>.s<slots>.c<chunk>.onnx``, the ``.engine`` beside it, a shared
+Writes the step's ONNX file and its ``.engine`` beside it, both named by the step's identity
+(:class:`~.identity.StepIdentity`: model, dtype, slots, chunk, window-score rule), a shared
 timing cache, and the entry in ``OUT/manifest.json`` that the node's ``tensorrt`` backend
-selects by (model, precision, slots, chunk, window-score settings, TensorRT version, GPU).
+selects by (that identity, the TensorRT version and the GPU).
 Exit status 2 with the reason when TensorRT or CUDA is missing.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infmllm-build-engines: {exc}", file=sys.stderr)
         return 2
     from ..models import PRESETS, load_gguf
+    from .identity import StepIdentity
     from .onnx_export import export_decoder_step
 
     path = PRESETS[args.model]() if args.model in PRESETS else Path(args.model)
@@ -55,21 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     decoder, _ = load_gguf(path)
     if args.precision == "fp16":
         decoder = decoder.half()
-    spec = make_policy(args.policy, beta=args.beta).score_spec
-    beta, normalise = (spec.beta, spec.normalise) if spec else (0.0, True)
-    slots = KVCache.buffer_slots(args.capacity, args.max_chunk, args.slack, make_policy(args.policy))
+    policy = make_policy(args.policy, beta=args.beta)
+    slots = KVCache.buffer_slots(args.capacity, args.max_chunk, args.slack, policy)
+    identity = StepIdentity.of(path.stem, decoder, slots, args.max_chunk, policy)
     out = Path(args.out)
-    stem = f"{path.stem}.{args.precision}.s{slots}.c{args.max_chunk}"
-    print(f"[1/2] exporting the decoder step to {out / (stem + '.onnx')} ...", flush=True)
-    onnx_path = export_decoder_step(decoder, out / f"{stem}.onnx", slots=slots, max_chunk=args.max_chunk,
-                                    beta=beta, normalise=normalise)
+    onnx_path = out / f"{identity.stem()}.onnx"
+    print(f"[1/2] exporting the decoder step to {onnx_path} ...", flush=True)
+    export_decoder_step(decoder, onnx_path, identity)
     print("[2/2] building the TensorRT engine (minutes) ...", flush=True)
-    engine = build_engine(onnx_path, out / f"{stem}.engine", hidden=decoder.cfg.hidden_size,
+    engine = build_engine(onnx_path, out / f"{identity.stem()}.engine", hidden=decoder.cfg.hidden_size,
                           max_chunk=args.max_chunk, fp16=args.precision == "fp16",
                           workspace_bytes=int(args.workspace_gib * 2**30), timing_cache=out / "timing.cache")
-    key = engine_key(path.stem, args.precision, slots, args.max_chunk, beta, normalise, tensorrt.__version__,
-                     torch.cuda.get_device_name())
-    add_to_manifest(out, key, engine.name)
+    add_to_manifest(out, engine_key(identity, tensorrt.__version__, torch.cuda.get_device_name()), engine.name)
     print(f"wrote {engine} and its entry in {out / 'manifest.json'}")
     return 0
 

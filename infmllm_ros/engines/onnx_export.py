@@ -16,6 +16,7 @@ import torch
 from ..models.cpu_gemm import dense_linears
 from ..models.decoder import Decoder
 from .decoder_step import INPUTS, OUTPUTS, DecoderStep
+from .identity import StepIdentity
 
 OPSET = 18
 
@@ -28,16 +29,16 @@ def example_inputs(decoder: Decoder, slots: int, n: int) -> tuple[torch.Tensor, 
     return (torch.zeros(1, n, cfg.hidden_size, dtype=dtype), buf, buf.clone(), torch.zeros(1, dtype=torch.int64))
 
 
-def export_decoder_step(decoder: Decoder, path: str | Path, *, slots: int, max_chunk: int,
-                        beta: float = 0.0, normalise: bool = True) -> Path:
-    """Write the decoder step of ``decoder`` as one ONNX file (weights inside).
+def export_decoder_step(decoder: Decoder, path: str | Path, identity: StepIdentity) -> Path:
+    """Write the decoder step of ``decoder`` as one ONNX file (weights inside), its identity in
+    the file's metadata.
 
     Args:
         decoder: the model, on CPU (packed CPU linears are exported as their dense weights).
         path: output ``.onnx`` path.
-        slots: KV-buffer slots (``KVCache.buffer_slots``: capacity + slack + max_chunk), static in the graph.
-        max_chunk: largest chunk (tokens); ``n`` is dynamic in ``1..max_chunk``.
-        beta, normalise: window-score settings baked into the graph (the cache's policy).
+        identity: what the step is for (:meth:`StepIdentity.of` of ``decoder``): its slots are
+            static in the graph, its chunk length ``n`` dynamic in ``1..max_chunk``, its
+            window-score rule (``beta``, ``normalise``) baked in.
 
     Returns:
         the written path.
@@ -45,30 +46,21 @@ def export_decoder_step(decoder: Decoder, path: str | Path, *, slots: int, max_c
     Raises:
         ValueError: ``max_chunk`` outside ``1..slots``.
     """
+    slots, max_chunk = identity.slots, identity.max_chunk
     if not 1 <= max_chunk <= slots:
         raise ValueError(f"max_chunk {max_chunk} must be in 1..slots ({slots})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    step = DecoderStep(decoder, beta, normalise).eval()
+    step = DecoderStep(decoder, identity.beta, identity.normalise).eval()
     n = torch.export.Dim("n", min=1, max=max_chunk)
     with torch.inference_mode(False), torch.no_grad(), dense_linears(decoder):  # the graph holds dense weights
         program = torch.onnx.export(
             step, example_inputs(decoder, slots, min(2, max_chunk)), dynamo=True, opset_version=OPSET,
             input_names=list(INPUTS), output_names=list(OUTPUTS), external_data=False,
             dynamic_shapes={"embeds": {1: n}, "k_cache": None, "v_cache": None, "length": None})
-    program.model.metadata_props.update(step_metadata(decoder, slots, max_chunk, beta, normalise))
+    program.model.metadata_props.update(identity.metadata())
     program.save(str(path))
     return path
-
-
-def step_metadata(decoder: Decoder, slots: int, max_chunk: int, beta: float, normalise: bool) -> dict[str, str]:
-    """What an exported step was built for; a runtime refuses a cache or model that differs."""
-    cfg = decoder.cfg
-    return {"infmllm.slots": str(slots), "infmllm.max_chunk": str(max_chunk), "infmllm.beta": repr(float(beta)),
-            "infmllm.normalise": str(bool(normalise)), "infmllm.layers": str(cfg.num_layers),
-            "infmllm.kv_heads": str(cfg.num_kv_heads), "infmllm.head_dim": str(cfg.head_dim),
-            "infmllm.hidden": str(cfg.hidden_size), "infmllm.vocab": str(cfg.vocab_size),
-            "infmllm.dtype": str(next(decoder.parameters()).dtype).replace("torch.", "")}
 
 
 def export_vision(vision_tokens, path: str | Path, max_batch: int = 8) -> Path:
@@ -120,10 +112,10 @@ class OrtDecoderStep:
         self.path = path
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def check(self, expected: dict[str, str]) -> None:
-        """Raise ValueError naming every field where this step differs from ``expected``
-        (:func:`step_metadata` of the model and cache it is meant to serve)."""
-        wrong = [f"{k}: engine {self.metadata.get(k, 'missing')}, wanted {v}" for k, v in expected.items()
+    def check(self, expected: StepIdentity) -> None:
+        """Raise ValueError naming every field where this step differs from ``expected`` (the
+        identity of the model and cache it is meant to serve)."""
+        wrong = [f"{k}: engine {self.metadata.get(k, 'missing')}, wanted {v}" for k, v in expected.metadata().items()
                  if self.metadata.get(k) != v]
         if wrong:
             raise ValueError(f"{self.path} was built for another model or cache ({'; '.join(wrong)}); "

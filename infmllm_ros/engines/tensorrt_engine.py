@@ -7,9 +7,9 @@ and the GPU test machines have no TensorRT wheel small enough to carry. On a Jet
 
 * :func:`build_engine`: ONNX parser, fp16 by default, one optimisation profile over the chunk
   length ``1..max_chunk``, a workspace limit, a timing cache kept beside the engines.
-* ``engines/manifest.json``: one entry per engine keyed by model, precision, KV-buffer slots,
-  chunk, window-score settings, TensorRT version and GPU; :func:`select_engine` refuses any
-  mismatch with the fields that differ.
+* ``engines/manifest.json``: one entry per engine keyed by its :class:`~.identity.StepIdentity`
+  (model, shape, dtype, KV-buffer slots, chunk, window-score rule), TensorRT version and GPU;
+  :func:`select_engine` refuses any mismatch with the fields that differ.
 * :class:`TrtDecoderStep`: deserialises an engine and runs it with ``execute_async_v3`` on
   torch's current stream, binding device buffers owned by torch (the KV cache's own buffers
   go in without a copy).
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from .decoder_step import INPUTS, OUTPUTS
+from .identity import StepIdentity
 
 MANIFEST = "manifest.json"
-KEY_FIELDS = ("model", "precision", "slots", "max_chunk", "beta", "normalise", "tensorrt", "gpu")
 
 
 def require_tensorrt() -> None:
@@ -96,11 +96,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, hidden: int,
     return engine_path
 
 
-def engine_key(model: str, precision: str, slots: int, max_chunk: int, beta: float, normalise: bool,
-               tensorrt: str, gpu: str) -> dict[str, str]:
-    """The manifest fields an engine is selected by (all strings, compared exactly)."""
-    return {"model": model, "precision": precision, "slots": str(slots), "max_chunk": str(max_chunk),
-            "beta": repr(float(beta)), "normalise": str(bool(normalise)), "tensorrt": tensorrt, "gpu": gpu}
+def engine_key(identity: StepIdentity, tensorrt: str, gpu: str) -> dict[str, str]:
+    """The manifest fields an engine is selected by (all strings, compared exactly): the step's
+    identity, the TensorRT version and the GPU's name (an engine runs only where it was built)."""
+    return {**identity.fields(), "tensorrt": tensorrt, "gpu": gpu}
 
 
 def read_manifest(engine_dir: str | Path) -> list[dict[str, str]]:

@@ -35,8 +35,8 @@ import math
 import torch
 
 from . import kernels
-from .policies import EvictionPolicy
-from .reference import chunk_column_scores, kv_compact, visible_counts
+from .policies import EvictionPolicy, PolicySettingError
+from .reference import kv_compact
 from .rope import Rope
 from .slots import SlotKind
 
@@ -111,7 +111,8 @@ class KVCache:
         evicted_tokens: tokens dropped per row since the last reset.
 
     Raises:
-        ValueError: on inconsistent sizes or a negative slack.
+        ValueError: a model shape below 1; :class:`PolicySettingError` (a ValueError) from
+            :meth:`check_settings`.
     """
 
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, capacity: int, max_chunk: int,
@@ -119,13 +120,7 @@ class KVCache:
                  device: str | torch.device = "cpu", slack: int = 0):
         if min(layers, kv_heads, head_dim) < 1:
             raise ValueError("layers, kv_heads and head_dim must be >= 1")
-        if max_chunk < 1:
-            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-        if slack < 0:
-            raise ValueError(f"slack must be >= 0 tokens, got {slack}")
-        policy.check_capacity(capacity, max_chunk)
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.check_settings(capacity, max_chunk, slack, policy)
         self.capacity = capacity
         self.max_chunk = max_chunk
         self.slack = slack if policy.evicts else 0
@@ -144,13 +139,28 @@ class KVCache:
         self._cuda_kernels = self.k.is_cuda and dtype in (torch.float16, torch.float32)
         mrope = rope is not None and rope.mrope_section is not None
         self.rope_lag = torch.zeros(shape, dtype=torch.int64, device=device) if mrope else None
-        spec = policy.score_spec
-        self.scores = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
-        self._window = torch.zeros(shape, dtype=torch.float32, device=device) if spec else None
+        scored = policy.scores_slots
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device) if scored else None
+        self._window = torch.zeros(shape, dtype=torch.float32, device=device) if scored else None
         self._causal = torch.ones(max_chunk, max_chunk, dtype=torch.bool, device=device).triu(1)
-        # the scoring bias beta * slot of every slot (column_scores' ``beta * slots``)
-        self._slot_bias = spec.beta * torch.arange(slots, device=device).to(torch.float32) if spec else None
         self.reset()
+
+    @staticmethod
+    def check_settings(capacity: int, max_chunk: int, slack: int, policy: EvictionPolicy) -> None:
+        """The cache's rules for its sizes (tokens), checked before anything is allocated.
+
+        Raises:
+            PolicySettingError: ``max_chunk`` or ``capacity`` below 1, a negative ``slack``, or a
+                capacity without room for the policy's protected slots and a chunk
+                (:meth:`EvictionPolicy.check_capacity`); ``setting`` names which.
+        """
+        if max_chunk < 1:
+            raise PolicySettingError("max_chunk", f"max_chunk must be >= 1, got {max_chunk}")
+        if slack < 0:
+            raise PolicySettingError("slack", f"slack must be >= 0 tokens, got {slack}")
+        if capacity < 1:
+            raise PolicySettingError("capacity", f"capacity must be >= 1, got {capacity}")
+        policy.check_capacity(capacity, max_chunk)
 
     @staticmethod
     def buffer_slots(capacity: int, max_chunk: int, slack: int, policy: EvictionPolicy) -> int:
@@ -219,12 +229,10 @@ class KVCache:
         if self.scores is not None:
             self.scores[:, :, s:e] = 0.0
         # Causal mask of the chunk's queries over their own keys (the cache before them is seen
-        # by all), and the window scores' normalisers, shared by every layer; a single token's
-        # query sees every key: no mask.
+        # by all) and the policy's scoring tables, shared by every layer; a single token's query
+        # sees every key: no mask.
         self._mask = self._causal[:n, :n] if n > 1 else None
-        spec = self.policy.score_spec
-        self._viewers = (visible_counts(e, s, n, dev).clamp(min=1.0) if spec is not None and spec.normalise and n > 1
-                         else None)
+        self._tables = self.policy.chunk_tables(s, n, dev) if self.scores is not None else None
         if self.rope_lag is not None:
             self.rope_lag[:, :, s:e] = self.position_offset + self._segment_lag(n, mrope, dev)
         self.pending = n
@@ -259,9 +267,8 @@ class KVCache:
         self.k[layer, :, s:t] = k
         self.v[layer, :, s:t] = v
         out, logits = gqa_attention(q, self.k[layer, :, :t], self.v[layer, :, :t], self._mask, self.scale, mask_from=s)
-        spec = self.policy.score_spec
-        if spec is not None:
-            self._score_window(layer, q, logits, s, t, spec)
+        if self.scores is not None:
+            self._score_window(layer, q, logits, s, t)
         return out
 
     def store_chunk(self, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor) -> None:
@@ -287,18 +294,20 @@ class KVCache:
                              f"do not fit the pending chunk (K/V {want}, scores >= {t} slots)")
         self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)
         self.v[:, :, s:t] = v.to(self.v.device, self.v.dtype)
-        if self.policy.score_spec is not None:
+        if self.scores is not None:
             self._window[:, :, :t] = scores[:, :, :t].to(self._window.device)
 
-    def _score_window(self, layer: int, q: torch.Tensor, logits: torch.Tensor, s: int, t: int, spec) -> None:
-        """Window scores of ``layer`` into ``_window``: the CUDA kernel on GPU, else from ``logits``."""
+    def _score_window(self, layer: int, q: torch.Tensor, logits: torch.Tensor, s: int, t: int) -> None:
+        """Window scores of ``layer`` into ``_window``: the fused CUDA kernel on GPU for the rules
+        it computes, else the policy's torch rule from ``logits``."""
         hq, n, d = q.shape
-        if self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES:
+        rule = self.policy.fused_rule
+        if (rule is not None and self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS
+                and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES):
             kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
-                                  spec.beta, spec.normalise, out=self._window[layer:layer + 1])
+                                  *rule, out=self._window[layer:layer + 1])
         else:
-            self._window[layer, :, :t] = chunk_column_scores(logits, self._slot_bias if spec.beta else None,
-                                                             self._causal, self._viewers)
+            self._window[layer, :, :t] = self.policy.window_scores(logits, self._tables)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         extra = (self.scores,) if self.scores is not None else ()
@@ -344,16 +353,15 @@ class KVCache:
             tokens evicted per row by this call (0 when the chunk fitted).
         """
         t = self.length + self.pending
-        spec = self.policy.score_spec
-        if spec is not None:
-            self.scores[:, :, :t] = spec.decay * self.scores[:, :, :t] + self._window[:, :, :t]
+        if self.scores is not None:
+            self.scores[:, :, :t] = self.policy.carry(self.scores[:, :, :t], self._window[:, :, :t])
         self.length = t
         self.stream_tokens += self.pending
         self.position_offset += self._advance - self.pending
         self.pending = 0
         if t <= self.capacity + self.slack:
             return 0
-        scores = self.scores[:, :, :t] if spec is not None else None
+        scores = self.scores[:, :, :t] if self.scores is not None else None
         keep = self.policy.select(scores, self.rows, t, self.capacity, self.k.device, self.kind[:, :, :t])
         # per-slot metadata (+ carried scores), gathered like K/V; the M-RoPE lag is settled below
         meta = tuple(m for m in self._state()[2:] if m is not self.rope_lag)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy
+from ..kvcache import KVCache
+from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES,
+                                PolicySettingError, make_policy)
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
@@ -276,26 +278,19 @@ def validate(values: dict) -> NodeConfig:
     device = v["device"]
     need(device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()),
          "device", "cpu, cuda or cuda:N")
-    need(v["cache.policy"] in POLICIES, "cache.policy", f"one of {sorted(POLICIES)}")
-    need(v["cache.capacity"] >= 1, "cache.capacity", "must be >= 1")
-    need(v["cache.sinks"] >= 0, "cache.sinks", "must be >= 0 (0: the whole system prompt)")
-    need(0 <= v["cache.recent"] < v["cache.capacity"], "cache.recent", "must be in [0, cache.capacity)")
     need(v["cache.max_chunk"] == 0 or v["cache.max_chunk"] >= 8, "cache.max_chunk",
          "must be >= 8, or 0 for the session's default")
-    need(0 <= v["cache.slack"] <= 4096, "cache.slack", "must be in 0..4096 tokens")
     need(v["cache.vision_budget"] >= -1, "cache.vision_budget", "must be -1 (the policy's default) or >= 0")
-    # beta, decay, the vision budget and the capacity follow the policies' own rules
-    # (kvcache/policies.py): beta and decay are checked whatever the policy; the capacity check is
-    # repeated with the cache, once the system prompt's length (sinks 0) and the chunk are known
+    # The cache's own rules (kvcache/): the policy, its counts, beta, decay, the vision budget,
+    # the capacity and the slack. The capacity is checked again by the session once the system
+    # prompt's length (sinks 0) and the chunk are known.
     try:
-        make_policy("inf_mllm", beta=v["cache.beta"], decay=v["cache.decay"])
-        make_policy(v["cache.policy"], sinks=v["cache.sinks"], recent=v["cache.recent"],
-                    vision_budget=max(0, v["cache.vision_budget"])).check_capacity(
-            v["cache.capacity"], max(1, v["cache.max_chunk"]))
-    except ValueError as exc:
-        name = next((f"cache.{k}" for k in ("beta", "decay", "vision_budget", "capacity") if k in str(exc)),
-                    "cache.policy")
-        need(False, name, str(exc))
+        policy = make_policy(v["cache.policy"], sinks=v["cache.sinks"], recent=v["cache.recent"],
+                             vision_budget=max(0, v["cache.vision_budget"]), beta=v["cache.beta"],
+                             decay=v["cache.decay"])
+        KVCache.check_settings(v["cache.capacity"], max(1, v["cache.max_chunk"]), v["cache.slack"], policy)
+    except PolicySettingError as exc:
+        need(False, f"cache.{exc.setting}", str(exc))
     need(math.isfinite(v["familiar_interval_s"]) and v["familiar_interval_s"] >= 0.0, "familiar_interval_s",
          "must be a finite number of seconds >= 0")
     need(1 <= v["max_new_tokens"] <= 1024, "max_new_tokens", "must be in 1..1024")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..kvcache import KVCache, SlotKind
+from ..engines.identity import StepIdentity
 from ..models import Decoder
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -87,12 +88,6 @@ class EngineBackend(Backend):
         super().__init__(decoder)
         self.step: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
-    @staticmethod
-    def scoring(cache: KVCache) -> tuple[float, bool]:
-        """(beta, normalise) baked into the engine for ``cache``'s policy (any, when unscored)."""
-        spec = cache.policy.score_spec
-        return (spec.beta, spec.normalise) if spec else (0.0, True)
-
     @torch.inference_mode()
     def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
         if mrope is not None:
@@ -115,9 +110,10 @@ class EngineBackend(Backend):
 class OnnxRuntimeBackend(EngineBackend):
     """The exported decoder step on onnxruntime (CPU).
 
-    The step is built for one buffer size and scoring setting; :meth:`check_cache` finds it in
-    ``engine_dir`` under a name made of those (exporting it first when absent: minutes for a
-    135M model on 2 cores) and refuses a file whose recorded metadata differs.
+    The step is built for one model, buffer size and scoring rule (its
+    :class:`~infmllm_ros.engines.identity.StepIdentity`); :meth:`check_cache` finds it in
+    ``engine_dir`` under the identity's file name (exporting it first when absent: minutes for a
+    135M model on 2 cores) and refuses a file whose recorded identity differs.
 
     Args:
         decoder: the model (CPU weights).
@@ -133,30 +129,25 @@ class OnnxRuntimeBackend(EngineBackend):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.progress = Path(engine_dir), model_name, progress
 
-    def engine_path(self, expected: dict[str, str]) -> Path:
-        """The step's file for ``expected`` metadata (:func:`~infmllm_ros.engines.onnx_export.step_metadata`)."""
-        e = expected
-        return self.engine_dir / (f"{self.model_name}.step.slots{e['infmllm.slots']}.chunk{e['infmllm.max_chunk']}"
-                                  f".beta{float(e['infmllm.beta']):g}.{'norm' if e['infmllm.normalise'] == 'True' else 'sum'}"
-                                  f".{e['infmllm.dtype']}.onnx")
+    def engine_path(self, identity: StepIdentity) -> Path:
+        """The step's file for ``identity``."""
+        return self.engine_dir / f"{identity.stem()}.onnx"
 
     def check_cache(self, cache: KVCache) -> None:
         """Find or export the step for ``cache`` and check it.
 
         Raises:
-            ValueError: the file was built for another model, buffer size or scoring.
+            ValueError: the file was built for another model, buffer size or scoring, or the
+                cache's policy scores with a rule that has no engine graph.
             RuntimeError: onnxruntime cannot load it (corrupt file).
         """
-        from ..engines.onnx_export import OrtDecoderStep, export_decoder_step, step_metadata
+        from ..engines.onnx_export import OrtDecoderStep, export_decoder_step
 
-        beta, normalise = self.scoring(cache)
-        slots = cache.k.shape[2]
-        expected = step_metadata(self.decoder, slots, cache.max_chunk, beta, normalise)
+        expected = StepIdentity.for_cache(self.model_name, self.decoder, cache)
         path = self.engine_path(expected)
         if not path.exists():
             self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
-            export_decoder_step(self.decoder, path, slots=slots, max_chunk=cache.max_chunk, beta=beta,
-                                normalise=normalise)
+            export_decoder_step(self.decoder, path, expected)
         step = OrtDecoderStep(path)
         step.check(expected)
         self.step = step
@@ -195,10 +186,8 @@ class TensorRTBackend(EngineBackend):
 
         if not cache.k.is_cuda:
             raise ValueError("the tensorrt backend needs the KV cache on a CUDA device (parameter device: cuda)")
-        beta, normalise = self.scoring(cache)
-        precision = "fp16" if cache.k.dtype == torch.float16 else "fp32"
-        wanted = engine_key(self.model_name, precision, cache.k.shape[2], cache.max_chunk, beta, normalise,
-                            tensorrt.__version__, torch.cuda.get_device_name(cache.k.device))
+        wanted = engine_key(StepIdentity.for_cache(self.model_name, self.decoder, cache), tensorrt.__version__,
+                            torch.cuda.get_device_name(cache.k.device))
         self.step = TrtDecoderStep(select_engine(self.engine_dir, wanted))
 
 
