@@ -14,7 +14,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from infmllm_ros.ros.processes import ros_env, start_node
+from infmllm_ros.tools.processes import ros_env, start_node
 
 
 class Graph:

@@ -73,7 +73,7 @@ def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
     """A full cache too small for the drive stops at the frame that does not fit; the question
     would not fit either, so the run records the overflow and no scores instead of crashing."""
     from infmllm_ros.bench.needle import merge_run, report, run_drive
-    from infmllm_ros.runtime.drive import Drive
+    from infmllm_ros.bench.drive import Drive
     from infmllm_ros.models import load_model
     from infmllm_ros.runtime.session import open_session
 

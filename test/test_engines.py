@@ -97,7 +97,7 @@ def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     """The multimodal sanity photos among road frames: identical answers from both backends."""
     from infmllm_ros.models.embedded import EmbeddedVLM
     from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
-    from infmllm_ros.runtime.drive import bundled_events, synthetic_road
+    from infmllm_ros.bench.drive import bundled_events, synthetic_road
     from infmllm_ros.runtime.session import StreamSession
 
     dec, tok, engines = smollm2_engines
@@ -181,7 +181,7 @@ def test_vision_front_end_on_onnxruntime_matches_torch(smollm2, tmp_path):
     from infmllm_ros.engines.onnx_export import export_vision
     from infmllm_ros.engines.vision_step import VisionTokens
     from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
-    from infmllm_ros.runtime.drive import bundled_events
+    from infmllm_ros.bench.drive import bundled_events
 
     dec, tok = smollm2
     vision, projector = VisionEncoder(), LabelEmbeddingProjector(dec, tok, imagenet_names())

@@ -120,7 +120,7 @@ def test_fastdds_profile_is_a_shared_memory_profile_that_holds_a_raw_4k_frame(la
 
 
 def test_the_test_profile_binds_udp_to_loopback_only():
-    from infmllm_ros.ros.processes import ros_env
+    from infmllm_ros.tools.processes import ros_env
 
     profile = Path(ros_env()["FASTDDS_DEFAULT_PROFILES_FILE"])
     ns = {"d": "http://www.eprosima.com"}

@@ -36,3 +36,26 @@ def test_readme_layout_names_every_top_level_folder_and_no_other():
 
 def test_readme_layout_names_every_package_folder_and_no_other():
     assert listed("  ") == tracked_folders("infmllm_ros/")
+
+
+def named_modules() -> dict[str, set[str]]:
+    """Per package folder of the block, the ``*.py`` names its entry mentions."""
+    out: dict[str, set[str]] = {}
+    folder = None
+    for line in layout_block():
+        if not line.startswith(" "):
+            folder = None  # a top-level folder's line ends the package's entries
+        elif head := re.match(r"  (\w+)/\s", line):
+            folder = head.group(1)
+        if folder:
+            out.setdefault(folder, set()).update(re.findall(r"\b(\w+\.py)\b", line))
+    return out
+
+
+def test_readme_layout_names_every_module_of_each_package_folder_and_no_other():
+    names = named_modules()
+    assert set(names) == tracked_folders("infmllm_ros/")
+    for folder, mentioned in names.items():
+        files = {f.split("/")[-1] for f in subprocess.run(["git", "ls-files", f"infmllm_ros/{folder}/"], cwd=ROOT,
+                                                          capture_output=True, text=True, check=True).stdout.split()}
+        assert mentioned == files - {"__init__.py"}, folder

@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage.data import chelsea, coffee
 
-from infmllm_ros.runtime.drive import synthetic_road
+from infmllm_ros.bench.drive import synthetic_road
 from infmllm_ros.runtime.session import StreamSession
 
 
@@ -71,7 +71,7 @@ def test_a_file_from_another_stream_or_cut_short_is_refused_and_changes_nothing(
 SAVER = """
 import sys
 from infmllm_ros.models import load_model
-from infmllm_ros.runtime.drive import synthetic_road
+from infmllm_ros.bench.drive import synthetic_road
 from infmllm_ros.runtime.session import StreamSession
 s = StreamSession(load_model("smollm2-135m"), capacity=256, recent=64, max_chunk=64, familiar_interval_s=2.0)
 s.ingest_frame(synthetic_road(0), 0.0)

@@ -4,7 +4,7 @@ import math
 from skimage.data import chelsea
 
 from infmllm_ros.ros.memory_image import CAPTION_H, mosaic
-from infmllm_ros.runtime.drive import synthetic_road
+from infmllm_ros.bench.drive import synthetic_road
 from infmllm_ros.runtime.session import THUMBNAIL_PRUNE_EVERY, THUMBNAIL_SIZE, StreamSession
 
 

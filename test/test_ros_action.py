@@ -12,8 +12,8 @@ from sensor_msgs.msg import CompressedImage
 
 from ros_graph import Graph, header
 
-from infmllm_ros.ros.ask import stream_ask
-from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node
+from infmllm_ros.tools.ask import stream_ask
+from infmllm_ros.tools.processes import ros_env, run_tool, start_node, stop_node
 
 TOPIC = "/actiontest/front/image_raw/compressed"
 

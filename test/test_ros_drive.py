@@ -6,8 +6,8 @@ import pytest
 
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 
-from infmllm_ros.ros.processes import ros_env, run_tool
-from infmllm_ros.ros.replay import rss_growth
+from infmllm_ros.tools.processes import ros_env, run_tool
+from infmllm_ros.tools.replay import rss_growth
 
 
 def test_five_minute_drive_is_replayed_without_drops_and_with_flat_memory(tmp_path):

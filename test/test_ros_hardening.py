@@ -17,8 +17,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from ros_graph import header, two_camera_node
 
-from infmllm_ros.ros.ask import call_ask
-from infmllm_ros.ros.processes import stop_node
+from infmllm_ros.tools.ask import call_ask
+from infmllm_ros.tools.processes import stop_node
 
 FRONT, REAR = "/harden/front/image_raw/compressed", "/harden/rear/image_raw"
 T0 = 1_700_000_000  # the drive's stamps: in the past, as a replayed bag's are

@@ -14,8 +14,8 @@ from sensor_msgs.msg import CompressedImage
 
 from ros_graph import camera_graph, header
 
-from infmllm_ros.ros.ask import call_ask
-from infmllm_ros.ros.processes import start_node, stop_node
+from infmllm_ros.tools.ask import call_ask
+from infmllm_ros.tools.processes import start_node, stop_node
 
 TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"

@@ -15,8 +15,8 @@ from std_srvs.srv import Trigger
 from infmllm_interfaces.srv import MemoryFile
 from ros_graph import camera_graph, header
 
-from infmllm_ros.ros.ask import call_ask
-from infmllm_ros.ros.processes import start_node, stop_node
+from infmllm_ros.tools.ask import call_ask
+from infmllm_ros.tools.processes import start_node, stop_node
 
 TOPIC = "/memtest/front/image_raw/compressed"
 T0 = 1_700_000_000

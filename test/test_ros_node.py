@@ -19,8 +19,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from ros_graph import header, two_camera_node
 
-from infmllm_ros.ros.ask import call_ask
-from infmllm_ros.ros.processes import run_tool, stop_node
+from infmllm_ros.tools.ask import call_ask
+from infmllm_ros.tools.processes import run_tool, stop_node
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 

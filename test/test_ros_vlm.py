@@ -9,7 +9,7 @@ import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails 
 from sensor_msgs.msg import Image
 
 from infmllm_ros.bench.random_models import build_random_checkpoint
-from infmllm_ros.ros.processes import ros_env, run_tool, start_node, stop_node
+from infmllm_ros.tools.processes import ros_env, run_tool, start_node, stop_node
 from ros_graph import Graph, header
 from test_vlm_families import frame
 

@@ -12,7 +12,7 @@ import torch
 from conftest import shared_file
 from infmllm_ros.kvcache import SlotKind
 from infmllm_ros.models.vision import check_rgb
-from infmllm_ros.runtime.drive import answer_times, synthetic_road
+from infmllm_ros.bench.drive import answer_times, synthetic_road
 from infmllm_ros.runtime.session import StreamSession
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_after_evictions_questions_that_do_not_name_the_object_rank_the_right_ev
 
 def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
     """The sanity bar: full cache, each photo between 10 and 5 dashcam frames."""
-    from infmllm_ros.runtime.drive import bundled_events, score_answer, video_frames, Event
+    from infmllm_ros.bench.drive import bundled_events, score_answer, video_frames, Event
 
     clip = video_frames(shared_file("dashcam_solidWhiteRight.mp4"), 1.0)
     s = new_session(parts, capacity=1024, policy="full")

@@ -2,7 +2,7 @@
 import torch
 
 from infmllm_ros.models.vision import VisionEncoder, fold_batch_norms
-from infmllm_ros.runtime.drive import bundled_events
+from infmllm_ros.bench.drive import bundled_events
 
 
 def test_folded_classifier_gives_the_unfolded_probabilities():

@@ -37,7 +37,7 @@ from ..kvcache import DEFAULT_SLACK, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
 from ..models import load_model, smollm2_gguf_path
 from ..runtime.backends import TorchBackend
-from ..runtime.drive import synthetic_road
+from .drive import synthetic_road
 from ..runtime.generate import decode
 from ..runtime.session import StreamSession
 from .common import describe, machine, markdown_table, write_report

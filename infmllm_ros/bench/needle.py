@@ -43,7 +43,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         out of room, if it did). A cache that overflowed cannot take a question either, so
         such a run has no answers and its scores, TTFT and decode rate are None.
     """
-    from ..runtime.drive import ABSENT_OBJECTS, absent_question, score_answer, time_tolerance_s
+    from .drive import ABSENT_OBJECTS, absent_question, score_answer, time_tolerance_s
 
     ingest_ms, stored, rss = [], [], []
     overflow = None
@@ -158,7 +158,7 @@ def rescore(run: dict) -> None:
     """Score ``run``'s stored answers again with the current scoring (in place), so one grid is
     scored one way whichever version answered: each event answer (:func:`score_answer`) and the
     run's absent-object, degeneration and hallucination counts."""
-    from ..runtime.drive import Event, score_answer, time_tolerance_s
+    from .drive import Event, score_answer, time_tolerance_s
 
     words = {e["label"]: tuple(e["words"]) for e in run["manifest"]["events"]}
     tolerance = time_tolerance_s(run["manifest"]["minutes"])
@@ -175,7 +175,7 @@ def run_scores(answers: list[dict], absent: list[str], shown: dict[str, tuple[st
     """A run's answer-level counts: ``absent_correct`` (fraction of absent-object answers that
     are a clear no), ``degenerate`` and ``hallucinated`` (answers, of all), ``time_error_s_median``
     (over event answers that state a time). ``shown``: the drive's events, label -> words."""
-    from ..runtime.drive import ABSENT_OBJECTS, is_clear_no, names_unshown, repeats_ngram
+    from .drive import ABSENT_OBJECTS, is_clear_no, names_unshown, repeats_ngram
 
     texts = [a["answer"] for a in answers] + absent
     vocabulary = {**shown, **{label: (label,) for label in ABSENT_OBJECTS}}
@@ -240,7 +240,7 @@ def report(data: dict, out: Path) -> None:
 def main(argv=None) -> int:
     """Console entry point; returns the exit code (2 on bad input)."""
     args = parse_args(argv)
-    from ..runtime.drive import Drive, bundled_events, events_from_dir, video_frames
+    from .drive import Drive, bundled_events, events_from_dir, video_frames
     from ..models import load_model
     from ..runtime.session import open_session
 

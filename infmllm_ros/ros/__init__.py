@@ -1,5 +1,5 @@
-"""The ROS 2 face of the runtime: node, parameters, image decoding, ingest worker and tools.
+"""The ROS 2 node and what it needs: parameters, image decoding, stamps, the ingest worker, the
+memory image and the interface's field lists.
 
-Modules that import rclpy (node, ask, replay) need the ROS wheels installed by ``make test``;
-images, params, worker and bag do not.
+Only ``node`` imports rclpy (the ROS wheels ``make test`` installs); the worker has no rclpy.
 """

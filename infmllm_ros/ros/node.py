@@ -59,7 +59,7 @@ from std_srvs.srv import Trigger
 from ..models import load_model
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
-from .ask import ANSWER_FIELDS
+from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, validate
 from .stamps import stamp_problem, stamp_seconds, to_time

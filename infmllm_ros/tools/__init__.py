@@ -1,1 +1,7 @@
-"""Operator tools that need no ROS graph: chat with a model over a video file."""
+"""Operator and bag tools: ``infmllm-ask`` (the /ask console client), ``infmllm-make-bag``,
+``infmllm-replay``, ``infmllm-demo`` and the process launcher they share; ``infmllm-chat`` (a
+video through a model, no ROS).
+
+``ask`` and ``replay`` import rclpy (the ROS wheels ``make test`` installs); ``bag``, ``demo``
+and ``chat`` do not.
+"""

@@ -49,7 +49,7 @@ def frames(args):
     """
     import cv2
 
-    from ..runtime.drive import iter_video
+    from ..bench.drive import iter_video
 
     if args.video:
         yield from iter_video(args.video, args.fps)

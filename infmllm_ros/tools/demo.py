@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .params import flatten_parameters
+from ..ros.params import flatten_parameters
 from .processes import ros_env, run_tool, start_node, stop_node
 
 DASHCAM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dashcam_solidWhiteRight.mp4"

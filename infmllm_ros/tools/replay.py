@@ -40,9 +40,9 @@ from std_msgs.msg import Header
 from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
-from ..runtime.drive import Event, is_clear_no, repeats_ngram, score_answer
+from ..bench.drive import Event, is_clear_no, repeats_ngram, score_answer
 from .ask import stream_ask
-from .stamps import stamp_seconds, to_time
+from ..ros.stamps import stamp_seconds, to_time
 
 
 def cdr_header_stamp(data: bytes) -> float:

@@ -23,7 +23,8 @@ from rclpy.signals import SignalHandlerOptions
 from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.srv import Ask
 
-from .stamps import stamp_seconds
+from ..ros.interface import ANSWER_FIELDS
+from ..ros.stamps import stamp_seconds
 
 
 def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
@@ -47,12 +48,6 @@ def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
         return future.result() if future.done() else None
     finally:
         node.destroy_client(client)
-
-
-#: The fields an ``Ask`` service response shares with the ``Answer`` message (the action's result).
-ANSWER_FIELDS = ("answer", "first_frame_stamp", "last_frame_stamp", "frames_in_context", "tokens_in_cache",
-                 "latency_s", "sighting_stamps", "sighting_scores", "sighting_cameras", "seen", "confidence",
-                 "evidence", "stopped")
 
 
 #: Seconds a goal's result may take before it is asked for again (see :func:`stream_ask`).

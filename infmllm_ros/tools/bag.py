@@ -5,7 +5,7 @@ Writes with ``rosbags`` (no ROS install needed), MCAP or SQLite3 storage, one ca
 ``sensor_msgs/CompressedImage`` (JPEG) or ``sensor_msgs/Image`` (rgb8/bgr8/mono8). Header stamps
 and bag times are ``--start-stamp`` + drive time, so a replay is reproducible. Beside the bag
 directory ``OUT``: ``OUT.manifest.json`` (events, times, words, bag figures) and
-``OUT.questions.yaml`` (the :mod:`infmllm_ros.ros.replay` script: one question per event, asked
+``OUT.questions.yaml`` (the :mod:`infmllm_ros.tools.replay` script: one question per event, asked
 after the last frame).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import yaml
 
-from ..runtime.drive import (ABSENT_OBJECTS, Drive, LoopedClip, absent_question, bundled_events, events_from_dir,
+from ..bench.drive import (ABSENT_OBJECTS, Drive, LoopedClip, absent_question, bundled_events, events_from_dir,
                              synthetic_road, video_frames)
 
 TYPESTORE_NAME = "ros2_kilted"

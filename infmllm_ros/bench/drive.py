@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .recall import with_article
+from ..runtime.recall import with_article
 
 # Words that count as naming each bundled event (its ImageNet class's main word and synonyms).
 BUNDLED_EVENT_WORDS = {
