@@ -7,9 +7,9 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 * ``cuda``: the mutated line calls one of our CUDA kernels (``kernels.*``) or the condition that
   sends work to them. Unreachable without a GPU; the CUDA parity tests kill these on a GPU machine.
 * ``device``: only a ``device=`` argument changed or went away; on this CPU-only machine a tensor
-  lands on the CPU either way (equivalent here).
+  lands on the CPU either way (no observable change here).
 * ``message``: only string text changed (an error message; tests match its key words).
-* ``other``: everything else: a gap in the tests, or an equivalent mutant to explain by hand.
+* ``other``: everything else: a gap in the tests, or a mutant with no observable effect, explained by hand.
 
 Kill rate = (killed + timed out) / (killed + timed out + survived + no tests): over the mutants
 checked (a stopped run leaves some "not checked"), and over those reachable and observable here (without ``cuda``, ``device`` and ``message``). Writes JSON and markdown.

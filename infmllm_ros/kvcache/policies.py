@@ -23,8 +23,7 @@ A policy that scores slots (h2o, inf_mllm) can also reserve a **vision budget**:
 ``vision_budget`` best-scoring VISION slots outside the protected parts are kept before any
 other saddle. This is our addition, not Inf-MLLM's (its saddles do not tell modalities
 apart): on a camera stream most slots are frame-tag text, and without a reserve an event's
-few vision tokens leave most rows within minutes (bench/results/README.md, "Where the
-vision slots go").
+few vision tokens leave most rows within minutes (bench/results/README.md, "Camera memory").
 """
 from __future__ import annotations
 

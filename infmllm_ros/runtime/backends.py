@@ -54,8 +54,8 @@ class Backend:
         ``kind``, ``frame_id``, ``stamp_s``: slot metadata (see :meth:`KVCache.begin_chunk`).
         ``mrope``: int64 ``[3, n]`` M-RoPE positions of a vision chunk (:meth:`Decoder.forward`).
         ``logits=False``: the caller does not need them (a frame); a backend may skip the LM head
-        (torch does: one ``[vocab, hidden]`` matrix-vector product, ~20 ms for SmolLM2 on one
-        core here) and return None.
+        (torch does: one ``[vocab, hidden]`` matrix-vector product, the largest of the model) and
+        return None.
 
         Raises:
             ValueError / CacheFullError: as :meth:`KVCache.begin_chunk`; the cache is unchanged.

@@ -1,7 +1,7 @@
 """Sightings: which frames still in the KV cache match a question, and when they were seen.
 
 The 135M language model names what it saw but never states when (bench/results/README.md,
-"Needle"). The cache knows: every vision slot carries its frame id and stamp. A question's
+"Answers"). The cache knows: every vision slot carries its frame id and stamp. A question's
 tokens, once prefilled, have value vectors in the cache beside the frames' vision tokens, and
 at a late layer a question word and a frame showing that object have similar values (the
 vision tokens are class-name embeddings, :class:`~infmllm_ros.models.vision.LabelEmbeddingProjector`).
@@ -21,10 +21,10 @@ import torch
 
 from ..kvcache import KVCache, SlotKind
 
-#: Relative depth of the layer whose values are matched: layer 23 of SmolLM2-135M's 30 was the
-#: best single layer on two 3- and 5-minute needle drives (6/6 events each, held out on the
-#: second; bench/results/README.md, "Sightings"). Other families take the same relative depth,
-#: not yet measured on their real weights.
+#: Relative depth of the layer whose values are matched: layer 23 of SmolLM2-135M's 30, the best
+#: single layer on full-cache needle drives (chosen on one, held out on another; what it recalls:
+#: bench/results/README.md, "Camera memory"). Other families take the same relative depth, not
+#: yet measured on their real weights.
 RECALL_DEPTH = 23 / 30
 
 

@@ -37,8 +37,9 @@ from .novelty import SceneNovelty
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge, with_article
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
-#: frame of a 1 Hz camera spent ~300 ms of prefill and ~17 slots a second on the same
-#: sentence; one a 10 s is enough to keep the clock in the cache (bench/results/README.md).
+#: frame spends a chunk's prefill and its slots on the same sentence; one a 10 s is enough to
+#: keep the clock in the cache (bench/results/README.md, "Camera memory" and "Ingest and decode
+#: cost").
 DEFAULT_FAMILIAR_INTERVAL_S = 10.0
 
 #: Decoding defaults: greedy, with the two repetition controls set so that an answer cannot loop
