@@ -174,27 +174,6 @@ def test_export_rejects_a_chunk_larger_than_the_buffer(tmp_path):
                             StepIdentity.of("tiny", tiny_decoder(), 48, 64, make_policy("streaming_llm")))
 
 
-def test_vision_front_end_on_onnxruntime_matches_torch(smollm2, tmp_path):
-    """Pixels -> LM tokens for the six event photos, batched, against VisionEncoder + projector."""
-    import onnxruntime as ort
-
-    from infmllm_ros.engines.onnx_export import export_vision
-    from infmllm_ros.engines.vision_step import VisionTokens
-    from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
-    from infmllm_ros.bench.drive import bundled_events
-
-    dec, tok = smollm2
-    vision, projector = VisionEncoder(), LabelEmbeddingProjector(dec, tok, imagenet_names())
-    path = export_vision(VisionTokens(vision, projector), tmp_path / "vision.onnx")
-    pixels = torch.cat([vision.preprocess(image) for image, _ in bundled_events().values()])
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["tokens"], {"pixels": pixels.numpy()})[0]
-    want = torch.stack([projector(*vision(pixels[i:i + 1])) for i in range(len(pixels))])
-    assert got.shape == (6, 4, dec.cfg.hidden_size)
-    assert float((torch.from_numpy(got) - want).abs().max()) < 1e-3
-    with pytest.raises(ValueError, match="global tokens only"):
-        VisionTokens(VisionEncoder(cells=2), projector)
-
-
 def test_cache_refuses_engine_outputs_that_do_not_fit_the_chunk():
     dec = tiny_decoder()
     cache = dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infmllm_ros.ros.params import PARAMETER_NAMES, flatten_parameters, validate
+from infmllm_ros.ros.params import PARAMETERS, flatten_parameters, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_parameter_file_declares_only_known_parameters_and_validates(launched):
     params_file = Path(resolve(node["parameters"][0], args))
     assert params_file.is_file()
     values = ros_parameters(params_file)
-    assert set(values) <= PARAMETER_NAMES and values
+    assert set(values) <= {p.name for p in PARAMETERS} and values
     assert validate(values).cache_policy == "inf_mllm"
     assert set(node["parameters"][1]) == {"use_sim_time", "autostart"}
     assert resolve(node["parameters"][1]["autostart"], args) == "true" and node["name"] == "infmllm"
@@ -133,5 +133,5 @@ def test_the_test_profile_binds_udp_to_loopback_only():
 @pytest.mark.parametrize("name", ["orin.yaml", "desktop.yaml"])
 def test_shipped_parameter_files_validate(name):
     values = ros_parameters(ROOT / "config" / name)
-    assert set(values) <= PARAMETER_NAMES
+    assert set(values) <= {p.name for p in PARAMETERS}
     validate(values)

@@ -2,7 +2,6 @@
 (make-bag -> node -> replay with a question per event -> SIGINT), checked from its report."""
 import json
 
-import pytest
 
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 

@@ -1,5 +1,4 @@
 """Image decoding, parameter validation and the ingest worker, without a ROS graph."""
-import math
 import threading
 import time
 from types import SimpleNamespace

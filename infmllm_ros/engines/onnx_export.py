@@ -1,5 +1,4 @@
-"""ONNX export of the decoder step (:class:`DecoderStep`) and of the vision front end
-(:class:`~.vision_step.VisionTokens`), and an onnxruntime runner for the step.
+"""ONNX export of the decoder step (:class:`DecoderStep`) and an onnxruntime runner for it.
 
 The graph has static KV-buffer inputs ``[layers, kv_heads, slots, head_dim]`` and a dynamic
 chunk length ``n`` in ``1..max_chunk``. Opset 18: inside what TensorRT 10 (JetPack 6 ships
@@ -59,24 +58,6 @@ def export_decoder_step(decoder: Decoder, path: str | Path, identity: StepIdenti
             input_names=list(INPUTS), output_names=list(OUTPUTS), external_data=False,
             dynamic_shapes={"embeds": {1: n}, "k_cache": None, "v_cache": None, "length": None})
     program.model.metadata_props.update(identity.metadata())
-    program.save(str(path))
-    return path
-
-
-def export_vision(vision_tokens, path: str | Path, max_batch: int = 8) -> Path:
-    """Write :class:`~.vision_step.VisionTokens` as ONNX: ``pixels [B, 3, 224, 224]`` ->
-    ``tokens [B, name_tokens, hidden]``, ``B`` dynamic in ``1..max_batch``.
-
-    Returns:
-        the written path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(vision_tokens.eval(), (torch.zeros(2, 3, 224, 224),), dynamo=True,
-                                    opset_version=OPSET, input_names=["pixels"], output_names=["tokens"],
-                                    external_data=False, dynamic_shapes={"pixels": {0: batch}})
     program.save(str(path))
     return path
 

@@ -63,7 +63,7 @@ from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, validate
 from .stamps import stamp_problem, stamp_seconds, to_time
-from .worker import BAD_OUTCOMES, IngestWorker, PendingFrame
+from .worker import BAD_OUTCOMES, OUTCOMES, IngestWorker, PendingFrame
 
 
 class AnyEvent:
@@ -450,11 +450,8 @@ class InfMLLMNode(LifecycleNode):
         rate = (ingested - count) / (now - then) if now > then else 0.0
         self._last_diag = (now, ingested)
         values = {
-            "frames_received": s.received, "frames_ingested": ingested, "frames_stored": s.stored,
-            "frames_dropped": s.outcomes["dropped"], "frames_rejected": s.outcomes["rejected"],
-            "frames_late": s.outcomes["late"], "frames_failed": s.outcomes["failed"],
-            "frames_sampled_out": s.outcomes["sampled_out"], "frames_duplicate": s.outcomes["duplicate"],
-            "frames_too_large": s.outcomes["too_large"], "frames_bad_stamp": s.outcomes["bad_stamp"],
+            "frames_received": s.received, "frames_stored": s.stored,
+            **{f"frames_{outcome}": s.outcomes[outcome] for outcome in OUTCOMES},
             "camera_clock_resets": s.clock_resets,
             "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
             "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}", "vision_ms_last": f"{s.last_vision_ms:.1f}",

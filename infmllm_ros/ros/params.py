@@ -116,8 +116,6 @@ PARAMETERS = (
     Param("memory_save_period_s", 0.0, "seconds between periodic saves of memory_file (0: at shutdown only)"),
 )
 
-PARAMETER_NAMES = frozenset(p.name for p in PARAMETERS)
-
 
 @dataclass(frozen=True)
 class NodeConfig:

@@ -41,6 +41,8 @@ from typing import Any, Callable
 
 from .images import FrameError, FrameTooLarge, frame_difference, thumbnail, to_rgb
 
+#: Every outcome of a frame (its ``~/frames`` suffix; each one counted on ``/diagnostics`` as
+#: ``frames_<outcome>``).
 OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "too_large", "bad_stamp", "late",
             "failed")
 #: Outcomes that are logged as warnings and kept as ``last_error``.
