@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation clean
+.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation mutation-ci clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -55,6 +55,11 @@ mutation: $(STAMP)
 	$(PIP) install -q mutmut==3.8.1
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
 	$(PY) -m infmllm_ros.bench.mutation --json bench/results/mutation_kvcache.json
+
+# The targeted subset of mutation testing that CI runs (~3 minutes): named breakages of the cache,
+# each applied to a copy of the checkout, each of which a test must catch (bench/breakages.py).
+mutation-ci: $(STAMP)
+	$(PY) -m infmllm_ros.bench.breakages
 
 # The main job: a 5-minute drive bag from the dashcam clip, the node, a replay with questions
 # about every event, answers printed (see infmllm_ros/tools/demo.py). ~4 minutes on 2 cores.

@@ -19,3 +19,19 @@ from infmllm_ros.bench.mutation import survivor_kind
 def test_each_survivor_lands_in_its_kind(removed, added, kind):
     before = "kernels.window_scores(q, k, t, s," if kind == "cuda" and "kernels" not in removed else "x = 1"
     assert survivor_kind(removed, added, before) == kind
+
+
+def test_every_named_breakage_still_matches_the_source_once(tmp_path):
+    """A code change that moves a breakage's source text shows here, not only in `make mutation-ci`."""
+    from infmllm_ros.bench.breakages import BREAKAGES, ROOT, apply
+
+    for b in BREAKAGES:
+        target = tmp_path / b.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text((ROOT / b.path).read_text())
+        apply(b, tmp_path)
+        assert b.new in target.read_text() and all((ROOT / t).is_file() for t in b.tests), b.name
+    target = tmp_path / BREAKAGES[0].path
+    target.write_text("nothing to break here\n")
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        apply(BREAKAGES[0], tmp_path)

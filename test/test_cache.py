@@ -435,3 +435,69 @@ def test_a_full_cache_ignores_slack_and_stops_at_its_capacity(tiny):
 def test_a_negative_slack_is_refused(tiny):
     with pytest.raises(ValueError, match="slack"):
         tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8), slack=-1)
+
+
+def mrope_cache(capacity: int = 64, policy: str = "full") -> KVCache:
+    """A one-row M-RoPE cache (head_dim 8, sections 1/2/1) without a model."""
+    from infmllm_ros.kvcache import Rope
+
+    return KVCache(layers=1, kv_heads=1, head_dim=8, capacity=capacity, max_chunk=16,
+                   policy=make_policy(policy, sinks=2, recent=4), rope=Rope(8, 1e4, mrope_section=(1, 2, 1)))
+
+
+def image_positions(h: int, w: int) -> torch.Tensor:
+    """int64 ``[3, h*w]`` (t, h, w) positions of one image of ``h x w`` tokens (t = 0 for all)."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.zeros(h * w, dtype=torch.int64), rows.reshape(-1), cols.reshape(-1)])
+
+
+def write(cache: KVCache, n: int, mrope: torch.Tensor | None = None) -> torch.Tensor:
+    """Begin and commit an n-token chunk (zero K/V); returns its 1-D positions."""
+    positions = cache.begin_chunk(n, mrope=mrope)
+    cache.commit()
+    return positions
+
+
+def test_mrope_images_move_the_position_counter_by_their_extent_one_after_another():
+    """transformers' get_rope_index: after an h x w image the text resumes max(h, w) positions
+    later, and each image adds its own extent (the lags add up)."""
+    cache = mrope_cache()
+    assert write(cache, 3).tolist() == [0, 1, 2]
+    write(cache, 12, image_positions(3, 4))  # 12 tokens, extent 4
+    write(cache, 4, image_positions(2, 2))  # 4 tokens, extent 2
+    assert cache.position_offset == (4 - 12) + (2 - 4)
+    assert write(cache, 2).tolist() == [3 + 4 + 2, 3 + 4 + 2 + 1]
+
+
+def test_restoring_a_snapshot_restores_the_mrope_position_offset():
+    cache = mrope_cache()
+    write(cache, 3)
+    write(cache, 12, image_positions(3, 4))
+    snap = cache.snapshot()
+    expected = cache.position_offset
+    write(cache, 4, image_positions(2, 2))
+    assert cache.position_offset != expected
+    cache.restore(snap)
+    assert cache.position_offset == expected and write(cache, 1).tolist() == [3 + 4]
+
+
+@pytest.mark.parametrize("slack, evicted", [(0, [0, 0, 0, 4, 4, 4]), (6, [0, 0, 0, 0, 8, 0])])
+def test_commit_returns_the_tokens_it_evicted(slack, evicted):
+    cache = KVCache(layers=1, kv_heads=1, head_dim=4, capacity=12, max_chunk=4,
+                    policy=make_policy("streaming_llm", sinks=2), rope=None, slack=slack)
+    got = []
+    for _ in range(6):
+        cache.begin_chunk(4)
+        got.append(cache.commit())
+    assert got == evicted and cache.evicted_tokens == sum(evicted)
+
+
+def test_the_vision_budget_is_spent_outside_the_recent_slots_that_are_kept_anyway():
+    """Slots 2 and 3 are the only VISION slots outside sinks and recent; the recent VISION slots
+    score higher but are kept anyway, so the budget of 2 must go to slots 2 and 3."""
+    policy = make_policy("h2o", sinks=1, recent=4, vision_budget=2)
+    kind = torch.full((1, 1, 12), int(SlotKind.TEXT), dtype=torch.int8)
+    kind[..., [2, 3, 8, 9, 10, 11]] = int(SlotKind.VISION)
+    scores = torch.tensor([[[9.0, 5, 0.1, 0.2, 4, 3, 2, 1, 8, 8, 8, 8]]])
+    keep = policy.select(scores, (1, 1), 12, 8, torch.device("cpu"), kind)
+    assert keep[0, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
