@@ -501,3 +501,27 @@ def test_the_vision_budget_is_spent_outside_the_recent_slots_that_are_kept_anywa
     scores = torch.tensor([[[9.0, 5, 0.1, 0.2, 4, 3, 2, 1, 8, 8, 8, 8]]])
     keep = policy.select(scores, (1, 1), 12, 8, torch.device("cpu"), kind)
     assert keep[0, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+
+
+def test_which_policies_score_slots_and_what_streaming_llm_protects_at_the_capacity_bound():
+    from infmllm_ros.kvcache.policies import scores_slots
+
+    assert [name for name in sorted(POLICIES) if scores_slots(name)] == ["h2o", "inf_mllm"]
+    assert not scores_slots("lru")  # unknown: make_policy reports it
+    streaming = make_policy("streaming_llm", sinks=4)
+    assert streaming.protected(4) == (4, 0) and streaming.protected(3) == (4, 0)  # nothing beyond the sinks
+    streaming.check_capacity(4 + 8, 8)  # the sinks and one chunk: the smallest capacity that works
+    with pytest.raises(PolicySettingError):
+        streaming.check_capacity(4 + 7, 8)
+
+
+def test_restore_ends_a_chunk_that_was_begun_after_the_snapshot():
+    cache = KVCache(layers=1, kv_heads=1, head_dim=4, capacity=12, max_chunk=4, policy=make_policy("full"), rope=None)
+    cache.begin_chunk(4)
+    cache.commit()
+    snap = cache.snapshot()
+    cache.begin_chunk(3)  # e.g. a question whose decoding was cut mid-chunk
+    cache.restore(snap)
+    assert cache.pending == 0 and cache.length == 4
+    cache.begin_chunk(2)
+    assert cache.commit() == 0 and cache.length == 6

@@ -183,5 +183,43 @@ def test_cache_refuses_engine_outputs_that_do_not_fit_the_chunk():
         cache.store_chunk(k[:, :, :3], k, torch.zeros(3, 2, 48))  # K of 3 tokens for a 4-token chunk
     with pytest.raises(ValueError, match="scores >= 4 slots"):
         cache.store_chunk(k, k, torch.zeros(3, 2, 2))
+    for bad_k, bad_v, bad_scores in ((k, k[:, :, :3], torch.zeros(3, 2, 48)), (k, k, torch.zeros(3, 1, 48)),
+                                     (k, k, torch.zeros(2, 2, 48)), (k[:1], k, torch.zeros(3, 2, 48))):
+        with pytest.raises(ValueError, match="do not fit the pending chunk"):
+            cache.store_chunk(bad_k, bad_v, bad_scores)
+    cache.store_chunk(k, k, torch.zeros(3, 2, 4))  # scores of exactly the occupied slots fit
     cache.rollback()
     assert cache.length == 0 and cache.pending == 0
+
+
+def test_an_engine_backend_stores_the_same_cache_as_the_torch_path():
+    """The engine path (the step's outputs written back by ``store_chunk``) through evictions,
+    with the torch step standing in for onnxruntime/TensorRT: same K, V, scores and counters."""
+    from infmllm_ros.engines.decoder_step import DecoderStep
+    from infmllm_ros.runtime.backends import EngineBackend, TorchBackend
+
+    class TorchStepBackend(EngineBackend):
+        name = "torch-step"
+
+        def check_cache(self, cache):
+            step = DecoderStep(self.decoder, *cache.policy.fused_rule)
+            self.step = lambda e, k, v, length: step(e, k, v, torch.tensor([length]))
+
+    dec = tiny_decoder()
+    caches = [dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)) for _ in range(2)]
+    backends = (TorchBackend(dec), TorchStepBackend(dec))
+    backends[1].check_cache(caches[1])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n in CHUNKS:
+            embeds = dec.embed(torch.randint(0, dec.cfg.vocab_size, (n,), generator=g))
+            logits = [b.run_chunk(embeds, c) for b, c in zip(backends, caches)]
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+            want, got = caches
+            assert (got.length, got.evicted_tokens, got.stream_tokens) == (want.length, want.evicted_tokens,
+                                                                           want.stream_tokens)
+            t = want.length
+            for name in ("k", "v", "scores", "position"):
+                torch.testing.assert_close(getattr(got, name)[:, :, :t], getattr(want, name)[:, :, :t], atol=1e-4,
+                                           rtol=1e-4, msg=name)
+    assert caches[1].evicted_tokens > 0

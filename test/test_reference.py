@@ -54,6 +54,25 @@ def test_visible_counts():
 def test_gqa_mismatch_is_an_error():
     with pytest.raises(ValueError, match="multiple"):
         window_scores(torch.randn(5, 2, 8), torch.randn(2, 10, 8), 8, 1.0)
+    with pytest.raises(ValueError, match="head_dim 8 != k head_dim 4"):
+        window_scores(torch.randn(4, 2, 8), torch.randn(2, 10, 4), 8, 1.0)
+
+
+def test_window_scores_default_to_no_bias_and_normalised_columns():
+    torch.manual_seed(2)
+    q, k = torch.randn(4, 3, 8), torch.randn(2, 12, 8)
+    torch.testing.assert_close(window_scores(q, k, 9, 0.3), brute_window_scores(q, k, 9, 0.3, 0.0, True).float())
+
+
+def test_mrope_angles_take_the_requested_dtype_and_refuse_positions_not_3_by_n():
+    rope = Rope(8, 1e4, mrope_section=(1, 2, 1))
+    cos, sin = rope.cos_sin_mrope(torch.zeros(3, 5, dtype=torch.int64), torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == (5, 8)
+    for bad in (torch.zeros(2, 5, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"must be \[3, n\], got"):
+            rope.cos_sin_mrope(bad, torch.float32)
+    with pytest.raises(ValueError, match="need an M-RoPE"):
+        Rope(8, 1e4).cos_sin_mrope(torch.zeros(3, 5, dtype=torch.int64), torch.float32)
 
 
 def test_saddle_select_keeps_sinks_recent_and_top_scores():
