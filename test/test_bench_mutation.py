@@ -15,6 +15,22 @@ from infmllm_ros.bench.mutation import survivor_kind
     ("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:", "other"),
     ("spec.beta, out=self._window)", "None, out=self._window)", "cuda"),
     ("k = budget - sinks - recent", "k = budget + sinks - recent", "other"),
+    ("return torch.zeros(n, dtype=torch.int64, device=device)", "return torch.zeros(n, dtype=None, device=device)",
+     "dtype"),
+    ("return torch.zeros(n, dtype=torch.int64, device=device)", "return torch.zeros(n, device=device)", "dtype"),
+    ("qf = q.to(torch.float32).reshape(hkv, g, w, d)", "qf = q.to(None).reshape(hkv, g, w, d)", "dtype"),
+    ("return emb.cos().to(dtype), emb.sin().to(dtype)", "return emb.cos().to(None), emb.sin().to(dtype)", "dtype"),
+    ("qf = q.to(torch.float32).reshape(hkv, g, w, d)", "qf = q.to(torch.float32).reshape(hkv, g, w, None)", "other"),
+    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
+     "top = torch.sort(masked, dim=-1, descending=True, stable=False)", "sort"),
+    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
+     "top = torch.sort(masked, descending=True, stable=True)", "sort"),
+    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
+     "top = torch.sort(masked, dim=-1, descending=False, stable=True)", "other"),
+    ('masked = scores.masked_fill(~eligible, float("-inf"))', 'masked = scores.masked_fill(~eligible, float("-INF"))',
+     "spelling"),
+    ('masked = scores.masked_fill(~eligible, float("-inf"))', 'masked = scores.masked_fill(~eligible, float("inf"))',
+     "other"),
 ])
 def test_each_survivor_lands_in_its_kind(removed, added, kind):
     before = "kernels.window_scores(q, k, t, s," if kind == "cuda" and "kernels" not in removed else "x = 1"

@@ -7,12 +7,21 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 * ``cuda``: the mutated line calls one of our CUDA kernels (``kernels.*``) or the condition that
   sends work to them. Unreachable without a GPU; the CUDA parity tests kill these on a GPU machine.
 * ``device``: only a ``device=`` argument changed or went away; on this CPU-only machine a tensor
-  lands on the CPU either way (no observable change here).
+  lands on the CPU either way.
+* ``dtype``: only a ``dtype=`` argument or a ``.to(x)`` conversion changed or went away; the
+  tests run the cache in fp32, where the value already has that dtype (or is cast back on
+  assignment into a typed buffer). A half-precision run on a GPU tells these apart.
+* ``sort``: only ``stable=`` or ``dim=-1`` of a sort changed; ``dim=-1`` is the default, and on the
+  CPU torch keeps ties in order at these sizes whether asked or not.
+* ``spelling``: only the case of a ``float("...")`` literal (``-inf`` and ``-INF`` are one number).
 * ``message``: only string text changed (an error message; tests match its key words).
-* ``other``: everything else: a gap in the tests, or a mutant with no observable effect, explained by hand.
+* ``other``: everything else: a gap in the tests, or a mutant explained by hand.
 
-Kill rate = (killed + timed out) / (killed + timed out + survived + no tests): over the mutants
-checked (a stopped run leaves some "not checked"), and over those reachable and observable here (without ``cuda``, ``device`` and ``message``). Writes JSON and markdown.
+``device``, ``dtype``, ``sort`` and ``spelling`` change nothing observable on this machine
+(equivalent here); ``cuda`` ones cannot run here. Kill rate = (killed + timed out) / (killed +
+timed out + survived + no tests), over the mutants checked (a stopped run leaves some "not
+checked"), and over the non-equivalent ones that run here (without the four equivalent kinds
+and ``cuda``); a third rate also leaves out ``message``. Writes JSON and markdown.
 """
 from __future__ import annotations
 
@@ -27,17 +36,39 @@ from .common import machine, markdown_table, write_report
 
 _STRING = re.compile(r"""[rbfu]*("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
 _DEVICE = re.compile(r",?\s*device=[^,)]*")
+_DTYPE = re.compile(r",?\s*dtype=[^,)]*|\.to\([\w.]*\)")
+_SORT = re.compile(r",?\s*(stable=[^,)]*|dim=-1)")
+_FLOAT = re.compile(r'float\("([^"]*)"\)')
+
+#: Survivor kinds that change nothing observable on this machine (module docstring).
+EQUIVALENT_HERE = ("device", "dtype", "sort", "spelling")
+
+
+def _same_without(pattern: re.Pattern, removed: str, added: str) -> bool:
+    """Whether the two lines differ and are equal once ``pattern``'s matches are removed."""
+    def strip(line: str) -> str:
+        return pattern.sub("", line).replace(", )", ")").replace("(, ", "(")
+    return removed != added and strip(removed) == strip(added)
 
 
 def survivor_kind(removed: str, added: str, before: str = "") -> str:
     """The kind of a surviving mutant from its diff's removed and added line and the source line
     just before them (a call continued onto the mutated line starts there; see the module
-    docstring): ``cuda``, ``device``, ``message`` or ``other``."""
+    docstring): ``cuda``, one of :data:`EQUIVALENT_HERE`, ``message`` or ``other``."""
     if "kernels." in removed or "_cuda_kernels" in removed or ("kernels." in before and before.endswith((",", "("))):
         return "cuda"
-    if _DEVICE.sub("", removed).replace(", )", ")") == _DEVICE.sub("", added).replace(", )", ")") \
-            and removed != added:
+    if _same_without(_DEVICE, removed, added):
         return "device"
+    if _same_without(_DTYPE, _DEVICE.sub("", removed), _DEVICE.sub("", added)):
+        return "dtype"
+    if _same_without(_SORT, removed, added) and "sort(" in removed:
+        return "sort"
+    floats = [[x.lower() for x in _FLOAT.findall(line)] for line in (removed, added)]
+    if floats[0] != floats[1]:
+        return "other"  # a number changed, not a message
+    if removed != added and _FLOAT.sub(lambda m: m.group(0).lower(), removed) == \
+            _FLOAT.sub(lambda m: m.group(0).lower(), added):
+        return "spelling"
     if _STRING.sub('""', removed) == _STRING.sub('""', added):
         return "message"
     return "other"
@@ -81,27 +112,38 @@ def main(argv=None) -> int:
     counts = Counter(verdicts.values())
     kinds = Counter(s["kind"] for s in survivors)
     scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
-    excused = kinds["cuda"] + kinds["device"] + kinds["message"]
+    killed = counts["killed"] + counts["timeout"]
+    equivalent = sum(kinds[k] for k in EQUIVALENT_HERE)
+    reachable = scored - equivalent - kinds["cuda"]
+
+    def rate(total: int) -> float | None:
+        return killed / total if total > 0 else None
+
     data = {"machine": machine(), "command": "make mutation && python -m infmllm_ros.bench.mutation",
             "verdicts": dict(counts), "survivor_kinds": dict(kinds),
-            "kill_rate": (counts["killed"] + counts["timeout"]) / scored if scored else None,
-            "kill_rate_reachable": (counts["killed"] + counts["timeout"]) / (scored - excused) if scored > excused else None,
+            "kill_rate": rate(scored),
+            "kill_rate_non_equivalent": rate(reachable),
+            "kill_rate_non_equivalent_behaviour": rate(reachable - kinds["message"]),
             "survivors": survivors,
             "no_tests": sorted(n for n, v in verdicts.items() if v == "no tests")}
     per_file = Counter((s["mutant"].split(".")[2], s["kind"]) for s in survivors)
     files = sorted({f for f, _ in per_file})
+    kind_names = ("cuda", *EQUIVALENT_HERE, "message", "other")
     md = ["# Mutation testing of infmllm_ros/kvcache", "",
-          f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
-          f"Kill rate {data['kill_rate']:.3f} over the {scored} mutants checked; {data['kill_rate_reachable']:.3f} "
-          "without the "
-          "survivors that are CUDA-only, device-only or message-only (see the module docstring of "
-          "infmllm_ros/bench/mutation.py).", "",
-          markdown_table(["file", "cuda", "device", "message", "other"],
-                         [[f] + [per_file[(f, k)] for k in ("cuda", "device", "message", "other")] for f in files]),
-          "", "## Other survivors", "",
-          markdown_table(["mutant", "line", "mutated to"],
-                         [[s["mutant"].split(".", 2)[2], _cell(s["removed"]), _cell(s["added"])]
-                          for s in survivors if s["kind"] == "other"])]
+          f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
+          markdown_table(["kill rate over", "mutants", "rate"], [
+              ["all checked", scored, f"{data['kill_rate']:.3f}"],
+              ["non-equivalent, runnable here (without cuda, device, dtype, sort, spelling)", reachable,
+               f"{data['kill_rate_non_equivalent']:.3f}"],
+              ["the same without message-only", reachable - kinds["message"],
+               f"{data['kill_rate_non_equivalent_behaviour']:.3f}"]]),
+          "", "Survivor kinds: the module docstring of infmllm_ros/bench/mutation.py.", "",
+          markdown_table(["file", *kind_names],
+                         [[f] + [per_file[(f, k)] for k in kind_names] for f in files]),
+          "", "## Every survivor", "",
+          markdown_table(["kind", "mutant", "line", "mutated to"],
+                         [[s["kind"], s["mutant"].split(".", 2)[2], _cell(s["removed"]), _cell(s["added"])]
+                          for s in sorted(survivors, key=lambda s: (kind_names.index(s["kind"]), s["mutant"]))])]
     write_report(args.json, data, "\n".join(md) + "\n")
     return 0
 
