@@ -525,3 +525,85 @@ def test_restore_ends_a_chunk_that_was_begun_after_the_snapshot():
     assert cache.pending == 0 and cache.length == 4
     cache.begin_chunk(2)
     assert cache.commit() == 0 and cache.length == 6
+
+
+def test_chunks_of_two_tokens_are_causal_like_one_long_chunk(tiny):
+    ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(4))
+    whole = stream_logits(tiny, tiny.new_cache(64, 24, make_policy("full")), ids, 24)
+    for chunk in (2, 3):
+        torch.testing.assert_close(stream_logits(tiny, tiny.new_cache(64, 24, make_policy("full")), ids, chunk), whole,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_mrope_re_rotation_after_an_eviction_reaches_every_layer():
+    """Two layers given the same keys must still hold the same keys after an eviction that
+    re-rotates by the M-RoPE lag (text after an image)."""
+    from infmllm_ros.kvcache import Rope
+
+    cache = KVCache(layers=2, kv_heads=1, head_dim=8, capacity=16, max_chunk=12,
+                    policy=make_policy("streaming_llm", sinks=2), rope=Rope(8, 1e4, mrope_section=(1, 2, 1)))
+    g = torch.Generator().manual_seed(5)
+    for n, mrope in ((4, None), (12, image_positions(3, 4)), (4, None)):
+        cache.begin_chunk(n, mrope=mrope)
+        q, k, v = (torch.randn(1, n, 8, generator=g) for _ in range(3))
+        for layer in range(2):
+            cache.attend(layer, q, k, v)
+        evicted = cache.commit()
+    assert evicted == 4 and cache.position_offset == 0
+    assert torch.equal(cache.k[0], cache.k[1]) and bool(cache.k[1].abs().sum() > 0)
+
+
+def test_restoring_a_snapshot_restores_the_mrope_lag_of_every_slot():
+    cache = mrope_cache()
+    write(cache, 3)
+    write(cache, 12, image_positions(3, 4))
+    write(cache, 2)  # text after the image: lag -8
+    snap = cache.snapshot()
+    lag = cache.rope_lag[:, :, :cache.length].clone()
+    assert bool((lag != 0).any())
+    cache.rope_lag.zero_()
+    cache.restore(snap)
+    assert torch.equal(cache.rope_lag[:, :, :cache.length], lag)
+
+
+def test_bad_mrope_positions_and_a_second_begin_are_refused_with_the_reason():
+    cache, text = mrope_cache(), KVCache(layers=1, kv_heads=1, head_dim=8, capacity=64, max_chunk=16,
+                                         policy=make_policy("full"), rope=None)
+    good = image_positions(2, 2)
+    for target, mrope in ((cache, good[:2]), (cache, good - 1), (cache, good + 3),  # shape, min < 0, max == n
+                          (text, good)):
+        with pytest.raises(ValueError, match=r"mrope positions must be int \[3, 4\] in 0..3 on an M-RoPE cache"):
+            target.begin_chunk(4, mrope=mrope)
+    cache.begin_chunk(4, mrope=good)
+    with pytest.raises(RuntimeError, match="begin_chunk called twice without commit"):
+        cache.begin_chunk(1)
+    with pytest.raises(ValueError, match="layers, kv_heads and head_dim must be >= 1"):
+        KVCache(layers=1, kv_heads=0, head_dim=8, capacity=8, max_chunk=1, policy=make_policy("full"), rope=None)
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        KVCache.check_settings(0, 1, 0, make_policy("full"))
+
+
+def test_defaults_of_the_policy_and_cache_constructors():
+    policy = make_policy("inf_mllm")
+    assert (policy.sinks, policy.recent, policy.vision_budget) == (4, 64, 0)
+    assert type(policy)(4, 8).vision_budget == 0 and make_policy("window").vision_budget == 0
+    cache = KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=2, policy=make_policy("window"), rope=None)
+    assert cache.slack == 0 and cache.k.shape[2] == 10
+
+
+def test_policy_refusals_name_their_setting_and_reason():
+    for call, setting, message in (
+            (lambda: make_policy("lru"), "policy", r"unknown KV-cache policy 'lru'; choose one of \['full'"),
+            (lambda: make_policy("inf_mllm", decay=1.5), "decay", r"decay must be in \[0, 1\], got 1.5"),
+            (lambda: make_policy("window", vision_budget=4), "vision_budget", "policy window does not score slots"),
+            (lambda: make_policy("h2o", sinks=2, recent=4, vision_budget=8).check_capacity(13, 4), "vision_budget",
+             "vision_budget 8 does not fit beside sinks"),
+            (lambda: make_policy("h2o", sinks=2, recent=4).check_capacity(9, 4), "capacity",
+             r"capacity 9 is smaller than sinks \(2\) \+ recent \(4\) \+ chunk \(4\) = 10 tokens")):
+        with pytest.raises(PolicySettingError, match=message) as err:
+            call()
+        assert err.value.setting == setting
+    make_policy("h2o", sinks=2, recent=4, vision_budget=8).check_capacity(14, 4)  # exactly fits
+    make_policy("window").check_capacity(8, 8)  # a window keeps nothing beyond the chunk
+    with pytest.raises(ValueError, match="a vision budget needs the slot kinds"):
+        make_policy("h2o", sinks=1, recent=1, vision_budget=1).select(torch.zeros(1, 1, 6), (1, 1), 6, 4, "cpu")

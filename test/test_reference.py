@@ -118,10 +118,43 @@ def test_kv_compact_rerotates_keys_to_their_new_slots():
     assert torch.equal(meta[:, :, :10], keep)
 
 
-def test_kv_compact_rejects_out_of_range_indices():
+def test_kv_compact_rejects_out_of_range_indices_and_mismatched_shapes():
     k = torch.zeros(1, 1, 8, 4)
-    with pytest.raises(ValueError, match="out of the buffer"):
-        kv_compact(k, k.clone(), torch.tensor([[[0, 9]]]), None)
+    for bad in (9, 8, -1):  # slot 8 is one past the last of 8
+        with pytest.raises(ValueError, match="keep indices out of the buffer's slot range"):
+            kv_compact(k, k.clone(), torch.tensor([[[0, bad]]]), None)
+    kv_compact(k, k.clone(), torch.tensor([[[0, 7]]]), None)
+    with pytest.raises(ValueError, match=r"K \(1, 1, 8, 4\) and V \(1, 1, 6, 4\) differ"):
+        kv_compact(k, torch.zeros(1, 1, 6, 4), torch.tensor([[[0, 1]]]), None)
+    with pytest.raises(ValueError, match=r"keep rows \(2, 1\) != buffer rows \(1, 1\)"):
+        kv_compact(k, k.clone(), torch.tensor([[[0, 1]], [[0, 1]]]), None)
+
+
+def test_saddle_select_refuses_negative_counts_and_takes_zero():
+    s = torch.randn(1, 1, 10)
+    for sinks, recent in ((-1, 0), (0, -1)):
+        with pytest.raises(ValueError, match=rf"sinks \({sinks}\) and recent \({recent}\) must be >= 0"):
+            saddle_select(s, sinks, recent, 5)
+    assert saddle_select(s, 0, 0, 3)[0, 0].tolist() == sorted(torch.topk(s[0, 0], 3).indices.tolist())
+
+
+def test_column_scores_default_to_no_bias_and_normalised_columns():
+    torch.manual_seed(6)
+    q, k = torch.randn(4, 3, 8), torch.randn(2, 12, 8)
+    logits = (q.reshape(2, 2, 3, 8) @ k.transpose(1, 2)[:, None]) * 0.3
+    torch.testing.assert_close(column_scores(logits, 9), brute_window_scores(q, k, 9, 0.3, 0.0, True).float())
+
+
+def test_rope_refuses_bad_shapes_and_bases_with_the_reason():
+    for kwargs, message in ((dict(head_dim=7, theta=1e4), "head_dim must be even, got 7"),
+                            (dict(head_dim=8, theta=0.0), "theta must be positive, got 0.0"),
+                            (dict(head_dim=8, theta=1e4, mrope_section=(2, 2)), "three sizes summing to head_dim/2 = 4"),
+                            (dict(head_dim=8, theta=1e4, mrope_section=(1, 1, 1)), "three sizes summing"),
+                            (dict(head_dim=8, theta=1e4, mrope_section=(-1, 3, 2)), "three sizes summing")):
+        with pytest.raises(ValueError, match=message):
+            Rope(**kwargs)
+    Rope(8, 0.5)  # any positive base
+    Rope(8, 1e4, mrope_section=(0, 2, 2))  # an axis may get no frequencies
 
 
 @pytest.mark.parametrize("w", [1, 5])

@@ -6,9 +6,9 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 
 * ``cuda``: the mutated line calls one of our CUDA kernels (``kernels.*``) or the condition that
   sends work to them. Unreachable without a GPU; the CUDA parity tests kill these on a GPU machine.
-* ``device``: only a ``device=`` argument changed or went away; on this CPU-only machine a tensor
-  lands on the CPU either way.
-* ``dtype``: only a ``dtype=`` argument or a ``.to(x)`` conversion changed or went away; the
+* ``device``: only a device argument (``device=``, or a positional ``x.device``) changed to None
+  or went away; on this CPU-only machine a tensor lands on the CPU either way.
+* ``dtype``: only a dtype argument or a ``.to(x)`` conversion changed or went away; the
   tests run the cache in fp32, where the value already has that dtype (or is cast back on
   assignment into a typed buffer). A half-precision run on a GPU tells these apart.
 * ``sort``: only ``stable=`` or ``dim=-1`` of a sort changed; ``dim=-1`` is the default, and on the
@@ -35,8 +35,8 @@ from pathlib import Path
 from .common import machine, markdown_table, write_report
 
 _STRING = re.compile(r"""[rbfu]*("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
-_DEVICE = re.compile(r",?\s*device=[^,)]*")
-_DTYPE = re.compile(r",?\s*dtype=[^,)]*|\.to\([\w.]*\)")
+_DEVICE = re.compile(r",?\s*device=[^,)]*|\b(?:[\w.]+\.device|dev|device|None)\b(?=\s*(?:[,)]|$))")
+_DTYPE = re.compile(r",?\s*dtype=[^,)]*|\.to\([\w.]*\)|\b(?:[\w.]+\.dtype|dtype|None)\b(?=\s*(?:[,)]|$))")
 _SORT = re.compile(r",?\s*(stable=[^,)]*|dim=-1)")
 _FLOAT = re.compile(r'float\("([^"]*)"\)')
 
