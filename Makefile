@@ -49,7 +49,7 @@ clean:
 # tests must kill it). MUTANTS narrows the run to mutant names, e.g.
 # MUTANTS='infmllm_ros.kvcache.policies*'. One thread per process: mutmut forks a child per
 # mutant after torch has loaded, and children of a parent with an OpenMP thread pool hang (they
-# showed as timeouts). Long on 2 cores: see bench/results/README.md.
+# showed as timeouts). ~20 minutes on 2 cores (bench/results/README.md, "Mutation testing").
 MUTANTS ?=
 mutation: $(STAMP)
 	$(PIP) install -q mutmut==3.8.1

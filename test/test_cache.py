@@ -587,6 +587,7 @@ def test_defaults_of_the_policy_and_cache_constructors():
     policy = make_policy("inf_mllm")
     assert (policy.sinks, policy.recent, policy.vision_budget) == (4, 64, 0)
     assert type(policy)(4, 8).vision_budget == 0 and make_policy("window").vision_budget == 0
+    assert all(cls(4, 8).vision_budget == 0 for cls in POLICIES.values())  # constructed without a budget
     cache = KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=2, policy=make_policy("window"), rope=None)
     assert cache.slack == 0 and cache.k.shape[2] == 10
 

@@ -148,7 +148,7 @@ def test_column_scores_default_to_no_bias_and_normalised_columns():
 def test_rope_refuses_bad_shapes_and_bases_with_the_reason():
     for kwargs, message in ((dict(head_dim=7, theta=1e4), "head_dim must be even, got 7"),
                             (dict(head_dim=8, theta=0.0), "theta must be positive, got 0.0"),
-                            (dict(head_dim=8, theta=1e4, mrope_section=(2, 2)), "three sizes summing to head_dim/2 = 4"),
+                            (dict(head_dim=8, theta=1e4, mrope_section=(2, 2)), "three sizes summing to head_dim/2 = 4$"),
                             (dict(head_dim=8, theta=1e4, mrope_section=(1, 1, 1)), "three sizes summing"),
                             (dict(head_dim=8, theta=1e4, mrope_section=(-1, 3, 2)), "three sizes summing")):
         with pytest.raises(ValueError, match=message):
