@@ -17,11 +17,11 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 * ``message``: only string text changed (an error message; tests match its key words).
 * ``other``: everything else: a gap in the tests, or a mutant explained by hand.
 
-``device``, ``dtype``, ``sort`` and ``spelling`` change nothing observable on this machine
-(equivalent here); ``cuda`` ones cannot run here. Kill rate = (killed + timed out) / (killed +
-timed out + survived + no tests), over the mutants checked (a stopped run leaves some "not
-checked"), and over the non-equivalent ones that run here (without the four equivalent kinds
-and ``cuda``); a third rate also leaves out ``message``. Writes JSON and markdown.
+``device``, ``dtype``, ``sort`` and ``spelling`` change nothing observable on this machine;
+``cuda`` ones cannot run here. Kill rate = (killed + timed out) / (killed + timed out + survived
++ no tests), over the mutants checked (a stopped run leaves some "not checked"), over those that
+change something and run here (without those four kinds and ``cuda``), and over those without
+``message`` too. Writes JSON and markdown.
 """
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     kinds = Counter(s["kind"] for s in survivors)
     scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
     killed = counts["killed"] + counts["timeout"]
-    equivalent = sum(kinds[k] for k in EQUIVALENT_HERE)
-    reachable = scored - equivalent - kinds["cuda"]
+    unobservable = sum(kinds[k] for k in EQUIVALENT_HERE)
+    reachable = scored - unobservable - kinds["cuda"]
 
     def rate(total: int) -> float | None:
         return killed / total if total > 0 else None
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
           f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
           markdown_table(["kill rate over", "mutants", "rate"], [
               ["all checked", scored, f"{data['kill_rate']:.3f}"],
-              ["non-equivalent, runnable here (without cuda, device, dtype, sort, spelling)", reachable,
+              ["observable and runnable here (without cuda, device, dtype, sort, spelling)", reachable,
                f"{data['kill_rate_non_equivalent']:.3f}"],
               ["the same without message-only", reachable - kinds["message"],
                f"{data['kill_rate_non_equivalent_behaviour']:.3f}"]]),
