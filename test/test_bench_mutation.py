@@ -5,40 +5,37 @@ import pytest
 from infmllm_ros.bench.mutation import survivor_kind
 
 
-@pytest.mark.parametrize("removed, added, kind", [
-    ('raise ValueError(f"beta must be >= 0, got {beta}")', 'raise ValueError(f"XXbeta must be >= 0, got {beta}XX")',
-     "message"),
-    ("slots = torch.arange(t, device=logits.device)", "slots = torch.arange(t, device=None)", "device"),
-    ("slots = torch.arange(t, device=logits.device)", "slots = torch.arange(t, )", "device"),
-    ("return kernels.saddle_select(scores, length, sinks, recent, budget)",
-     "return kernels.saddle_select(scores, length, sinks, recent, None)", "cuda"),
-    ("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:", "other"),
-    ("spec.beta, out=self._window)", "None, out=self._window)", "cuda"),
-    ("k = budget - sinks - recent", "k = budget + sinks - recent", "other"),
-    ("dev = self.k.device", "dev = None", "device"),
-    ("col = col / visible_counts(t, q_start, w, logits.device).clamp(min=1.0)",
-     "col = col / visible_counts(t, q_start, w, ).clamp(min=1.0)", "device"),
-    ("self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)", "self.k[:, :, s:t] = k.to(self.k.dtype)", "device"),
-    ("self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)", "self.k[:, :, s:t] = k.to(self.k.device, None)", "dtype"),
-    ("return kernels_free(scores, length, sinks, recent, budget)", "return kernels_free(scores, length, sinks, recent, None)",
-     "other"),
-    ("return torch.zeros(n, dtype=torch.int64, device=device)", "return torch.zeros(n, dtype=None, device=device)",
-     "dtype"),
-    ("return torch.zeros(n, dtype=torch.int64, device=device)", "return torch.zeros(n, device=device)", "dtype"),
-    ("qf = q.to(torch.float32).reshape(hkv, g, w, d)", "qf = q.to(None).reshape(hkv, g, w, d)", "dtype"),
-    ("return emb.cos().to(dtype), emb.sin().to(dtype)", "return emb.cos().to(None), emb.sin().to(dtype)", "dtype"),
-    ("qf = q.to(torch.float32).reshape(hkv, g, w, d)", "qf = q.to(torch.float32).reshape(hkv, g, w, None)", "other"),
-    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
-     "top = torch.sort(masked, dim=-1, descending=True, stable=False)", "sort"),
-    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
-     "top = torch.sort(masked, descending=True, stable=True)", "sort"),
-    ("top = torch.sort(masked, dim=-1, descending=True, stable=True)",
-     "top = torch.sort(masked, dim=-1, descending=False, stable=True)", "other"),
-    ('masked = scores.masked_fill(~eligible, float("-inf"))', 'masked = scores.masked_fill(~eligible, float("-INF"))',
-     "spelling"),
-    ('masked = scores.masked_fill(~eligible, float("-inf"))', 'masked = scores.masked_fill(~eligible, float("inf"))',
-     "other"),
-])
+ARANGE = "slots = torch.arange(t, device=logits.device)"
+ZEROS = "return torch.zeros(n, dtype=torch.int64, device=device)"
+STORE = "self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)"
+QF = "qf = q.to(torch.float32).reshape(hkv, g, w, d)"
+SORT = "top = torch.sort(masked, dim=-1, descending=True, stable=True)"
+FILL = 'masked = scores.masked_fill(~eligible, float("-inf"))'
+SELECT = "return {}(scores, length, sinks, recent, budget)"
+
+#: kind -> (source line, mutated line) pairs that must land in it
+CASES = {
+    "message": [('raise ValueError(f"beta must be >= 0, got {beta}")',
+                 'raise ValueError(f"XXbeta must be >= 0, got {beta}XX")')],
+    "device": [(ARANGE, ARANGE.replace("logits.device", "None")), (ARANGE, "slots = torch.arange(t, )"),
+               ("dev = self.k.device", "dev = None"), (STORE, STORE.replace("self.k.device, ", "")),
+               ("col = visible_counts(t, q_start, w, logits.device)", "col = visible_counts(t, q_start, w, )")],
+    "dtype": [(ZEROS, ZEROS.replace("torch.int64", "None")), (ZEROS, ZEROS.replace("dtype=torch.int64, ", "")),
+              (STORE, STORE.replace("self.k.dtype", "None")), (QF, QF.replace("torch.float32", "None")),
+              ("return emb.cos().to(dtype), emb.sin().to(dtype)", "return emb.cos().to(None), emb.sin().to(dtype)")],
+    "sort": [(SORT, SORT.replace("stable=True", "stable=False")), (SORT, SORT.replace("dim=-1, ", ""))],
+    "spelling": [(FILL, FILL.replace("-inf", "-INF"))],
+    "cuda": [(SELECT.format("kernels.saddle_select"), SELECT.format("kernels.saddle_select").replace("budget)", "None)")),
+             ("spec.beta, out=self._window)", "None, out=self._window)")],
+    "other": [("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:"),
+              ("k = budget - sinks - recent", "k = budget + sinks - recent"),
+              (SELECT.format("select_here"), SELECT.format("select_here").replace("budget)", "None)")),
+              (QF, QF.replace("d)", "None)")), (SORT, SORT.replace("descending=True", "descending=False")),
+              (FILL, FILL.replace("-inf", "inf"))],
+}
+
+
+@pytest.mark.parametrize("removed, added, kind", [(r, a, k) for k, pairs in CASES.items() for r, a in pairs])
 def test_each_survivor_lands_in_its_kind(removed, added, kind):
     before = "kernels.window_scores(q, k, t, s," if kind == "cuda" and "kernels" not in removed else "x = 1"
     assert survivor_kind(removed, added, before) == kind
