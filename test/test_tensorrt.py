@@ -84,6 +84,11 @@ def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
     assert build.main(["--out", str(tmp_path)]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing exported when the build cannot happen
+    for bad, said in ((["--capacity", "8", "--max-chunk", "64"], "--capacity: capacity 8 is smaller than"),
+                      (["--slack", "-1"], "--slack: slack must be >= 0 tokens"),
+                      (["--beta", "-0.5"], "--beta: beta must be a finite number >= 0")):
+        assert build.main(["--out", str(tmp_path), *bad]) == 2  # refused before TensorRT is looked for
+        assert said in capsys.readouterr().err
 
 
 def key(**change):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..kvcache import DEFAULT_SLACK, POLICIES, KVCache, make_policy
-from ..kvcache.policies import MEMORY_BETA
+from ..kvcache.policies import MEMORY_BETA, PolicySettingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .tensorrt_engine import add_to_manifest, build_engine, engine_key, require_tensorrt
 
+    try:  # the cache's rules for what the engine depends on, before anything is loaded
+        policy = make_policy(args.policy, sinks=0, recent=0, beta=args.beta)  # sinks/recent: not in the engine
+        KVCache.check_settings(args.capacity, args.max_chunk, args.slack, policy)
+    except PolicySettingError as exc:
+        print(f"infmllm-build-engines: --{exc.setting.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
     try:
         require_tensorrt()
         import tensorrt
@@ -57,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     decoder, _ = load_gguf(path)
     if args.precision == "fp16":
         decoder = decoder.half()
-    policy = make_policy(args.policy, beta=args.beta)
     slots = KVCache.buffer_slots(args.capacity, args.max_chunk, args.slack, policy)
     identity = StepIdentity.of(path.stem, decoder, slots, args.max_chunk, policy)
     out = Path(args.out)
