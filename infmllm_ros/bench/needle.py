@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kvcache import CacheFullError
-from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES, make_policy,
+from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, make_policy,
                                 scores_slots)
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
@@ -245,11 +245,9 @@ def main(argv=None) -> int:
     from ..runtime.session import open_session
 
     try:
-        unknown = [p for p in args.policy if p not in POLICIES]
-        if unknown:
-            raise ValueError(f"unknown KV-cache policy {unknown[0]!r}; choose from {sorted(POLICIES)}")
-        # a bad --beta/--decay/--vision-budget fails here
-        make_policy("inf_mllm", beta=args.beta, decay=args.decay, vision_budget=args.vision_budget)
+        for policy in args.policy:  # the cache's own rules: a bad name, --beta, --decay or --vision-budget fails here
+            make_policy(policy, beta=args.beta, decay=args.decay,  # (a negative budget is refused for any policy)
+                        vision_budget=args.vision_budget if scores_slots(policy) else min(args.vision_budget, 0))
         if args.slack < 0:
             raise ValueError(f"--slack must be >= 0 tokens, got {args.slack}")
         if args.familiar_interval < 0:
