@@ -195,7 +195,7 @@ class AttentionScorePolicy(EvictionPolicy):
         t = start + n
         bias = self.beta * torch.arange(t, device=device).to(torch.float32) if self.beta else None
         viewers = visible_counts(t, start, n, device).clamp(min=1.0) if self.normalise and n > 1 else None
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).triu(1) if n > 1 else None  # a decoded token: none
         return bias, causal, viewers
 
     def window_scores(self, logits: torch.Tensor, tables: tuple) -> torch.Tensor:

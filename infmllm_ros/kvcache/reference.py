@@ -100,7 +100,7 @@ def column_scores(logits: torch.Tensor, q_start: int, beta: float = 0.0,
     return col.mean(dim=1)
 
 
-def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, causal: torch.Tensor,
+def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, causal: torch.Tensor | None,
                         viewers: torch.Tensor | None) -> torch.Tensor:
     """:func:`column_scores` of a chunk whose ``W`` queries are the last ``W`` of the ``T`` slots
     (``q_start = T - W``), with its per-call tables precomputed and the causal mask applied only to
@@ -110,7 +110,7 @@ def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, ca
     Args:
         logits: float32 ``[kv_heads, group, W, T]`` scaled logits.
         slot_bias: float32 ``[>= T]`` = ``beta * slot`` (None when ``beta`` is 0).
-        causal: bool ``[>= W, >= W]`` upper-triangular (True above the diagonal).
+        causal: bool ``[>= W, >= W]`` upper-triangular (True above the diagonal); None for ``W = 1``.
         viewers: float32 ``[T]`` = ``visible_counts(T, T - W, W).clamp(min=1)`` to normalise by
             (None: no normalisation; ignored for ``W = 1``, where every count is 1).
 
