@@ -1,24 +1,55 @@
-"""The decoder step as a pure function of tensors: the graph exported to ONNX / TensorRT.
+"""The decoder step as a pure function of tensors: the graph exported to ONNX / TensorRT and
+compiled by ``torch.compile`` (:class:`~infmllm_ros.runtime.backends.CompiledBackend`).
 
 Inside the torch runtime the KV buffer lives in :class:`~infmllm_ros.kvcache.KVCache` and
 attention writes into it. An engine cannot own the buffer, so the step takes it as inputs and
 returns what changed; the host (cache) writes the chunk's K/V and window scores back and runs
-eviction with the kernels of ``cuda/`` (or the torch reference). Same math, same order of
-operations as :meth:`Decoder.forward` with a cache: RoPE positions are slot indices, attention
-is :func:`~infmllm_ros.kvcache.cache.gqa_attention`, window scores are
-:func:`~infmllm_ros.kvcache.reference.column_scores` (Inf-MLLM §3.2-3.3).
+eviction with the kernels of ``cuda/`` (or the torch reference).
+
+Same math as :meth:`Decoder.forward` with a cache (RoPE positions are slot indices; window
+scores are :func:`~infmllm_ros.kvcache.reference.column_scores`, Inf-MLLM §3.2-3.3), laid out
+for a static graph: each layer's queries are multiplied with the whole stored buffer (slots at
+or past ``length`` masked) and, apart, with the chunk's own keys, and one softmax runs over both.
+Writing the chunk into a copy of the buffer first would copy every layer's K and V per step
+(about 50 MB a decoded token for SmolLM2 at 1152 slots); kept apart, a step reads the buffer once.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..kvcache.cache import gqa_attention
-from ..kvcache.reference import column_scores
 from ..models.decoder import Decoder
 
 INPUTS = ("embeds", "k_cache", "v_cache", "length")
 OUTPUTS = ("logits", "new_k", "new_v", "scores")
+
+
+def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, hidden: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA attention of a chunk over a buffer's stored keys and the chunk's own keys, kept apart.
+
+    Args:
+        q: post-RoPE queries ``[q_heads, n, head_dim]``.
+        k_stored, v_stored: the buffer's ``[kv_heads, S, head_dim]`` (q's dtype).
+        k, v: the chunk's post-RoPE keys and values ``[kv_heads, n, head_dim]``.
+        hidden: bool ``[n, S + n]``, True where a query must not see a column (stored slots past
+            the stream; the chunk's keys after the query's own).
+        scale: logit scale (``head_dim ** -0.5``).
+
+    Returns:
+        (output ``[q_heads, n, head_dim]`` in q's dtype, fp32 scaled logits
+        ``[kv_heads, q_heads / kv_heads, n, S + n]`` before masking: columns ``0..S-1`` are the
+        buffer's slots, ``S..S+n-1`` the chunk's tokens).
+    """
+    hq, n, d = q.shape
+    hkv, slots = k_stored.shape[:2]
+    g = hq // hkv
+    qg = q.reshape(hkv, g * n, d)
+    logits = (torch.cat([torch.bmm(qg, k_stored.transpose(1, 2)), torch.bmm(qg, k.transpose(1, 2))], dim=-1)
+              .float() * scale).view(hkv, g, n, slots + n)
+    probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).to(v.dtype).view(hkv, g * n, slots + n)
+    out = torch.bmm(probs[..., :slots], v_stored) + torch.bmm(probs[..., slots:], v)
+    return out.view(hq, n, d), logits
 
 
 class DecoderStep(nn.Module):
@@ -33,8 +64,13 @@ class DecoderStep(nn.Module):
         embeds: ``[1, n, hidden]`` input embeddings (model dtype), ``n >= 1``.
         k_cache, v_cache: ``[layers, kv_heads, slots, head_dim]``; slots ``0..length-1`` hold
             the stream, ``slots >= length + n`` is required, and unused slots must hold finite
-            values (they are masked, but a masked 0 times NaN is NaN; the cache's are).
+            values (they are masked, but a masked 0 times NaN is NaN; the cache's are). Not
+            modified.
         length: int64 ``[1]``, occupied slots (tokens).
+        position_offset: int64 ``[1]``, RoPE position of slot ``length`` minus ``length``
+            (:attr:`KVCache.position_offset`, <= 0 after an M-RoPE image; text tokens rotate the
+            same on all three M-RoPE axes, so 1-D RoPE at the shifted position is exact). None
+            (the exported graphs): 0.
 
     Returns:
         logits: fp32 ``[1, vocab]`` of the last position.
@@ -50,25 +86,35 @@ class DecoderStep(nn.Module):
         self.beta = float(beta)
         self.normalise = bool(normalise)
 
-    def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                position_offset: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
-        n, slots = embeds.shape[1], k_cache.shape[2]
+        n, slots, dev = embeds.shape[1], k_cache.shape[2], embeds.device
         start = length.reshape(())
-        positions = start + torch.arange(n, device=embeds.device)
-        rope_cs = dec.rope.cos_sin(positions, embeds.dtype)
-        slot = torch.arange(slots, device=embeds.device)
-        mask = slot[None, :] > positions[:, None]  # causal over stream + chunk; empty slots hidden
-        write = positions[None, :, None].expand(k_cache.shape[1], n, k_cache.shape[3])
+        index = torch.arange(n, device=dev)
+        positions = start + index  # slots
+        rope_cs = dec.rope.cos_sin(positions if position_offset is None else positions + position_offset.reshape(()),
+                                   embeds.dtype)
+        slot = torch.arange(slots, device=dev)
+        hidden = torch.cat([(slot >= start)[None, :].expand(n, slots), index[None, :] > index[:, None]], dim=1)
+        key_slots = torch.cat([slot, positions]).to(torch.float32)
+        # queries that see each column: every one sees the stream, chunk token i is seen by n - i
+        viewers = torch.cat([torch.full((slots,), n, device=dev), n - index]).to(torch.float32)
+        write = positions.expand(k_cache.shape[1], n)
         scale = dec.cfg.head_dim ** -0.5
         x = embeds[0]
         new_k, new_v, scores = [], [], []
         for i, layer in enumerate(dec.model.layers):
             q, k, v = layer.self_attn.project(layer.input_layernorm(x), rope_cs)
-            keys = k_cache[i].scatter(1, write, k)
-            values = v_cache[i].scatter(1, write, v)
-            out, logits = gqa_attention(q, keys, values, mask, scale)
-            scores.append(column_scores(logits, start, self.beta, self.normalise))
+            out, logits = split_attention(q, k_cache[i], v_cache[i], k, v, hidden, scale)
+            if self.beta:
+                logits = logits + self.beta * key_slots
+            columns = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).sum(dim=2)
+            if self.normalise:
+                columns = columns / viewers
+            columns = columns.mean(dim=1)  # [kv_heads, S + n]: GQA group mean
+            scores.append(columns[:, :slots].scatter(1, write, columns[:, slots:]))
             x = x + layer.self_attn.output(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             new_k.append(k)
