@@ -20,9 +20,11 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
 @needs_onednn
 def test_packed_decoder_streams_the_same_logits():
     dense, packed = tiny_decoder(), tiny_decoder()
-    linears = sum(isinstance(m, nn.Linear) for m in dense.modules())
-    assert pack_linears(packed, rows_hint=16) == linears - 1  # every projection but the LM head
-    assert isinstance(packed.model.layers[0].mlp.up_proj, PackedLinear)
+    # every projection but the LM head, q/k/v and gate/up fused first: 4 products per layer
+    assert pack_linears(packed, rows_hint=16) == 4 * dense.cfg.num_layers
+    assert isinstance(packed.model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(packed.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert packed.model.layers[0].mlp.up_proj is None and packed.model.layers[0].self_attn.k_proj is None
     assert isinstance(packed.lm_head, nn.Linear)
     ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(1))
     policy = dict(sinks=4, recent=16)
@@ -36,10 +38,11 @@ def test_dense_linears_gives_back_the_exact_weights_and_repacks():
     dense, packed = tiny_decoder(), tiny_decoder()
     pack_linears(packed)
     with dense_linears(packed) as model:
-        layer = model.model.layers[1].self_attn.q_proj
+        layer = model.model.layers[1].self_attn.qkv_proj
         assert type(layer) is nn.Linear
-        assert torch.equal(layer.weight, dense.model.layers[1].self_attn.q_proj.weight)
-    assert isinstance(packed.model.layers[1].self_attn.q_proj, PackedLinear)
+        want = dense.model.layers[1].self_attn
+        assert torch.equal(layer.weight, torch.cat([want.q_proj.weight, want.k_proj.weight, want.v_proj.weight]))
+    assert isinstance(packed.model.layers[1].self_attn.qkv_proj, PackedLinear)
 
 
 @needs_onednn

@@ -56,8 +56,10 @@ def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, m
         return out
 
     attn = dec.model.layers[0].self_attn
-    hook = attn.k_proj.register_forward_hook(
-        lambda mod, inp, out: raw.append(out.view(out.shape[0], dec.cfg.num_kv_heads, dec.cfg.head_dim)))
+    fused = attn.k_proj is None  # packed CPU linears: q/k/v in one product (cpu_gemm.fuse_projections)
+    hook = (attn.qkv_proj if fused else attn.k_proj).register_forward_hook(
+        lambda mod, inp, out: raw.append((out.split(attn.qkv_widths, dim=-1)[1] if fused else out)
+                                         .reshape(out.shape[0], dec.cfg.num_kv_heads, dec.cfg.head_dim)))
     monkeypatch.setattr(cache, "begin_chunk", record_begin)
     monkeypatch.setattr(dec, "forward", record_forward)
     try:

@@ -153,7 +153,9 @@ def _agrees(layer: nn.Linear, packed: PackedLinear, rows: int) -> bool:
 
 
 def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace the ``nn.Linear`` layers of a CPU fp32 ``model`` by :class:`PackedLinear`, in place.
+    """Replace the ``nn.Linear`` layers of a CPU fp32 ``model`` by :class:`PackedLinear`, in place,
+    after :func:`fuse_projections` (fewer, longer products: a decoded token's matrix-vector
+    products read the weights faster in one stream than in three).
 
     Args:
         model: e.g. a :class:`~.decoder.Decoder` on CPU in fp32.
@@ -163,7 +165,8 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
 
     Returns:
         layers packed; 0 where oneDNN is unavailable, the model is not CPU fp32, or the
-        packed ops disagree with ``F.linear`` on the first layer (the model is then unchanged).
+        packed ops disagree with ``F.linear`` on the first layer (the model is then unchanged,
+        unfused).
     """
     if not _packable(model):
         return 0
@@ -179,6 +182,9 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
     except RuntimeError as exc:  # an op missing in this build
         log.warning("oneDNN packed linear unavailable (%s); keeping dense weights", exc)
         return 0
+    fuse_projections(model)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+               and name.rsplit(".", 1)[-1] not in skip]
     for name, mod in targets:
         _replace(model, name, PackedLinear(mod, rows_hint))
     return len(targets)
