@@ -9,6 +9,8 @@ and gets the last position's logits back; it does not care which backend runs:
   the cache's K/V buffers as inputs; the cache stores the chunk's K/V and window scores it
   returns and evicts as usual.
 * ``tensorrt``: the same step as a TensorRT engine on CUDA (Jetson); untested here.
+* ``compiled``: the same step compiled by ``torch.compile`` (Inductor) for decoded tokens, a
+  CUDA graph of it on a GPU; chunks of two or more tokens run the ``torch`` path.
 
 Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
 """
@@ -24,7 +26,7 @@ from ..kvcache import KVCache, SlotKind
 from ..engines.identity import StepIdentity
 from ..models import Decoder
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
 
 
 class Backend:
@@ -97,8 +99,10 @@ class EngineBackend(Backend):
         cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
         try:
             dev = self.io_device
+            # an M-RoPE stream's offset (only the compiled step serves M-RoPE models: make_backend)
+            offset = {"position_offset": cache.position_offset} if cache.position_offset else {}
             logits, new_k, new_v, scores = self.step(embeds[None].to(dev), cache.k.to(dev), cache.v.to(dev),
-                                                     cache.length)
+                                                     cache.length, **offset)
             cache.store_chunk(new_k, new_v, scores)
         except BaseException:
             cache.rollback()
@@ -191,6 +195,87 @@ class TensorRTBackend(EngineBackend):
         self.step = TrtDecoderStep(select_engine(self.engine_dir, wanted))
 
 
+class CompiledBackend(EngineBackend):
+    """Decoded tokens through the decoder step compiled by ``torch.compile``; chunks through the
+    torch path (:class:`TorchBackend`), so a stream mixes both on one cache.
+
+    Serves M-RoPE models too: a decoded token is text, whose rotation is 1-D at the stream's
+    position (:class:`~infmllm_ros.engines.decoder_step.DecoderStep`'s ``position_offset``).
+
+    A decoded token through the torch path is ~50 operator calls per layer, each a Python call
+    and a dispatch; compiled, the work between the matrix products (norms, RoPE, softmax, the
+    window scores) is a few generated loops and the step one call. The step has static shapes
+    (one token, the cache's whole buffer, :mod:`~infmllm_ros.engines.decoder_step`), so it
+    compiles once per cache shape and never recompiles as the stream grows; on CUDA it is
+    captured in a CUDA graph (``mode="reduce-overhead"``) over the cache's fixed buffers.
+    Compiling costs a minute or two on a small CPU, once per process (Inductor's on-disk cache
+    shortens later starts); :meth:`check_cache` does it, with a progress line. Speed:
+    ``bench/results/README.md``, "Ingest and decode cost".
+
+    Args:
+        decoder: the model (fp32 packed, int8, or fp16/bf16 on CUDA).
+        progress: called with a line of text before compiling.
+    """
+
+    name = "compiled"
+
+    def __init__(self, decoder: Decoder, progress: Callable[[str], None] = print):
+        super().__init__(decoder)
+        self.progress = progress
+        self.eager = TorchBackend(decoder)
+        self.compiled_for: StepIdentity | None = None
+
+    @staticmethod
+    def options(device: torch.device) -> dict:
+        """Inductor settings for a step on ``device``. CUDA: a CUDA graph of the step
+        (``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets). CPU: the weights frozen as
+        constants (``freezing``: Inductor may then call oneDNN on our packed weights and prepack
+        the LM head itself) and the generated code called from C++ (``cpp_wrapper``: no Python
+        between the ~120 matrix products of a token)."""
+        if device.type == "cuda":
+            return {"triton.cudagraphs": True}
+        return {"freezing": True, "cpp_wrapper": True}
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Compile the step for ``cache``'s buffer and scoring rule, and run it once.
+
+        Raises:
+            ValueError: the cache's policy scores with a rule the step does not compute
+                (:meth:`StepIdentity.of`).
+        """
+        from torch._inductor import config as inductor_config
+
+        from ..engines.decoder_step import DecoderStep
+
+        identity = StepIdentity.for_cache("model", self.decoder, cache)
+        if identity == self.compiled_for:
+            return
+        step = DecoderStep(self.decoder, identity.beta, identity.normalise).eval()
+        self.decoder.rope.inv_freq_on(cache.k.device)  # filled before tracing: the graph guards on it
+        compiled = torch.compile(step, dynamic=False, fullgraph=True)
+        options = self.options(cache.k.device)
+
+        def run(embeds, k, v, length: int, position_offset: int = 0):
+            # Inductor reads ``freezing`` from its global config (torch.compile's options do not
+            # reach it): set around every call, so that any recompile sees the same settings.
+            # The graph guards on its inputs' dispatch keys: ``embeds`` always enters as an
+            # inference tensor, whether the caller made it in inference mode or not.
+            with inductor_config.patch(options), torch.inference_mode():
+                out = compiled(embeds.clone(), k, v, torch.tensor([length], device=k.device),
+                               torch.tensor([position_offset], device=k.device))
+            return tuple(t.clone() for t in out)  # a CUDA graph's outputs are overwritten by its next replay
+
+        self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a minute or "
+                      f"two on a small CPU) ...")
+        run(self.embed(torch.zeros(1, dtype=torch.int64, device=cache.k.device))[None], cache.k, cache.v, 0, 0)
+        self.step, self.compiled_for, self.io_device = run, identity, cache.k.device
+
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
+        if embeds.shape[0] > 1 or mrope is not None:
+            return self.eager.run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
+        return super().run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
+
+
 def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines", model_name: str = "model",
                  progress: Callable[[str], None] = print) -> Backend:
     """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``.
@@ -208,4 +293,6 @@ def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines"
         return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress)
     if name == "tensorrt":
         return TensorRTBackend(decoder, engine_dir, model_name)
+    if name == "compiled":
+        return CompiledBackend(decoder, progress)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
