@@ -87,11 +87,13 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     assert cfg.session_kwargs()["vision_budget"] is None  # -1: the session's default for the policy
     assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
     assert validate({"cache.decay": 1.0}).session_kwargs()["decay"] == 1.0  # the policy's range: [0, 1]
+    assert validate({"precision": "int8", "backend": "compiled"}).precision == "int8"  # the fast CPU answer path
     for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
                       ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
                       ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
                       ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
                       ({"novelty_threshold": -0.5}, "novelty_threshold"), ({"precision": "int4"}, "precision"),
+                      ({"precision": "int8", "device": "cuda"}, "device"),
                       ({"cache.max_chunk": 4}, "cache.max_chunk"),
                       ({"sample_rate_hz": float("nan")}, "sample_rate_hz"),
                       ({"sample_rate_hz": float("inf")}, "sample_rate_hz"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from ..kvcache import KVCache
 from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES,
                                 PolicySettingError, make_policy)
+from ..models.registry import PRECISIONS
 from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
@@ -68,9 +69,11 @@ PARAMETERS = (
           "update the scene (0: store every frame)"),
     Param("model", "smollm2-135m", "model preset (smollm2-135m), path to a LLaMA-family GGUF file, or a "
           "Hugging Face checkpoint directory of a supported VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM2)"),
-    Param("precision", "fp32", "weight dtype of a Hugging Face model: fp32, fp16 or bf16 (GGUF models run fp32)"),
-    Param("backend", "torch", "inference backend: torch, onnxruntime (CPU; exports its ONNX step on first start) "
-          "or tensorrt (CUDA; engines from infmllm-build-engines)"),
+    Param("precision", "fp32", "weight dtype of a Hugging Face model: fp32, fp16 or bf16 (GGUF models run fp32), "
+          "or int8 (weight-only int8 linears, CPU)"),
+    Param("backend", "torch", "inference backend: torch, compiled (torch.compile of the decode step, a CUDA graph "
+          "on a GPU: faster answers after a compile of a minute or two at start), onnxruntime (CPU; exports its "
+          "ONNX step on first start) or tensorrt (CUDA; engines from infmllm-build-engines)"),
     Param("engine_dir", "engines", "folder of exported decoder steps / TensorRT engines and their manifest"),
     Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
     Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
@@ -268,7 +271,8 @@ def validate(values: dict) -> NodeConfig:
          "must be a finite number of seconds > 0")
     need(v["novelty_threshold"] == -1.0 or 0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold",
          "must be in [0, 1], or -1 for the model family's default")
-    need(v["precision"] in ("fp32", "fp16", "bf16"), "precision", "fp32, fp16 or bf16")
+    need(v["precision"] in PRECISIONS, "precision", f"one of {PRECISIONS}")
+    need(v["precision"] != "int8" or v["device"] == "cpu", "device", "cpu with precision int8")
     need(v["backend"] in BACKENDS, "backend", f"one of {BACKENDS}")
     need(v["backend"] != "tensorrt" or v["device"].startswith("cuda"), "device", "cuda with backend tensorrt")
     need(v["backend"] != "onnxruntime" or v["device"] == "cpu", "device", "cpu with backend onnxruntime")
