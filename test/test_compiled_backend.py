@@ -99,3 +99,15 @@ def test_the_cuda_graph_of_the_step_gives_the_eager_steps_logits(compile_once):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         backend.run_chunk(embeds, cache)
     assert cache.evicted_tokens > 0
+
+
+def test_a_step_that_cannot_be_compiled_is_a_clear_error(monkeypatch):
+    """No C++ compiler on a CPU machine: the node's configure fails with this message."""
+    dec = tiny_decoder()
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("[Errno 2] No such file or directory: 'g++'")
+
+    monkeypatch.setattr(torch, "compile", lambda step, **kw: no_compiler)
+    with pytest.raises(RuntimeError, match="could not build the decode step.*g\\+\\+.*backend torch"):
+        CompiledBackend(dec, **QUIET).check_cache(dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8)))

@@ -208,9 +208,9 @@ class CompiledBackend(EngineBackend):
     (one token, the cache's whole buffer, :mod:`~infmllm_ros.engines.decoder_step`), so it
     compiles once per cache shape and never recompiles as the stream grows; on CUDA it is
     captured in a CUDA graph (``mode="reduce-overhead"``) over the cache's fixed buffers.
-    Compiling costs a minute or two on a small CPU, once per process (Inductor's on-disk cache
-    shortens later starts); :meth:`check_cache` does it, with a progress line. Speed:
-    ``bench/results/README.md``, "Ingest and decode cost".
+    Compiling takes minutes on a small CPU, once per process and cache shape (Inductor's on-disk
+    cache shortens later starts); :meth:`check_cache` does it, with a progress line. Speed and
+    compile time: ``bench/results/README.md``, "Ingest and decode cost".
 
     Args:
         decoder: the model (fp32 packed, int8, or fp16/bf16 on CUDA).
@@ -242,6 +242,7 @@ class CompiledBackend(EngineBackend):
         Raises:
             ValueError: the cache's policy scores with a rule the step does not compute
                 (:meth:`StepIdentity.of`).
+            RuntimeError: compiling failed (named, with what it needs).
         """
         from torch._inductor import config as inductor_config
 
@@ -252,7 +253,10 @@ class CompiledBackend(EngineBackend):
             return
         step = DecoderStep(self.decoder, identity.beta, identity.normalise).eval()
         self.decoder.rope.inv_freq_on(cache.k.device)  # filled before tracing: the graph guards on it
-        compiled = torch.compile(step, dynamic=False, fullgraph=True)
+        # The weights never change under a session, so the graph does not guard on the modules:
+        # checking every parameter's guards cost more per token than the host's own work.
+        compiled = torch.compile(step, dynamic=False, fullgraph=True,
+                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         options = self.options(cache.k.device)
 
         def run(embeds, k, v, length: int, position_offset: int = 0):
@@ -263,11 +267,17 @@ class CompiledBackend(EngineBackend):
             with inductor_config.patch(options), torch.inference_mode():
                 out = compiled(embeds.clone(), k, v, torch.tensor([length], device=k.device),
                                torch.tensor([position_offset], device=k.device))
-            return tuple(t.clone() for t in out)  # a CUDA graph's outputs are overwritten by its next replay
+            # a CUDA graph's outputs are overwritten by its next replay
+            return tuple(t.clone() for t in out) if k.is_cuda else out
 
         self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a minute or "
                       f"two on a small CPU) ...")
-        run(self.embed(torch.zeros(1, dtype=torch.int64, device=cache.k.device))[None], cache.k, cache.v, 0, 0)
+        try:
+            run(self.embed(torch.zeros(1, dtype=torch.int64, device=cache.k.device))[None], cache.k, cache.v, 0, 0)
+        except Exception as exc:  # Inductor's errors: no C++ compiler (CPU) or Triton (CUDA), a failed build
+            raise RuntimeError(f"torch.compile could not build the decode step ({type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it needs "
+                               f"a C++ compiler on the CPU, Triton on CUDA; backend torch runs without") from exc
         self.step, self.compiled_for, self.io_device = run, identity, cache.k.device
 
     def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
