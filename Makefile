@@ -38,9 +38,10 @@ bench-ppl: $(STAMP)
 
 # Decode tok/s, TTFT and stored-frame ms against transformers and llama.cpp on the same run.
 # llama-cpp-python (the llama.cpp peer) builds from source: ~15 minutes on 2 cores, once.
+# A fresh Inductor cache: the compiled backend's compile time is a first start's.
 bench-decode: $(STAMP)
 	$(PIP) install -q llama-cpp-python==0.3.36
-	$(VENV)/bin/infmllm-bench-decode --json bench/results/decode_cpu.json
+	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(VENV)/bin/infmllm-bench-decode --json bench/results/decode_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out mutants

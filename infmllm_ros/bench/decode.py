@@ -17,9 +17,9 @@ wheel), one after the other, each on all cores:
 * **llama.cpp** (``llama-cpp-python``, when installed: ``make bench-decode`` installs it): the
   same GGUF (Q4_1) and the same prompt, question and steps, ``n_threads`` = torch's threads.
 * **stored frame**: ``StreamSession.ingest_frame`` of frames that are all stored with their
-  vision tokens (novelty threshold 0), per precision on the torch backend (a frame is a chunk:
-  every backend runs it there): vision tower + projector + the frame chunk
-  through the model and the cache.
+  vision tokens (novelty threshold 0), timed once the cache is full and evicting, per precision
+  on the torch backend (a frame is a chunk: every backend runs it there): vision tower +
+  projector + the frame chunk through the model and the cache.
 
 Reports medians over ``--repeats`` and the ratios ours / peer in the JSON. Usage::
 
@@ -62,6 +62,31 @@ def text_ids(tokenizer, n: int) -> torch.Tensor:
     return torch.tensor(ids[:n], dtype=torch.int64)
 
 
+def token_bytes(decoder, kv_slots: int) -> int:
+    """Bytes a decoded token must read at least: every linear layer's weights as stored (fp32
+    packed, or int8 and scales; the LM head included) and K and V of ``kv_slots`` slots in every
+    layer (the cache's dtype)."""
+    from ..models.cpu_gemm import CpuLinear
+
+    tensors = [t for m in decoder.modules() if isinstance(m, (torch.nn.Linear, CpuLinear))
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    cfg = decoder.cfg
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * kv_slots * cfg.head_dim * next(decoder.parameters()).element_size()
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) + kv
+
+
+def read_rate_gb_s(mib: int = 512, repeats: int = 5) -> float:
+    """The machine's memory read rate (GB/s): median time of summing ``mib`` MiB of fp32 on all
+    torch threads. A decoded token cannot be faster than :func:`token_bytes` over this rate."""
+    data = torch.ones(mib * 2**20 // 4)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(data.sum())
+        times.append(time.perf_counter() - t0)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
 def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, question: torch.Tensor) -> dict:
     """TTFT (s), decode tok/s and (torch backend) stored-frame ms of our runtime at ``precision``
     on ``backend_name`` (``torch`` or ``compiled``), medians; ``compile_s``: the compiled
@@ -89,22 +114,30 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
         out = decode(backend, cache, logits, args.decode)
         rate.append(len(out) / (time.perf_counter() - t0))
         evicted.append(cache.evicted_tokens - before)
+    # the compiled step reads the whole buffer; the torch path the occupied slots
+    read = token_bytes(dec, cache.k.shape[2] if backend_name == "compiled" else cache.length)
     result = {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate),
-              "decode_tok_s_all": rate, "evicted_during_decode": evicted}
+              "decode_tok_s_all": rate, "evicted_during_decode": evicted, "token_bytes": read}
     if backend_name != "torch":  # frames are chunks: every backend runs them through torch
         return {**result, "compile_s": compile_s, "rss_growth_mb": rss_growth}
     session = StreamSession(model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0,
                             slack=args.slack)
-    frame_ms = []
-    for i in range(args.frames):
+    def frame(i: int) -> np.ndarray:
         rgb = synthetic_road(i)
         rgb[:40, :40] = (37 * i) % 256  # a different frame each time
+        return rgb
+
+    i = 0
+    while session.cache.evicted_tokens == 0:  # untimed: frames are timed in a full cache, as on a drive
+        session.ingest_frame(frame(i), float(i))
+        i += 1
+    frame_ms, evicting = [], 0
+    for i in range(i, i + args.frames):
         t0 = time.perf_counter()
-        session.ingest_frame(rgb, float(i))
+        evicting += session.ingest_frame(frame(i), float(i)).evicted_tokens > 0
         frame_ms.append((time.perf_counter() - t0) * 1e3)
-    frame_ms = frame_ms[args.frames // 4:]  # the cache is full by then
     return {**result, "stored_frame_ms_median": statistics.median(frame_ms),
-            "stored_frame_ms_p95": float(np.percentile(frame_ms, 95))}
+            "stored_frame_ms_p95": float(np.percentile(frame_ms, 95)), "stored_frames_evicting": evicting}
 
 
 def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dict:
@@ -169,7 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=880, help="the peers' prompt (tokens)")
     ap.add_argument("--question-tokens", type=int, default=32, help="question prefilled before the answer (tokens)")
     ap.add_argument("--decode", type=int, default=64, help="tokens decoded per repeat")
-    ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision")
+    ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision (in a full cache)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats (medians reported)")
     ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8)")
     ap.add_argument("--backends", default=",".join(OUR_BACKENDS),
@@ -196,12 +229,14 @@ def main(argv=None) -> int:
     ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
     stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
     prompt = stream[-args.prompt_tokens:]
-    results = {"machine": machine(), "config": vars(args), "ours": {}, "peers": {}}
+    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(), "ours": {}, "peers": {}}
     for b in args.backends:
         for p in args.precision:
             key = p if b == "torch" else f"{p} {b}"
             print(f"[ours {key}] ...", file=sys.stderr, flush=True)
-            results["ours"][key] = time_ours(p, b, args, stream, question)
+            ours = results["ours"][key] = time_ours(p, b, args, stream, question)
+            # fraction of the read roofline: bytes a token must read x tokens/s over the read rate
+            ours["roofline_fraction"] = ours["token_bytes"] * ours["decode_tok_s"] / (results["read_gb_s"] * 1e9)
     if "transformers" in args.peers:
         print("[transformers] ...", file=sys.stderr, flush=True)
         results["peers"]["transformers"] = time_transformers(args, prompt, question)
@@ -213,16 +248,19 @@ def main(argv=None) -> int:
     results["ratios"] = {f"{p}/{peer}": {"decode": o["decode_tok_s"] / r["decode_tok_s"], "ttft": o["ttft_s"] / r["ttft_s"]}
                          for p, o in results["ours"].items() for peer, r in results["peers"].items()}
     rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
-             o["ttft_s"], o.get("stored_frame_ms_median"), o.get("stored_frame_ms_p95")]
-            for p, o in results["ours"].items()]
-    rows += [[peer, f"full cache, {args.prompt_tokens}-token prompt", r["decode_tok_s"], r["ttft_s"], None, None]
-             for peer, r in results["peers"].items()]
+             o["token_bytes"] / 1e6, o["roofline_fraction"], o["ttft_s"], o.get("stored_frame_ms_median"),
+             o.get("stored_frame_ms_p95")] for p, o in results["ours"].items()]
+    rows += [[peer, f"full cache, {args.prompt_tokens}-token prompt", r["decode_tok_s"], None, None, r["ttft_s"],
+              None, None] for peer, r in results["peers"].items()]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
     md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
           f"SmolLM2-135M-Instruct, {args.question_tokens}-token question then {args.decode} greedy tokens, "
-          f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens (first quarter "
-          f"dropped). Command: `infmllm-bench-decode --json {args.json}`.\n\n"
-          + markdown_table(["runtime", "cache", "decode tok/s", "TTFT s", "stored frame ms", "p95"], rows)
+          f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
+          f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
+          f"machine's read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode --json "
+          f"{args.json}`.\n\n"
+          + markdown_table(["runtime", "cache", "decode tok/s", "MB read / token", "of read roofline", "TTFT s",
+                            "stored frame ms", "p95"], rows)
           + "\n\n" + markdown_table(["ours / peer", "decode speed ratio", "TTFT ratio"], ratio_rows) + "\n")
     write_report(args.json, results, md)
     return 0
