@@ -48,6 +48,25 @@ def test_tokens_decoded_through_the_compiled_step_keep_the_torch_paths_cache(wei
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_two_models_of_one_shape_each_decode_with_their_own_weights(compile_once):
+    """The step's graph holds its weights frozen: a second model of the same shape in the same
+    process must get its own graph, not the first one's."""
+    decoders = [tiny_decoder(), tiny_decoder()]
+    with torch.no_grad():
+        for p in decoders[1].parameters():
+            p.mul_(1.5)
+    embeds = decoders[0].embed(torch.tensor([3]))
+    with torch._dynamo.config.patch(error_on_recompile=False):  # the second model's graph is a recompile
+        for dec in decoders:
+            pack_linears(dec)
+            cache = dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+            want = TorchBackend(dec).run_chunk(embeds, dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8,
+                                                                                         beta=1e-2)))
+            backend = CompiledBackend(dec, **QUIET)
+            backend.check_cache(cache)
+            torch.testing.assert_close(backend.run_chunk(embeds, cache), want, atol=1e-5, rtol=1e-5)
+
+
 def test_answers_of_an_m_rope_model_are_the_same_through_the_compiled_step(compile_once, tmp_path):
     """Qwen2.5-VL (tiny, random): frames move the text's RoPE position away from its slot; the
     question's answer decodes at that offset through the compiled step."""

@@ -10,7 +10,8 @@ and gets the last position's logits back; it does not care which backend runs:
   returns and evicts as usual.
 * ``tensorrt``: the same step as a TensorRT engine on CUDA (Jetson); untested here.
 * ``compiled``: the same step compiled by ``torch.compile`` (Inductor) for decoded tokens, a
-  CUDA graph of it on a GPU; chunks of two or more tokens run the ``torch`` path.
+  CUDA graph of it on a GPU (that path untested here: no GPU on these machines; its test skips
+  with the reason); chunks of two or more tokens run the ``torch`` path.
 
 Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
 """
@@ -195,6 +196,21 @@ class TensorRTBackend(EngineBackend):
         self.step = TrtDecoderStep(select_engine(self.engine_dir, wanted))
 
 
+#: Guards on the model's modules that the compiled step drops: hook dictionaries, module types and
+#: absent attributes, ~300 checks a call for SmolLM2, more time a token than the host's own work.
+#: Kept: the identity of every weight tensor (frozen into the graph: another model's step must not
+#: run these weights) and every setting the step reads. So a hook registered on the model after
+#: compiling does not run in the step.
+DROPPED_MODULE_GUARDS = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "TYPE_MATCH", "NOT_PRESENT_IN_GENERIC_DICT"})
+
+
+def _module_guards(entries) -> list[bool]:
+    """``torch.compile``'s ``guard_filter_fn``: False for the guards of :data:`DROPPED_MODULE_GUARDS`
+    on module attributes."""
+    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in DROPPED_MODULE_GUARDS)
+            for e in entries]
+
+
 class CompiledBackend(EngineBackend):
     """Decoded tokens through the decoder step compiled by ``torch.compile``; chunks through the
     torch path (:class:`TorchBackend`), so a stream mixes both on one cache.
@@ -253,11 +269,11 @@ class CompiledBackend(EngineBackend):
             return
         step = DecoderStep(self.decoder, identity.beta, identity.normalise).eval()
         self.decoder.rope.inv_freq_on(cache.k.device)  # filled before tracing: the graph guards on it
-        # The weights never change under a session, so the graph does not guard on the modules:
-        # checking every parameter's guards cost more per token than the host's own work.
-        compiled = torch.compile(step, dynamic=False, fullgraph=True,
-                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        compiled = torch.compile(step, dynamic=False, fullgraph=True, options={"guard_filter_fn": _module_guards})
         options = self.options(cache.k.device)
+        if cache.k.is_cuda:  # a CUDA graph copies inputs it does not know to be static: not the KV buffer
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
 
         def run(embeds, k, v, length: int, position_offset: int = 0):
             # Inductor reads ``freezing`` from its global config (torch.compile's options do not
