@@ -10,8 +10,8 @@ Same math as :meth:`Decoder.forward` with a cache (RoPE positions are slot indic
 scores are :func:`~infmllm_ros.kvcache.reference.column_scores`, Inf-MLLM §3.2-3.3), laid out
 for a static graph: each layer's queries are multiplied with the whole stored buffer (slots at
 or past ``length`` masked) and, apart, with the chunk's own keys, and one softmax runs over both.
-Writing the chunk into a copy of the buffer first would copy every layer's K and V per step
-(about 50 MB a decoded token for SmolLM2 at 1152 slots); kept apart, a step reads the buffer once.
+Writing the chunk into a copy of the buffer first would copy every layer's K and V per step;
+kept apart, a step reads the buffer once.
 """
 from __future__ import annotations
 
