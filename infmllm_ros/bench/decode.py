@@ -21,9 +21,13 @@ wheel), one after the other, each on all cores:
   on the torch backend (a frame is a chunk: every backend runs it there): vision tower +
   projector + the frame chunk through the model and the cache.
 
-Reports medians over ``--repeats`` and the ratios ours / peer in the JSON. Usage::
+Reports medians over ``--repeats`` and the ratios ours / peer in the JSON, and for ours the bytes
+a decoded token must read against the device's read rate (the roofline). With ``--device cuda``
+(GGUF weights: fp32) the compiled backend is a CUDA graph of the step and transformers runs its
+static cache; that mode is untested here (no GPU on these machines). Usage::
 
     infmllm-bench-decode --json bench/results/decode_cpu.json
+    infmllm-bench-decode --device cuda --precision fp32 --peers transformers --json bench/results/decode_gpu.json
 """
 from __future__ import annotations
 
@@ -75,10 +79,10 @@ def token_bytes(decoder, kv_slots: int) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) + kv
 
 
-def read_rate_gb_s(mib: int = 512, repeats: int = 5) -> float:
-    """The machine's memory read rate (GB/s): median time of summing ``mib`` MiB of fp32 on all
-    torch threads. A decoded token cannot be faster than :func:`token_bytes` over this rate."""
-    data = torch.ones(mib * 2**20 // 4)
+def read_rate_gb_s(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """``device``'s memory read rate (GB/s): median time of summing ``mib`` MiB of fp32 (all torch
+    threads on the CPU). A decoded token cannot be faster than :func:`token_bytes` over this rate."""
+    data = torch.ones(mib * 2**20 // 4, device=device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -91,7 +95,7 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
     """TTFT (s), decode tok/s and (torch backend) stored-frame ms of our runtime at ``precision``
     on ``backend_name`` (``torch`` or ``compiled``), medians; ``compile_s``: the compiled
     backend's first :meth:`check_cache` (compiling the step), ``rss_growth_mb``: what it added."""
-    model = load_model("smollm2-135m", "cpu", precision)
+    model = load_model("smollm2-135m", args.device, precision)
     dec = model.decoder
     backend = make_backend(backend_name, dec)
     ttft, rate, evicted = [], [], []
@@ -104,9 +108,9 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
             backend.check_cache(cache)
             compile_s, rss_growth = time.perf_counter() - t0, rss_mib() - rss
         for s in range(0, ids.numel(), 64):
-            backend.run_chunk(backend.embed(ids[s:s + 64]), cache, logits=False)
+            backend.run_chunk(backend.embed(ids[s:s + 64].to(args.device)), cache, logits=False)
         t0 = time.perf_counter()
-        logits = backend.run_chunk(backend.embed(question), cache)
+        logits = backend.run_chunk(backend.embed(question.to(args.device)), cache)
         int(torch.argmax(logits))
         ttft.append(time.perf_counter() - t0)
         before = cache.evicted_tokens
@@ -135,30 +139,51 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
     for i in range(i, i + args.frames):
         t0 = time.perf_counter()
         evicting += session.ingest_frame(frame(i), float(i)).evicted_tokens > 0
+        synchronize(args.device)
         frame_ms.append((time.perf_counter() - t0) * 1e3)
     return {**result, "stored_frame_ms_median": statistics.median(frame_ms),
             "stored_frame_ms_p95": float(np.percentile(frame_ms, 95)), "stored_frames_evicting": evicting}
 
 
+def synchronize(device: str) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dict:
-    """TTFT (s) of the question after the prompt and greedy decode tok/s of transformers' full cache."""
-    from transformers import DynamicCache, LlamaForCausalLM
+    """TTFT (s) of the question after the prompt and greedy decode tok/s of transformers, fp32,
+    SDPA attention, with its full ``--hf-cache`` (``dynamic``: grows per token; ``static``:
+    preallocated, transformers' fixed-shape cache)."""
+    from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
     path = smollm2_gguf_path()
-    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                             attn_implementation="sdpa").eval().to(args.device)
     ttft, rate = [], []
     with torch.inference_mode():
         for _ in range(args.repeats):
-            cache = DynamicCache()
-            model(prompt[None], past_key_values=cache, use_cache=True)
+            total = prompt.numel() + question.numel() + args.decode
+            cache = StaticCache(config=model.config, max_cache_len=total) if args.hf_cache == "static" else DynamicCache()
+            written = 0
+
+            def step(ids: torch.Tensor) -> int:  # greedy next token after ``ids`` [n]
+                nonlocal written
+                where = torch.arange(written, written + ids.numel(), device=args.device)
+                out = model(ids[None].to(args.device), past_key_values=cache, use_cache=True, cache_position=where)
+                written += ids.numel()
+                return int(out.logits[0, -1].argmax())
+
+            step(prompt)
             t0 = time.perf_counter()
-            tok = int(model(question[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            tok = step(question)
             ttft.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for _ in range(args.decode):
-                tok = int(model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+                tok = step(torch.tensor([tok]))
             rate.append(args.decode / (time.perf_counter() - t0))
-    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate}
+    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate,
+            "cache": args.hf_cache}
 
 
 def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict | None:
@@ -207,11 +232,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8)")
     ap.add_argument("--backends", default=",".join(OUR_BACKENDS),
                     help=f"comma list of our backends from {OUR_BACKENDS} (each with every precision)")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none)")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none; "
+                    "llama.cpp runs on the CPU only)")
+    ap.add_argument("--device", default="cpu", help="torch device of ours and transformers (cpu, cuda, cuda:N)")
+    ap.add_argument("--hf-cache", choices=("dynamic", "static"), default=None,
+                    help="transformers' cache (default: dynamic on the CPU, static on CUDA)")
     ap.add_argument("--json", required=True, help="results file (.json; a .md summary is written beside it)")
     args = ap.parse_args(argv)
     args.precision = [p for p in args.precision.split(",") if p]
     args.peers = [p for p in args.peers.split(",") if p]
+    cuda = torch.device(args.device).type == "cuda"
+    args.hf_cache = args.hf_cache or ("static" if cuda else "dynamic")
+    if cuda and ("int8" in args.precision or "llama.cpp" in args.peers):
+        ap.error("on CUDA: --precision fp32 (int8 is a CPU path) and --peers transformers (llama.cpp here is CPU)")
     args.backends = [b for b in args.backends.split(",") if b]
     bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in ("fp32", "int8")]
            + [b for b in args.backends if b not in OUR_BACKENDS])
@@ -229,7 +262,7 @@ def main(argv=None) -> int:
     ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
     stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
     prompt = stream[-args.prompt_tokens:]
-    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(), "ours": {}, "peers": {}}
+    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(args.device), "ours": {}, "peers": {}}
     for b in args.backends:
         for p in args.precision:
             key = p if b == "torch" else f"{p} {b}"
@@ -250,15 +283,15 @@ def main(argv=None) -> int:
     rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
              o["token_bytes"] / 1e6, o["roofline_fraction"], o["ttft_s"], o.get("stored_frame_ms_median"),
              o.get("stored_frame_ms_p95")] for p, o in results["ours"].items()]
-    rows += [[peer, f"full cache, {args.prompt_tokens}-token prompt", r["decode_tok_s"], None, None, r["ttft_s"],
+    rows += [[peer, f"full cache ({r.get('cache', 'llama.cpp')}), {args.prompt_tokens}-token prompt", r["decode_tok_s"], None, None, r["ttft_s"],
               None, None] for peer, r in results["peers"].items()]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
     md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
           f"SmolLM2-135M-Instruct, {args.question_tokens}-token question then {args.decode} greedy tokens, "
           f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
           f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
-          f"machine's read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode --json "
-          f"{args.json}`.\n\n"
+          f"{args.device} read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n"
           + markdown_table(["runtime", "cache", "decode tok/s", "MB read / token", "of read roofline", "TTFT s",
                             "stored frame ms", "p95"], rows)
           + "\n\n" + markdown_table(["ours / peer", "decode speed ratio", "TTFT ratio"], ratio_rows) + "\n")
