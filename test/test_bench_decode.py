@@ -34,3 +34,24 @@ def test_transformers_gets_its_static_cache_on_cuda_and_its_dynamic_one_on_the_c
     assert parse_args(["--json", "x.json"]).hf_cache == "dynamic"
     cuda = parse_args(["--json", "x.json", "--device", "cuda", "--precision", "fp32", "--peers", "transformers"])
     assert cuda.hf_cache == "static" and cuda.backends == ["torch", "compiled"]
+
+
+def test_a_vlm_checkpoint_is_timed_against_its_own_transformers_class(tmp_path):
+    """The mode a GPU machine runs at a real shape (random weights time the same), here tiny."""
+    import json
+
+    from infmllm_ros.bench.decode import main
+    from infmllm_ros.bench.random_models import build_random_checkpoint
+
+    ckpt = build_random_checkpoint("qwen2.5-vl-tiny", tmp_path / "qwen", seed=1)
+    out = tmp_path / "decode.json"
+    assert main(["--model", str(ckpt), "--precision", "fp32", "--backends", "torch", "--peers", "transformers",
+                 "--hf-cache", "static", "--capacity", "512", "--stream-tokens", "600", "--prompt-tokens", "300",
+                 "--decode", "4", "--frames", "2", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ours, peer = result["ours"]["fp32"], result["peers"]["transformers"]
+    assert ours["decode_tok_s"] > 0 and peer["decode_tok_s"] > 0 and peer["cache"] == "static"
+    assert result["ratios"]["fp32/transformers"]["decode"] == ours["decode_tok_s"] / peer["decode_tok_s"]
+    assert str(ckpt) in out.with_suffix(".md").read_text()  # the table names what it timed
+    with pytest.raises(SystemExit):  # llama.cpp runs the preset's GGUF only
+        parse_args(["--model", str(ckpt), "--json", "x.json", "--precision", "fp32"])

@@ -28,6 +28,12 @@ static cache; that mode is untested here (no GPU on these machines). Usage::
 
     infmllm-bench-decode --json bench/results/decode_cpu.json
     infmllm-bench-decode --device cuda --precision fp32 --peers transformers --json bench/results/decode_gpu.json
+    python -m infmllm_ros.bench.random_models qwen2.5-vl-3b /tmp/qwen3b --dtype fp16   # random weights, real shape
+    infmllm-bench-decode --model /tmp/qwen3b --device cuda --precision fp16 --peers transformers --json ...
+
+``--model``: the preset (SmolLM2, the model llama.cpp runs too) or a Hugging Face checkpoint
+folder, whose transformers peer is its own class (``AutoModelForImageTextToText``) in the dtype
+of our first precision.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ import torch
 from ..kvcache import DEFAULT_SLACK, make_policy
 from ..kvcache.policies import MEMORY_BETA, MEMORY_DECAY
 from ..models import load_model, smollm2_gguf_path
+from ..models.registry import DTYPES, PRECISIONS
+from ..models.tokenizer import ChatTokenizer
 from ..runtime.backends import make_backend
 from ..runtime.procstat import rss_mib
 from .drive import synthetic_road
@@ -51,6 +59,8 @@ from ..runtime.session import StreamSession
 from .common import describe, machine, markdown_table, write_report
 
 PEERS = ("transformers", "llama.cpp")
+#: The model timed by default: the embedded demo model, the one llama.cpp can run too.
+PRESET = "smollm2-135m"
 OUR_BACKENDS = ("torch", "compiled")
 
 
@@ -95,7 +105,7 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
     """TTFT (s), decode tok/s and (torch backend) stored-frame ms of our runtime at ``precision``
     on ``backend_name`` (``torch`` or ``compiled``), medians; ``compile_s``: the compiled
     backend's first :meth:`check_cache` (compiling the step), ``rss_growth_mb``: what it added."""
-    model = load_model("smollm2-135m", args.device, precision)
+    model = load_model(args.model, args.device, precision)
     dec = model.decoder
     backend = make_backend(backend_name, dec)
     ttft, rate, evicted = [], [], []
@@ -152,14 +162,20 @@ def synchronize(device: str) -> None:
 
 
 def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dict:
-    """TTFT (s) of the question after the prompt and greedy decode tok/s of transformers, fp32,
-    SDPA attention, with its full ``--hf-cache`` (``dynamic``: grows per token; ``static``:
-    preallocated, transformers' fixed-shape cache)."""
-    from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+    """TTFT (s) of the question after the prompt and greedy decode tok/s of transformers (the
+    preset's GGUF as ``LlamaForCausalLM`` in fp32, or the checkpoint's own class in the dtype of
+    our first precision), SDPA attention, with its full ``--hf-cache`` (``dynamic``: grows per
+    token; ``static``: preallocated, transformers' fixed-shape cache)."""
+    from transformers import AutoModelForImageTextToText, DynamicCache, LlamaForCausalLM, StaticCache
 
-    path = smollm2_gguf_path()
-    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                             attn_implementation="sdpa").eval().to(args.device)
+    if args.model == PRESET:
+        path = smollm2_gguf_path()
+        model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=DTYPES.get(args.precision[0],
+                                                            torch.float32), attn_implementation="sdpa")
+    model = model.eval().to(args.device)
     ttft, rate = [], []
     with torch.inference_mode():
         for _ in range(args.repeats):
@@ -229,11 +245,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode", type=int, default=64, help="tokens decoded per repeat")
     ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision (in a full cache)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats (medians reported)")
-    ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8)")
+    ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8; a "
+                    "checkpoint also fp16, bf16)")
     ap.add_argument("--backends", default=",".join(OUR_BACKENDS),
                     help=f"comma list of our backends from {OUR_BACKENDS} (each with every precision)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none; "
                     "llama.cpp runs on the CPU only)")
+    ap.add_argument("--model", default=PRESET, help=f"{PRESET} (the GGUF preset) or a Hugging Face checkpoint "
+                    "folder of a supported VLM (random weights from infmllm_ros.bench.random_models time the same)")
     ap.add_argument("--device", default="cpu", help="torch device of ours and transformers (cpu, cuda, cuda:N)")
     ap.add_argument("--hf-cache", choices=("dynamic", "static"), default=None,
                     help="transformers' cache (default: dynamic on the CPU, static on CUDA)")
@@ -245,8 +264,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.hf_cache = args.hf_cache or ("static" if cuda else "dynamic")
     if cuda and ("int8" in args.precision or "llama.cpp" in args.peers):
         ap.error("on CUDA: --precision fp32 (int8 is a CPU path) and --peers transformers (llama.cpp here is CPU)")
+    if args.model != PRESET and "llama.cpp" in args.peers:
+        ap.error("--peers llama.cpp runs the preset's GGUF only; name the peers for a checkpoint")
     args.backends = [b for b in args.backends.split(",") if b]
-    bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in ("fp32", "int8")]
+    bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in PRECISIONS]
            + [b for b in args.backends if b not in OUR_BACKENDS])
     if bad or args.stream_tokens <= args.capacity or min(args.decode, args.repeats, args.frames) < 1:
         ap.error(f"unknown peer/precision/backend {bad}" if bad else "need stream-tokens > capacity and decode, repeats, "
@@ -258,7 +279,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ..models import load_gguf
 
-    _, tokenizer = load_gguf(smollm2_gguf_path())
+    tokenizer = load_gguf(smollm2_gguf_path())[1] if args.model == PRESET else ChatTokenizer.from_hf_dir(args.model)
     ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
     stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
     prompt = stream[-args.prompt_tokens:]
@@ -287,7 +308,7 @@ def main(argv=None) -> int:
               None, None] for peer, r in results["peers"].items()]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
     md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
-          f"SmolLM2-135M-Instruct, {args.question_tokens}-token question then {args.decode} greedy tokens, "
+          f"{'SmolLM2-135M-Instruct' if args.model == PRESET else args.model}, {args.question_tokens}-token question then {args.decode} greedy tokens, "
           f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
           f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
           f"{args.device} read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode "
