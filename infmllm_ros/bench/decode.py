@@ -28,7 +28,7 @@ static cache; that mode is untested here (no GPU on these machines). Usage::
 
     infmllm-bench-decode --json bench/results/decode_cpu.json
     infmllm-bench-decode --device cuda --precision fp32 --peers transformers --json bench/results/decode_gpu.json
-    python -m infmllm_ros.bench.random_models qwen2.5-vl-3b /tmp/qwen3b --dtype fp16   # random weights, real shape
+    infmllm-random-checkpoint qwen2.5-vl-3b /tmp/qwen3b --dtype fp16   # random weights, the real shape
     infmllm-bench-decode --model /tmp/qwen3b --device cuda --precision fp16 --peers transformers --json ...
 
 ``--model``: the preset (SmolLM2, the model llama.cpp runs too) or a Hugging Face checkpoint
@@ -252,7 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none; "
                     "llama.cpp runs on the CPU only)")
     ap.add_argument("--model", default=PRESET, help=f"{PRESET} (the GGUF preset) or a Hugging Face checkpoint "
-                    "folder of a supported VLM (random weights from infmllm_ros.bench.random_models time the same)")
+                    "folder of a supported VLM (random weights from infmllm-random-checkpoint time the same)")
     ap.add_argument("--device", default="cpu", help="torch device of ours and transformers (cpu, cuda, cuda:N)")
     ap.add_argument("--hf-cache", choices=("dynamic", "static"), default=None,
                     help="transformers' cache (default: dynamic on the CPU, static on CUDA)")
