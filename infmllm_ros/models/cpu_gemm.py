@@ -138,6 +138,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
+def _linears(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
+    """``(name, layer)`` of every ``nn.Linear`` of ``model`` whose own name is not in ``skip``."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+            and name.rsplit(".", 1)[-1] not in skip]
+
+
 def _packable(model: nn.Module) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
@@ -170,8 +176,7 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
     """
     if not _packable(model):
         return 0
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-               and name.rsplit(".", 1)[-1] not in skip]
+    targets = _linears(model, skip)
     if not targets:
         return 0
     try:
@@ -183,8 +188,7 @@ def pack_linears(model: nn.Module, rows_hint: int = 24, skip: tuple[str, ...] = 
         log.warning("oneDNN packed linear unavailable (%s); keeping dense weights", exc)
         return 0
     fuse_projections(model)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-               and name.rsplit(".", 1)[-1] not in skip]
+    targets = _linears(model, skip)
     for name, mod in targets:
         _replace(model, name, PackedLinear(mod, rows_hint))
     return len(targets)
@@ -244,7 +248,7 @@ def quantize_linears(model: nn.Module) -> int:
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, CpuLinear)]:
         _replace(model, name, mod.dense())
     fuse_projections(model)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    targets = _linears(model)
     for name, mod in targets:
         _replace(model, name, Int8Linear(mod))
     return len(targets)
