@@ -6,14 +6,14 @@ wheel), one after the other, each on all cores:
 * **ours**, per ``--precision`` (fp32: oneDNN-packed fp32 linears; int8: weight-only int8,
   :mod:`~infmllm_ros.models.cpu_gemm`) and per ``--backends`` (``torch``: layer by layer through
   the cache; ``compiled``: decoded tokens through the ``torch.compile``'d step,
-  :class:`~infmllm_ros.runtime.backends.CompiledBackend`, its compile time reported): an inf_mllm cache of ``--capacity`` slots with
-  ``--slack`` is filled past its capacity with text (so it is full and has evicted), then a
-  question of ``--question-tokens`` is prefilled (TTFT: until its first token is chosen) and
-  ``--decode`` tokens are decoded greedily by the session's own loop (:func:`.generate.decode`,
-  evicting as it must).
-* **transformers**: ``LlamaForCausalLM`` fp32 from the same GGUF with its plain full
-  ``DynamicCache``: a ``--prompt-tokens`` prompt, then the same question (TTFT) and the same
-  number of greedy single-token steps.
+  :class:`~infmllm_ros.runtime.backends.CompiledBackend`, its compile time reported): an inf_mllm
+  cache of ``--capacity`` slots with ``--slack`` is filled past its capacity with text (so it is
+  full and has evicted), then a question of ``--question-tokens`` is prefilled (TTFT: until its
+  first token is chosen) and ``--decode`` tokens are decoded greedily by the session's own loop
+  (:func:`.generate.decode`, evicting as it must).
+* **transformers**: ``LlamaForCausalLM`` fp32 from the same GGUF, SDPA attention, with its full
+  ``--hf-cache`` (``DynamicCache`` on the CPU, ``StaticCache`` on CUDA): a ``--prompt-tokens``
+  prompt, then the same question (TTFT) and the same number of greedy single-token steps.
 * **llama.cpp** (``llama-cpp-python``, when installed: ``make bench-decode`` installs it): the
   same GGUF (Q4_1) and the same prompt, question and steps, ``n_threads`` = torch's threads.
 * **stored frame**: ``StreamSession.ingest_frame`` of frames that are all stored with their
@@ -136,6 +136,7 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
         return {**result, "compile_s": compile_s, "rss_growth_mb": rss_growth}
     session = StreamSession(model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0,
                             slack=args.slack)
+
     def frame(i: int) -> np.ndarray:
         rgb = synthetic_road(i)
         rgb[:40, :40] = (37 * i) % 256  # a different frame each time
@@ -180,7 +181,8 @@ def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dic
     with torch.inference_mode():
         for _ in range(args.repeats):
             total = prompt.numel() + question.numel() + args.decode
-            cache = StaticCache(config=model.config, max_cache_len=total) if args.hf_cache == "static" else DynamicCache()
+            cache = (StaticCache(config=model.config, max_cache_len=total) if args.hf_cache == "static"
+                     else DynamicCache())
             written = 0
 
             def step(ids: torch.Tensor) -> int:  # greedy next token after ``ids`` [n]
@@ -270,8 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in PRECISIONS]
            + [b for b in args.backends if b not in OUR_BACKENDS])
     if bad or args.stream_tokens <= args.capacity or min(args.decode, args.repeats, args.frames) < 1:
-        ap.error(f"unknown peer/precision/backend {bad}" if bad else "need stream-tokens > capacity and decode, repeats, "
-                 "frames >= 1")
+        ap.error(f"unknown peer/precision/backend {bad}" if bad else "need stream-tokens > capacity and decode, "
+                 "repeats, frames >= 1")
     return args
 
 
@@ -279,11 +281,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ..models import load_gguf
 
-    tokenizer = load_gguf(smollm2_gguf_path())[1] if args.model == PRESET else ChatTokenizer.from_hf_dir(args.model)
+    tokenizer = (load_gguf(smollm2_gguf_path())[1] if args.model == PRESET
+                 else ChatTokenizer.from_hf_dir(args.model))
     ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
     stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
     prompt = stream[-args.prompt_tokens:]
-    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(args.device), "ours": {}, "peers": {}}
+    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(args.device),
+               "ours": {}, "peers": {}}
     for b in args.backends:
         for p in args.precision:
             key = p if b == "torch" else f"{p} {b}"
@@ -304,11 +308,12 @@ def main(argv=None) -> int:
     rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
              o["token_bytes"] / 1e6, o["roofline_fraction"], o["ttft_s"], o.get("stored_frame_ms_median"),
              o.get("stored_frame_ms_p95")] for p, o in results["ours"].items()]
-    rows += [[peer, f"full cache ({r.get('cache', 'llama.cpp')}), {args.prompt_tokens}-token prompt", r["decode_tok_s"], None, None, r["ttft_s"],
-              None, None] for peer, r in results["peers"].items()]
+    rows += [[peer, f"full cache ({r.get('cache', 'llama.cpp')}), {args.prompt_tokens}-token prompt",
+              r["decode_tok_s"], None, None, r["ttft_s"], None, None] for peer, r in results["peers"].items()]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
     md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
-          f"{'SmolLM2-135M-Instruct' if args.model == PRESET else args.model}, {args.question_tokens}-token question then {args.decode} greedy tokens, "
+          f"{'SmolLM2-135M-Instruct' if args.model == PRESET else args.model}, {args.question_tokens}-token "
+          f"question then {args.decode} greedy tokens, "
           f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
           f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
           f"{args.device} read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode "
