@@ -45,10 +45,12 @@ def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Ten
     hkv, slots = k_stored.shape[:2]
     g = hq // hkv
     qg = q.reshape(hkv, g * n, d)
-    logits = (torch.cat([torch.bmm(qg, k_stored.transpose(1, 2)), torch.bmm(qg, k.transpose(1, 2))], dim=-1)
-              .float() * scale).view(hkv, g, n, slots + n)
+    # keys times queries, not queries times transposed keys: the buffer is the product's first,
+    # row-major operand, so a compiler has no reason to copy it into a transposed layout
+    stored = torch.bmm(k_stored, qg.transpose(1, 2)).transpose(1, 2)
+    logits = (torch.cat([stored, torch.bmm(qg, k.transpose(1, 2))], dim=-1).float() * scale).view(hkv, g, n, slots + n)
     probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).to(v.dtype).view(hkv, g * n, slots + n)
-    out = torch.bmm(probs[..., :slots], v_stored) + torch.bmm(probs[..., slots:], v)
+    out = torch.bmm(probs[..., :slots].contiguous(), v_stored) + torch.bmm(probs[..., slots:], v)
     return out.view(hq, n, d), logits
 
 
