@@ -17,6 +17,10 @@ from infmllm_ros.models.cpu_gemm import pack_linears, quantize_linears
 from infmllm_ros.runtime.backends import CompiledBackend, TorchBackend, make_backend
 
 WEIGHTS = {"fp32 dense": lambda decoder: None, "fp32 packed": pack_linears, "int8": quantize_linears}
+#: Relative and absolute tolerance of the compiled step against the torch path, by weight form.
+#: int8: torch's ``_weight_int8pack_mm`` rounds each product to bf16 (its input's dtype, ~0.4% at
+#: most); Inductor's int8 kernel, chosen by autotuning, keeps the fp32 product.
+TOLERANCE = {"fp32 dense": 1e-5, "fp32 packed": 1e-5, "int8": 2e-2}
 QUIET = dict(progress=lambda line: None)
 
 
@@ -40,12 +44,13 @@ def test_tokens_decoded_through_the_compiled_step_keep_the_torch_paths_cache(wei
     for n in CHUNKS + (1,) * 30:  # prefill chunks (the torch path in both) and single decoded tokens
         embeds = dec.embed(torch.randint(0, dec.cfg.vocab_size, (n,), generator=g))
         want, got = eager.run_chunk(embeds, caches[0]), compiled.run_chunk(embeds, caches[1])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=TOLERANCE[weights], rtol=TOLERANCE[weights])
     want, got = caches
     assert want.evicted_tokens >= 30 and (got.length, got.evicted_tokens) == (want.length, want.evicted_tokens)
     assert torch.equal(got.position, want.position)  # the same tokens kept in every row
     for name in ("k", "v", "scores"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=TOLERANCE[weights],
+                                   rtol=TOLERANCE[weights], msg=name)
 
 
 def test_two_models_of_one_shape_each_decode_with_their_own_weights(compile_once):

@@ -224,8 +224,9 @@ class CompiledBackend(EngineBackend):
     (one token, the cache's whole buffer, :mod:`~infmllm_ros.engines.decoder_step`), so it
     compiles once per cache shape and never recompiles as the stream grows; on CUDA it is
     captured in a CUDA graph (``mode="reduce-overhead"``) over the cache's fixed buffers.
-    Compiling takes minutes on a small CPU, once per process and cache shape (Inductor's on-disk
-    cache shortens later starts); :meth:`check_cache` does it, with a progress line. Speed and
+    Compiling takes minutes on a small CPU (:meth:`options`: each product is autotuned), once per
+    process and cache shape (Inductor's on-disk cache shortens later starts to seconds);
+    :meth:`check_cache` does it, with a progress line. Speed and
     compile time: ``bench/results/README.md``, "Ingest and decode cost".
 
     Args:
@@ -245,12 +246,21 @@ class CompiledBackend(EngineBackend):
     def options(device: torch.device) -> dict:
         """Inductor settings for a step on ``device``. CUDA: a CUDA graph of the step
         (``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets). CPU: the weights frozen as
-        constants (``freezing``: Inductor may then call oneDNN on our packed weights and prepack
-        the LM head itself) and the generated code called from C++ (``cpp_wrapper``: no Python
-        between the ~120 matrix products of a token)."""
+        constants (``freezing``), the generated code called from C++ (``cpp_wrapper``: no Python
+        between the ~120 matrix products of a token), and each matrix product autotuned
+        (``max_autotune`` over ``CPP,ATEN``): Inductor times its C++ GEMM template (AVX2/AVX-512
+        micro-kernels over a copy of the weight it blocks at compile time; int8 weights
+        dequantised in registers) against ATen's kernel (oneDNN, MKL, ``_weight_int8pack_mm``) at
+        the product's shape and keeps the faster. A token's matrix-vector products read the
+        weights markedly faster through the template; the cost is a longer first compile and the
+        blocked copy in memory (figures: ``bench/results/README.md``, "Ingest and decode cost").
+        The template's int8 product keeps fp32 where ``_weight_int8pack_mm`` rounds to bf16, so
+        int8 logits differ from the torch path's by that rounding. Autotuning's reports are
+        silenced (``autotune_num_choices_displayed``)."""
         if device.type == "cuda":
             return {"triton.cudagraphs": True}
-        return {"freezing": True, "cpp_wrapper": True}
+        return {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
     def check_cache(self, cache: KVCache) -> None:
         """Compile the step for ``cache``'s buffer and scoring rule, and run it once.
@@ -286,8 +296,8 @@ class CompiledBackend(EngineBackend):
             # a CUDA graph's outputs are overwritten by its next replay
             return tuple(t.clone() for t in out) if k.is_cuda else out
 
-        self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a minute or "
-                      f"two on a small CPU) ...")
+        self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a few minutes "
+                      f"on a small CPU, seconds with Inductor's cache warm) ...")
         try:
             run(self.embed(torch.zeros(1, dtype=torch.int64, device=cache.k.device))[None], cache.k, cache.v, 0, 0)
         except Exception as exc:  # Inductor's errors: no C++ compiler (CPU) or Triton (CUDA), a failed build
