@@ -72,8 +72,9 @@ PARAMETERS = (
     Param("precision", "fp32", "weight dtype of a Hugging Face model: fp32, fp16 or bf16 (GGUF models run fp32), "
           "or int8 (weight-only int8 linears, CPU)"),
     Param("backend", "torch", "inference backend: torch, compiled (torch.compile of the decode step, a CUDA graph "
-          "on a GPU: faster answers after a compile of a minute or two at start), onnxruntime (CPU; exports its "
-          "ONNX step on first start) or tensorrt (CUDA; engines from infmllm-build-engines)"),
+          "on a GPU: answers decode about twice as fast on a CPU after a compile at start, 2-4 minutes the first "
+          "time, seconds once Inductor's cache is warm), onnxruntime (CPU; exports its ONNX step on first start) "
+          "or tensorrt (CUDA; engines from infmllm-build-engines)"),
     Param("engine_dir", "engines", "folder of exported decoder steps / TensorRT engines and their manifest"),
     Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
     Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
