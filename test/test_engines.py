@@ -43,11 +43,15 @@ def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
     return worst
 
 
-def test_step_matches_the_cache_path():
+@pytest.mark.parametrize("one_token", [False, True], ids=["export layout", "one-token layout, per-layer buffers"])
+def test_step_matches_the_cache_path(one_token):
+    """The one-token layout (keys by reduction, each layer's buffer its own input: the compiled
+    backend's) computes the same as the exported one, for chunks too."""
     dec = tiny_decoder()
-    step = DecoderStep(dec, beta=1e-2)
+    step = DecoderStep(dec, beta=1e-2, one_token=one_token)
+    split = (lambda buf: buf.unbind(0)) if one_token else (lambda buf: buf)
     with torch.no_grad():
-        worst = compare_stream(dec, lambda e, k, v, s: step(e, k, v, torch.tensor([s])), 40, 8, CHUNKS)
+        worst = compare_stream(dec, lambda e, k, v, s: step(e, split(k), split(v), torch.tensor([s])), 40, 8, CHUNKS)
     assert max(worst.values()) < 1e-5, worst
 
 

@@ -25,7 +25,8 @@ OUTPUTS = ("logits", "new_k", "new_v", "scores")
 
 
 def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, hidden: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    v: torch.Tensor, hidden: torch.Tensor, scale: float, keys_by_reduction: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA attention of a chunk over a buffer's stored keys and the chunk's own keys, kept apart.
 
     Args:
@@ -35,6 +36,11 @@ def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Ten
         hidden: bool ``[n, S + n]``, True where a query must not see a column (stored slots past
             the stream; the chunk's keys after the query's own).
         scale: logit scale (``head_dim ** -0.5``).
+        keys_by_reduction: the stored keys' logits as a broadcast product summed over
+            ``head_dim`` rather than a batched matrix product. For a decoded token (a few query
+            rows a KV head) Inductor's CPU code fuses the sum into one pass over the keys, where
+            its GEMM kernels are slower at three columns; for a chunk the broadcast product
+            would be ``[kv_heads, rows, S, head_dim]``: export graphs keep False.
 
     Returns:
         (output ``[q_heads, n, head_dim]`` in q's dtype, fp32 scaled logits
@@ -47,7 +53,10 @@ def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Ten
     qg = q.reshape(hkv, g * n, d)
     # keys times queries, not queries times transposed keys: the buffer is the product's first,
     # row-major operand, so a compiler has no reason to copy it into a transposed layout
-    stored = torch.bmm(k_stored, qg.transpose(1, 2)).transpose(1, 2)
+    if keys_by_reduction:
+        stored = (k_stored[:, None] * qg[:, :, None]).sum(-1)
+    else:
+        stored = torch.bmm(k_stored, qg.transpose(1, 2)).transpose(1, 2)
     logits = (torch.cat([stored, torch.bmm(qg, k.transpose(1, 2))], dim=-1).float() * scale).view(hkv, g, n, slots + n)
     probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).to(v.dtype).view(hkv, g * n, slots + n)
     out = torch.bmm(probs[..., :slots].contiguous(), v_stored) + torch.bmm(probs[..., slots:], v)
@@ -61,13 +70,16 @@ class DecoderStep(nn.Module):
         decoder: the model (weights shared, not copied).
         beta: attention-bias slope of the window scores (logit units per slot).
         normalise: divide window column sums by the number of queries that see each slot.
+        one_token: the step will only run single tokens (the compiled backend's decode step):
+            :func:`split_attention`'s ``keys_by_reduction``.
 
     Forward:
         embeds: ``[1, n, hidden]`` input embeddings (model dtype), ``n >= 1``.
-        k_cache, v_cache: ``[layers, kv_heads, slots, head_dim]``; slots ``0..length-1`` hold
-            the stream, ``slots >= length + n`` is required, and unused slots must hold finite
-            values (they are masked, but a masked 0 times NaN is NaN; the cache's are). Not
-            modified.
+        k_cache, v_cache: ``[layers, kv_heads, slots, head_dim]``, or a sequence of the layers'
+            ``[kv_heads, slots, head_dim]`` (``k.unbind(0)``: a compiler then sees each layer as
+            its own input, at offset 0); slots ``0..length-1`` hold the stream,
+            ``slots >= length + n`` is required, and unused slots must hold finite values (they
+            are masked, but a masked 0 times NaN is NaN; the cache's are). Not modified.
         length: int64 ``[1]``, occupied slots (tokens).
         position_offset: int64 ``[1]``, RoPE position of slot ``length`` minus ``length``
             (:attr:`KVCache.position_offset`, <= 0 after an M-RoPE image; text tokens rotate the
@@ -82,17 +94,18 @@ class DecoderStep(nn.Module):
             slots ``0..length+n-1`` (0 beyond).
     """
 
-    def __init__(self, decoder: Decoder, beta: float = 0.0, normalise: bool = True):
+    def __init__(self, decoder: Decoder, beta: float = 0.0, normalise: bool = True, one_token: bool = False):
         super().__init__()
         self.decoder = decoder
         self.beta = float(beta)
         self.normalise = bool(normalise)
+        self.one_token = bool(one_token)
 
     def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                 position_offset: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
-        n, slots, dev = embeds.shape[1], k_cache.shape[2], embeds.device
+        (kv_heads, slots), n, dev = k_cache[0].shape[:2], embeds.shape[1], embeds.device
         start = length.reshape(())
         index = torch.arange(n, device=dev)
         positions = start + index  # slots
@@ -103,13 +116,13 @@ class DecoderStep(nn.Module):
         key_slots = torch.cat([slot, positions]).to(torch.float32)
         # queries that see each column: every one sees the stream, chunk token i is seen by n - i
         viewers = torch.cat([torch.full((slots,), n, device=dev), n - index]).to(torch.float32)
-        write = positions.expand(k_cache.shape[1], n)
+        write = positions.expand(kv_heads, n)
         scale = dec.cfg.head_dim ** -0.5
         x = embeds[0]
         new_k, new_v, scores = [], [], []
         for i, layer in enumerate(dec.model.layers):
             q, k, v = layer.self_attn.project(layer.input_layernorm(x), rope_cs)
-            out, logits = split_attention(q, k_cache[i], v_cache[i], k, v, hidden, scale)
+            out, logits = split_attention(q, k_cache[i], v_cache[i], k, v, hidden, scale, self.one_token)
             if self.beta:
                 logits = logits + self.beta * key_slots
             columns = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).sum(dim=2)

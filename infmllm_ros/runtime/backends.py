@@ -277,7 +277,7 @@ class CompiledBackend(EngineBackend):
         identity = StepIdentity.for_cache("model", self.decoder, cache)
         if identity == self.compiled_for:
             return
-        step = DecoderStep(self.decoder, identity.beta, identity.normalise).eval()
+        step = DecoderStep(self.decoder, identity.beta, identity.normalise, one_token=True).eval()
         self.decoder.rope.inv_freq_on(cache.k.device)  # filled before tracing: the graph guards on it
         compiled = torch.compile(step, dynamic=False, fullgraph=True, options={"guard_filter_fn": _module_guards})
         options = self.options(cache.k.device)
@@ -290,8 +290,12 @@ class CompiledBackend(EngineBackend):
             # reach it): set around every call, so that any recompile sees the same settings.
             # The graph guards on its inputs' dispatch keys: ``embeds`` always enters as an
             # inference tensor, whether the caller made it in inference mode or not.
+            # On the CPU each layer's K/V enters as its own input: Inductor's GEMM kernel takes no
+            # storage offset and would copy a slice of the whole buffer. A CUDA graph needs the
+            # buffer itself, marked static.
+            layers = (k, v) if k.is_cuda else (k.unbind(0), v.unbind(0))
             with inductor_config.patch(options), torch.inference_mode():
-                out = compiled(embeds.clone(), k, v, torch.tensor([length], device=k.device),
+                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device),
                                torch.tensor([position_offset], device=k.device))
             # a CUDA graph's outputs are overwritten by its next replay
             return tuple(t.clone() for t in out) if k.is_cuda else out
