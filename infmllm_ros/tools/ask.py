@@ -55,14 +55,19 @@ RESULT_RETRY_S = 2.0
 
 
 def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, keep_in_context: bool = False,
-               timeout_s: float = 120.0, on_feedback=lambda feedback: None, cancel: threading.Event | None = None):
+               timeout_s: float = 120.0, on_feedback=lambda feedback: None, cancel: threading.Event | None = None,
+               client: ActionClient | None = None):
     """Send an ``Ask`` action goal from ``node`` (spun on another thread) and wait for its result.
 
     ``on_feedback`` gets each ``Ask.Feedback`` (the text so far); setting ``cancel`` cancels the
-    goal. Returns ``Ask.Result``, or None when the server did not appear, refused the goal or
-    did not finish within ``timeout_s`` seconds.
+    goal. ``client``: an ``ActionClient`` for ``action`` that outlives the call (a caller asking
+    many questions creates one: a fresh client's goal request can be lost while the server has
+    not yet discovered it, and the goal then never starts); None: one made for this call.
+    Returns ``Ask.Result``, or None when the server did not appear, refused the goal or did not
+    finish within ``timeout_s`` seconds.
     """
-    client = ActionClient(node, AskAction, action)
+    own = client is None
+    client = ActionClient(node, AskAction, action) if own else client
     deadline = time.monotonic() + timeout_s
     try:
         if not client.wait_for_server(timeout_sec=timeout_s):
@@ -90,7 +95,8 @@ def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, 
             time.sleep(0.01)
         return result.result().result if result.done() else None
     finally:
-        client.destroy()
+        if own:
+            client.destroy()
 
 
 def format_response(response) -> str:

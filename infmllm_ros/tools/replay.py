@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import rclpy
 import yaml
+from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
@@ -36,6 +37,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
+from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
@@ -139,20 +141,21 @@ class Replayer:
         return False
 
 
-def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float | None) -> dict:
+def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float | None, client=None) -> dict:
     """Ask one scripted question through the ``ask`` action (the answer streams); the record for
     the report (with a score when it has expectations): ``ttft_s`` is the time from sending the
     goal to the first streamed token, ``latency_s`` the node's whole-answer latency (what the
     ``/ask`` service takes).
 
     ``origin_s``: header stamp (seconds) of the first frame published, against which sightings
-    are compared with the question's ``expect_time_s`` (None before any frame).
+    are compared with the question's ``expect_time_s`` (None before any frame). ``client``: an
+    ``ActionClient`` for ``service`` kept across questions (:func:`~.ask.stream_ask`).
     """
     t0 = time.monotonic()
     first = []
     result = stream_ask(node, service, q["question"], int(q.get("max_new_tokens", 0)),
                         bool(q.get("keep_in_context", False)), timeout_s,
-                        on_feedback=lambda f: first or first.append(time.monotonic() - t0))
+                        on_feedback=lambda f: first or first.append(time.monotonic() - t0), client=client)
     rec = {"at_s": q["at_s"], "question": q["question"], "label": q.get("label"),
            "expect_time_s": q.get("expect_time_s")}
     if result is None:
@@ -234,6 +237,8 @@ def main(argv=None) -> int:
     rclpy.init()
     node = rclpy.create_node("infmllm_replay")
     player = Replayer(node, args.node, {remap.get(c.topic, c.topic): c.msgtype for c in images})
+    # one client for every question, made now: it is discovered while the node starts and streams
+    asker = ActionClient(node, AskAction, args.service)
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
             t = (timestamp - start_ns) * 1e-9
             while pending and pending[0]["at_s"] <= t:
                 report["answers"].append(ask_scripted(node, args.service, pending.pop(0), args.ask_timeout,
-                                                          origin_s))
+                                                          origin_s, asker))
                 print(f"  [{t:7.1f} s] {report['answers'][-1]}", flush=True)
             if args.rate:
                 delay = t_wall0 + t / args.rate - time.monotonic()
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
         if args.rate:  # let the node finish the frames in flight before asking
             time.sleep(min(30.0, 5.0 / args.rate))
         for q in pending:
-            report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout, origin_s))
+            report["answers"].append(ask_scripted(node, args.service, q, args.ask_timeout, origin_s, asker))
             print(f"  [end] {report['answers'][-1]}", flush=True)
         time.sleep(1.5)  # one more /diagnostics sample after the answers
         scores = [a["score"] for a in report["answers"] if "score" in a]
@@ -301,6 +306,7 @@ def main(argv=None) -> int:
         reader.close()
         executor.shutdown()
         spinner.join(5.0)
+        asker.destroy()
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
