@@ -15,6 +15,8 @@ kept apart, a step reads the buffer once.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -59,6 +61,7 @@ def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Ten
         stored = torch.bmm(k_stored, qg.transpose(1, 2)).transpose(1, 2)
     logits = (torch.cat([stored, torch.bmm(qg, k.transpose(1, 2))], dim=-1).float() * scale).view(hkv, g, n, slots + n)
     probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1).to(v.dtype).view(hkv, g * n, slots + n)
+    # contiguous: Inductor's GEMM template takes a row-major first operand (else ATen's bmm runs)
     out = torch.bmm(probs[..., :slots].contiguous(), v_stored) + torch.bmm(probs[..., slots:], v)
     return out.view(hq, n, d), logits
 
@@ -101,7 +104,8 @@ class DecoderStep(nn.Module):
         self.normalise = bool(normalise)
         self.one_token = bool(one_token)
 
-    def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+    def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor | Sequence[torch.Tensor],
+                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor,
                 position_offset: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
