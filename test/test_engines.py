@@ -124,21 +124,28 @@ def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     assert answers["onnxruntime"] == answers["torch"]
 
 
-def test_backend_refuses_an_engine_built_for_another_cache(smollm2_engines, tmp_path):
+def test_a_stale_or_corrupt_step_is_set_aside_intact_and_exported_again(smollm2_engines, tmp_path):
     dec, _, engines = smollm2_engines
     (path,) = engines.glob("*.onnx")
-    backend = OnnxRuntimeBackend(dec, tmp_path, "smollm2")
-    other = dec.new_cache(CAPACITY + 64, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
-    want = backend.engine_path(StepIdentity.for_cache("smollm2", dec, other))
-    want.symlink_to(path)  # a file under the right name but built for 320 slots
-    with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384"):
-        backend.check_cache(other)
     h2o = StepIdentity.of("smollm2", dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, make_policy("h2o"))
     with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384; infmllm.beta: engine 0.01, "
                                          "wanted 0.0; infmllm.normalise: engine True, wanted False"):
         OrtDecoderStep(path).check(h2o)
-    with pytest.raises(ValueError, match="outside 1..max_chunk=64"):  # a chunk longer than the profile
-        other.begin_chunk(65)
+    tiny = tiny_decoder()
+    lines = []
+    backend = OnnxRuntimeBackend(tiny, tmp_path, "tiny", progress=lines.append)
+    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+    want = backend.engine_path(StepIdentity.for_cache("tiny", tiny, cache))
+    for stale, reason in ((path.read_bytes(), "other-identity"), (b"\x08\x07 cut short", "unloadable")):
+        want.write_bytes(stale)  # under the right name: a step of another model, then a broken file
+        backend.check_cache(cache)
+        (aside,) = tmp_path.glob(f"{want.name}.refused-{reason}-*")
+        assert aside.read_bytes() == stale and f"set aside as {aside}" in " ".join(lines)
+        aside.unlink()
+        OrtDecoderStep(want).check(StepIdentity.for_cache("tiny", tiny, cache))  # the fresh export serves
+    assert sorted(p.name for p in tmp_path.iterdir()) == [want.name]  # no temporary file left
+    with pytest.raises(ValueError, match="outside 1..max_chunk=8"):  # a chunk longer than the profile
+        cache.begin_chunk(9)
 
 
 def test_a_step_identity_follows_the_policy_rule_and_names_the_file():

@@ -11,6 +11,7 @@ import torch
 from skimage.data import chelsea, coffee
 
 from infmllm_ros.bench.drive import synthetic_road
+from infmllm_ros.runtime.memory_file import MemoryFileRefused
 from infmllm_ros.runtime.session import StreamSession
 
 
@@ -55,14 +56,16 @@ def test_a_file_from_another_stream_or_cut_short_is_refused_and_changes_nothing(
     a.save_memory(path)
     other = session(embedded, capacity=320)
     before = other.cache.length
-    with pytest.raises(ValueError, match=r"another stream \(capacity: 256 != 320\)"):
+    with pytest.raises(MemoryFileRefused, match=r"another stream \(capacity: 256 != 320\)") as refused:
         other.load_memory(path)
+    assert refused.value.reason == "other-stream" and refused.value.path == path
     with pytest.raises(ValueError, match="system_prompt"):
         session(embedded, system_prompt="You watch a warehouse.").load_memory(path)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match="cut short"):
+    with pytest.raises(MemoryFileRefused, match="cut short") as refused:
         other.load_memory(cut)
+    assert refused.value.reason == "unreadable"
     with pytest.raises(FileNotFoundError):
         other.load_memory(tmp_path / "none.safetensors")
     assert other.cache.length == before and other.frames_ingested == 0
@@ -97,3 +100,28 @@ def test_kill_9_during_saves_leaves_a_whole_file(tmp_path):
     b = session(model)
     b.load_memory(path)
     assert b.cache.length == a.cache.length and b.frames_ingested == 1
+
+
+def test_a_save_never_replaces_a_file_that_is_not_a_memory_of_this_stream(embedded, tmp_path):
+    a = session(embedded)
+    a.ingest_frame(synthetic_road(0), 0.0)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's notes")
+    other = tmp_path / "other.safetensors"
+    session(embedded, capacity=320).save_memory(other)
+    other_bytes = other.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(other_bytes[:100])
+    for path, why in ((victim, "cannot read memory file"), (other, "from another stream"), (cut, "cut short")):
+        with pytest.raises(FileExistsError, match=why):
+            a.save_memory(path)
+    assert victim.read_text() == "someone's notes" and other.read_bytes() == other_bytes
+    assert cut.read_bytes() == other_bytes[:100]
+    with pytest.raises(FileExistsError, match="not a file"):
+        a.save_memory(tmp_path)
+    with pytest.raises(FileNotFoundError):  # no folder is created
+        a.save_memory(tmp_path / "new" / "m.safetensors")
+    a.save_memory(tmp_path / "m.safetensors")
+    a.save_memory(tmp_path / "m.safetensors")  # its own memory file is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors", "m.safetensors", "other.safetensors",
+                                                          "victim.txt"]

@@ -3,6 +3,7 @@ cat, is stopped with SIGTERM (saving), and a new node on the same file answers a
 the first one did; ``~/save_memory``, ``~/load_memory`` and ``~/reset_memory``; a file cut
 short is refused at start and the node runs with empty memory, saying so."""
 import signal
+import time
 
 import cv2
 import numpy as np
@@ -28,10 +29,10 @@ def jpeg(rgb, sec):
                            data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
 
 
-def node(tmp, env, memory_file):
+def node(tmp, env, memory_file, **params):
     return start_node(tmp, env, {"camera_topics": [TOPIC], "qos_reliability": "reliable", "qos_depth": 5,
                                  "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 16,
-                                 "memory_file": str(memory_file), "diagnostics_period_s": 0.5})
+                                 "memory_file": str(memory_file), "diagnostics_period_s": 0.5, **params})
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +86,80 @@ def test_a_restarted_node_remembers_what_the_first_one_saw(graph, tmp_path):
         assert stop_node(proc) == 0
 
 
-def test_a_memory_file_cut_short_is_refused_and_the_node_starts_empty(graph, tmp_path):
+def save(g, path: str):
+    return g.call(MemoryFile, "/infmllm/save_memory", MemoryFile.Request(path=path))
+
+
+def test_refused_memory_files_are_kept_intact_and_saves_stay_inside_memory_dir(graph, tmp_path):
     env, g = graph
-    memory = tmp_path / "memory.safetensors"
-    memory.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"infmllm\"")
-    proc, log = node(tmp_path, env, memory)
+    folder = tmp_path / "memory"
+    folder.mkdir()
+    memory = folder / "memory.safetensors"
+    cut = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"infmllm\""
+    memory.write_bytes(cut)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = folder / "victim.txt"
+    victim.write_text("not a memory")
+    (folder / "link").symlink_to(outside)
+    proc, log = node(tmp_path, env, "memory.safetensors", memory_dir=str(folder))
     try:
         text = log.read_text()
         assert "memory file refused" in text and "cut short" in text and "starting with empty memory" in text
+        (aside,) = folder.glob("memory.safetensors.refused-unreadable-*")
+        assert f"kept intact as {aside}" in text and aside.read_bytes() == cut
         assert g.publish_and_wait(g.camera, jpeg(np.full((120, 160, 3), 60, np.uint8), T0)) == "ingested"
+        for path in ("../x.safetensors", str(outside / "x.safetensors"), "link/x.safetensors"):
+            answer = save(g, path)
+            assert not answer.success and "outside the memory folder" in answer.message, path
+        answer = save(g, "victim.txt")
+        assert not answer.success and "not overwritten" in answer.message
+        answer = save(g, "new/x.safetensors")
+        assert not answer.success and "does not exist" in answer.message
+        assert list(outside.iterdir()) == [] and victim.read_text() == "not a memory"
+        assert not (tmp_path / "x.safetensors").exists() and not (folder / "new").exists()
+    finally:
+        assert stop_node(proc) == 0
+    assert "saved" in log.read_text() and memory.is_file() and aside.read_bytes() == cut
+
+    # The same folder, a node of another capacity: the saved memory is refused and kept too, and a
+    # temporary file of an interrupted save is removed at start.
+    saved = memory.read_bytes()
+    stale = folder / ".memory.safetensors.k9x2ab_q.tmp"
+    stale.write_bytes(saved[:1000])
+    (tmp_path / "b").mkdir()
+    proc, log = node(tmp_path / "b", env, "memory.safetensors", memory_dir=str(folder), **{"cache.capacity": 640})
+    try:
+        assert not stale.exists() and f"removed {stale}" in log.read_text()
+        (other,) = folder.glob("memory.safetensors.refused-other-stream-*")
+        assert other.read_bytes() == saved and "capacity: 512 != 640" in log.read_text()
+        assert not g.call(MemoryFile, "/infmllm/load_memory", MemoryFile.Request(path=other.name)).success
+        assert other.read_bytes() == saved  # refused again, and not renamed twice
+    finally:
+        assert stop_node(proc) == 0
+    assert memory.is_file() and aside.read_bytes() == cut and other.read_bytes() == saved
+
+
+def test_a_kill_9_between_periodic_saves_restarts_on_the_last_good_memory(graph, tmp_path):
+    env, g = graph
+    memory = tmp_path / "memory.safetensors"
+    (tmp_path / "a").mkdir()
+    proc, log = node(tmp_path / "a", env, memory, memory_save_period_s=0.2)
+    try:
+        assert g.publish_and_wait(g.camera, jpeg(np.full((120, 160, 3), 60, np.uint8), T0)) == "ingested"
+        saves, deadline = set(), time.monotonic() + 30
+        while len(saves) < 4 and time.monotonic() < deadline:  # several periodic saves of the frame
+            if memory.is_file():
+                saves.add(memory.stat().st_mtime_ns)
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (tmp_path / ".memory.safetensors.zz9_kill.tmp").write_bytes(b"the save the kill cut")
+    (tmp_path / "b").mkdir()
+    proc, log = node(tmp_path / "b", env, memory)
+    try:
+        assert "loaded" in log.read_text() and "1 frames" in log.read_text()
+        assert not list(tmp_path.glob(".*.tmp"))
     finally:
         assert stop_node(proc) == 0

@@ -57,6 +57,8 @@ from infmllm_interfaces.srv import Ask, MemoryFile
 from std_srvs.srv import Trigger
 
 from ..models import load_model
+from ..runtime.file_safety import remove_stale_temps, resolve_inside, set_aside
+from ..runtime.memory_file import MemoryFileRefused
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
 from .interface import ANSWER_FIELDS
@@ -74,6 +76,30 @@ class AnyEvent:
 
     def is_set(self) -> bool:
         return any(e.is_set() for e in self.events)
+
+
+def open_memory_folder(cfg) -> tuple[Path | None, Path | None, list[Path]]:
+    """``(memory folder, memory file, stale temporary files removed)`` for ``cfg``: the folder
+    (:attr:`NodeConfig.memory_folder`) is created if missing and cleared of the temporary files of
+    interrupted saves; ``memory_file`` must resolve inside it (relative names are taken inside
+    ``memory_dir`` when that is set). ``(None, None, [])`` when neither is set.
+
+    Raises:
+        ValueError: ``memory_file`` resolves outside the folder, or the folder cannot be created.
+    """
+    folder = cfg.memory_folder
+    if folder is None:
+        return None, None, []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(folder)
+    except OSError as exc:
+        raise ValueError(f"parameter memory_dir: cannot use the memory folder {folder}: {exc}") from None
+    try:
+        path = resolve_inside(folder, Path(cfg.memory_file).expanduser()) if cfg.memory_file else None
+    except ValueError as exc:
+        raise ValueError(f"parameter memory_file={cfg.memory_file!r}: {exc}") from None
+    return folder.resolve(), path, removed
 
 
 def report(logger, ok: bool, message: str) -> None:
@@ -109,6 +135,7 @@ class InfMLLMNode(LifecycleNode):
         self.model = self.session = self.worker = None
         self.configure_error = ""
         self._subs, self._memory_timer, self._image_timer = [], None, None
+        self._memory_dir = self._memory_path = None
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
         self.frames_pub = self.create_publisher(Header, "~/frames", 50)
         self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
@@ -146,6 +173,9 @@ class InfMLLMNode(LifecycleNode):
         log = self.get_logger()
         try:
             cfg = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
+            memory_dir, memory_path, stale = open_memory_folder(cfg)
+            for tmp in stale:
+                log.warning(f"removed {tmp}, the temporary file of a save that was interrupted")
             log.info(f"loading model {cfg.model!r} on {cfg.device} ({cfg.backend} backend) ...")
             t0 = time.perf_counter()
             model = load_model(cfg.model, cfg.device, cfg.precision)
@@ -155,6 +185,7 @@ class InfMLLMNode(LifecycleNode):
             log.error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         self.config, self.model, self.session, self.configure_error = cfg, model, session, ""
+        self._memory_dir, self._memory_path = memory_dir, memory_path
         self._kv_bytes = session.cache.nbytes
         log.info(f"model {model.name} ({model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
                  f"KV cache {cfg.cache_capacity} tokens ({self._kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), "
@@ -162,9 +193,9 @@ class InfMLLMNode(LifecycleNode):
         self.worker = IngestWorker(session, cfg.sample_rate_hz, cfg.duplicate_threshold, on_done=self._frame_done,
                                    log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
                                    clock_reset_s=cfg.clock_reset_s)
-        if cfg.memory_file and Path(cfg.memory_file).is_file():
-            ok, message = self._load_memory(cfg.memory_file)
-            report(log, ok, message if ok else f"{message}; starting with empty memory")
+        if memory_path is not None and memory_path.is_file():
+            ok, message = self._load_memory(memory_path)
+            (log.info if ok else log.warning)(message if ok else f"{message}; starting with empty memory")
         self.worker.start()
         if cfg.memory_save_period_s > 0:
             self._memory_timer = self.create_timer(cfg.memory_save_period_s, self._save_periodically,
@@ -219,8 +250,8 @@ class InfMLLMNode(LifecycleNode):
         self._memory_timer = self._image_timer = None
         stopped = self.worker.stop()
         log = rclpy.logging.get_logger("infmllm")
-        if self.config.memory_file and stopped:
-            ok, message = self._save_memory(self.config.memory_file)
+        if self._memory_path is not None and stopped:
+            ok, message = self._save_memory(self._memory_path)
             report(log, ok, message)
         s = self.worker.stats()
         log.info(f"stream stopped: {s.outcomes['ingested']} frames ingested, "
@@ -356,7 +387,7 @@ class InfMLLMNode(LifecycleNode):
         return msg, ""
 
     # ---- memory on disk --------------------------------------------------------------------
-    def _save_memory(self, path: str) -> tuple[bool, str]:
+    def _save_memory(self, path: Path) -> tuple[bool, str]:
         """Save the stream to ``path`` (call on the worker thread or with it stopped)."""
         try:
             size = self.session.save_memory(path, extra={"origin_s": self.worker.stats().origin_s})
@@ -365,12 +396,21 @@ class InfMLLMNode(LifecycleNode):
         return True, (f"saved {self.session.cache.length} KV slots, {self.session.frames_ingested} frames, "
                       f"{size / 2**20:.1f} MiB to {path}")
 
-    def _load_memory(self, path: str) -> tuple[bool, str]:
-        """Load the stream from ``path`` (call on the worker thread or before it starts)."""
+    def _load_memory(self, path: Path) -> tuple[bool, str]:
+        """Load the stream from ``path`` (call on the worker thread or before it starts). A refused
+        file is set aside intact (:func:`~infmllm_ros.runtime.file_safety.set_aside`), never
+        overwritten by a later save."""
         try:
             extra = self.session.load_memory(path)
-        except (FileNotFoundError, ValueError) as exc:
+        except FileNotFoundError as exc:
             return False, f"memory file refused: {exc}"
+        except MemoryFileRefused as exc:
+            try:
+                aside = set_aside(path, exc.reason)
+            except OSError as err:
+                return False, f"memory file refused: {exc}; it could not be set aside ({err}) and stays as it was"
+            where = f"kept intact as {aside}" if aside else "kept as it was"
+            return False, f"memory file refused: {exc}; {where}"
         self.worker.resume(extra.get("origin_s", math.nan))
         return True, (f"loaded {self.session.cache.length} KV slots, {self.session.frames_ingested} frames "
                       f"from {path}")
@@ -391,9 +431,19 @@ class InfMLLMNode(LifecycleNode):
         """A ``MemoryFile`` service callback that runs ``fn(path) -> (success, message)`` on the
         worker; the request's path, or ``memory_file`` when it is ""."""
         def serve(request: MemoryFile.Request, response: MemoryFile.Response):
-            path = request.path or (self.config.memory_file if self.config else "")
-            if not path:
-                response.success, response.message = False, "no path given and no memory_file parameter set"
+            if not request.path:
+                path = self._memory_path
+                problem = "" if path else "no path given and no memory_file parameter set"
+            elif self._memory_dir is None:
+                path, problem = None, "no memory folder: set memory_dir (or memory_file)"
+            else:
+                try:
+                    path, problem = resolve_inside(self._memory_dir, request.path), ""
+                except ValueError as exc:
+                    path, problem = None, f"refused: {exc}"
+            if problem:
+                response.success, response.message = False, problem
+                report(self.get_logger(), False, problem)
                 return response
             return self._memory_call(lambda: fn(path), response)
         return serve
@@ -406,7 +456,7 @@ class InfMLLMNode(LifecycleNode):
 
     def _save_periodically(self) -> None:
         try:
-            self.worker.call(lambda: self._save_memory(self.config.memory_file)).add_done_callback(
+            self.worker.call(lambda: self._save_memory(self._memory_path)).add_done_callback(
                 lambda f: None if f.exception() is None and f.result()[0] else
                 self.get_logger().error(str(f.exception() or f.result()[1])))
         except RuntimeError:  # shutting down; the final save follows

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..kvcache import KVCache
 from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, POLICIES,
@@ -117,6 +118,9 @@ PARAMETERS = (
           "(0: off)"),
     Param("memory_file", "", "memory file (safetensors): loaded at start when it exists, saved at shutdown and "
           "every memory_save_period_s; '' keeps memory in RAM only"),
+    Param("memory_dir", "", "folder of memory files: memory_file and the names ~/save_memory and ~/load_memory take "
+          "must resolve inside it (symlinks followed); nothing is written or created outside it; created at "
+          "configure if missing ('': memory_file's folder; with neither set the services refuse)"),
     Param("memory_save_period_s", 0.0, "seconds between periodic saves of memory_file (0: at shutdown only)"),
 )
 
@@ -168,6 +172,7 @@ class NodeConfig:
     autostart: bool
     memory_image_period_s: float
     memory_file: str
+    memory_dir: str
     memory_save_period_s: float
 
     @property
@@ -179,6 +184,13 @@ class NodeConfig:
             name = self.camera_names[i] if len(self.camera_names) > i else ""
             out.append((topic, name or camera_name_from_topic(topic), transport == "compressed"))
         return out
+
+    @property
+    def memory_folder(self) -> Path | None:
+        """The folder memory files live in: ``memory_dir``, else ``memory_file``'s folder, else None."""
+        if self.memory_dir:
+            return Path(self.memory_dir).expanduser()
+        return Path(self.memory_file).expanduser().absolute().parent if self.memory_file else None
 
     @property
     def sampling(self) -> Sampling:
@@ -319,6 +331,7 @@ def validate(values: dict) -> NodeConfig:
          "must be a finite number of seconds >= 0 (0: at shutdown only)")
     need(v["memory_save_period_s"] == 0 or bool(v["memory_file"].strip()), "memory_save_period_s",
          "needs memory_file")
+    need(v["memory_dir"] == "" or bool(v["memory_dir"].strip()), "memory_dir", "a folder path, or '' for memory_file's")
 
     def ros_name(field: str) -> str:
         for group in ("cache", "answer"):

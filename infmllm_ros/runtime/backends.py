@@ -26,6 +26,7 @@ import torch
 from ..kvcache import KVCache, SlotKind
 from ..engines.identity import StepIdentity
 from ..models import Decoder
+from .file_safety import replace_atomically, set_aside
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
 
@@ -141,18 +142,33 @@ class OnnxRuntimeBackend(EngineBackend):
     def check_cache(self, cache: KVCache) -> None:
         """Find or export the step for ``cache`` and check it.
 
+        A step under the identity's file name that onnxruntime cannot load, or that was built for
+        another model, buffer size or scoring, is set aside intact
+        (:func:`.file_safety.set_aside`, reported through ``progress``) and exported again; an
+        export is written atomically, so an interrupted one leaves no half-written step.
+
         Raises:
-            ValueError: the file was built for another model, buffer size or scoring, or the
-                cache's policy scores with a rule that has no engine graph.
-            RuntimeError: onnxruntime cannot load it (corrupt file).
+            ValueError: the cache's policy scores with a rule that has no engine graph, or a
+                freshly exported step does not match (a bug, not a stale file).
+            RuntimeError: onnxruntime cannot load a freshly exported step.
+            OSError: ``engine_dir`` cannot be written.
         """
         from ..engines.onnx_export import OrtDecoderStep, export_decoder_step
 
         expected = StepIdentity.for_cache(self.model_name, self.decoder, cache)
         path = self.engine_path(expected)
-        if not path.exists():
-            self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
-            export_decoder_step(self.decoder, path, expected)
+        if path.exists():
+            try:
+                step = OrtDecoderStep(path)
+                step.check(expected)
+                self.step = step
+                return
+            except (RuntimeError, ValueError) as exc:
+                aside = set_aside(path, "unloadable" if isinstance(exc, RuntimeError) else "other-identity")
+                self.progress(f"{exc}; set aside as {aside}")
+        self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, lambda tmp: export_decoder_step(self.decoder, tmp, expected))
         step = OrtDecoderStep(path)
         step.check(expected)
         self.step = step

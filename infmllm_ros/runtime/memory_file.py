@@ -7,22 +7,24 @@ stream (model, family, KV dtype, shape, capacity, slack, max chunk, policy, a ha
 prompt's token ids) and its state (counters, clocks, per-frame camera and label, ``extra``
 from the caller, e.g. the node's stamp origin).
 
-A file is written atomically: to a temporary file beside it, flushed and fsynced, then renamed
-over the old one and the folder fsynced, so a crash (even ``kill -9``) during a save leaves the
-previous file whole. A file whose identity differs from the session's is refused with the fields
-that differ; a file cut short or not ours is refused by what ``safetensors`` reports.
+A file is written atomically (:func:`.file_safety.replace_atomically`), so a crash (even
+``kill -9``) during a save leaves the previous file whole. A file whose identity differs from the
+session's is refused with the fields that differ; a file cut short or not ours is refused by what
+``safetensors`` reports (:class:`MemoryFileRefused`, whose ``reason`` names the file's
+set-aside name, :func:`.file_safety.set_aside`). A save never replaces a file it could not read
+as a memory file of the same stream: that file may be the only copy of another memory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save
+
+from .file_safety import replace_atomically
 
 #: Bumped when the layout changes; a file of another version is refused.
 FORMAT_VERSION = 1
@@ -40,6 +42,49 @@ def identity(session) -> dict:
             "system_prompt": hashlib.sha256(json.dumps(session._system_ids).encode()).hexdigest()[:16]}
 
 
+class MemoryFileRefused(ValueError):
+    """A memory file that cannot be loaded into this session; the file is unchanged.
+
+    Attributes:
+        path: the file. reason: a slug for its set-aside name: ``unreadable`` (cut short, or
+            not written by :func:`save_memory`), ``other-stream`` (another model, cache layout,
+            policy, system prompt or format version) or ``bad-tensors`` (tensors that do not
+            fit its own header).
+    """
+
+    def __init__(self, path: Path, reason: str, message: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def _read_meta(path: Path, tensors: bool) -> tuple[dict, dict]:
+    """The ``"infmllm"`` metadata of ``path`` and, if ``tensors``, its tensors by name.
+
+    Raises:
+        MemoryFileRefused: ``unreadable``.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["infmllm"])
+            out = {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
+        if not isinstance(meta, dict):
+            raise TypeError("metadata is not a JSON object")
+    except Exception as exc:  # noqa: BLE001 - safetensors and json raise several types for a bad file
+        raise MemoryFileRefused(path, "unreadable", f"cannot read memory file {path}: {type(exc).__name__}: {exc} "
+                                "(cut short, or not written by save_memory)") from None
+    return meta, out
+
+
+def _check_identity(session, path: Path, meta: dict) -> None:
+    """Raises MemoryFileRefused (``other-stream``) naming each field where ``meta`` differs from
+    ``session``'s identity as ``name: file != this``."""
+    want = identity(session)
+    have = meta.get("identity", {})
+    differ = [f"{k}: {have.get(k)!r} != {v!r}" for k, v in want.items() if have.get(k) != v]
+    if differ:
+        raise MemoryFileRefused(path, "other-stream", f"memory file {path} is from another stream ({'; '.join(differ)})")
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -48,12 +93,22 @@ def save_memory(session, path: str | Path, extra: dict | None = None) -> int:
     """Write ``session``'s memory to ``path`` atomically; returns the file's size in bytes.
 
     Call with the session idle or from the thread that runs it (the node's worker): the state is
-    read under the session's lock.
+    read under the session's lock. An existing ``path`` is replaced only if it reads as a memory
+    file of this same stream; no folder is created.
 
     Raises:
-        OSError: the folder cannot be written (the old file, if any, is untouched).
+        FileExistsError: ``path`` exists and is not a memory file of this stream (it is untouched;
+            the message says what it is).
+        OSError: the folder is missing or cannot be written (the old file, if any, is untouched).
     """
     path = Path(path)
+    if path.exists():
+        if not path.is_file():
+            raise FileExistsError(f"{path} is not a file; not overwritten")
+        try:
+            _check_identity(session, path, _read_meta(path, tensors=False)[0])
+        except MemoryFileRefused as exc:
+            raise FileExistsError(f"{exc}; not overwritten") from None
     cache = session.cache
     with session._lock:
         snap = cache.snapshot()
@@ -69,22 +124,7 @@ def save_memory(session, path: str | Path, extra: dict | None = None) -> int:
                  "frame_info": {str(f): list(v) for f, v in session._frame_info.items()}}
     meta = {"identity": identity(session), "state": state, "extra": extra or {}}
     blob = save(tensors, metadata={"infmllm": json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(path, lambda tmp: tmp.write_bytes(blob))
     return len(blob)
 
 
@@ -93,32 +133,26 @@ def load_memory(session, path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a file that is cut short, not a memory file, of another format version, or
-            from another stream (the message lists each differing field as ``name: file != this``).
-            The session is unchanged.
+        MemoryFileRefused: a file that is cut short, not a memory file, of another format version,
+            or from another stream (the message lists each differing field as
+            ``name: file != this``). The session and the file are unchanged.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["infmllm"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors and json raise several types for a bad file
-        raise ValueError(f"cannot read memory file {path}: {type(exc).__name__}: {exc} "
-                         "(cut short, or not written by save_memory)") from None
-    want = identity(session)
-    have = meta.get("identity", {})
-    differ = [f"{k}: {have.get(k)!r} != {v!r}" for k, v in want.items() if have.get(k) != v]
-    if differ:
-        raise ValueError(f"memory file {path} is from another stream ({'; '.join(differ)})")
-    state = meta["state"]
+    meta, tensors = _read_meta(path, tensors=True)
+    _check_identity(session, path, meta)
     cache = session.cache
     names = [n for n in CACHE_TENSORS if getattr(cache, n) is not None]
-    length = state["length"]
-    saved = [tensors[f"cache.{n}"] for n in names]
-    if any(t.shape[:2] != getattr(cache, n).shape[:2] or t.shape[2] != length for n, t in zip(names, saved)):
-        raise ValueError(f"memory file {path} has tensors that do not fit its own header")
+    try:
+        state = meta["state"]
+        length = state["length"]
+        saved = [tensors[f"cache.{n}"] for n in names]
+        fits = all(t.shape[:2] == getattr(cache, n).shape[:2] and t.shape[2] == length for n, t in zip(names, saved))
+    except (KeyError, TypeError, IndexError):
+        fits = False
+    if not fits:
+        raise MemoryFileRefused(path, "bad-tensors", f"memory file {path} has tensors that do not fit its own header")
     with session._lock:
         cache.restore({"tensors": [t.to(getattr(cache, n).device) for n, t in zip(names, saved)],
                        "counters": (length, state["stream_tokens"], state["evicted_tokens"], state["position_offset"])})

@@ -475,12 +475,14 @@ class StreamSession:
 
     def save_memory(self, path: str | Path, extra: dict | None = None) -> int:
         """Write the stream's memory to ``path`` atomically (:func:`.memory_file.save_memory`);
-        its size in bytes."""
+        its size in bytes. Raises FileExistsError (``path`` is not a memory file of this stream)
+        or OSError (the folder cannot be written); the old file is untouched."""
         return save_memory(self, path, extra)
 
     def load_memory(self, path: str | Path) -> dict:
         """Replace the stream's memory with ``path``'s (:func:`.memory_file.load_memory`); the
-        file's ``extra``. Raises FileNotFoundError or ValueError (the stream is unchanged)."""
+        file's ``extra``. Raises FileNotFoundError or :class:`.memory_file.MemoryFileRefused` (a
+        ValueError; the stream and the file are unchanged)."""
         return load_memory(self, path)
 
     def operator_ids(self, text: str) -> list[int]:
