@@ -32,6 +32,7 @@ setup(
             "infmllm-bench-decode = infmllm_ros.bench.decode:main",
             "infmllm-bench-stream = infmllm_ros.bench.stream:main",
             "infmllm-bench-calibrate = infmllm_ros.bench.calibrate:main",
+            "infmllm-bench-limits = infmllm_ros.bench.limits:main",
             "infmllm-build-engines = infmllm_ros.engines.build:main",
             "infmllm-node = infmllm_ros.ros.node:main",
             "infmllm_node = infmllm_ros.ros.node:main",

@@ -48,7 +48,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from infmllm_interfaces.msg import Answer
@@ -61,6 +61,7 @@ from ..runtime.file_safety import remove_stale_temps, resolve_inside, set_aside
 from ..runtime.memory_file import MemoryFileRefused
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
+from .intake import CameraIntake
 from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, validate
@@ -134,7 +135,8 @@ class InfMLLMNode(LifecycleNode):
         self.config = None
         self.model = self.session = self.worker = None
         self.configure_error = ""
-        self._subs, self._memory_timer, self._image_timer = [], None, None
+        self._intake, self._memory_timer, self._image_timer = None, None, None
+        self._camera_counts: dict[str, tuple[int, int]] = {}
         self._memory_dir = self._memory_path = None
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
         self.frames_pub = self.create_publisher(Header, "~/frames", 50)
@@ -210,20 +212,15 @@ class InfMLLMNode(LifecycleNode):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
                          reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
                          else ReliabilityPolicy.RELIABLE)
-        cameras = MutuallyExclusiveCallbackGroup()
-        for topic, camera, compressed in cfg.cameras:
-            msg_type = CompressedImage if compressed else Image
-            self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, c=camera, z=compressed: self._on_image(msg, c, z), qos,
-                callback_group=cameras))
-            log.info(f"watching {self.resolve_topic_name(topic)} ({msg_type.__name__}) as cam={camera}")
+        self._intake = CameraIntake(self, cfg.cameras, qos, self._on_image, cfg.max_camera_rate_hz)
+        for topic, (_, camera, compressed) in zip(self._intake.resolved_topics(), cfg.cameras):
+            log.info(f"watching {topic} ({'CompressedImage' if compressed else 'Image'}) as cam={camera}")
+        self._intake.start()
         log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        self._stop_intake()
         self.get_logger().info("inactive: cameras unsubscribed; memory kept, questions still answered")
         return super().on_deactivate(state)
 
@@ -241,9 +238,7 @@ class InfMLLMNode(LifecycleNode):
     def _stop_stream(self) -> None:
         """Stop the worker (it finishes the frame in hand), save memory if configured, log the
         final counts. Logs with the process logger: after SIGINT /rosout cannot publish."""
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        self._stop_intake()
         for timer in (self._memory_timer, self._image_timer):
             if timer is not None:
                 self.destroy_timer(timer)
@@ -259,6 +254,24 @@ class InfMLLMNode(LifecycleNode):
                  + ("" if stopped else "; ingest worker did not stop in time"))
 
     # ---- cameras -------------------------------------------------------------------------
+    def _stop_intake(self) -> None:
+        """Unsubscribe the cameras; their read and unread counts stay in ``/diagnostics``."""
+        if self._intake is not None:
+            self._intake.stop()
+            for camera, (read, unread) in self._intake.stats().items():
+                self._camera_counts[camera] = tuple(map(sum, zip(self._camera_counts.get(camera, (0, 0)),
+                                                                 (read, unread))))
+            self._intake = None
+
+    def camera_counts(self) -> dict[str, tuple[int, int]]:
+        """``camera -> (frames read, frames replaced unread in DDS)`` since the node started."""
+        counts = dict(self._camera_counts)
+        if self._intake is not None:
+            for camera, (read, unread) in self._intake.stats().items():
+                r, u = counts.get(camera, (0, 0))
+                counts[camera] = (r + read, u + unread)
+        return counts
+
     def _on_image(self, msg, camera: str, compressed: bool) -> None:
         stamp = stamp_seconds(msg.header.stamp)
         now = self.get_clock().now().nanoseconds * 1e-9  # sim time when replaying; 0 before /clock
@@ -503,6 +516,8 @@ class InfMLLMNode(LifecycleNode):
             "frames_received": s.received, "frames_stored": s.stored,
             **{f"frames_{outcome}": s.outcomes[outcome] for outcome in OUTCOMES},
             "camera_clock_resets": s.clock_resets,
+            **{f"camera_{camera}_{what}": n for camera, counts in sorted(self.camera_counts().items())
+               for what, n in zip(("read", "unread"), counts)},
             "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
             "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}", "vision_ms_last": f"{s.last_vision_ms:.1f}",
             "prefill_ms_last": f"{s.last_prefill_ms:.1f}",

@@ -46,6 +46,10 @@ PARAMETERS = (
           "per topic: the name in the frame tag (cam=...); '' derives it from the topic"),
     Param("qos_reliability", "best_effort", "camera subscription reliability: best_effort or reliable"),
     Param("qos_depth", 1, "camera subscription keep-last depth (1: the sampler wants the newest frame)"),
+    Param("max_camera_rate_hz", 30.0,
+          "camera messages read per second per camera at most (averaged over the cameras); a camera sending "
+          "faster has its surplus replaced unread inside DDS (keep-last), counted as camera_<name>_unread in "
+          "/diagnostics, so a flood costs no Python time (0: read every message)"),
     Param("sample_rate_hz", 1.0, "frames per second ingested per camera, by header stamp (0: every frame)",
           dynamic=True),
     Param("duplicate_threshold", 0.0,
@@ -134,6 +138,7 @@ class NodeConfig:
     camera_names: tuple
     qos_reliability: str
     qos_depth: int
+    max_camera_rate_hz: float
     sample_rate_hz: float
     duplicate_threshold: float
     max_frame_pixels: int
@@ -274,6 +279,8 @@ def validate(values: dict) -> NodeConfig:
     need(all(" " not in n and ">" not in n for n in names), "camera_names", "names cannot hold spaces or '>'")
     need(v["qos_reliability"] in ("best_effort", "reliable"), "qos_reliability", "best_effort or reliable")
     need(v["qos_depth"] >= 1, "qos_depth", "must be >= 1")
+    need(math.isfinite(v["max_camera_rate_hz"]) and 0.0 <= v["max_camera_rate_hz"] <= 10000.0, "max_camera_rate_hz",
+         "must be a finite number of messages per second in [0, 10000] (0: no limit)")
     need(math.isfinite(v["sample_rate_hz"]) and 0.0 <= v["sample_rate_hz"] <= 1000.0, "sample_rate_hz",
          "must be a finite number of frames per second in [0, 1000] (0: every frame)")
     need(0.0 <= v["duplicate_threshold"] < 1.0, "duplicate_threshold", "must be in [0, 1)")

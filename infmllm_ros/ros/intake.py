@@ -1,0 +1,114 @@
+"""Camera intake: the camera subscriptions on a node and thread of their own, read at a bounded
+rate, so that a camera flooding its topic costs O(1) per surplus frame and never starves answers
+or the other cameras.
+
+Why a thread of its own: in one process, the rclpy executor and the model's worker share the GIL.
+With the subscriptions on the node's ``MultiThreadedExecutor``, a camera sending 8x8 frames at
+500 Hz kept that executor's Python loop always ready: it took a full core to read 3-6% of the
+frames, and an answer that takes 0.5 s idle took 28 s (bench/results/README.md, "Camera flood").
+
+How it bounds the cost: each subscription keeps its QoS (best effort, keep-last 1 by default), so
+frames that arrive faster than they are read replace each other inside DDS, in C++, without the
+GIL. This thread reads at most ``max_rate_hz`` x (number of cameras) messages a second; rclpy's
+executor serves every subscription that is ready in one wait before it waits again, so the
+cameras with a frame waiting take turns and a 1 Hz camera is read within one turn however fast
+another one sends. Frames that were replaced unread are counted per camera from the gaps in
+each publisher's sequence numbers (``MessageInfo.publication_sequence_number``).
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Callable
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import CompressedImage, Image
+
+#: Seconds the intake waits for a message before it checks whether it should stop.
+POLL_S = 0.1
+
+
+class CameraIntake:
+    """Camera subscriptions on their own node (``<parent>_cameras``, same namespace and context)
+    and thread.
+
+    Args:
+        parent: the node the cameras belong to (its context, namespace and name).
+        cameras: ``(topic, camera name, compressed)`` per subscription.
+        qos: the subscriptions' QoS (keep-last: a deeper queue only delays the newest frame).
+        on_frame: called ``(msg, camera, compressed)`` on the intake thread for each message read.
+        max_rate_hz: messages read per second per camera at most, on average over the cameras
+            (the thread's budget is this x cameras; > 0), or 0 for no limit.
+
+    The counters (:meth:`stats`) are per camera: ``read`` (handed to ``on_frame``) and
+    ``unread`` (sent by a publisher and replaced in the subscription's queue before it was read).
+    """
+
+    def __init__(self, parent, cameras: list[tuple[str, str, bool]], qos: QoSProfile,
+                 on_frame: Callable[[Any, str, bool], None], max_rate_hz: float):
+        self.node = rclpy.create_node(f"{parent.get_name()}_cameras", namespace=parent.get_namespace(),
+                                      context=parent.context, start_parameter_services=False, enable_rosout=False)
+        self._on_frame = on_frame
+        self._period_s = 1.0 / (max_rate_hz * len(cameras)) if max_rate_hz > 0 else 0.0
+        self._lock = threading.Lock()
+        self._read: Counter = Counter()
+        self._unread: Counter = Counter()
+        self._last_seq: dict[tuple[str, bytes], int] = {}
+        self.subscriptions = []
+        for topic, camera, compressed in cameras:
+            self.subscriptions.append(self.node.create_subscription(
+                CompressedImage if compressed else Image, topic,
+                lambda msg, info, c=camera, z=compressed: self._take(msg, info, c, z), qos))
+        self._executor = SingleThreadedExecutor(context=parent.context)
+        self._executor.add_node(self.node)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="infmllm-cameras", daemon=True)
+
+    def start(self) -> None:
+        """Start reading."""
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop reading (the message in hand is handed over first) and destroy the subscriptions
+        and the intake node."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._executor.shutdown()
+        self.node.destroy_node()
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """``camera -> (read, unread)`` since start."""
+        with self._lock:
+            return {c: (self._read[c], self._unread[c]) for c in set(self._read) | set(self._unread)}
+
+    def resolved_topics(self) -> list[str]:
+        """The subscriptions' topics as resolved (namespace and remapping applied)."""
+        return [sub.topic_name for sub in self.subscriptions]
+
+    def _take(self, msg, info: dict, camera: str, compressed: bool) -> None:
+        seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid")
+        with self._lock:
+            self._read[camera] += 1
+            if seq is not None and gid is not None:
+                key = (camera, bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid))
+                last = self._last_seq.get(key)
+                if last is not None and seq > last + 1:
+                    self._unread[camera] += seq - last - 1
+                if last is None or seq > last:
+                    self._last_seq[key] = seq
+        self._on_frame(msg, camera, compressed)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            before = sum(self._read.values())
+            try:
+                self._executor.spin_once(timeout_sec=POLL_S)
+            except Exception:  # the context is shutting down
+                if self._stop.is_set() or not self.node.context.ok():
+                    return
+                raise
+            if self._period_s and sum(self._read.values()) != before:
+                self._stop.wait(self._period_s)
