@@ -135,3 +135,46 @@ def test_shipped_parameter_files_validate(name):
     values = ros_parameters(ROOT / "config" / name)
     assert set(values) <= {p.name for p in PARAMETERS}
     validate(values)
+
+
+SOCKETS = """
+import os, time, rclpy
+rclpy.init()
+node = rclpy.create_node("socket_probe")
+time.sleep(1.0)
+inodes = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:  # the listing's own descriptor
+        continue
+    if target.startswith("socket:"):
+        inodes.add(target[8:-1])
+for line in open("/proc/self/net/udp").read().splitlines()[1:]:
+    fields = line.split()
+    if fields[9] in inodes:
+        print(fields[1])
+"""
+
+
+def test_every_receiving_udp_socket_of_the_loopback_profile_is_bound_to_127_0_0_1():
+    """Fast DDS under the loopback profile: the domain's discovery and user ports (7400 + 250 x
+    domain + offset) and its port 7000 listen on 127.0.0.1 only; what else it opens is a
+    send-only socket on an ephemeral port (bench/results/README.md, "Limits as shipped")."""
+    import subprocess
+    import sys
+
+    from infmllm_ros.tools.processes import ros_env
+
+    env = ros_env()
+    out = subprocess.run([sys.executable, "-c", SOCKETS], env=env, capture_output=True, text=True, timeout=60)
+    sockets = []
+    for local in out.stdout.split():
+        addr, port = local.split(":")
+        sockets.append((".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+    base = 7400 + 250 * int(env["ROS_DOMAIN_ID"])
+    listening = [(a, p) for a, p in sockets if base <= p < base + 250 or p == 7000]
+    assert len(listening) >= 2 and all(a == "127.0.0.1" for a, _ in listening), sockets
+    others = [(a, p) for a, p in sockets if a != "127.0.0.1"]
+    low, _ = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    assert len(others) <= 2 and all(p >= low for _, p in others), sockets

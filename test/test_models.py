@@ -128,3 +128,17 @@ def test_sampling_settings_are_checked_and_seeded_draws_repeat(smollm2):
         return decode(TorchBackend(dec), cache, last, 12, sampling=Sampling(temperature=1.0, top_p=0.9, seed=seed))
 
     assert draw(1) == draw(1) and draw(1) != draw(2)
+
+
+def test_text_cut_inside_a_character_ends_at_the_last_whole_character(smollm2):
+    _, tok = smollm2
+    text = "我们在路口看到了一只猫。"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # some characters span several byte-level tokens
+    cut_inside = 0
+    for n in range(1, len(ids) + 1):
+        raw = tok.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        cut_inside += raw.endswith("\ufffd")
+        part = tok.decode(ids[:n])
+        assert "\ufffd" not in part and text.startswith(part), (n, part)
+    assert cut_inside > 0 and tok.decode(ids) == text

@@ -82,8 +82,11 @@ class ChatTokenizer:
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ``ids`` with special tokens removed."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """Text of ``ids`` with special tokens removed, ending at a character boundary: a
+        byte-level token can end inside a UTF-8 character (a CJK character is often two or three
+        tokens), which decodes to U+FFFD; an answer cut at its token limit, and each partial
+        answer streamed, drop that incomplete character instead of showing the replacement."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).rstrip("\ufffd")
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) by the chat template.

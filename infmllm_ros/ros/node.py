@@ -3,7 +3,8 @@
 Graph interface (names relative to the node's namespace unless absolute):
 
 * subscribes: ``camera_topics`` (``sensor_msgs/CompressedImage`` or ``sensor_msgs/Image``), best
-  effort keep-last 1 by default (overridable by parameter);
+  effort keep-last 1 by default (overridable by parameter), on the node ``<name>_cameras`` read at
+  most ``max_camera_rate_hz`` per camera on a thread of its own (:mod:`.intake`);
 * service ``ask`` (``infmllm_interfaces/srv/Ask``) and action ``ask``
   (``infmllm_interfaces/action/Ask``: the answer streamed as feedback, cancel stops it and leaves
   the stream as before the question): one answer at a time over both, a second concurrent
