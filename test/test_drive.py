@@ -85,7 +85,8 @@ def test_score_answer_needs_the_name_and_a_stated_time():
 
 
 def test_clear_no_and_hallucinated_class():
-    from infmllm_ros.bench.drive import is_clear_no, names_unshown
+    from infmllm_ros.bench.drive import names_unshown
+    from infmllm_ros.runtime.answer import is_clear_no
 
     for text in ("No, no stored camera frame matches this question.", "No.", "I did not see a horse.",
                  "Nothing like that.", 'The answer to this question is: "No, there was no horse."'):

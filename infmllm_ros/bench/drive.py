@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..runtime.answer import answer_times, is_clear_no
 from ..runtime.recall import with_article
 
 # Words that count as naming each bundled event (its ImageNet class's main word and synonyms).
@@ -225,23 +226,6 @@ class Drive:
                             "question": e.question} for e in self.schedule]}
 
 
-# A time in an answer: a clock (h:mm:ss or m:ss), "t=312", or a number with a unit (s, min).
-_CLOCK = re.compile(r"\b(?:(\d{1,2}):)?(\d{1,2}):(\d{2})(?:\.\d+)?\b")
-_SECONDS = re.compile(r"\bt\s*=\s*(\d+(?:\.\d+)?)|\b(\d+(?:\.\d+)?)\s*(?:s|secs?|seconds?)\b")
-_MINUTES = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:min|mins|minutes?)\b")
-
-
-def answer_times(answer: str) -> list[float]:
-    """Every time (seconds) stated in ``answer``: clocks ``1:02:03`` / ``5:12``, ``t=312``,
-    ``312 s`` / ``312 seconds``, ``5 minutes``. A bare number is not a time: "12:22:32.12" must
-    not count as 22 s."""
-    times = [int(h or 0) * 3600 + int(m) * 60 + int(sec) for h, m, sec in _CLOCK.findall(answer)]
-    answer = _CLOCK.sub(" ", answer)  # a clock's parts are not also seconds or minutes
-    times += [float(a or b) for a, b in _SECONDS.findall(answer)]
-    times += [60 * float(x) for x in _MINUTES.findall(answer)]
-    return times
-
-
 def time_tolerance_s(minutes: float) -> float:
     """How close a stated time must be to the event: 10 s on drives up to 10 minutes, the right
     minute (60 s) on longer ones."""
@@ -259,7 +243,7 @@ def score_answer(answer: str, event: Event, tolerance_s: float = 10.0, seen_at_s
 
     Returns:
         ``named``: one of the event's words is in the text; ``timed``: a time the text states
-        (:func:`answer_times`) is within the tolerance; ``time_error_s``: seconds from the
+        (:func:`~infmllm_ros.runtime.answer.answer_times`) is within the tolerance; ``time_error_s``: seconds from the
         event to the closest stated time (None when the text states none); ``recalled``: the
         best sighting from the cache is within the tolerance (scored apart: it is the cache's,
         not the answer's); ``correct = named and timed``, so an answer that echoes the
@@ -280,17 +264,6 @@ def repeats_ngram(text: str, n: int = 4) -> bool:
     words = re.findall(r"[a-z0-9']+", text.lower())
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) < len(grams)
-
-
-_NEGATION = re.compile(r"\b(no|nope|not|nothing|none|never)\b|n't\b")
-
-
-def is_clear_no(answer: str) -> bool:
-    """Whether the first sentence of ``answer`` denies: "No, ...", "I did not see ...", "Nothing
-    ...", 'The answer is: "No, there was no horse."'. An answer that starts on something else
-    ("I saw a horse. No more.") is not a no."""
-    first = re.split(r"(?<=[.!?])\s+", answer.strip().lower(), maxsplit=1)[0]
-    return bool(_NEGATION.search(first))
 
 
 def names_unshown(answer: str, vocabulary: dict[str, tuple[str, ...]], shown: set[str]) -> bool:

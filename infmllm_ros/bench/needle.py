@@ -175,7 +175,8 @@ def run_scores(answers: list[dict], absent: list[str], shown: dict[str, tuple[st
     """A run's answer-level counts: ``absent_correct`` (fraction of absent-object answers that
     are a clear no), ``degenerate`` and ``hallucinated`` (answers, of all), ``time_error_s_median``
     (over event answers that state a time). ``shown``: the drive's events, label -> words."""
-    from .drive import ABSENT_OBJECTS, is_clear_no, names_unshown, repeats_ngram
+    from ..runtime.answer import is_clear_no
+    from .drive import ABSENT_OBJECTS, names_unshown, repeats_ngram
 
     texts = [a["answer"] for a in answers] + absent
     vocabulary = {**shown, **{label: (label,) for label in ABSENT_OBJECTS}}

@@ -3,4 +3,4 @@
 #: The fields an ``Ask`` service response shares with the ``Answer`` message (the action's result).
 ANSWER_FIELDS = ("answer", "first_frame_stamp", "last_frame_stamp", "frames_in_context", "tokens_in_cache",
                  "latency_s", "sighting_stamps", "sighting_scores", "sighting_cameras", "seen", "confidence",
-                 "evidence", "stopped")
+                 "verdict", "answer_source", "evidence", "stopped")

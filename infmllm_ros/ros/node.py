@@ -148,6 +148,7 @@ class InfMLLMNode(LifecycleNode):
         self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
         self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
                            "stopped_deadline": 0, "stopped_shutdown": 0, "stopped_cancelled": 0,
+                           "from_evidence": 0,
                            "tokens_per_s": math.nan, "ttft_s": math.nan}
         questions = ReentrantCallbackGroup()
         self.create_service(Ask, "ask", self._on_ask, callback_group=questions)
@@ -391,12 +392,17 @@ class InfMLLMNode(LifecycleNode):
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
             latency_s=time.perf_counter() - t0, sighting_stamps=[to_time(origin + s.stamp_s) for s in answer.sightings],
             sighting_scores=[s.score for s in answer.sightings], sighting_cameras=[s.camera for s in answer.sightings],
-            seen=answer.seen, confidence=answer.confidence, evidence=answer.evidence, stopped=stopped)
+            seen=answer.seen, confidence=answer.confidence, verdict=answer.verdict,
+            answer_source=answer.answer_source, evidence=answer.evidence, stopped=stopped)
+        if answer.answer_source == "evidence":
+            self._ask_stats["from_evidence"] += 1
+            log.warning(f"/ask {self._loggable(question)}: the model's answer contradicted its evidence "
+                        f"({'; '.join(answer.problems)}); answered with the evidence sentence")
         self.answers_pub.publish(msg)
         seen = ", ".join(f"t={origin + s.stamp_s:.1f}s {s.camera} ({s.score:.2f})" for s in answer.sightings)
         log.info(f"/ask {self._loggable(question)} -> {self._loggable(answer.text)} "
                  f"({msg.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
-                 f"{answer.frames_in_context} frames in context; seen={answer.seen} "
+                 f"{answer.frames_in_context} frames in context; verdict {answer.verdict} "
                  f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
         return msg, ""
 
@@ -531,6 +537,7 @@ class InfMLLMNode(LifecycleNode):
             "asks_stopped_deadline": self._ask_stats["stopped_deadline"],
             "asks_stopped_shutdown": self._ask_stats["stopped_shutdown"],
             "asks_cancelled": self._ask_stats["stopped_cancelled"],
+            "asks_answered_from_evidence": self._ask_stats["from_evidence"],
             "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
             "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
             "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",

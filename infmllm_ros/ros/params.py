@@ -19,7 +19,7 @@ from ..runtime.backends import BACKENDS
 from ..runtime.generate import Sampling
 from ..runtime.recall import SEEN_THRESHOLD
 from ..runtime.session import (DEFAULT_EVIDENCE_SIGHTINGS, DEFAULT_FAMILIAR_INTERVAL_S, DEFAULT_MAX_QUESTION_TOKENS,
-                               DEFAULT_SAMPLING, DEFAULT_SENTENCE_STOP_WORDS, DEFAULT_SYSTEM_PROMPT)
+                               DEFAULT_SAMPLING, DEFAULT_SENTENCE_STOP_WORDS)
 from .images import MAX_FRAME_PIXELS
 
 TRANSPORTS = ("raw", "compressed")
@@ -114,7 +114,8 @@ PARAMETERS = (
           "sightings rendered into the answer prompt as a memory line (0: none)", dynamic=True),
     Param("answer.seen_threshold", SEEN_THRESHOLD,
           "best-sighting score at which an object counts as seen (bench/results/seen_calibration.*)", dynamic=True),
-    Param("system_prompt", DEFAULT_SYSTEM_PROMPT, "system prompt; its tokens are the stream's sinks"),
+    Param("system_prompt", "", "system prompt; its tokens are the stream's sinks ('': the model family's answer "
+          "template's, runtime/answer.py)"),
     Param("diagnostics_period_s", 1.0, "seconds between /diagnostics messages"),
     Param("autostart", True, "configure and activate at start (false: stay unconfigured until a lifecycle "
           "manager drives the node)"),
@@ -215,7 +216,7 @@ class NodeConfig:
                     capacity=self.cache_capacity, policy=self.cache_policy, recent=self.cache_recent,
                     beta=self.cache_beta, decay=self.cache_decay, max_chunk=self.cache_max_chunk or None,
                     slack=self.cache_slack,
-                    system_prompt=self.system_prompt, sinks=self.cache_sinks or None,
+                    system_prompt=self.system_prompt or None, sinks=self.cache_sinks or None,
                     novelty_threshold=None if self.novelty_threshold < 0 else self.novelty_threshold,
                     familiar_interval_s=self.familiar_interval_s,
                     vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget,
@@ -319,7 +320,8 @@ def validate(values: dict) -> NodeConfig:
     need(1 <= v["max_question_tokens"] <= 4096, "max_question_tokens", "must be in 1..4096")
     need(math.isfinite(v["answer.timeout_s"]) and v["answer.timeout_s"] >= 0, "answer.timeout_s",
          "must be a finite number of seconds >= 0 (0: no deadline)")
-    need(bool(v["system_prompt"].strip()), "system_prompt", "must not be empty")
+    need(v["system_prompt"] == "" or bool(v["system_prompt"].strip()), "system_prompt",
+         "must be '' (the family's) or hold text")
     need(math.isfinite(v["answer.repetition_penalty"]) and v["answer.repetition_penalty"] > 0,
          "answer.repetition_penalty", "must be a finite number > 0 (1.0: off)")
     need(0 <= v["answer.no_repeat_ngram_size"] <= 64, "answer.no_repeat_ngram_size", "must be in 0..64 (0: off)")

@@ -71,13 +71,14 @@ def judge(sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: f
 
     ``confidence = 1 / (1 + exp(-(best_score - threshold) / scale))`` in (0, 1), 0 without any
     sighting; ``seen = confidence >= 0.5`` (the best score reaches ``threshold``). With one frame
-    of vision tokens in context its contrast is 0 by definition and says nothing: that frame
-    is the evidence, ``seen`` is True and ``confidence`` 0.5 (undecided).
+    of vision tokens in context its contrast is 0 by definition and says nothing: ``seen`` is
+    False and ``confidence`` 0.5 (undecided, :class:`.answer.Verdict`); never a yes without
+    evidence.
     """
     if not sightings:
         return False, 0.0
     if len(sightings) == 1:
-        return True, 0.5
+        return False, 0.5
     z = (sightings[0].score - threshold) / scale
     confidence = 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
     return confidence >= 0.5, confidence

@@ -34,7 +34,8 @@ from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
-from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge, with_article
+from .answer import AnswerTemplate, FrameNote, Verdict, template_for, verdict
+from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
 #: frame spends a chunk's prefill and its slots on the same sentence; one a 10 s is enough to
@@ -55,29 +56,8 @@ DEFAULT_SENTENCE_STOP_WORDS = 16
 #: model can repeat (a list of several read worse to SmolLM2-135M).
 DEFAULT_EVIDENCE_SIGHTINGS = 1
 
-#: Opening of the text tag that starts every stored frame (:func:`frame_tag`). Answers may not
-#: write it (a banned sequence, :class:`~.generate.Sampling`): SmolLM2-135M sometimes opened an
-#: answer with an invented tag ("<frame t=0.1s cam=name> I saw ...") whose time is no sighting.
-FRAME_TAG_OPEN = "<frame"
-
-
-def frame_tag(stamp_s: float, camera: str) -> str:
-    """The text tag of a frame stored at ``stamp_s`` seconds by ``camera``: ``<frame t=12.0s cam=front>``."""
-    return f"{FRAME_TAG_OPEN} t={stamp_s:.1f}s cam={camera}>"
-
-
-#: Label of the question's second copy, after the memory line. Repeated bare, the question read
-#: to SmolLM2-135M as the operator asking again after a wrong answer ("I'm sorry for the error");
-#: bench/results/README.md, "Answers".
-QUESTION_LABEL = "Question: "
-
 #: Longest question taken, in tokens (about 200 English words).
 DEFAULT_MAX_QUESTION_TOKENS = 256
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
-    "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
-
 
 #: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many
 #: stored frames may accumulate before the per-frame records (camera, label, thumbnail) of
@@ -134,10 +114,14 @@ class Answer:
         sightings: the frames in context that best match the question, best first
             (:func:`.recall.find_sightings`): when the answer's object was seen.
         token_ids: the generated token ids (without the stop token).
-        seen, confidence: whether the question's object is in the cached frames, from the best
-            sighting's score (:func:`.recall.judge`), and how sure, in [0, 1].
+        seen, confidence: whether the question's object is in the cached frames (the verdict is
+            "seen"), and how sure, in [0, 1] (:func:`.recall.judge`; 0.5 when undecided).
+        verdict: "seen", "not seen" or "undecided" (:func:`.answer.verdict`).
         evidence: the memory line rendered into the answer prompt ("Memory: I saw a domestic
-            cat at t=60 s."), so the answer can say when (:meth:`StreamSession.render_evidence`).
+            cat at t=60 s."), so the answer can say when (:meth:`.answer.AnswerTemplate.evidence`).
+        answer_source: "model" (the generated text) or "evidence" (the text contradicted the
+            evidence and was replaced by the evidence sentence; :meth:`.answer.AnswerTemplate.settle`).
+        problems: how the generated text contradicted the evidence (empty when it did not).
         stopped: "" when the answer ended by itself (stop token, sentence end, token budget);
             "deadline" or "cancelled" when it was cut there and is partial.
     """
@@ -157,6 +141,9 @@ class Answer:
     confidence: float = 0.0
     evidence: str = ""
     stopped: str = ""
+    verdict: str = Verdict.NOT_SEEN.value
+    answer_source: str = "model"
+    problems: tuple[str, ...] = ()
 
 
 class StreamSession:
@@ -170,7 +157,7 @@ class StreamSession:
             None: 64, or room for the model's largest frame (its vision tokens + 48 tokens of text).
         slack: tokens appended past ``capacity`` before an eviction runs (lazy eviction,
             :class:`~infmllm_ros.kvcache.KVCache`; 0: evict whenever a chunk overflows).
-        system_prompt: the stream's first chunk. sinks: how many of its leading tokens are
+        system_prompt: the stream's first chunk (None: the family template's). sinks: how many of its leading tokens are
             protected sinks (default: all of them; StreamingLLM keeps 4).
         backend: how chunks run (:mod:`.backends`); default the torch decoder.
         vision_budget: VISION slots per row kept ahead of other saddles (tokens; only for
@@ -189,6 +176,8 @@ class StreamSession:
         seen_threshold: best-sighting score at which an object counts as seen.
         max_question_tokens: longest question taken (tokens); a longer one is refused before any
             work (it would hold the model while it prefills and stay in context).
+        template: how questions are put and answers checked (:mod:`.answer`; None: the family's,
+            :func:`.answer.template_for`).
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
@@ -200,13 +189,14 @@ class StreamSession:
 
     def __init__(self, model: VisionLanguageModel, capacity: int = 1024, policy: str = "inf_mllm",
                  recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY,
-                 max_chunk: int | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT, sinks: int | None = None,
+                 max_chunk: int | None = None, system_prompt: str | None = None, sinks: int | None = None,
                  backend: Backend | None = None, novelty_threshold: float | None = None,
                  background_decay: float = 0.7, recall_layer: int | None = None,
                  vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
                  sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
                  evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD,
-                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS, slack: int = DEFAULT_SLACK):
+                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS, slack: int = DEFAULT_SLACK,
+                 template: AnswerTemplate | None = None):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -234,11 +224,11 @@ class StreamSession:
         self.model, self.tokenizer = model, tokenizer
         self.scene = SceneNovelty(novelty_threshold, background_decay, model.novelty_metric)
         self.backend = backend or TorchBackend(decoder)
-        system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt}],
+        self.template = template or template_for(model.family)
+        system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt or self.template.system_prompt}],
                                             add_generation_prompt=False)
         self._system_ids = tokenizer.encode(system_text)
-        # the tag's opening at a line start and after a space (a newline ends in the first)
-        self._tag_ban = tuple(sorted({tuple(tokenizer.encode(lead + FRAME_TAG_OPEN)) for lead in ("", " ")}))
+        self._tag_ban = tuple(sorted({tuple(tokenizer.encode(text)) for text in self.template.banned_openings()}))
         if sinks is None:
             sinks = len(self._system_ids)
         if not 1 <= sinks <= len(self._system_ids):
@@ -306,7 +296,7 @@ class StreamSession:
         novel = self.scene.is_novel(novelty)
         store = novel or stamp_s - self._last_stored_s.get(camera, -math.inf) >= self.familiar_interval_s
         if store:
-            chunk = self.model.frame_chunk(frame_tag(stamp_s, camera), frame if novel else None)
+            chunk = self.model.frame_chunk(self.template.frame_tag(stamp_s, camera), frame if novel else None)
             if len(chunk) > self.cache.max_chunk:
                 raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
                                  f"raise max_chunk or lower the frame's vision tokens")
@@ -378,15 +368,17 @@ class StreamSession:
         """Answer ``question`` from what is in the cache, evidence first.
 
         The question is prefilled as a user turn; the frames in the cache that match it are
-        found (:attr:`Answer.sightings`) and judged (:attr:`Answer.seen`,
-        :attr:`Answer.confidence`); the best of them are rendered into the same turn as a memory
-        line (:meth:`render_evidence`) followed by the question again after
-        :data:`QUESTION_LABEL`, so the model answers knowing when (without the repeat, a small
+        found (:attr:`Answer.sightings`) and judged (:attr:`Answer.verdict`,
+        :attr:`Answer.confidence`); the evidence is rendered into the same turn as a memory
+        line (:meth:`.answer.AnswerTemplate.evidence`) followed by the question again after the
+        template's ``question_label``, so the model answers knowing when (without the repeat, a small
         model takes the memory line for an answer already given; repeated bare, for the operator
         asking again after a wrong answer: bench/results/README.md, "Answers"); then the answer is
         decoded (``sampling``, default the session's; the repetition controls look at the
         answer's own tokens; a short question stops at the first sentence end; the answer
-        cannot write a frame tag's opening, :data:`FRAME_TAG_OPEN`).
+        cannot write a frame tag's opening in any case). A complete answer whose text contradicts
+        its evidence is replaced by the evidence sentence (:attr:`Answer.answer_source`; with
+        ``keep_in_context`` the cache keeps the generated tokens).
 
         The question is operator text (:meth:`operator_ids`): special-token strings in it stay
         characters and ``<``/``>`` become ``‹``/``›``, so it can neither close the turn nor
@@ -441,13 +433,17 @@ class StreamSession:
             try:
                 _, newest = self._prefill(head + question_ids + newline, SlotKind.DIALOGUE, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
+                # every frame of vision tokens, best first: the verdict and every run of sightings
                 sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
-                             find_sightings(self.cache, newest, self.recall_layer)]
-                seen, confidence = judge(sightings, self.seen_threshold)
-                evidence = self.render_evidence(sightings, seen)
+                             find_sightings(self.cache, newest, self.recall_layer, top=self.cache.length)]
+                found = verdict(sightings, self.seen_threshold)
+                _, confidence = judge(sightings, self.seen_threshold)
+                notes = self._frame_notes()
+                evidence = self.template.evidence(question, found, sightings, notes, self.seen_threshold,
+                                                  self.evidence_sightings, len(self._last_stored_s) > 1)
                 # The question again after the memory line, labelled: the turn ends on what to answer.
-                again = (self.tokenizer.encode(evidence) + newline + self.tokenizer.encode(QUESTION_LABEL)
-                         + question_ids) if evidence else []
+                again = (self.tokenizer.encode(evidence.line) + newline
+                         + self.tokenizer.encode(self.template.question_label) + question_ids) if evidence.line else []
                 last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
                 sampling = sampling or self.sampling
@@ -466,12 +462,16 @@ class StreamSession:
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
         rate = (len(out) - 1) / (t2 - t1) if len(out) > 1 and t2 > t1 else 0.0
-        return Answer(text=self.tokenizer.decode(out).strip(), latency_s=t2 - t0, ttft_s=t1 - t0,
+        text, source, problems = self.tokenizer.decode(out).strip(), "model", []
+        if not stopped:  # a partial answer says so with `stopped`; a complete one must agree with its evidence
+            text, source, problems = self.template.settle(text, evidence, {n.label for n in notes.values()})
+        return Answer(text=text, latency_s=t2 - t0, ttft_s=t1 - t0,
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
-                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings),
-                      token_ids=tuple(out), seen=seen, confidence=confidence, evidence=evidence,
-                      stopped=stopped[0] if stopped else "")
+                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings[:3]),
+                      token_ids=tuple(out), seen=found is Verdict.SEEN, confidence=confidence,
+                      evidence=evidence.line, stopped=stopped[0] if stopped else "", verdict=found.value,
+                      answer_source=source, problems=tuple(problems))
 
     def save_memory(self, path: str | Path, extra: dict | None = None) -> int:
         """Write the stream's memory to ``path`` atomically (:func:`.memory_file.save_memory`);
@@ -494,36 +494,15 @@ class StreamSession:
     def question_turn(self) -> tuple[list[int], list[int], list[int]]:
         """The user turn of a question in the chat template, as ids around the operator's text:
         ``(the turn's opening, a newline, the turn's end + the assistant's opening)``; the
-        prompt is ``opening + question + newline [+ memory line + newline + QUESTION_LABEL +
+        prompt is ``opening + question + newline [+ memory line + newline + question label +
         question] + end``."""
         head, tail = self.tokenizer.render_turn("user", "\0", add_generation_prompt=True).split("\0")
         return self.tokenizer.encode(head), self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
 
-    def render_evidence(self, sightings: list[Sighting], seen: bool) -> str:
-        """The memory line of an answer prompt, written as the answer it supports so that a
-        small model can repeat it: "Memory: I saw a domestic cat at t=60 s." with the best
-        sighting and the next ones at or above the seen threshold (at most
-        ``evidence_sightings``, about 10-20 tokens each; the label where the family names what
-        it saw, else "a matching frame"), or "Memory: no, no stored camera frame matches this
-        question." when the object is not seen; "" when evidence is off.
-
-        The camera is named ("... at t=60 s (rear camera).") only once the stream has had more
-        than one camera: with one camera the name adds nothing, and the word "camera" drew
-        SmolLM2-135M to a camera-tripod frame. Match scores stay out of the text (the model
-        copied them into answers); they are in :attr:`Answer.sightings`. How the phrasing was
-        chosen, and what it scores: bench/results/README.md, "Answers"."""
-        if not self.evidence_sightings:
-            return ""
-        if not seen:
-            return "Memory: no, no stored camera frame matches this question."
-        several = len(self._last_stored_s) > 1
-        parts = []
-        best = sightings[:1] + [x for x in sightings[1:] if x.score >= self.seen_threshold]
-        for x in best[:self.evidence_sightings]:
-            label = self._frame_info.get(x.frame_id, ("", ""))[1]
-            parts.append(f"{with_article(label) if label else 'a matching frame'} at t={x.stamp_s:.0f} s"
-                         + (f" ({x.camera} camera)" if several and x.camera else ""))
-        return "Memory: I saw " + ", ".join(parts) + "."
+    def _frame_notes(self) -> dict[int, FrameNote]:
+        """The frames in the cache by id, with camera and label (call under the lock)."""
+        frames, stamps = self.cache.frames()
+        return {f: FrameNote(f, s, *self._frame_info.get(f, ("", ""))) for f, s in zip(frames, stamps)}
 
     def _sentence_end(self, out: list[int]) -> bool:
         """Whether the answer so far ends a sentence: ``.``, ``!`` or ``?`` after at least two

@@ -41,7 +41,8 @@ from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
-from ..bench.drive import Event, is_clear_no, repeats_ngram, score_answer
+from ..bench.drive import Event, repeats_ngram, score_answer
+from ..runtime.answer import is_clear_no
 from .ask import stream_ask
 from ..ros.stamps import stamp_seconds, to_time
 
