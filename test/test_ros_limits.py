@@ -2,11 +2,12 @@
 ships (best-effort keep-last-1 cameras, ``max_camera_rate_hz``), publishers in their own
 processes with a camera driver's default (reliable) QoS (:mod:`infmllm_ros.bench.limits`).
 
-Raw 4K rgb8 and bgra8 frames all arrive and are ingested; a raw frame far over the limits never
-reaches the model and costs at most one copy of itself; a rear camera flooding 8x8 frames at 500 Hz
+Raw 4K rgb8 and bgra8 frames all arrive and are ingested; a raw frame far over the limits is
+filtered out by DDS before it is sent (< 50 MiB of memory); a rear camera flooding 8x8 frames at 500 Hz
 neither slows answers past twice their idle latency nor costs the front camera a frame, and its
 surplus is counted per camera in ``/diagnostics``.
 """
+import re
 import statistics
 
 import pytest
@@ -14,6 +15,28 @@ import pytest
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 
 from infmllm_ros.bench.limits import flood, memory_kib, raw_frames, shipped_node
+from infmllm_ros.ros.intake import size_filter
+
+
+@pytest.mark.parametrize("limit", [64, 4096 * 4096, 1920 * 1080, 12_000_000])
+def test_the_size_filter_passes_every_frame_within_the_limit_and_none_over_twice_it(limit):
+    options = size_filter(limit)
+    params = [int(p) for p in options.expression_parameters]
+    bands = [(params[int(a)], params[int(b)])
+             for a, b in re.findall(r"height <= %(\d+) AND width <= %(\d+)", options.filter_expression)]
+    assert len(options.expression_parameters) <= 100  # DDS caps a filter's parameters
+
+    def passes(w, h):
+        return any(h <= max_h and w <= max_w for max_h, max_w in bands)
+
+    sides = sorted({8, 9, 15, 16, 17, 100, 480, 640, 1080, 1920, 2160, 3840, 4096, 5000, 8000, 20000, limit // 8}
+                   | {limit // s for s in (8, 9, 16, 640, 1080, 4096) if limit // s >= 8})
+    for w in sides:
+        for h in sides:
+            if w * h <= limit:
+                assert passes(w, h), (w, h)
+            if w * h > 2 * limit:
+                assert not passes(w, h), (w, h)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +51,12 @@ def test_raw_4k_rgb8_and_bgra8_frames_arrive_at_the_shipped_best_effort_qos(ship
     assert raw_frames(env, front, "4k", 10) == ["ingested"] * 10
 
 
-def test_a_183_mib_raw_frame_never_reaches_the_model_and_costs_at_most_one_copy(shipped):
+def test_a_183_mib_raw_frame_is_filtered_out_before_it_is_sent(shipped):
     env, pid, front = shipped
-    before = memory_kib(pid)["RssAnon"]
-    assert raw_frames(env, front, "oversized", 1) != ["ingested"]
-    assert memory_kib(pid)["RssAnon"] - before < 1.2 * 8000 * 8000 * 3 / 1024
+    before = memory_kib(pid)
+    assert raw_frames(env, front, "oversized", 1) == [None]  # never reaches the node's callback
+    after = memory_kib(pid)
+    assert after["RssAnon"] + after["RssShmem"] - before["RssAnon"] - before["RssShmem"] < 50 * 1024
     assert front.send_front() == "ingested"
 
 

@@ -14,6 +14,14 @@ executor serves every subscription that is ready in one wait before it waits aga
 cameras with a frame waiting take turns and a 1 Hz camera is read within one turn however fast
 another one sends. Frames that were replaced unread are counted per camera from the gaps in
 each publisher's sequence numbers (``MessageInfo.publication_sequence_number``).
+
+Oversized raw frames are kept out before any byte of them is sent: a raw camera's subscription
+carries a DDS content filter on its ``width`` and ``height`` (:func:`size_filter`), which a Fast
+DDS publisher evaluates before it writes the sample, so a 183 MiB frame costs the node nothing
+(+151 MiB of reassembly buffer without the filter; bench/results/README.md, "Limits as
+shipped"). A publisher on another DDS implementation may leave the filter to the reader, after
+reassembly. The filter cannot multiply: it lets through every frame within ``max_frame_pixels``
+and none of more than twice that; the node refuses the rest from the header fields.
 """
 from __future__ import annotations
 
@@ -24,10 +32,36 @@ from typing import Any, Callable
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile
+from rclpy.subscription_content_filter_options import ContentFilterOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 #: Seconds the intake waits for a message before it checks whether it should stop.
 POLL_S = 0.1
+#: Smallest frame side the model takes (pixels); the size filter's bands start there.
+MIN_SIDE = 8
+
+
+def size_filter(max_pixels: int) -> ContentFilterOptions:
+    """A content filter on ``sensor_msgs/Image`` that passes every frame of at most ``max_pixels``
+    pixels (sides >= :data:`MIN_SIDE`) and none of more than ``2 * max_pixels``.
+
+    DDS filter expressions compare fields with parameters and cannot multiply, so the hyperbola
+    ``width * height <= max_pixels`` is covered by bands ``height <= 2h AND width <= max_pixels / h``
+    for ``h = 8, 16, 32, ...``: a frame of height in ``[h, 2h]`` within the limit is in band ``h``,
+    and any frame in band ``h`` has at most ``2h * max_pixels / h`` pixels.
+
+    Raises:
+        ValueError: ``max_pixels`` below ``MIN_SIDE**2``.
+    """
+    if max_pixels < MIN_SIDE * MIN_SIDE:
+        raise ValueError(f"max_pixels must be >= {MIN_SIDE * MIN_SIDE}, got {max_pixels}")
+    bands, params = [], []
+    h = MIN_SIDE
+    while max_pixels // h >= MIN_SIDE:
+        bands.append(f"(height <= %{len(params)} AND width <= %{len(params) + 1})")
+        params += [str(2 * h), str(max_pixels // h)]
+        h *= 2
+    return ContentFilterOptions(filter_expression=" OR ".join(bands), expression_parameters=params)
 
 
 class CameraIntake:
@@ -41,13 +75,14 @@ class CameraIntake:
         on_frame: called ``(msg, camera, compressed)`` on the intake thread for each message read.
         max_rate_hz: messages read per second per camera at most, on average over the cameras
             (the thread's budget is this x cameras; > 0), or 0 for no limit.
+        max_pixels: raw frames over twice this many pixels are filtered out by DDS (:func:`size_filter`).
 
     The counters (:meth:`stats`) are per camera: ``read`` (handed to ``on_frame``) and
     ``unread`` (sent by a publisher and replaced in the subscription's queue before it was read).
     """
 
     def __init__(self, parent, cameras: list[tuple[str, str, bool]], qos: QoSProfile,
-                 on_frame: Callable[[Any, str, bool], None], max_rate_hz: float):
+                 on_frame: Callable[[Any, str, bool], None], max_rate_hz: float, max_pixels: int):
         self.node = rclpy.create_node(f"{parent.get_name()}_cameras", namespace=parent.get_namespace(),
                                       context=parent.context, start_parameter_services=False, enable_rosout=False)
         self._on_frame = on_frame
@@ -60,7 +95,8 @@ class CameraIntake:
         for topic, camera, compressed in cameras:
             self.subscriptions.append(self.node.create_subscription(
                 CompressedImage if compressed else Image, topic,
-                lambda msg, info, c=camera, z=compressed: self._take(msg, info, c, z), qos))
+                lambda msg, info, c=camera, z=compressed: self._take(msg, info, c, z), qos,
+                content_filter_options=None if compressed else size_filter(max_pixels)))
         self._executor = SingleThreadedExecutor(context=parent.context)
         self._executor.add_node(self.node)
         self._stop = threading.Event()
@@ -78,6 +114,13 @@ class CameraIntake:
             self._thread.join(timeout_s)
         self._executor.shutdown()
         self.node.destroy_node()
+
+    def set_max_pixels(self, max_pixels: int) -> None:
+        """Apply a new pixel limit to the raw cameras' size filters."""
+        options = size_filter(max_pixels)
+        for sub in self.subscriptions:
+            if sub.msg_type is Image and sub.is_cft_enabled:
+                sub.set_content_filter(options.filter_expression, options.expression_parameters)
 
     def stats(self) -> dict[str, tuple[int, int]]:
         """``camera -> (read, unread)`` since start."""

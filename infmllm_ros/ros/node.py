@@ -214,7 +214,8 @@ class InfMLLMNode(LifecycleNode):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
                          reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
                          else ReliabilityPolicy.RELIABLE)
-        self._intake = CameraIntake(self, cfg.cameras, qos, self._on_image, cfg.max_camera_rate_hz)
+        self._intake = CameraIntake(self, cfg.cameras, qos, self._on_image, cfg.max_camera_rate_hz,
+                                    cfg.max_frame_pixels)
         for topic, (_, camera, compressed) in zip(self._intake.resolved_topics(), cfg.cameras):
             log.info(f"watching {topic} ({'CompressedImage' if compressed else 'Image'}) as cam={camera}")
         self._intake.start()
@@ -501,6 +502,8 @@ class InfMLLMNode(LifecycleNode):
         self.worker.sample_rate_hz = checked.sample_rate_hz
         self.worker.duplicate_threshold = checked.duplicate_threshold
         self.worker.max_frame_pixels, self.worker.clock_reset_s = checked.max_frame_pixels, checked.clock_reset_s
+        if self._intake is not None:
+            self._intake.set_max_pixels(checked.max_frame_pixels)
         for name, value in checked.answer_kwargs().items():  # read by the next answer
             setattr(self.session, name, value)
         return SetParametersResult(successful=True)
