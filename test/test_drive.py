@@ -98,3 +98,36 @@ def test_clear_no_and_hallucinated_class():
     assert not names_unshown("No, I saw no horse.", vocab, shown={"cat"})
     assert not names_unshown("A tabby cat at t=30 s.", vocab, shown={"cat"})
     assert not names_unshown("It was a horseshoe crab? No idea", {"crab": ("crab",)}, shown={"crab"})
+
+
+def test_a_repeated_event_is_shown_twice_and_asked_about_once_with_both_times():
+    from infmllm_ros.tools.bag import questions_for
+
+    plain = Drive(background, 5, 1, bundled_events(), seed=0)
+    drive = Drive(background, 5, 1, bundled_events(), seed=0, repeat=1)
+    assert [e for e in drive.schedule if e in plain.schedule] == plain.schedule  # repeat=0 drives unchanged
+    (again,) = [e for e in drive.schedule if e not in plain.schedule]
+    shown = [(t, label) for t, _, label in drive.frames() if label == again.label]
+    assert len(shown) == 2 and again.time_s in [t for t, _ in shown]
+    questions = questions_for(drive)
+    (twice,) = [q for q in questions if q.get("expect_times_s")]
+    assert twice["label"] == again.label and twice["expect_times_s"] == sorted(t for t, _ in shown)
+    assert sum(q.get("label") == again.label for q in questions) == 1
+    (window,) = [q for q in questions if "window_s" in q]
+    assert window["question"] == "What did you see between minute 2 and minute 3?" and window["window_s"] == [120, 180]
+    assert set(window["expect_words_by_label"]) == {e.label for e in drive.schedule if 120 <= e.time_s <= 180}
+    with pytest.raises(ValueError, match="repeat must be in 0..6"):
+        Drive(background, 5, 1, bundled_events(), repeat=7)
+
+
+def test_repeated_and_window_answers_are_scored_by_every_time_and_every_event():
+    from infmllm_ros.bench.drive import score_times, score_window
+
+    assert score_times("I saw a cat at t=60 s and again at t=2460 s.", [60, 2460]) == {"timed": 2, "all_timed": True}
+    assert score_times("I saw a cat at t=60 s.", [60, 2460]) == {"timed": 1, "all_timed": False}
+    cats = {"cat": ["cat"], "coffee": ["coffee", "espresso"]}
+    assert score_window("Between t=120 s and t=180 s I saw a domestic cat at t=140 s, an espresso at t=160 s.",
+                        cats)["correct"]
+    assert not score_window("I saw a domestic cat at t=140 s.", cats)["correct"]
+    assert score_window("Between t=120 s and t=180 s I saw nothing new (60 frames of the usual scene).", {})["correct"]
+    assert not score_window("I saw a rocket.", {})["correct"]

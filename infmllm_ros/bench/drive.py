@@ -170,6 +170,8 @@ class Drive:
             as the background, nor in the last 10%, so a question can follow).
         at: label -> seconds into the drive, to place events by hand instead (every label must
             be in ``events``); the seed is then unused.
+        repeat: how many of the events (seeded, like their times) are shown a second time, at
+            another seeded time: "again at t=..." must name both.
 
     Raises:
         ValueError: non-positive length or rate, too many events for the drive, or a hand-placed
@@ -182,6 +184,7 @@ class Drive:
     events: dict[str, tuple[np.ndarray, tuple[str, ...]]]
     seed: int = 0
     at: dict[str, float] | None = None
+    repeat: int = 0
     schedule: list[Event] = field(init=False)
 
     def __post_init__(self):
@@ -198,13 +201,20 @@ class Drive:
             return
         stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
         candidates = int(self.n_frames * 0.9) // stride - 1  # slot 0 (the first frame) is not one
-        if len(self.events) > candidates:
-            raise ValueError(f"{len(self.events)} events do not fit in a {self.minutes}-minute drive")
+        if not 0 <= self.repeat <= len(self.events):
+            raise ValueError(f"repeat must be in 0..{len(self.events)} events, got {self.repeat}")
+        shown = len(self.events) + self.repeat
+        if shown > candidates:
+            raise ValueError(f"{shown} events do not fit in a {self.minutes}-minute drive")
         rng = np.random.default_rng(self.seed)
         slots = 1 + np.sort(rng.choice(candidates, len(self.events), replace=False))
         order = rng.permutation(sorted(self.events))
-        self.schedule = [Event(str(label), float(s * stride / self.fps), self.events[label][1])
-                         for s, label in zip(slots, order)]
+        if self.repeat:  # drawn after the first schedule, so repeat=0 keeps every seed's drive as it was
+            free = np.setdiff1d(np.arange(1, candidates + 1), slots)
+            again = rng.choice(free, self.repeat, replace=False)
+            slots, order = np.concatenate([slots, again]), np.concatenate([order, order[:self.repeat]])
+        self.schedule = sorted((Event(str(label), float(s * stride / self.fps), self.events[label][1])
+                                for s, label in zip(slots, order)), key=lambda e: e.time_s)
 
     @property
     def n_frames(self) -> int:
@@ -256,6 +266,30 @@ def score_answer(answer: str, event: Event, tolerance_s: float = 10.0, seen_at_s
     recalled = seen_at_s is not None and abs(seen_at_s - event.time_s) <= tolerance_s
     return {"named": named, "timed": timed, "time_error_s": min(errors) if errors else None, "recalled": recalled,
             "correct": named and timed, "degenerate": repeats_ngram(answer)}
+
+
+def score_times(answer: str, times_s: list[float], tolerance_s: float = 10.0) -> dict:
+    """For an event shown more than once: ``all_timed`` when ``answer`` states a time within
+    ``tolerance_s`` of every one of ``times_s``; ``timed`` how many it does."""
+    stated = answer_times(answer.lower())
+    hits = sum(any(abs(t - x) <= tolerance_s for t in stated) for x in times_s)
+    return {"timed": hits, "all_timed": hits == len(times_s)}
+
+
+def window_minutes(minutes: float) -> tuple[int, int]:
+    """The window (whole minutes) a drive's time-window question asks about: its middle third."""
+    a = max(1, round(minutes / 3))
+    return a, max(a + 1, round(2 * minutes / 3))
+
+
+def score_window(answer: str, expected: dict[str, list[str]]) -> dict:
+    """A time-window answer: ``named`` events of ``expected`` (label -> words, the events shown
+    in the window) the answer names; ``correct`` when it names them all, or, with none in the
+    window, says it saw nothing new or remembers no frame there."""
+    text = answer.lower()
+    named = sum(any(w in text for w in words) for words in expected.values())
+    empty = not expected and ("nothing new" in text or "no frame" in text)
+    return {"named": named, "expected": len(expected), "correct": named == len(expected) > 0 or empty}
 
 
 def repeats_ngram(text: str, n: int = 4) -> bool:

@@ -108,8 +108,10 @@ def format_response(response) -> str:
                      for t, s, c in zip(response.sighting_stamps, response.sighting_scores,
                                         list(response.sighting_cameras) or [""] * len(response.sighting_scores)))
     return (f"{response.answer}\n" + (f"-- {response.message}\n" if response.stopped else "") +
-            f"-- {'seen' if response.seen else 'not seen'} (confidence {response.confidence:.2f}); "
-            f"{response.evidence or 'no memory line'}\n"
+            f"-- {response.verdict or ('seen' if response.seen else 'not seen')} (confidence {response.confidence:.2f}); "
+            f"{response.evidence or 'no memory line'}"
+            + (" (the model's text contradicted it: answered with the evidence)"
+               if response.answer_source == "evidence" else "") + "\n"
             f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"
             f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
             f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "

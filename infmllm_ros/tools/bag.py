@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from ..bench.drive import (ABSENT_OBJECTS, Drive, LoopedClip, absent_question, bundled_events, events_from_dir,
-                             synthetic_road, video_frames)
+                           synthetic_road, video_frames, window_minutes)
 
 TYPESTORE_NAME = "ros2_kilted"
 DEFAULT_START_STAMP = 1_700_000_000.0  # a fixed epoch: bags made twice are identical
@@ -133,13 +133,25 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
 
 
 def questions_for(drive: Drive) -> list[dict]:
-    """One scripted question per event, then one per object never shown (:data:`ABSENT_OBJECTS`,
+    """One scripted question per event label (a label shown twice expects both times,
+    ``expect_times_s``), one about what was seen in the drive's middle third (``window_s``, with
+    the events shown in it), then one per object never shown (:data:`ABSENT_OBJECTS`,
     ``absent: true``), all asked after the last frame (bag seconds from its start)."""
     end = drive.n_frames / drive.fps
-    return [{"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": e.time_s,
-             "label": e.label} for e in drive.schedule] + [
-        {"at_s": end, "question": absent_question(label), "label": label, "absent": True}
-        for label in ABSENT_OBJECTS if label not in drive.events]
+    times: dict[str, list[float]] = {}
+    for e in drive.schedule:
+        times.setdefault(e.label, []).append(e.time_s)
+    questions = []
+    for label, ts in times.items():
+        e = next(x for x in drive.schedule if x.label == label)
+        questions.append({"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": ts[0],
+                          "label": label, **({"expect_times_s": ts} if len(ts) > 1 else {})})
+    a, b = window_minutes(drive.minutes)
+    inside = {e.label: list(e.words) for e in drive.schedule if 60 * a <= e.time_s <= 60 * b}
+    questions.append({"at_s": end, "question": f"What did you see between minute {a} and minute {b}?",
+                      "window_s": [60.0 * a, 60.0 * b], "expect_words_by_label": inside})
+    return questions + [{"at_s": end, "question": absent_question(label), "label": label, "absent": True}
+                        for label in ABSENT_OBJECTS if label not in drive.events]
 
 
 def _event_time(text: str) -> tuple[str, float]:
@@ -168,6 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     p.add_argument("--topic", default="/camera/front/image_raw/compressed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=0, help="events shown a second time, at seeded times (default 0)")
     p.add_argument("--start-stamp", type=float, default=DEFAULT_START_STAMP, help="header stamp of the first frame (s)")
     return p.parse_args(argv)
 
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
         events = events_from_dir(args.events) if args.events else bundled_events()
         at = dict(args.event) if args.event else None
         background = background_source(args.video, args.image, args.fps, args.image_hold)
-        drive = Drive(background, args.minutes, args.fps, events, seed=args.seed, at=at)
+        drive = Drive(background, args.minutes, args.fps, events, seed=args.seed, at=at, repeat=args.repeat)
         print(f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}")
         info = write_bag(out, drive, args.topic, args.format, args.encoding, args.storage,
                          (args.width, args.height), args.start_stamp)

@@ -1,9 +1,11 @@
 """``infmllm-demo`` (``make demo``): the whole product on one machine, as separate processes.
 
 1. ``infmllm-make-bag``: a drive bag from the real dashcam clip (``../shared/data`` when present,
-   else the drawn road of :func:`synthetic_road`) with real-photo events at seeded times;
+   else the drawn road of :func:`synthetic_road`) with real-photo events at seeded times, one of
+   them shown twice;
 2. ``infmllm-node`` with the embedded model and ``config/desktop.yaml`` (plus overrides);
-3. ``infmllm-replay`` in keep-up mode, asking about every event after the drive;
+3. ``infmllm-replay`` in keep-up mode, asking about every event after the drive, what was seen
+   in its middle third, and six objects never shown;
 4. SIGINT to the node; the answers and the report path are printed.
 
 All traffic stays on loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, random domain).
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
           f"{video or 'drawn road (no ../shared/data here)'}", flush=True)
     bag = out / "drive"
     made = run_tool("infmllm-make-bag", [bag, "--minutes", args.minutes, "--fps", args.fps, "--seed", args.seed,
+                                         "--repeat", 1,
                                          *(["--video", video] if video else [])], env)
     print(made.stdout[-2000:], made.stderr[-2000:], sep="", flush=True)
     if made.returncode:
@@ -88,7 +91,10 @@ def main(argv=None) -> int:
     absent = [a for a in rep["answers"] if "absent_correct" in a.get("score", {})]
     print(f"events named with the right time (+-10 s): {sum(a['score']['correct'] for a in events)}/{len(events)}; "
           f"absent objects answered no: {sum(a['score']['absent_correct'] for a in absent)}/{len(absent)}; "
-          f"degenerate answers: {rep['degenerate']}; report: {report} (and {report.with_suffix('.md')})")
+          f"degenerate answers: {rep['degenerate']}; repeated event with both times: {rep['repeated_all_timed']}; "
+          f"time window listed: {rep['window_correct']}; answers from the model / replaced by their evidence: "
+          f"{rep['answers_from_model']} / {rep['answers_from_evidence']}; report: {report} "
+          f"(and {report.with_suffix('.md')})")
     return 0 if status == 0 else 1
 
 

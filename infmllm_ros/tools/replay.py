@@ -41,7 +41,7 @@ from infmllm_interfaces.action import Ask as AskAction
 from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
-from ..bench.drive import Event, repeats_ngram, score_answer
+from ..bench.drive import Event, repeats_ngram, score_answer, score_times, score_window
 from ..runtime.answer import is_clear_no
 from .ask import stream_ask
 from ..ros.stamps import stamp_seconds, to_time
@@ -166,13 +166,18 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float 
     rec.update(success=result.success, answer=response.answer, message=result.message,
                latency_s=response.latency_s, ttft_s=first[0] if first else None, frames_in_context=response.frames_in_context,
                tokens_in_cache=response.tokens_in_cache, seen=response.seen, confidence=response.confidence,
-               evidence=response.evidence,
+               verdict=response.verdict, answer_source=response.answer_source, evidence=response.evidence,
                seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [])
     if result.success and q.get("absent"):
         rec["score"] = {"absent_correct": is_clear_no(response.answer), "degenerate": repeats_ngram(response.answer)}
     elif result.success and q.get("expect_words"):
         event = Event(q.get("label", ""), float(q.get("expect_time_s", math.nan)), tuple(q["expect_words"]))
         rec["score"] = score_answer(response.answer, event, seen_at_s=(rec["seen_at_s"] or [None])[0])
+        if q.get("expect_times_s"):
+            rec["score"]["repeated"] = score_times(response.answer, q["expect_times_s"])
+    elif result.success and "window_s" in q:
+        rec["score"] = {"window": score_window(response.answer, q.get("expect_words_by_label") or {}),
+                        "degenerate": repeats_ngram(response.answer)}
     return rec
 
 
@@ -292,6 +297,10 @@ def main(argv=None) -> int:
                       named=sum(x["named"] for x in present),
                       absent_correct=sum(absent) / len(absent) if absent else None,
                       degenerate=sum(x["degenerate"] for x in scores),
+                      repeated_all_timed=[x["repeated"]["all_timed"] for x in present if "repeated" in x],
+                      window_correct=[x["window"]["correct"] for x in scores if "window" in x],
+                      answers_from_evidence=sum(a.get("answer_source") == "evidence" for a in report["answers"]),
+                      answers_from_model=sum(a.get("answer_source") == "model" for a in report["answers"]),
                       ttft_s_median=median([a["ttft_s"] for a in report["answers"] if a.get("ttft_s") is not None]),
                       latency_s_median=median([a["latency_s"] for a in report["answers"] if a.get("success")]),
                       memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
@@ -321,7 +330,8 @@ def write_report(report: dict, path: Path) -> None:
         return "" if key not in score else "yes" if score[key] else "no"
 
     rows = [[f"{a['at_s']:.0f}", a["question"], (a.get("answer") or a.get("message", "")).replace("|", "/"),
-             f"{'yes' if a.get('seen') else 'no'} ({a.get('confidence', 0.0):.2f})",
+             f"{a.get('verdict') or ('seen' if a.get('seen') else 'not seen')} ({a.get('confidence', 0.0):.2f})",
+             a.get("answer_source", ""),
              (f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "")
              + (f" / {a['expect_time_s']:.0f}" if a.get("expect_time_s") is not None else ""),
              yes("named", a), yes("correct", a), yes("absent_correct", a), yes("degenerate", a),
@@ -339,12 +349,17 @@ def write_report(report: dict, path: Path) -> None:
                   f"(growth {mem['rss_growth']:+.1%}); {mem['rss_mib_after_questions']:.0f} MiB after the "
                   f"questions, max {mem['rss_mib_max']:.0f} MiB.", ""]
     lines.append(f"Events answered with name and time (+-10 s): {report.get('accuracy')}; absent objects answered "
-                 f"no: {report.get('absent_correct')}; degenerate answers: {report.get('degenerate')}.")
+                 f"no: {report.get('absent_correct')}; degenerate answers: {report.get('degenerate')}; "
+                 f"repeated events with every time stated: {report.get('repeated_all_timed')}; time-window "
+                 f"answers naming every event in the window: {report.get('window_correct')}.")
+    lines.append(f"Answer text from the model: {report.get('answers_from_model')}; replaced by the evidence sentence "
+                 f"because the model's text contradicted it: {report.get('answers_from_evidence')}.")
     if report.get("ttft_s_median") is not None:
         lines.append(f"First streamed token (ask action) after {report['ttft_s_median']:.2f} s, whole answer "
                      f"{report['latency_s_median']:.2f} s (medians over the questions).")
     lines.append("")
-    lines.append(markdown_table(["bag s", "question", "answer", "seen (confidence)", "sighting s / truth s", "named",
+    lines.append(markdown_table(["bag s", "question", "answer", "verdict (confidence)", "text from", "sighting s / truth s",
+                                 "named",
                                  "named+time", "absent: no", "degenerate", "first token s", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
