@@ -9,6 +9,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={f"{PACKAGE}.models": ["imagenet_concepts.json"]},  # WordNet closure of ImageNet classes
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -17,7 +18,7 @@ setup(
         (f"share/{PACKAGE}/cuda", glob("cuda/*")),
     ],
     install_requires=["setuptools"],
-    zip_safe=True,
+    zip_safe=False,  # models/concepts.py reads its JSON beside the module
     maintainer="infmllm_ros developers",
     maintainer_email="dev@infmllm-ros.invalid",
     description="Streaming multimodal LLM memory with an Inf-MLLM fixed-size KV cache for ROS 2.",

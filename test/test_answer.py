@@ -101,7 +101,8 @@ def test_a_family_template_is_one_class_and_the_embedded_demo_keeps_its_own():
 
 
 def test_over_a_stream_the_repeated_event_and_the_single_frame_are_answered_from_memory(embedded):
-    """Session level, embedded model: one photo among road frames is undecided for any question;
+    """Session level, embedded model: with one photo among road frames, "What did you see?" is
+    undecided and a giraffe is not seen (no frame's label is one);
     the cat shown twice among other photos gets both times, its count and its last time; a stated time outside
     the evidence never survives."""
     from skimage.data import chelsea, coffee, rocket
@@ -112,8 +113,10 @@ def test_over_a_stream_the_repeated_event_and_the_single_frame_are_answered_from
     s = StreamSession(embedded, capacity=1024, familiar_interval_s=0.0)
     for t in range(6):
         s.ingest_frame(chelsea() if t == 3 else synthetic_road(t), float(t))
-    one = s.ask("Was there a giraffe?", max_new_tokens=16, keep_in_context=False)
+    one = s.ask("What did you see?", max_new_tokens=16, keep_in_context=False)  # no object named: the score rule
     assert (one.verdict, one.seen, one.confidence) == ("undecided", False, 0.5)
+    giraffe = s.ask("Was there a giraffe?", max_new_tokens=16, keep_in_context=False)  # no frame is one
+    assert (giraffe.verdict, giraffe.seen) == ("not seen", False) and giraffe.text.lower().startswith("no")
     photos = {12: coffee(), 20: rocket(), 30: chelsea()}  # a match is a contrast with the other photos
     for t in range(6, 40):
         s.ingest_frame(photos.get(t, synthetic_road(t)), float(t))
@@ -123,7 +126,33 @@ def test_over_a_stream_the_repeated_event_and_the_single_frame_are_answered_from
         "Memory: I saw a domestic cat 2 times, at t=3 s and t=30 s."
     last = s.ask("When did you last see a cat?", max_new_tokens=24, keep_in_context=False)
     assert last.evidence == "Memory: I last saw a domestic cat at t=30 s."
-    for a in (one, both, last):
+    for a in (one, giraffe, both, last):
         assert a.answer_source == "evidence" or not T.check(a.text, Evidence(
             Verdict(a.verdict), a.evidence, a.evidence.removeprefix("Memory: "), (CAT,),
             tuple(float(x) for x in (3, 30))), {CAT}), a
+
+
+def test_an_asked_object_is_seen_exactly_when_a_frame_label_is_one():
+    """The verdict by what labels are (WordNet via the family's label_concepts), whatever the
+    scores: a Silky Terrier is a dog, an espresso a coffee, a cat never a dog."""
+    from infmllm_ros.runtime.answer import asked_object
+
+    concepts = {CAT: frozenset({"domestic cat", "cat", "feline", "animal"}),
+                "espresso": frozenset({"espresso", "coffee", "beverage"})}.get
+    xs = sightings((0, 0.1), (4, 0.05), (2, 0.0))  # low scores: a new scene's scale
+    assert T.judge("Was there a dog? At what time?", xs, NOTES, 0.24, concepts) == (Verdict.NOT_SEEN, xs)
+    found, ordered = T.judge("Did you see any coffee?", xs, NOTES, 0.24, concepts)
+    assert found is Verdict.SEEN and ordered[0].frame_id == 4 and set(ordered) == set(xs)
+    assert T.judge("What animals did you see?", xs, NOTES, 0.24, concepts)[0] is Verdict.SEEN
+    assert T.judge("What did you see?", xs, NOTES, 0.24, concepts)[0] is Verdict.NOT_SEEN  # score rule
+    assert T.judge("Was there a dog?", xs, NOTES, 0.24, lambda label: None)[0] is Verdict.NOT_SEEN  # no knowledge
+    assert T.judge("Was there a cat?", xs, NOTES, 0.24, lambda label: None)[0] is Verdict.NOT_SEEN  # score rule
+    assert [asked_object(q) for q in ("Was there a scuba diver at the pool?", "Did you see any red cars today?",
+                                      "When did you last see the cat?", "What did you see?")] == \
+        ["scuba diver", "red cars", "cat", None]
+
+
+def test_embedded_labels_know_what_they_are(embedded):
+    assert {"cat", "feline", "animal"} <= embedded.label_concepts("domestic cat")
+    assert "coffee" in embedded.label_concepts("espresso") and "dog" in embedded.label_concepts("Silky Terrier")
+    assert "dog" not in embedded.label_concepts("domestic cat") and embedded.label_concepts("") is None

@@ -53,6 +53,10 @@ def test_one_minute_drive(tmp_path, clip):
     assert run["recalled"] == float(cat["recalled"]) and len(run["absent_seen_scores"]) == 6
     assert 0 <= run["absent_named"] <= 1 and len(run["absent_answers"]) == 6 and len(run["absent_seen"]) == 6
     assert 0 <= run["absent_correct"] <= 1 and run["degenerate"] == 0 and run["hallucinated"] >= 0
+    # the cat's near miss is asked too, and every answer records its verdict and the source of its text
+    assert [(x["event"], x["object"]) for x in run["near_miss"]] == [("cat", "dog")]
+    assert {cat["verdict"], *(x["verdict"] for x in run["absent_verdicts"])} <= {"seen", "not seen", "undecided"}
+    assert cat["answer_source"] in ("model", "evidence") and run["repeated_all_timed"] == []
     assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
     assert "| 1 | streaming_llm | 256 | 64 | 0 |" in out.with_suffix(".md").read_text()  # slack 64, no budget
     # familiar frames are stored once per 10 s: 30 frames, at most 1 + 30 / 5 written

@@ -48,6 +48,12 @@ class Event:
 ABSENT_OBJECTS = ("giraffe", "horse", "umbrella", "pizza", "bicycle", "dog")
 
 
+#: For each bundled event, an object like it that no drive shows: asked about to check that a
+#: near miss is a clear no ("No; the closest I saw was a domestic cat at t=60 s.").
+NEAR_MISS_OBJECTS = {"cat": "dog", "coffee": "teapot", "rocket": "airplane", "motorcycle": "tractor",
+                     "astronaut": "scuba diver", "camera": "telescope"}
+
+
 def absent_question(label: str) -> str:
     """The question about an object that was never shown."""
     return f"Was there {with_article(label)}? At what time?"

@@ -25,6 +25,7 @@ import numpy as np
 from ..kvcache import CacheFullError
 from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, make_policy,
                                 scores_slots)
+from ..runtime.answer import is_clear_no
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
@@ -43,7 +44,7 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         out of room, if it did). A cache that overflowed cannot take a question either, so
         such a run has no answers and its scores, TTFT and decode rate are None.
     """
-    from .drive import ABSENT_OBJECTS, absent_question, score_answer, time_tolerance_s
+    from .drive import ABSENT_OBJECTS, NEAR_MISS_OBJECTS, absent_question, score_answer, score_times, time_tolerance_s
 
     ingest_ms, stored, rss = [], [], []
     overflow = None
@@ -62,18 +63,26 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
         if log_every and i % log_every == 0:
             print(f"  t={t:.0f}s ingest {np.median(ingest_ms[-log_every:]):.0f} ms, "
                   f"cache {session.cache.length} tokens", file=sys.stderr, flush=True)
-    answers, absent_asked = [], []
+    answers, absent_asked, near_asked = [], [], []
     if overflow is None:  # an overflowed cache cannot take the question either
         tolerance = time_tolerance_s(drive.minutes)
+        times: dict[str, list[float]] = {}
         for ev in drive.schedule:
+            times.setdefault(ev.label, []).append(ev.time_s)
+        for label, ts in times.items():  # one question per object, however often it was shown
+            ev = next(e for e in drive.schedule if e.label == label)
             a = session.ask(ev.question, max_new_tokens=32, keep_in_context=False)
             seen = a.sightings[0] if a.sightings else None
             answers.append({"label": ev.label, "time_s": ev.time_s, "answer": a.text, "ttft_s": a.ttft_s,
                             "decode_tokens_per_s": a.decode_tokens_per_s, "seen": a.seen, "confidence": a.confidence,
                             "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
-                            **score_answer(a.text, ev, tolerance, seen_at_s=seen.stamp_s if seen else None)})
+                            **_verdict_fields(a), **score_answer(a.text, ev, tolerance, seen_at_s=seen.stamp_s if seen else None),
+                            **({"times_s": ts, "repeated": score_times(a.text, ts, tolerance)} if len(ts) > 1 else {})})
         absent_asked = [session.ask(absent_question(label), max_new_tokens=32, keep_in_context=False)
                         for label in ABSENT_OBJECTS]
+        near_asked = [(label, session.ask(absent_question(NEAR_MISS_OBJECTS[label]), max_new_tokens=32,
+                                          keep_in_context=False))
+                      for label in times if label in NEAR_MISS_OBJECTS]
     absent = [a.text for a in absent_asked]
     ms = np.asarray(ingest_ms)
     stored_ms = ms[np.asarray(stored, dtype=bool)]  # a frame that overflowed the cache is in neither
@@ -85,6 +94,14 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "absent_named": _mean([label in text.lower() for label, text in zip(ABSENT_OBJECTS, absent)]),
             "absent_seen": [a.seen for a in absent_asked],
             "absent_seen_scores": [a.sightings[0].score if a.sightings else None for a in absent_asked],
+            "absent_verdicts": [_verdict_fields(a) for a in absent_asked],
+            "near_miss": [{"event": label, "object": NEAR_MISS_OBJECTS[label], "answer": a.text,
+                           "no": is_clear_no(a.text), **_verdict_fields(a)} for label, a in near_asked],
+            "near_miss_correct": _mean([is_clear_no(a.text) for _, a in near_asked]),
+            "repeated_all_timed": [a["repeated"]["all_timed"] for a in answers if "repeated" in a],
+            "answers_from_evidence": sum(a.answer_source == "evidence" for a in
+                                         [*absent_asked, *(x for _, x in near_asked)]) + sum(
+                a["answer_source"] == "evidence" for a in answers),
             **run_scores(answers, absent, {e.label: e.words for e in drive.schedule}),
             "ingest_ms_median": float(np.median(ms)), "ingest_ms_p95": float(np.percentile(ms, 95)),
             "ingest_ms_mean": float(ms.mean()), "frames_stored": int(stored_ms.size),
@@ -92,6 +109,11 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "rss_mib_per_minute": rss, "overflow": overflow,
             "ttft_s_median": _median([a["ttft_s"] for a in answers]),
             "decode_tokens_per_s_median": _median([a["decode_tokens_per_s"] for a in answers])}
+
+
+def _verdict_fields(a) -> dict:
+    """What an answer's verdict rests on (JSON-ready): verdict, text source, the top sighting scores."""
+    return {"verdict": a.verdict, "answer_source": a.answer_source, "scores": [x.score for x in a.sightings]}
 
 
 def _mean(xs: list) -> float | None:
@@ -125,6 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slack", type=int, default=DEFAULT_SLACK,
                    help="lazy-eviction slack (tokens past the capacity before an eviction; 0: every overflow)")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
+    p.add_argument("--repeat", type=int, default=0, help="events shown a second time (seeded)")
     p.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default cpu; "
                    "cuda uses the project's CUDA kernels for scoring and compaction)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
@@ -175,7 +198,6 @@ def run_scores(answers: list[dict], absent: list[str], shown: dict[str, tuple[st
     """A run's answer-level counts: ``absent_correct`` (fraction of absent-object answers that
     are a clear no), ``degenerate`` and ``hallucinated`` (answers, of all), ``time_error_s_median``
     (over event answers that state a time). ``shown``: the drive's events, label -> words."""
-    from ..runtime.answer import is_clear_no
     from .drive import ABSENT_OBJECTS, names_unshown, repeats_ngram
 
     texts = [a["answer"] for a in answers] + absent
@@ -269,7 +291,7 @@ def main(argv=None) -> int:
     header = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k != "resume"}}
     data = None
     for minutes in args.minutes:
-        drive = Drive(background, minutes, args.fps, events, seed=args.seed)
+        drive = Drive(background, minutes, args.fps, events, seed=args.seed, repeat=args.repeat)
         for cap in args.capacity:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".

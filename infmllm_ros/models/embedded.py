@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .concepts import imagenet_concepts
 from .family import FrameEncoding, VisionLanguageModel
 from .gguf_loader import load_gguf
 from .vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
@@ -35,6 +36,16 @@ class EmbeddedVLM(VisionLanguageModel):
     def __init__(self, decoder, tokenizer, name: str, vision: VisionEncoder, projector: LabelEmbeddingProjector):
         super().__init__(decoder, tokenizer, name, max_vision_tokens=projector.name_embeds.shape[1] + vision.cells ** 2)
         self.vision, self.projector = vision, projector
+        self._concepts: dict[str, frozenset[str]] = {}
+
+    def label_concepts(self, label: str) -> frozenset[str] | None:
+        """The WordNet words of every ImageNet class named ``label`` and of their hypernyms
+        (:mod:`.concepts`); None for a label that is no class name ("" for a familiar frame)."""
+        if not self._concepts:
+            names, concepts = imagenet_names(), imagenet_concepts()
+            for name, words in zip(names, concepts):
+                self._concepts[name] = self._concepts.get(name, frozenset()) | words
+        return self._concepts.get(label)
 
     def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
         glob, cells = self.vision(self.vision.preprocess(rgb).to(self.device))

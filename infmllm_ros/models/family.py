@@ -118,6 +118,12 @@ class VisionLanguageModel:
         """Where the decoder's weights live."""
         return next(self.decoder.parameters()).device
 
+    def label_concepts(self, label: str) -> frozenset[str] | None:
+        """The words a frame label *is* (its own and every more general noun: "domestic cat" ->
+        cat, feline, animal, ...), lower-case; None when the family's labels carry no such
+        knowledge (the answer's verdict then rests on the match score alone)."""
+        return None
+
     def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
         """Vision tokens and summary of a uint8 RGB frame ``[H, W, 3]`` (or float in [0, 1]).
 

@@ -9,9 +9,15 @@ is said, and what may be said, is here. A family with other wording is one subcl
 
 Rules, for every family:
 
-* **Verdict** (:func:`verdict`): ``seen`` when the best sighting's score reaches the threshold,
-  ``not seen`` below it or with no frame of vision tokens, ``undecided`` with a single frame of
-  vision tokens in memory (its contrast is 0 by definition: nothing to compare it with). Never
+* **Verdict** (:meth:`AnswerTemplate.judge`). When the question names an object ("Was there a
+  dog?", :func:`asked_object`) and the family's frame labels carry what they *are*
+  (:meth:`~infmllm_ros.models.family.VisionLanguageModel.label_concepts`: a Silky Terrier is a
+  dog, an espresso is a coffee), the object is ``seen`` exactly when a frame in memory is one, and
+  the best-matching such frame is the evidence; no frame is one: ``not seen``. This does not
+  depend on any clip's score scale. Otherwise (no object named, or labels without that
+  knowledge) the score rule (:func:`verdict`): ``seen`` when the best sighting's score reaches the
+  threshold, ``not seen`` below it or with no frame of vision tokens, ``undecided`` with a single
+  frame of vision tokens (its contrast is 0 by definition: nothing to compare it with). Never
   ``seen`` without evidence.
 * **The memory line** states what the verdict rests on: every run of sightings of the seen object
   ("I saw a domestic cat at t=60 s and again at t=2460 s."), the closest frame when the verdict is
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .recall import Sighting, with_article
@@ -56,6 +63,11 @@ _LAST = re.compile(r"\b(last|latest|most recent(ly)?)\b")
 _COUNT = re.compile(r"\bhow (many times|often)\b")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _UNIT = r"\s*(s|secs?|seconds?|min|mins|minutes?)?"
+_ASKED = re.compile(r"\b(?:was there|were there|is there|did you (?:ever )?see|have you (?:ever )?seen|"
+                    r"do you remember|you last see|you see)\s+(?:(?:a|an|any|the|some)\s+)?"
+                    r"([a-z][a-z' -]*?)(?=\s+(?:at|in|on|near|between|before|after|when|during|today|again)\b"
+                    r"|\s*[?.!,;]|$)")
+_ASKED_FIRST = re.compile(r"\b(?:what|which)\s+([a-z][a-z -]*?)\s+(?:did you|do you|have you|was there|were there)\b")
 _WINDOW = re.compile(rf"\bbetween\s+(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}\s+and\s+"
                      rf"(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}")
 
@@ -81,6 +93,27 @@ def is_clear_no(text: str) -> bool:
     ...", 'The answer is: "No, there was no horse."'. A text that starts on something else
     ("I saw a horse. No more.") is not a no."""
     return bool(_NEGATION.search(first_sentence(text)))
+
+
+def asked_object(question: str) -> str | None:
+    """The object a question asks about, lower-case: the words after "was there a", "did you
+    see an", "did you last see the", ... up to a preposition or the end of the clause ("Was there
+    a scuba diver at the pool?" -> "scuba diver"), or between "what"/"which" and "did you" ("What
+    animals did you see?" -> "animals"); None when it names none ("What did you see?")."""
+    q = question.lower()
+    match = _ASKED.search(q) or _ASKED_FIRST.search(q)
+    return match.group(1).strip() if match and match.group(1).strip() else None
+
+
+def object_words(phrase: str) -> set[str]:
+    """Forms of an asked object to look up among a label's concepts: the phrase, its last word,
+    and both without a plural ``s``/``es`` ("red cars" -> red cars, red car, cars, car)."""
+    forms = {phrase, phrase.split()[-1]}
+    for form in list(forms):
+        for suffix in ("es", "s"):
+            if form.endswith(suffix) and len(form) > len(suffix) + 2:
+                forms.add(form[:-len(suffix)])
+    return forms
 
 
 class Verdict(str, enum.Enum):
@@ -174,15 +207,37 @@ class AnswerTemplate:
         word = FRAME_TAG_OPEN[1:]
         return tuple(sorted(f"{lead}<{case}" for case in (word, word.capitalize(), word.upper()) for lead in ("", " ")))
 
+    # ---- verdict -------------------------------------------------------------------------
+    def judge(self, question: str, sightings: list[Sighting], frames: dict[int, FrameNote], threshold: float,
+              concepts: Callable[[str], frozenset[str] | None]) -> tuple[Verdict, list[Sighting]]:
+        """The verdict of ``question`` and its sightings reordered so that the evidence comes first
+        (the module docstring's rule).
+
+        Args:
+            sightings: every frame of vision tokens in memory, best match first.
+            frames: the frames in memory by id (their labels).
+            threshold: the score rule's threshold.
+            concepts: a label -> the words it is, or None (the family's ``label_concepts``).
+        """
+        asked = asked_object(question)
+        known = [(x, concepts(self._label(x, frames))) for x in sightings]
+        if asked is None or not any(c is not None for _, c in known):
+            return verdict(sightings, threshold), sightings
+        words = object_words(asked)
+        match = [x for x, c in known if c is not None and words & c]
+        if not match:
+            return Verdict.NOT_SEEN, sightings
+        return Verdict.SEEN, match + [x for x in sightings if x not in match]
+
     # ---- evidence ------------------------------------------------------------------------
     def runs(self, sightings: list[Sighting], frames: dict[int, FrameNote], threshold: float) -> list[Run]:
-        """The runs of sightings of the best sighting's object, oldest first: sightings at or
-        above ``threshold`` whose frame carries the same label as the best (any frame when the
-        family names nothing), merged when closer than :attr:`run_gap_s`."""
+        """The runs of sightings of the best sighting's object, oldest first: the frames that
+        carry the same label as the best (when the family names nothing, sightings at or above
+        ``threshold``), merged when closer than :attr:`run_gap_s`."""
         if not sightings:
             return []
         label = self._label(sightings[0], frames)
-        same = sorted((x for x in sightings if x.score >= threshold and self._label(x, frames) == label),
+        same = sorted((x for x in sightings if (self._label(x, frames) == label if label else x.score >= threshold)),
                       key=lambda x: x.stamp_s)
         if sightings[0] not in same:
             same = sorted(same + [sightings[0]], key=lambda x: x.stamp_s)

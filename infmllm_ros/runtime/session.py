@@ -34,7 +34,7 @@ from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
-from .answer import AnswerTemplate, FrameNote, Verdict, template_for, verdict
+from .answer import AnswerTemplate, FrameNote, Verdict, template_for
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
@@ -436,9 +436,10 @@ class StreamSession:
                 # every frame of vision tokens, best first: the verdict and every run of sightings
                 sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
                              find_sightings(self.cache, newest, self.recall_layer, top=self.cache.length)]
-                found = verdict(sightings, self.seen_threshold)
-                _, confidence = judge(sightings, self.seen_threshold)
                 notes = self._frame_notes()
+                found, sightings = self.template.judge(question, sightings, notes, self.seen_threshold,
+                                                       self.model.label_concepts)
+                _, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.template.evidence(question, found, sightings, notes, self.seen_threshold,
                                                   self.evidence_sightings, len(self._last_stored_s) > 1)
                 # The question again after the memory line, labelled: the turn ends on what to answer.
