@@ -58,7 +58,7 @@ def test_one_minute_drive(tmp_path, clip):
     assert {cat["verdict"], *(x["verdict"] for x in run["absent_verdicts"])} <= {"seen", "not seen", "undecided"}
     assert cat["answer_source"] in ("model", "evidence") and run["repeated_all_timed"] == []
     assert run["ingest_ms_median"] > 0 and run["overflow"] is None and len(run["rss_mib_per_minute"]) >= 1
-    assert "| 1 | streaming_llm | 256 | 64 | 0 |" in out.with_suffix(".md").read_text()  # slack 64, no budget
+    assert "| 1 | 0 | streaming_llm | 256 | 64 | 0 |" in out.with_suffix(".md").read_text()  # seed 0, slack 64, no budget
     # familiar frames are stored once per 10 s: 30 frames, at most 1 + 30 / 5 written
     assert run["vision_budget"] == 0 and run["frames_stored"] <= 7 and run["stored_ms_median"] > 0
     assert out.with_suffix(".png").stat().st_size > 0 and len(run["ingest_ms_median_per_minute"]) == 1
@@ -69,7 +69,7 @@ def test_one_minute_drive(tmp_path, clip):
                  "--vision-budget", "16"]) == 0
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"streaming_llm@256,1min", "h2o+vb16@256,1min"} and out.stat().st_mtime_ns > stamp
-    assert runs["h2o+vb16@256,1min"]["vision_budget"] == 16 and "| 1 | h2o | 256 | 64 | 16 |" in out.with_suffix(".md").read_text()
+    assert runs["h2o+vb16@256,1min"]["vision_budget"] == 16 and "| 1 | 0 | h2o | 256 | 64 | 16 |" in out.with_suffix(".md").read_text()
     assert runs["streaming_llm@256,1min"] == run
 
 

@@ -17,9 +17,12 @@ def test_five_minute_drive_is_replayed_without_drops_and_with_flat_memory(tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["node_outcomes"] == {"ingested": 300} and report["frames_unacked"] == 0
     manifest = json.loads((out / "drive.manifest.json").read_text())
-    assert len(report["answers"]) == len(manifest["events"]) + 6 == 12  # six events, six absent objects
+    # six events (one of them shown twice, asked about once), a time window, six absent objects
+    assert len(manifest["events"]) == 7 and len(report["answers"]) == 6 + 1 + 6 == 13
     assert all(a["success"] and a["tokens_in_cache"] <= 1024 + 64 for a in report["answers"])
-    assert report["answers_published"] == 12 and report["degenerate"] == 0  # answers do not loop
+    assert report["answers_published"] == 13 and report["degenerate"] == 0  # answers do not loop
+    assert len(report["repeated_all_timed"]) == 1 and len(report["window_correct"]) == 1
+    assert report["answers_from_model"] + report["answers_from_evidence"] == 13
     assert report["absent_correct"] is not None and report["accuracy"] is not None
     # Streaming memory after the cache has filled (minute 2 on): flat within 5%.
     mem = rss_growth(report["diagnostics"], start_s=120, end_s=300)

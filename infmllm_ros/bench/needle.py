@@ -111,6 +111,11 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "decode_tokens_per_s_median": _median([a["decode_tokens_per_s"] for a in answers])}
 
 
+def _count(flags: list | None) -> str:
+    """``"k/n"`` of a list of booleans, "" when there is none."""
+    return f"{sum(flags)}/{len(flags)}" if flags else ""
+
+
 def _verdict_fields(a) -> dict:
     """What an answer's verdict rests on (JSON-ready): verdict, text source, the top sighting scores."""
     return {"verdict": a.verdict, "answer_source": a.answer_source, "scores": [x.score for x in a.sightings]}
@@ -212,8 +217,9 @@ def report(data: dict, out: Path) -> None:
     """Write the markdown table (with the issue's 80%-of-full check) and the accuracy plot
     beside ``out`` (the JSON path)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
-    rows = [[r["minutes"], r["policy"], r["capacity"], r.get("slack", 0), r.get("vision_budget", 0), r["accuracy"], r["named"],
-             r["recalled"], r["text_timed"], r.get("absent_correct"), r.get("degenerate"), r.get("hallucinated"),
+    rows = [[r["minutes"], r.get("config_seed", ""), r["policy"], r["capacity"], r.get("slack", 0), r.get("vision_budget", 0),
+             r["accuracy"], r["named"], r["recalled"], r["text_timed"], r.get("absent_correct"), r.get("near_miss_correct"),
+             _count(r.get("repeated_all_timed")), r.get("answers_from_evidence"), r.get("degenerate"), r.get("hallucinated"),
              r.get("time_error_s_median"), r["ingest_ms_median"], r["ingest_ms_p95"],
              r.get("stored_ms_median"), r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
             for r in runs]
@@ -226,8 +232,12 @@ def report(data: dict, out: Path) -> None:
           "slack = lazy-eviction slack (tokens past the capacity before an eviction; runs that predate it: 0); "
           "vision budget = vision tokens per row kept ahead of other saddles; stored ms = ingest of the "
           "frames written to the cache (the others cost the vision encoder only).", "",
-          markdown_table(["minutes", "policy", "capacity", "slack", "vision budget", "accuracy", "named", "recalled",
-                          "text timed", "absent correct", "degenerate", "hallucinated", "time error s",
+          "near miss no = a clear no about an object like an event's but never shown (a dog for the cat); "
+          "repeated = events shown twice whose answer states both times; from evidence = answers whose "
+          "text contradicted their evidence and were replaced by it.", "",
+          markdown_table(["minutes", "seed", "policy", "capacity", "slack", "vision budget", "accuracy", "named",
+                          "recalled", "text timed", "absent correct", "near miss no", "repeated", "from evidence",
+                          "degenerate", "hallucinated", "time error s",
                           "ingest ms median", "ingest ms p95", "stored ms median", "TTFT s", "decode tok/s", "note"],
                          rows)]
     full5 = _accuracy(runs, "full", min((r["minutes"] for r in runs), default=0))
@@ -299,7 +309,8 @@ def main(argv=None) -> int:
                 budget = args.vision_budget if scores_slots(policy) else 0
                 slack = args.slack if policy != "full" else 0
                 key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
-                       + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else ""))
+                       + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else "")
+                       + (f",seed{args.seed}" if args.seed else "") + (f",repeat{args.repeat}" if args.repeat else ""))
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
@@ -307,6 +318,7 @@ def main(argv=None) -> int:
                                         decay=args.decay, vision_budget=budget,
                                         familiar_interval_s=args.familiar_interval, slack=slack)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
+                                                    "config_seed": args.seed, "repeat": args.repeat,
                                                     "vision_budget": budget, "slack": slack,
                                                     "manifest": drive.manifest(),
                                                     **run_drive(session, drive)})

@@ -35,7 +35,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
     """Create or replace ``path`` with what ``write(tmp)`` writes to a temporary path beside it.
 
     The folder must exist (no folder is ever created here). If ``write`` raises, the temporary
