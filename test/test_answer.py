@@ -48,6 +48,7 @@ def test_last_count_and_time_window_questions():
         "I saw a domestic cat 2 times, at t=10 s and t=2460 s."
     window = evidence("What did you see between minute 4 and minute 6?", Verdict.SEEN, xs)
     assert window.sentence == "Between t=240 s and t=360 s I saw an espresso at t=300 s." and window.times_s == (300.0,)
+    assert not window.yes_no and T.settle("I saw an espresso at t=300 s.", window, {CAT, "espresso"})[1] == "model"
     assert evidence("What did you see between t=20 s and t=50 s?", Verdict.SEEN, xs).sentence == \
         "Between t=20 s and t=50 s I saw nothing new (1 frames of the usual scene)."
     outside = evidence("What did you see between minute 60 and minute 70?", Verdict.SEEN, xs)
@@ -69,17 +70,21 @@ def test_a_near_miss_is_a_no_that_names_the_closest_frame():
     ("I saw a domestic cat at t=30 s.", "states t=30 s"),
     ("I saw an espresso at t=20 s.", "names 'espresso'"),
     ("No, I did not see a cat.", "denies"),
+    ("The answer is: 20 s.", "does not name 'domestic cat'"),
+    ("I saw a domestic cat.", "states none of the evidence's times"),
 ])
 def test_a_text_that_contradicts_a_seen_verdict_is_replaced_by_the_evidence(text, problem):
-    ev = Evidence(Verdict.SEEN, "Memory: I saw a domestic cat at t=20 s.", "I saw a domestic cat at t=20 s.", (CAT,), (20.0,))
+    ev = Evidence(Verdict.SEEN, "Memory: I saw a domestic cat at t=20 s.", "I saw a domestic cat at t=20 s.", (CAT,), (20.0,),
+                  yes_no=True)
     answer, source, problems = T.settle(text, ev, {CAT, "espresso"})
     assert (answer, source) == ("I saw a domestic cat at t=20 s.", "evidence") and problem in "; ".join(problems)
     assert T.settle("The cat was there at 20 s.", ev, {CAT, "espresso"}) == ("The cat was there at 20 s.", "model", [])
 
 
-def test_a_text_that_affirms_a_no_is_replaced_and_a_plain_no_is_kept():
+def test_a_text_that_does_not_say_no_to_a_no_is_replaced_and_a_plain_no_is_kept():
     ev = evidence("Was there a dog?", Verdict.NOT_SEEN, sightings((0, 0.1), (2, 0.0)))
-    assert T.settle("I saw a domestic cat at t=10 s.", ev, {CAT})[1:] == ("evidence", ["affirms what the evidence denies"])
+    assert T.settle("I saw a domestic cat at t=10 s.", ev, {CAT})[1:] == ("evidence", ["does not say no, as the evidence does"])
+    assert T.settle("The closest I could find was a domestic cat at t=10 s.", ev, {CAT})[1] == "evidence"
     assert T.settle("No, there was no dog.", ev, {CAT}) == ("No, there was no dog.", "model", [])
     assert T.settle("", ev, {CAT})[:2] == ("No, the closest I saw was a domestic cat at t=10 s.", "evidence")
     off = Evidence(Verdict.NOT_SEEN, "", "")

@@ -29,8 +29,10 @@ Rules, for every family:
   A and B?", the latest run, the count of runs, or the frames in memory from that window.
 * **The text never contradicts the evidence** (:meth:`AnswerTemplate.check`): an answer that
   writes a frame tag (any case) or chat markup, states a time the evidence does not, names an
-  object of the memory the evidence does not, or denies what the verdict affirms (or the reverse)
-  is replaced by the evidence sentence itself, and the answer says so (``answer_source``).
+  object of the memory the evidence does not, or does not say what the verdict says (a "seen"
+  answer must name the object and one of the evidence's times and not deny it; a "not seen"
+  answer must say no) is replaced by the evidence sentence itself, and the answer says so
+  (``answer_source``).
 """
 from __future__ import annotations
 
@@ -56,7 +58,6 @@ _CLOCK = re.compile(r"\b(?:(\d{1,2}):)?(\d{1,2}):(\d{2})(?:\.\d+)?\b")
 _SECONDS = re.compile(r"\bt\s*=\s*(\d+(?:\.\d+)?)|\b(\d+(?:\.\d+)?)\s*(?:s|secs?|seconds?)\b")
 _MINUTES = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:min|mins|minutes?)\b")
 _NEGATION = re.compile(r"\b(no|nope|not|nothing|none|never)\b|n't\b")
-_AFFIRMS = re.compile(r"\b(i|we)\s+(saw|see|have seen|spotted|noticed|remember)\b|\byes\b")
 _STRUCTURE = re.compile(r"[<\u2039]\s*/?\s*frame\b|<\||\|>", re.IGNORECASE)
 # Question forms (lower-case text).
 _LAST = re.compile(r"\b(last|latest|most recent(ly)?)\b")
@@ -156,6 +157,9 @@ class Evidence:
         sentence: the same statement as a stand-alone answer ("I saw a domestic cat at t=60 s."),
             the answer when the model's text contradicts it.
         labels: the objects it names. times_s: the times (seconds) it states.
+        yes_no: it answers whether an object was seen (a "seen" or "not seen" line), so the text
+            must say the same: name the object and a time it states, or say no (False for
+            time-window lists and undecided lines).
     """
 
     verdict: Verdict
@@ -163,6 +167,7 @@ class Evidence:
     sentence: str
     labels: tuple[str, ...] = ()
     times_s: tuple[float, ...] = ()
+    yes_no: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ class AnswerTemplate:
         q = question.lower()
         window = _WINDOW.search(q)
         if window:
-            return self._window(found, window, frames, several_cameras)
+            return self._window(window, frames, several_cameras)
         if found is Verdict.NOT_SEEN:
             if not sightings or len(sightings) < 2:
                 return self._said(found, "no, no stored camera frame matches this question.")
@@ -300,7 +305,7 @@ class AnswerTemplate:
                           + "".join(f", {p}" for p in parts[len(shown):]) + ".", said, frames,
                           [r.start_s for r in shown] + [x.stamp_s for x in others[:max_sightings - 1]])
 
-    def _window(self, found: Verdict, match: re.Match, frames: dict[int, FrameNote], several: bool) -> Evidence:
+    def _window(self, match: re.Match, frames: dict[int, FrameNote], several: bool) -> Evidence:
         """The frames in memory between the two times of a "between A and B" question."""
         (lead_a, a, unit_a, lead_b, b, unit_b) = match.groups()
         minutes = any(u and u.startswith("m") for u in (unit_a, unit_b)) or any(
@@ -310,21 +315,24 @@ class AnswerTemplate:
         notes = sorted(frames.values(), key=lambda n: n.stamp_s)
         inside = [n for n in notes if lo <= n.stamp_s <= hi]
         if not notes:
-            return self._said(found, f"I remember no frame {span}; no frame is in memory.")
+            return self._listed(f"I remember no frame {span}; no frame is in memory.")
         held = f"memory holds t={notes[0].stamp_s:.0f} s to t={notes[-1].stamp_s:.0f} s"
         if not inside:
-            return self._said(found, f"I remember no frame {span} ({held}).")
+            return self._listed(f"I remember no frame {span} ({held}).")
         named = [n for n in inside if n.label]
         if not named:
-            return self._said(found, f"{span} I saw nothing new ({len(inside)} frames of the usual scene).",
-                              times=[inside[0].stamp_s])
+            return self._listed(f"{span} I saw nothing new ({len(inside)} frames of the usual scene).",
+                                times=(inside[0].stamp_s,))
         listed = named[:self.max_window_frames]
         parts = [f"{with_article(n.label)} at t={n.stamp_s:.0f} s" + (f" ({n.camera} camera)" if several else "")
                  for n in listed]
         more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
-        return Evidence(found, f"Memory: {span} I saw {', '.join(parts)}{more}.",
-                        f"{span[0].upper()}{span[1:]} I saw {', '.join(parts)}{more}.",
-                        tuple(n.label for n in listed), tuple(n.stamp_s for n in listed))
+        return self._listed(f"{span} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed),
+                            tuple(n.stamp_s for n in listed))
+
+    def _listed(self, statement: str, labels: tuple[str, ...] = (), times: tuple[float, ...] = ()) -> Evidence:
+        """Evidence of a time-window question: a list, no yes or no (its verdict is "undecided")."""
+        return Evidence(Verdict.UNDECIDED, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times)
 
     def _label(self, x: Sighting, frames: dict[int, FrameNote]) -> str:
         note = frames.get(x.frame_id)
@@ -341,7 +349,8 @@ class AnswerTemplate:
         statement capitalised."""
         labels = tuple(dict.fromkeys(lab for x in said if (lab := self._label(x, frames or {}))))
         times_s = tuple(times if times is not None else [x.stamp_s for x in said])
-        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s)
+        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s,
+                        yes_no=found is not Verdict.UNDECIDED)
 
     # ---- the answer against its evidence -------------------------------------------------
     def check(self, text: str, evidence: Evidence, vocabulary: set[str]) -> list[str]:
@@ -366,11 +375,19 @@ class AnswerTemplate:
                        and not any(lab.lower() in e.lower() for e in evidence.labels))
         if named:
             problems.append(f"names {named[0]!r}, which the evidence does not")
+        if not evidence.yes_no:
+            return problems
         denies = is_clear_no(text)
-        if evidence.verdict is Verdict.SEEN and denies:
-            problems.append("denies what the evidence affirms")
-        if evidence.verdict is Verdict.NOT_SEEN and not denies and _AFFIRMS.search(first_sentence(text)):
-            problems.append("affirms what the evidence denies")
+        if evidence.verdict is Verdict.SEEN:
+            if denies:
+                problems.append("denies what the evidence affirms")
+            words = {w for lab in evidence.labels for w in re.findall(r"[a-z]{3,}", lab.lower())}
+            if words and not any(re.search(rf"\b{w}", lower) for w in words):
+                problems.append(f"does not name {evidence.labels[0]!r}, what the evidence saw")
+            if evidence.times_s and not any(abs(t - e) <= self.time_tolerance_s for t in stated for e in evidence.times_s):
+                problems.append("states none of the evidence's times")
+        elif not denies:
+            problems.append("does not say no, as the evidence does")
         return problems
 
     def settle(self, text: str, evidence: Evidence, vocabulary: set[str]) -> tuple[str, str, list[str]]:
