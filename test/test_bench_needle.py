@@ -93,3 +93,29 @@ def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
                      {"policy": "full", "capacity": 96, "minutes": 1, "manifest": drive.manifest(), **run})
     report(data, out)
     assert "| 1 | full | 96 | 0 | 0 | n/a |" in out.with_suffix(".md").read_text()
+
+
+def test_the_retrieval_baseline_answers_from_an_unbounded_index_by_the_same_rule(tmp_path, clip):
+    """--policy index: no frame enters the KV cache, every frame is indexed; the cat is found by
+    the same verdict rule and its memory is the index's bytes, not the cache's."""
+    from infmllm_ros.bench.retrieval import RetrievalSession
+    from infmllm_ros.models import load_model
+
+    events = tmp_path / "events"
+    events.mkdir()
+    cv2.imwrite(str(events / "cat.png"), cv2.cvtColor(chelsea(), cv2.COLOR_RGB2BGR))
+    out = tmp_path / "needle.json"
+    assert main(["--video", str(clip), "--events", str(events), "--minutes", "1", "--fps", "0.5",
+                 "--policy", "index", "--capacity", "256", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["index@256,1min"]
+    (cat,) = run["answers"]
+    assert cat["verdict"] == "seen" and cat["seen_at_s"] == cat["time_s"] and run["frames_stored"] == 0
+    assert 0 < run["memory_bytes"] < 30 * 64  # 30 entries of a few dozen bytes
+    from infmllm_ros.bench.drive import synthetic_road
+
+    s = RetrievalSession(load_model("smollm2-135m"), capacity=256, recent=64, policy="window")
+    s.ingest_frame(synthetic_road(0), 0.0)  # a camera's first frame is its scene
+    s.ingest_frame(chelsea(), 3.0)
+    before = s.cache.length
+    assert s.ask("Was there a cat? At what time?", max_new_tokens=8, keep_in_context=False).verdict == "seen"
+    assert s.cache.length == before and [n.label for n in s.index] == ["", "domestic cat"]

@@ -1,7 +1,8 @@
 """``infmllm-bench-needle``: after a long drive, does the model remember what it saw, and when?
 
 For each drive length x policy x capacity: stream a bag-free drive (real video looped, real
-photos inserted at known times) through a :class:`StreamSession`, then ask about every event
+photos inserted at known times) through a :class:`StreamSession` (or, for ``--policy index``, the
+retrieval baseline of :mod:`.retrieval`), then ask about every event
 ("Did you see a cat? When?", not kept in context) and score the answers: object named in the
 text; time within +-30 s, stated by the text or by the answer's best sighting (the cached frame
 that matches the question, :mod:`infmllm_ros.runtime.recall`). Reports accuracy, per-frame ingest cost (median/p95 ms, and per minute of drive), process
@@ -29,10 +30,15 @@ from ..runtime.answer import is_clear_no
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
+from .retrieval import RetrievalSession
 
 
 #: Objects no drive shows. The share of answers about them that name them anyway (``absent_named``)
 #: is the rate at which "named" only echoes the question.
+
+
+#: ``--policy`` name of the retrieval baseline (:mod:`.retrieval`): no KV-cache policy.
+INDEX = "index"
 
 
 def run_drive(session, drive, log_every: int = 60) -> dict:
@@ -107,6 +113,8 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "ingest_ms_mean": float(ms.mean()), "frames_stored": int(stored_ms.size),
             "stored_ms_median": _median(stored_ms.tolist()),
             "rss_mib_per_minute": rss, "overflow": overflow,
+            # what holds the stream's memory: the KV buffer, or the retrieval baseline's index
+            "memory_bytes": session.index_bytes if isinstance(session, RetrievalSession) else session.cache.nbytes,
             "ttft_s_median": _median([a["ttft_s"] for a in answers]),
             "decode_tokens_per_s_median": _median([a["decode_tokens_per_s"] for a in answers])}
 
@@ -140,7 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: photos bundled with scikit-image)")
     p.add_argument("--minutes", type=_csv(float), default=[5.0, 20.0, 60.0], help="drive lengths")
     p.add_argument("--fps", type=float, default=1.0, help="sampled frames per second of drive")
-    p.add_argument("--policy", type=_csv(str), default=["full", "window", "streaming_llm", "h2o", "inf_mllm"])
+    p.add_argument("--policy", type=_csv(str), default=["full", "window", "streaming_llm", "h2o", "inf_mllm"],
+                   help=f"KV-cache policies, or {INDEX!r}: the retrieval baseline (every frame's label and time "
+                        "in an unbounded index, answered by the same rule and model)")
     p.add_argument("--capacity", type=_csv(int), default=[1024], help="KV capacities (tokens)")
     p.add_argument("--beta", type=float, default=MEMORY_BETA, help="inf_mllm attention bias (logits per slot)")
     p.add_argument("--decay", type=float, default=MEMORY_DECAY, help="inf_mllm score carry per chunk")
@@ -219,7 +229,9 @@ def report(data: dict, out: Path) -> None:
     runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
     rows = [[r["minutes"], r.get("config_seed", ""), r["policy"], r["capacity"], r.get("slack", 0), r.get("vision_budget", 0),
              r["accuracy"], r["named"], r["recalled"], r["text_timed"], r.get("absent_correct"), r.get("near_miss_correct"),
-             _count(r.get("repeated_all_timed")), r.get("answers_from_evidence"), r.get("degenerate"), r.get("hallucinated"),
+             _count(r.get("repeated_all_timed")), r.get("answers_from_evidence"),
+             None if r.get("memory_bytes") is None else f"{r['memory_bytes'] / 2**20:.2f}",
+             r.get("degenerate"), r.get("hallucinated"),
              r.get("time_error_s_median"), r["ingest_ms_median"], r["ingest_ms_p95"],
              r.get("stored_ms_median"), r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
             for r in runs]
@@ -237,6 +249,7 @@ def report(data: dict, out: Path) -> None:
           "text contradicted their evidence and were replaced by it.", "",
           markdown_table(["minutes", "seed", "policy", "capacity", "slack", "vision budget", "accuracy", "named",
                           "recalled", "text timed", "absent correct", "near miss no", "repeated", "from evidence",
+                          "memory MiB",
                           "degenerate", "hallucinated", "time error s",
                           "ingest ms median", "ingest ms p95", "stored ms median", "TTFT s", "decode tok/s", "note"],
                          rows)]
@@ -279,6 +292,8 @@ def main(argv=None) -> int:
 
     try:
         for policy in args.policy:  # the cache's own rules: a bad name, --beta, --decay or --vision-budget fails here
+            if policy == INDEX:
+                continue
             make_policy(policy, beta=args.beta, decay=args.decay,  # (a negative budget is refused for any policy)
                         vision_budget=args.vision_budget if scores_slots(policy) else min(args.vision_budget, 0))
         if args.slack < 0:
@@ -306,7 +321,7 @@ def main(argv=None) -> int:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
                 size = model.decoder.cfg.max_position_embeddings - 64 if policy == "full" else cap
-                budget = args.vision_budget if scores_slots(policy) else 0
+                budget = args.vision_budget if policy != INDEX and scores_slots(policy) else 0
                 slack = args.slack if policy != "full" else 0
                 key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
                        + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else "")
@@ -314,9 +329,13 @@ def main(argv=None) -> int:
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
-                session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
-                                        decay=args.decay, vision_budget=budget,
-                                        familiar_interval_s=args.familiar_interval, slack=slack)
+                if policy == INDEX:  # the retrieval baseline: its cache only holds the question
+                    session = RetrievalSession(model, capacity=size, policy="window", recent=cap // 4,
+                                               familiar_interval_s=args.familiar_interval, slack=slack)
+                else:
+                    session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
+                                           decay=args.decay, vision_budget=budget,
+                                           familiar_interval_s=args.familiar_interval, slack=slack)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
                                                     "config_seed": args.seed, "repeat": args.repeat,
                                                     "vision_budget": budget, "slack": slack,

@@ -433,9 +433,7 @@ class StreamSession:
             try:
                 _, newest = self._prefill(head + question_ids + newline, SlotKind.DIALOGUE, logits=False)
                 # The question's last chunk is the newest slots, which every policy keeps.
-                # every frame of vision tokens, best first: the verdict and every run of sightings
-                sightings = [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
-                             find_sightings(self.cache, newest, self.recall_layer, top=self.cache.length)]
+                sightings = self._sightings(newest)
                 notes = self._frame_notes()
                 found, sightings = self.template.judge(question, sightings, notes, self.seen_threshold,
                                                        self.model.label_concepts)
@@ -499,6 +497,12 @@ class StreamSession:
         question] + end``."""
         head, tail = self.tokenizer.render_turn("user", "\0", add_generation_prompt=True).split("\0")
         return self.tokenizer.encode(head), self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
+
+    def _sightings(self, question_tokens: int) -> list[Sighting]:
+        """Every frame of vision tokens in the cache, best match to the newest ``question_tokens``
+        slots first, with its camera (:func:`.recall.find_sightings`; call under the lock)."""
+        return [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
+                find_sightings(self.cache, question_tokens, self.recall_layer, top=self.cache.length)]
 
     def _frame_notes(self) -> dict[int, FrameNote]:
         """The frames in the cache by id, with camera and label (call under the lock)."""
