@@ -104,9 +104,10 @@ def test_a_repeated_event_is_shown_twice_and_asked_about_once_with_both_times():
     from infmllm_ros.tools.bag import questions_for
 
     plain = Drive(background, 5, 1, bundled_events(), seed=0)
-    drive = Drive(background, 5, 1, bundled_events(), seed=0, repeat=1)
-    assert [e for e in drive.schedule if e in plain.schedule] == plain.schedule  # repeat=0 drives unchanged
+    drive = Drive(background, 5, 1, bundled_events(), seed=0, again=("cat",))
+    assert [e for e in drive.schedule if e in plain.schedule] == plain.schedule  # drives without repeats unchanged
     (again,) = [e for e in drive.schedule if e not in plain.schedule]
+    assert again.label == "cat"
     shown = [(t, label) for t, _, label in drive.frames() if label == again.label]
     assert len(shown) == 2 and again.time_s in [t for t, _ in shown]
     questions = questions_for(drive)
@@ -116,8 +117,8 @@ def test_a_repeated_event_is_shown_twice_and_asked_about_once_with_both_times():
     (window,) = [q for q in questions if "window_s" in q]
     assert window["question"] == "What did you see between minute 2 and minute 3?" and window["window_s"] == [120, 180]
     assert set(window["expect_words_by_label"]) == {e.label for e in drive.schedule if 120 <= e.time_s <= 180}
-    with pytest.raises(ValueError, match="repeat must be in 0..6"):
-        Drive(background, 5, 1, bundled_events(), repeat=7)
+    with pytest.raises(ValueError, match="must be distinct events"):
+        Drive(background, 5, 1, bundled_events(), again=("giraffe",))
 
 
 def test_repeated_and_window_answers_are_scored_by_every_time_and_every_event():

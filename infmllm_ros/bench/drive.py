@@ -176,8 +176,8 @@ class Drive:
             as the background, nor in the last 10%, so a question can follow).
         at: label -> seconds into the drive, to place events by hand instead (every label must
             be in ``events``); the seed is then unused.
-        repeat: how many of the events (seeded, like their times) are shown a second time, at
-            another seeded time: "again at t=..." must name both.
+        again: labels of events shown a second time, at another seeded time: "again at t=..."
+            must name both.
 
     Raises:
         ValueError: non-positive length or rate, too many events for the drive, or a hand-placed
@@ -190,7 +190,7 @@ class Drive:
     events: dict[str, tuple[np.ndarray, tuple[str, ...]]]
     seed: int = 0
     at: dict[str, float] | None = None
-    repeat: int = 0
+    again: tuple[str, ...] = ()
     schedule: list[Event] = field(init=False)
 
     def __post_init__(self):
@@ -207,18 +207,20 @@ class Drive:
             return
         stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
         candidates = int(self.n_frames * 0.9) // stride - 1  # slot 0 (the first frame) is not one
-        if not 0 <= self.repeat <= len(self.events):
-            raise ValueError(f"repeat must be in 0..{len(self.events)} events, got {self.repeat}")
-        shown = len(self.events) + self.repeat
+        unknown = [label for label in self.again if label not in self.events]
+        if unknown or len(set(self.again)) != len(self.again):
+            raise ValueError(f"events shown again must be distinct events (known: {', '.join(sorted(self.events))}), "
+                             f"got {list(self.again)}")
+        shown = len(self.events) + len(self.again)
         if shown > candidates:
             raise ValueError(f"{shown} events do not fit in a {self.minutes}-minute drive")
         rng = np.random.default_rng(self.seed)
         slots = 1 + np.sort(rng.choice(candidates, len(self.events), replace=False))
         order = rng.permutation(sorted(self.events))
-        if self.repeat:  # drawn after the first schedule, so repeat=0 keeps every seed's drive as it was
+        if self.again:  # drawn after the first schedule, so a drive without repeats is as it was
             free = np.setdiff1d(np.arange(1, candidates + 1), slots)
-            again = rng.choice(free, self.repeat, replace=False)
-            slots, order = np.concatenate([slots, again]), np.concatenate([order, order[:self.repeat]])
+            later = rng.choice(free, len(self.again), replace=False)
+            slots, order = np.concatenate([slots, later]), np.concatenate([order, list(self.again)])
         self.schedule = sorted((Event(str(label), float(s * stride / self.fps), self.events[label][1])
                                 for s, label in zip(slots, order)), key=lambda e: e.time_s)
 

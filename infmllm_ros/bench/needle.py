@@ -162,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slack", type=int, default=DEFAULT_SLACK,
                    help="lazy-eviction slack (tokens past the capacity before an eviction; 0: every overflow)")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
-    p.add_argument("--repeat", type=int, default=0, help="events shown a second time (seeded)")
+    p.add_argument("--again", type=_csv(str), default=[], help="events shown a second time, at seeded times (e.g. cat)")
     p.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default cpu; "
                    "cuda uses the project's CUDA kernels for scoring and compaction)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     header = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k != "resume"}}
     data = None
     for minutes in args.minutes:
-        drive = Drive(background, minutes, args.fps, events, seed=args.seed, repeat=args.repeat)
+        drive = Drive(background, minutes, args.fps, events, seed=args.seed, again=tuple(args.again))
         for cap in args.capacity:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                 slack = args.slack if policy != "full" else 0
                 key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
                        + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else "")
-                       + (f",seed{args.seed}" if args.seed else "") + (f",repeat{args.repeat}" if args.repeat else ""))
+                       + (f",seed{args.seed}" if args.seed else "") + "".join(f",again-{label}" for label in args.again))
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
                                            decay=args.decay, vision_budget=budget,
                                            familiar_interval_s=args.familiar_interval, slack=slack)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
-                                                    "config_seed": args.seed, "repeat": args.repeat,
+                                                    "config_seed": args.seed, "again": args.again,
                                                     "vision_budget": budget, "slack": slack,
                                                     "manifest": drive.manifest(),
                                                     **run_drive(session, drive)})

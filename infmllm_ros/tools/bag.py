@@ -180,7 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     p.add_argument("--topic", default="/camera/front/image_raw/compressed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=int, default=0, help="events shown a second time, at seeded times (default 0)")
+    p.add_argument("--again", action="append", default=[], metavar="LABEL",
+                   help="show this event a second time, at a seeded time (repeatable)")
     p.add_argument("--start-stamp", type=float, default=DEFAULT_START_STAMP, help="header stamp of the first frame (s)")
     return p.parse_args(argv)
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
         events = events_from_dir(args.events) if args.events else bundled_events()
         at = dict(args.event) if args.event else None
         background = background_source(args.video, args.image, args.fps, args.image_hold)
-        drive = Drive(background, args.minutes, args.fps, events, seed=args.seed, at=at, repeat=args.repeat)
+        drive = Drive(background, args.minutes, args.fps, events, seed=args.seed, at=at, again=tuple(args.again))
         print(f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}")
         info = write_bag(out, drive, args.topic, args.format, args.encoding, args.storage,
                          (args.width, args.height), args.start_stamp)

@@ -1,8 +1,8 @@
 """``infmllm-demo`` (``make demo``): the whole product on one machine, as separate processes.
 
 1. ``infmllm-make-bag``: a drive bag from the real dashcam clip (``../shared/data`` when present,
-   else the drawn road of :func:`synthetic_road`) with real-photo events at seeded times, one of
-   them shown twice;
+   else the drawn road of :func:`synthetic_road`) with real-photo events at seeded times, the cat
+   shown twice;
 2. ``infmllm-node`` with the embedded model and ``config/desktop.yaml`` (plus overrides);
 3. ``infmllm-replay`` in keep-up mode, asking about every event after the drive, what was seen
    in its middle third, and six objects never shown;
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
           f"{video or 'drawn road (no ../shared/data here)'}", flush=True)
     bag = out / "drive"
     made = run_tool("infmllm-make-bag", [bag, "--minutes", args.minutes, "--fps", args.fps, "--seed", args.seed,
-                                         "--repeat", 1,
+                                         "--again", "cat",
                                          *(["--video", video] if video else [])], env)
     print(made.stdout[-2000:], made.stderr[-2000:], sep="", flush=True)
     if made.returncode:
