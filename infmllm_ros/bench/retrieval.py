@@ -12,7 +12,6 @@ what the bounded KV cache keeps against a memory that forgets nothing, and at wh
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -48,14 +47,8 @@ class RetrievalSession(StreamSession):
     def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
         """Add one frame to the index (no prefill, no KV slots). Raises as
         :meth:`StreamSession.ingest_frame` does."""
-        if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
-            raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
-        camera = camera.strip()
-        self._check_order(camera, stamp_s)
         t0 = time.perf_counter()
-        frame = self.model.encode_frame(rgb)
-        novelty = self.scene.novelty(camera, frame.summary)
-        novel = self.scene.is_novel(novelty)
+        camera, frame, novelty, novel = self._look(rgb, stamp_s, camera)
         with self._lock:
             frame_id = self.frames_ingested
             self.index.append(FrameNote(frame_id, float(stamp_s), camera, frame.label if novel else ""))

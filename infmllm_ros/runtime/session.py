@@ -28,7 +28,7 @@ import torch
 
 from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
-from ..models.family import FrameChunk, VisionLanguageModel
+from ..models.family import FrameChunk, FrameEncoding, VisionLanguageModel
 from ..models.vision import check_rgb
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
@@ -284,16 +284,8 @@ class StreamSession:
                 or the family's processor), a NaN or older stamp, an empty camera name, a frame
                 chunk longer than ``max_chunk``. The stream is unchanged.
         """
-        if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
-            raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
-        if not isinstance(camera, str) or not camera.strip():
-            raise ValueError("camera name is empty")
-        camera = camera.strip()
-        self._check_order(camera, stamp_s)
         t0 = time.perf_counter()
-        frame = self.model.encode_frame(rgb)
-        novelty = self.scene.novelty(camera, frame.summary)
-        novel = self.scene.is_novel(novelty)
+        camera, frame, novelty, novel = self._look(rgb, stamp_s, camera)
         store = novel or stamp_s - self._last_stored_s.get(camera, -math.inf) >= self.familiar_interval_s
         if store:
             chunk = self.model.frame_chunk(self.template.frame_tag(stamp_s, camera), frame if novel else None)
@@ -326,6 +318,19 @@ class StreamSession:
         t2 = time.perf_counter()
         return FrameResult(frame_id, embeds.shape[0] if store else 0, frame.label,
                            (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
+
+    def _look(self, rgb: np.ndarray, stamp_s: float, camera: str) -> tuple[str, FrameEncoding, float, bool]:
+        """Check a frame's stamp and camera, encode it and gauge its novelty (nothing is stored):
+        ``(camera name stripped, encoding, novelty, novel)``. Raises as :meth:`ingest_frame`."""
+        if not isinstance(stamp_s, (int, float)) or not math.isfinite(stamp_s):
+            raise ValueError(f"frame stamp must be a finite number of seconds, got {stamp_s!r}")
+        if not isinstance(camera, str) or not camera.strip():
+            raise ValueError("camera name is empty")
+        camera = camera.strip()
+        self._check_order(camera, stamp_s)
+        frame = self.model.encode_frame(rgb)
+        novelty = self.scene.novelty(camera, frame.summary)
+        return camera, frame, novelty, self.scene.is_novel(novelty)
 
     def memory_frames(self) -> list[MemoryFrame]:
         """The frames that still hold slots in the KV cache, oldest first, with their thumbnails
