@@ -126,6 +126,7 @@ def test_repeated_and_window_answers_are_scored_by_every_time_and_every_event():
 
     assert score_times("I saw a cat at t=60 s and again at t=2460 s.", [60, 2460]) == {"timed": 2, "all_timed": True}
     assert score_times("I saw a cat at t=60 s.", [60, 2460]) == {"timed": 1, "all_timed": False}
+    assert score_times("I saw a cat at t=300 s.", [280, 320], 60.0) == {"timed": 1, "all_timed": False}
     cats = {"cat": ["cat"], "coffee": ["coffee", "espresso"]}
     assert score_window("Between t=120 s and t=180 s I saw a domestic cat at t=140 s, an espresso at t=160 s.",
                         cats)["correct"]

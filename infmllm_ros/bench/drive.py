@@ -278,9 +278,15 @@ def score_answer(answer: str, event: Event, tolerance_s: float = 10.0, seen_at_s
 
 def score_times(answer: str, times_s: list[float], tolerance_s: float = 10.0) -> dict:
     """For an event shown more than once: ``all_timed`` when ``answer`` states a time within
-    ``tolerance_s`` of every one of ``times_s``; ``timed`` how many it does."""
-    stated = answer_times(answer.lower())
-    hits = sum(any(abs(t - x) <= tolerance_s for t in stated) for x in times_s)
+    ``tolerance_s`` of every one of ``times_s``, each stated time standing for one showing only
+    (so one time between two close showings cannot count for both); ``timed`` how many it does."""
+    stated = sorted(answer_times(answer.lower()))
+    hits = 0
+    for x in sorted(times_s):
+        near = [t for t in stated if abs(t - x) <= tolerance_s]
+        if near:
+            stated.remove(min(near, key=lambda t: abs(t - x)))
+            hits += 1
     return {"timed": hits, "all_timed": hits == len(times_s)}
 
 

@@ -157,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-budget", type=int, default=MEMORY_VISION_BUDGET,
                    help="vision tokens per row kept ahead of other saddles, for the policies that score "
                    "slots (h2o, inf_mllm)")
+    p.add_argument("--novelty-threshold", type=float, default=None,
+                   help="novelty gate in [0, 1] (0: every frame keeps its vision tokens and label; default: the family's)")
     p.add_argument("--familiar-interval", type=float, default=DEFAULT_FAMILIAR_INTERVAL_S,
                    help="seconds between stored familiar frames (0: store every frame)")
     p.add_argument("--slack", type=int, default=DEFAULT_SLACK,
@@ -298,6 +300,8 @@ def main(argv=None) -> int:
                         vision_budget=args.vision_budget if scores_slots(policy) else min(args.vision_budget, 0))
         if args.slack < 0:
             raise ValueError(f"--slack must be >= 0 tokens, got {args.slack}")
+        if args.novelty_threshold is not None and not 0 <= args.novelty_threshold <= 1:
+            raise ValueError(f"--novelty-threshold must be in [0, 1], got {args.novelty_threshold}")
         if args.familiar_interval < 0:
             raise ValueError(f"--familiar-interval must be >= 0 seconds, got {args.familiar_interval}")
         check_device(args.device)
@@ -325,17 +329,20 @@ def main(argv=None) -> int:
                 slack = args.slack if policy != "full" else 0
                 key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
                        + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else "")
-                       + (f",seed{args.seed}" if args.seed else "") + "".join(f",again-{label}" for label in args.again))
+                       + (f",seed{args.seed}" if args.seed else "") + "".join(f",again-{label}" for label in args.again)
+                       + (f",novelty{args.novelty_threshold:g}" if args.novelty_threshold is not None else ""))
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
                 if policy == INDEX:  # the retrieval baseline: its cache only holds the question
                     session = RetrievalSession(model, capacity=size, policy="window", recent=cap // 4,
-                                               familiar_interval_s=args.familiar_interval, slack=slack)
+                                               familiar_interval_s=args.familiar_interval, slack=slack,
+                                               novelty_threshold=args.novelty_threshold)
                 else:
                     session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
                                            decay=args.decay, vision_budget=budget,
-                                           familiar_interval_s=args.familiar_interval, slack=slack)
+                                           familiar_interval_s=args.familiar_interval, slack=slack,
+                                           novelty_threshold=args.novelty_threshold)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
                                                     "config_seed": args.seed, "again": args.again,
                                                     "vision_budget": budget, "slack": slack,
