@@ -31,8 +31,8 @@ Rules, for every family:
   writes a frame tag (any case) or chat markup, states a time the evidence does not, names an
   object of the memory the evidence does not, or does not say what the verdict says (a "seen"
   answer must name the object and one of the evidence's times and not deny it; a "not seen"
-  answer must say no) is replaced by the evidence sentence itself, and the answer says so
-  (``answer_source``).
+  answer must say no; a time-window answer must name every object the list names) is replaced by
+  the evidence sentence itself, and the answer says so (``answer_source``).
 """
 from __future__ import annotations
 
@@ -375,7 +375,11 @@ class AnswerTemplate:
                        and not any(lab.lower() in e.lower() for e in evidence.labels))
         if named:
             problems.append(f"names {named[0]!r}, which the evidence does not")
-        if not evidence.yes_no:
+        if not evidence.yes_no:  # a list (a time window): every object it names must be named
+            missing = [lab for lab in evidence.labels
+                       if not any(re.search(rf"\b{w}", lower) for w in re.findall(r"[a-z]{3,}", lab.lower()))]
+            if missing:
+                problems.append(f"leaves out {missing[0]!r}, which the evidence lists")
             return problems
         denies = is_clear_no(text)
         if evidence.verdict is Verdict.SEEN:

@@ -473,8 +473,8 @@ class StreamSession:
                       decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
                       frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
                       last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings[:3]),
-                      token_ids=tuple(out), seen=found is Verdict.SEEN, confidence=confidence,
-                      evidence=evidence.line, stopped=stopped[0] if stopped else "", verdict=found.value,
+                      token_ids=tuple(out), seen=evidence.verdict is Verdict.SEEN, confidence=confidence,
+                      evidence=evidence.line, stopped=stopped[0] if stopped else "", verdict=evidence.verdict.value,
                       answer_source=source, problems=tuple(problems))
 
     def save_memory(self, path: str | Path, extra: dict | None = None) -> int:
