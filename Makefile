@@ -63,7 +63,8 @@ mutation-ci: $(STAMP)
 	$(PY) -m infmllm_ros.bench.breakages
 
 # The main job: a 5-minute drive bag from the dashcam clip, the node, a replay with questions
-# about every event, answers printed (see infmllm_ros/tools/demo.py). ~4 minutes on 2 cores.
+# about every event, a time window and absent objects, answers printed (see
+# infmllm_ros/tools/demo.py). ~4 minutes on 2 cores.
 demo: $(STAMP)
 	$(VENV)/bin/infmllm-demo --out demo-out --minutes 5
 
