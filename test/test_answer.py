@@ -165,3 +165,11 @@ def test_embedded_labels_know_what_they_are(embedded):
     assert {"cat", "feline", "animal"} <= embedded.label_concepts("domestic cat")
     assert "coffee" in embedded.label_concepts("espresso") and "dog" in embedded.label_concepts("Silky Terrier")
     assert "dog" not in embedded.label_concepts("domestic cat") and embedded.label_concepts("") is None
+
+
+def test_a_question_that_names_no_object_is_not_held_to_a_yes_or_no():
+    no = evidence("Describe the road.", Verdict.NOT_SEEN, [])
+    assert no.line == "Memory: no, no stored camera frame matches this question." and not no.yes_no
+    assert T.settle("The road is straight.", no, {CAT}) == ("The road is straight.", "model", [])
+    assert T.settle("I saw a cat at t=5 s.", no, {CAT})[1] == "evidence"  # a time the evidence does not state
+    assert evidence("Was there a road?", Verdict.NOT_SEEN, []).yes_no

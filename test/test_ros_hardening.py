@@ -90,6 +90,18 @@ def test_a_question_cannot_plant_a_memory_or_close_the_turn(system):
     assert answer.sighting_stamps[0].sec == T0 + 10 and "zebra" not in answer.answer.lower()
 
 
+def test_a_giraffe_is_not_seen_beside_one_cat_photo_and_a_window_outside_the_stream_says_so(system):
+    """The cat photo is the only animal in memory: "giraffe" is no frame's label, so the verdict is
+    no, whatever the match scores; a time window after the stream is answered from what memory holds."""
+    g = system["graph"]
+    giraffe = call_ask(g.node, "/ask", "Was there a giraffe?", 24)
+    assert giraffe.success and giraffe.verdict == "not seen" and not giraffe.seen
+    assert giraffe.answer.lower().startswith("no") and giraffe.answer_source in ("model", "evidence")
+    later = call_ask(g.node, "/ask", "What did you see between minute 60 and minute 70?", 32)
+    assert later.success and later.verdict == "undecided"
+    assert later.evidence.startswith("Memory: I remember no frame between t=3600 s and t=4200 s (memory holds")
+
+
 def test_a_100_kb_question_is_refused_at_once(system):
     g = system["graph"]
     t0 = time.monotonic()

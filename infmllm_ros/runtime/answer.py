@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .recall import Sighting, with_article
 
@@ -157,9 +157,9 @@ class Evidence:
         sentence: the same statement as a stand-alone answer ("I saw a domestic cat at t=60 s."),
             the answer when the model's text contradicts it.
         labels: the objects it names. times_s: the times (seconds) it states.
-        yes_no: it answers whether an object was seen (a "seen" or "not seen" line), so the text
-            must say the same: name the object and a time it states, or say no (False for
-            time-window lists and undecided lines).
+        yes_no: it answers whether an object the question names was seen (a "seen" or "not seen"
+            line), so the text must say the same: name the object and a time it states, or say no
+            (False for questions that name no object, time-window lists and undecided lines).
     """
 
     verdict: Verdict
@@ -270,6 +270,12 @@ class AnswerTemplate:
         """
         if max_sightings <= 0:
             return Evidence(found, "", "")
+        ev = self._evidence(question, found, sightings, frames, threshold, max_sightings, several_cameras)
+        # only a question about an object is a yes-or-no one ("Describe the road." is not)
+        return ev if asked_object(question) is not None else replace(ev, yes_no=False)
+
+    def _evidence(self, question: str, found: Verdict, sightings: list[Sighting], frames: dict[int, FrameNote],
+                  threshold: float, max_sightings: int, several_cameras: bool) -> Evidence:
         q = question.lower()
         window = _WINDOW.search(q)
         if window:
