@@ -5,7 +5,7 @@ or the other cameras.
 Why a thread of its own: in one process, the rclpy executor and the model's worker share the GIL.
 With the subscriptions on the node's ``MultiThreadedExecutor``, a camera sending 8x8 frames at
 500 Hz kept that executor's Python loop always ready: it took a full core to read 3-6% of the
-frames, and an answer that takes 0.5 s idle took 28 s (bench/results/README.md, "Camera flood").
+frames, and an answer that takes 0.5 s idle took 28 s (bench/results/README.md, "Limits as shipped").
 
 How it bounds the cost: each subscription keeps its QoS (best effort, keep-last 1 by default), so
 frames that arrive faster than they are read replace each other inside DDS, in C++, without the

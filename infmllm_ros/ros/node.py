@@ -261,9 +261,7 @@ class InfMLLMNode(LifecycleNode):
         """Unsubscribe the cameras; their read and unread counts stay in ``/diagnostics``."""
         if self._intake is not None:
             self._intake.stop()
-            for camera, (read, unread) in self._intake.stats().items():
-                self._camera_counts[camera] = tuple(map(sum, zip(self._camera_counts.get(camera, (0, 0)),
-                                                                 (read, unread))))
+            self._camera_counts = self.camera_counts()  # this intake's counts join the earlier ones
             self._intake = None
 
     def camera_counts(self) -> dict[str, tuple[int, int]]:

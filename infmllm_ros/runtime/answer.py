@@ -4,8 +4,8 @@ An :class:`AnswerTemplate` is one object per model family: the frame tag every s
 starts with, the system prompt, the memory line (the evidence) rendered into the question's turn,
 the label of the question's second copy, and the check of an answer against its evidence. The
 session (:class:`~.session.StreamSession`) keeps the stream, the lock and the order of work; what
-is said, and what may be said, is here. A family with other wording is one subclass
-(:attr:`~infmllm_ros.models.family.VisionLanguageModel.answer_template`).
+is said, and what may be said, is here. A family with other wording is one subclass and one
+entry in :data:`TEMPLATES`.
 
 Rules, for every family:
 
@@ -115,6 +115,16 @@ def object_words(phrase: str) -> set[str]:
             if form.endswith(suffix) and len(form) > len(suffix) + 2:
                 forms.add(form[:-len(suffix)])
     return forms
+
+
+def _label_words(label: str) -> list[str]:
+    """The words of a label that naming it takes: those of 3 letters or more, lower-case."""
+    return re.findall(r"[a-z]{3,}", label.lower())
+
+
+def _names(text: str, words: list[str]) -> bool:
+    """Whether lower-case ``text`` holds one of ``words`` at a word start."""
+    return any(re.search(rf"\b{w}", text) for w in words)
 
 
 class Verdict(str, enum.Enum):
@@ -330,33 +340,41 @@ class AnswerTemplate:
             return self._listed(f"{span} I saw nothing new ({len(inside)} frames of the usual scene).",
                                 times=(inside[0].stamp_s,))
         listed = named[:self.max_window_frames]
-        parts = [f"{with_article(n.label)} at t={n.stamp_s:.0f} s" + (f" ({n.camera} camera)" if several else "")
-                 for n in listed]
+        parts = [self._place(n.label, n.stamp_s, n.camera, several) for n in listed]
         more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
         return self._listed(f"{span} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed),
                             tuple(n.stamp_s for n in listed))
 
     def _listed(self, statement: str, labels: tuple[str, ...] = (), times: tuple[float, ...] = ()) -> Evidence:
         """Evidence of a time-window question: a list, no yes or no (its verdict is "undecided")."""
-        return Evidence(Verdict.UNDECIDED, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times)
+        return self._stated(Verdict.UNDECIDED, statement, labels, times, yes_no=False)
 
     def _label(self, x: Sighting, frames: dict[int, FrameNote]) -> str:
         note = frames.get(x.frame_id)
         return note.label if note else ""
 
+    @staticmethod
+    def _place(label: str, stamp_s: float, camera: str, several: bool) -> str:
+        """"a domestic cat at t=60 s", with " (rear camera)" once the stream has several cameras."""
+        return (f"{with_article(label) if label else 'a matching frame'} at t={stamp_s:.0f} s"
+                + (f" ({camera} camera)" if several and camera else ""))
+
     def _where(self, x: Sighting, frames: dict[int, FrameNote], several: bool, stamp_s: float | None = None) -> str:
-        label = self._label(x, frames)
-        return (f"{with_article(label) if label else 'a matching frame'} at t={(x.stamp_s if stamp_s is None else stamp_s):.0f} s"
-                + (f" ({x.camera} camera)" if several and x.camera else ""))
+        return self._place(self._label(x, frames), x.stamp_s if stamp_s is None else stamp_s, x.camera, several)
+
+    @staticmethod
+    def _stated(found: Verdict, statement: str, labels: tuple[str, ...], times_s: tuple[float, ...],
+                yes_no: bool) -> Evidence:
+        """Evidence whose memory line is "Memory: " + ``statement`` and whose sentence is the
+        statement capitalised."""
+        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s, yes_no)
 
     def _said(self, found: Verdict, statement: str, said: list[Sighting] = (), frames: dict[int, FrameNote] = None,
               times: list[float] | None = None) -> Evidence:
-        """Evidence whose memory line is "Memory: " + ``statement`` and whose sentence is the
-        statement capitalised."""
+        """Evidence of a verdict (:meth:`_stated`) naming the labels and times of ``said``."""
         labels = tuple(dict.fromkeys(lab for x in said if (lab := self._label(x, frames or {}))))
         times_s = tuple(times if times is not None else [x.stamp_s for x in said])
-        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s,
-                        yes_no=found is not Verdict.UNDECIDED)
+        return self._stated(found, statement, labels, times_s, yes_no=found is not Verdict.UNDECIDED)
 
     # ---- the answer against its evidence -------------------------------------------------
     def check(self, text: str, evidence: Evidence, vocabulary: set[str]) -> list[str]:
@@ -382,8 +400,7 @@ class AnswerTemplate:
         if named:
             problems.append(f"names {named[0]!r}, which the evidence does not")
         if not evidence.yes_no:  # a list (a time window): every object it names must be named
-            missing = [lab for lab in evidence.labels
-                       if not any(re.search(rf"\b{w}", lower) for w in re.findall(r"[a-z]{3,}", lab.lower()))]
+            missing = [lab for lab in evidence.labels if not _names(lower, _label_words(lab))]
             if missing:
                 problems.append(f"leaves out {missing[0]!r}, which the evidence lists")
             return problems
@@ -391,8 +408,8 @@ class AnswerTemplate:
         if evidence.verdict is Verdict.SEEN:
             if denies:
                 problems.append("denies what the evidence affirms")
-            words = {w for lab in evidence.labels for w in re.findall(r"[a-z]{3,}", lab.lower())}
-            if words and not any(re.search(rf"\b{w}", lower) for w in words):
+            words = [w for lab in evidence.labels for w in _label_words(lab)]
+            if words and not _names(lower, words):
                 problems.append(f"does not name {evidence.labels[0]!r}, what the evidence saw")
             if evidence.times_s and not any(abs(t - e) <= self.time_tolerance_s for t in stated for e in evidence.times_s):
                 problems.append("states none of the evidence's times")

@@ -27,8 +27,9 @@ TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 REFUSED_INFIX = ".refused-"
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path | str) -> None:
+    """Flush a file's or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -49,16 +50,12 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Non
     os.close(fd)
     try:
         write(Path(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    _fsync(path.parent)
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
@@ -97,7 +94,7 @@ def set_aside(path: str | Path, reason: str, now: float | None = None) -> Path |
         n += 1
         target = path.with_name(f"{path.name}{REFUSED_INFIX}{slug}-{stamp}-{n}")
     os.rename(path, target)
-    _fsync_folder(target.parent)
+    _fsync(target.parent)
     return target
 
 
