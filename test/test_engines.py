@@ -20,7 +20,7 @@ CHUNKS = (8, 3, 1, 8, 8, 1, 8, 8, 5, 1, 1, 8)  # prefill chunks and decode steps
 
 
 def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
-    """Max |diff| per output between ``run_step(embeds, k, v, length)`` and the cache path."""
+    """Max |diff| per output between ``run_step(embeds, k, v, length, positions)`` and the cache path."""
     cache = decoder.new_cache(capacity, max_chunk, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
     g = torch.Generator().manual_seed(seed)
     worst = {"logits": 0.0, "new_k": 0.0, "new_v": 0.0, "scores": 0.0}
@@ -28,7 +28,8 @@ def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
     for n in chunks:
         embeds = decoder.embed(torch.randint(0, decoder.cfg.vocab_size, (n,), generator=g))
         s, before = cache.length, cache.evicted_tokens
-        logits, new_k, new_v, scores = run_step(embeds[None], cache.k.clone(), cache.v.clone(), s)
+        positions = torch.arange(s, s + n).expand(3, n).contiguous()
+        logits, new_k, new_v, scores = run_step(embeds[None], cache.k.clone(), cache.v.clone(), s, positions)
         want_logits = decoder.logits(decoder(embeds, cache)[-1:])  # may evict after the chunk
         want_scores = cache._window[:, :, :s + n]  # this chunk's window scores (set before eviction)
         pairs = {"logits": (logits, want_logits), "scores": (scores[..., :s + n], want_scores)}
@@ -51,7 +52,8 @@ def test_step_matches_the_cache_path(one_token):
     step = DecoderStep(dec, beta=1e-2, one_token=one_token)
     split = (lambda buf: buf.unbind(0)) if one_token else (lambda buf: buf)
     with torch.no_grad():
-        worst = compare_stream(dec, lambda e, k, v, s: step(e, split(k), split(v), torch.tensor([s])), 40, 8, CHUNKS)
+        worst = compare_stream(dec, lambda e, k, v, s, p: step(e, split(k), split(v), torch.tensor([s]), p), 40, 8,
+                               CHUNKS)
     assert max(worst.values()) < 1e-5, worst
 
 
@@ -175,7 +177,7 @@ def test_missing_corrupt_or_foreign_onnx_files_are_clear_errors(tmp_path):
         OrtDecoderStep(bad)
     other = tmp_path / "other.onnx"
     torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),), str(other), dynamo=True)
-    with pytest.raises(RuntimeError, match="not a decoder step"):
+    with pytest.raises(RuntimeError, match="not a step engine"):
         OrtDecoderStep(other)
 
 
@@ -214,7 +216,7 @@ def test_an_engine_backend_stores_the_same_cache_as_the_torch_path():
 
         def check_cache(self, cache):
             step = DecoderStep(self.decoder, *cache.policy.fused_rule)
-            self.step = lambda e, k, v, length: step(e, k, v, torch.tensor([length]))
+            self.step = lambda e, k, v, length, positions: step(e, k, v, torch.tensor([length]), positions)
 
     dec = tiny_decoder()
     caches = [dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)) for _ in range(2)]

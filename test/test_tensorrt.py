@@ -94,7 +94,7 @@ def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
 def key(**change):
     ident = StepIdentity(model="SmolLM2-135M-Instruct.Q4_1", dtype="float16", slots=2112, max_chunk=64, beta=0.01,
                          normalise=True, layers=30, kv_heads=3, head_dim=64, hidden=576, vocab=49152)
-    k = engine_key(ident, "10.3.0", "Orin")
+    k = engine_key(ident, "step", "10.3.0", "Orin")
     return {**k, **{name: str(v) for name, v in change.items()}}
 
 

@@ -6,12 +6,18 @@ attention writes into it. An engine cannot own the buffer, so the step takes it 
 returns what changed; the host (cache) writes the chunk's K/V and window scores back and runs
 eviction with the kernels of ``cuda/`` (or the torch reference).
 
-Same math as :meth:`Decoder.forward` with a cache (RoPE positions are slot indices; window
-scores are :func:`~infmllm_ros.kvcache.reference.column_scores`, Inf-MLLM §3.2-3.3), laid out
+Same math as :meth:`Decoder.forward` with a cache (window scores are
+:func:`~infmllm_ros.kvcache.reference.column_scores`, Inf-MLLM §3.2-3.3), laid out
 for a static graph: each layer's queries are multiplied with the whole stored buffer (slots at
 or past ``length`` masked) and, apart, with the chunk's own keys, and one softmax runs over both.
 Writing the chunk into a copy of the buffer first would copy every layer's K and V per step;
 kept apart, a step reads the buffer once.
+
+RoPE positions are an input, ``[3, n]`` (t, h, w) for every family, as ONNX Runtime GenAI's
+Qwen2.5-VL decoder takes ``position_ids [3, batch, n]``: an M-RoPE model rotates by all three
+rows (a frame chunk's vision tokens differ on h and w), a 1-D model by row 0. The host computes
+them from the cache (:meth:`KVCache.begin_chunk`: slot + position offset, plus the frame chunk's
+M-RoPE layout), so one graph serves text, frame chunks and decoded tokens of every family.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import nn
 
 from ..models.decoder import Decoder
 
-INPUTS = ("embeds", "k_cache", "v_cache", "length")
+INPUTS = ("embeds", "k_cache", "v_cache", "length", "positions")
 OUTPUTS = ("logits", "new_k", "new_v", "scores")
 
 
@@ -66,6 +72,15 @@ def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Ten
     return out.view(hq, n, d), logits
 
 
+def rope_positions(slot_positions: torch.Tensor, mrope: torch.Tensor | None) -> torch.Tensor:
+    """The step's ``positions`` input: int64 ``[3, n]`` from :meth:`KVCache.begin_chunk`'s 1-D
+    positions ``[n]`` and a frame chunk's M-RoPE layout ``[3, n]`` relative to its first
+    position (None: a text chunk, equal rows), as :meth:`Decoder.forward` rotates them."""
+    if mrope is None:
+        return slot_positions.expand(3, -1).contiguous()
+    return slot_positions[0] + mrope.to(slot_positions.device)
+
+
 class DecoderStep(nn.Module):
     """One chunk of ``n`` tokens through every layer, the KV buffer passed in explicitly.
 
@@ -84,10 +99,8 @@ class DecoderStep(nn.Module):
             ``slots >= length + n`` is required, and unused slots must hold finite values (they
             are masked, but a masked 0 times NaN is NaN; the cache's are). Not modified.
         length: int64 ``[1]``, occupied slots (tokens).
-        position_offset: int64 ``[1]``, RoPE position of slot ``length`` minus ``length``
-            (:attr:`KVCache.position_offset`, <= 0 after an M-RoPE image; text tokens rotate the
-            same on all three M-RoPE axes, so 1-D RoPE at the shifted position is exact). None
-            (the exported graphs): 0.
+        positions: int64 ``[3, n]`` RoPE positions (t, h, w) of the chunk's tokens
+            (:func:`rope_positions`); a 1-D RoPE model reads row 0.
 
     Returns:
         logits: fp32 ``[1, vocab]`` of the last position.
@@ -105,22 +118,21 @@ class DecoderStep(nn.Module):
         self.one_token = bool(one_token)
 
     def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor | Sequence[torch.Tensor],
-                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor,
-                position_offset: torch.Tensor | None = None
+                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
         (kv_heads, slots), n, dev = k_cache[0].shape[:2], embeds.shape[1], embeds.device
         start = length.reshape(())
         index = torch.arange(n, device=dev)
-        positions = start + index  # slots
-        rope_cs = dec.rope.cos_sin(positions if position_offset is None else positions + position_offset.reshape(()),
-                                   embeds.dtype)
+        chunk_slots = start + index
+        rope_cs = (dec.rope.cos_sin(positions[0], embeds.dtype) if dec.cfg.mrope_section is None
+                   else dec.rope.cos_sin_mrope(positions, embeds.dtype))
         slot = torch.arange(slots, device=dev)
         hidden = torch.cat([(slot >= start)[None, :].expand(n, slots), index[None, :] > index[:, None]], dim=1)
-        key_slots = torch.cat([slot, positions]).to(torch.float32)
+        key_slots = torch.cat([slot, chunk_slots]).to(torch.float32)
         # queries that see each column: every one sees the stream, chunk token i is seen by n - i
         viewers = torch.cat([torch.full((slots,), n, device=dev), n - index]).to(torch.float32)
-        write = positions.expand(kv_heads, n)
+        write = chunk_slots.expand(kv_heads, n)
         scale = dec.cfg.head_dim ** -0.5
         x = embeds[0]
         new_k, new_v, scores = [], [], []

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .concepts import imagenet_concepts
-from .family import FrameEncoding, VisionLanguageModel
+from .family import FrameEncoding, VisionInputs, VisionLanguageModel
 from .gguf_loader import load_gguf
 from .vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
 
@@ -47,8 +48,19 @@ class EmbeddedVLM(VisionLanguageModel):
                 self._concepts[name] = self._concepts.get(name, frozenset()) | words
         return self._concepts.get(label)
 
-    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
-        glob, cells = self.vision(self.vision.preprocess(rgb).to(self.device))
+    def vision_inputs(self, rgb: np.ndarray) -> VisionInputs:
+        """The classifier's normalised ``[1, 3, 224, 224]`` (any frame is resized to it)."""
+        return VisionInputs((self.vision.preprocess(rgb).to(self.device),), (1, self.max_vision_tokens))
+
+    def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
+        """EfficientNet-Lite0: pixels -> (global class probabilities ``[1000]``, per-cell ``[cells**2, 1000]``)."""
+        return self.vision
+
+    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
+        """The label-embedding projector's tokens of the probabilities; summary: the global
+        probabilities; label: the top class. The projector is an embedding lookup and stays in
+        torch on every backend."""
+        glob, cells = outputs
         embeds = self.projector(glob, cells).to(next(self.decoder.parameters()).dtype)
         return FrameEncoding(embeds, glob, self.projector.top_label(glob), (1, embeds.shape[0]))
 

@@ -6,7 +6,11 @@ of :class:`VisionLanguageModel`. It brings
 * a :class:`~infmllm_ros.models.Decoder` (ours: the KV cache and its scoring live there) and a
   :class:`~infmllm_ros.models.ChatTokenizer` (the family's chat template and stop tokens);
 * :meth:`VisionLanguageModel.encode_frame`: an RGB frame -> vision embeddings in the decoder's
-  input space, plus a small summary vector that the session's novelty gate compares;
+  input space, plus a small summary vector that the session's novelty gate compares. It runs in
+  three steps that a family implements: :meth:`~VisionLanguageModel.vision_inputs` (the
+  family's image processor), :meth:`~VisionLanguageModel.vision_tower` (the tower and its
+  projector as one ``torch.nn.Module`` of pixel tensors: what a vision engine is exported from,
+  :mod:`infmllm_ros.engines.onnx_export`) and :meth:`~VisionLanguageModel.frame_encoding`;
 * the layout of a frame chunk: the family's own image markers around the vision tokens
   (``<|vision_start|>`` ... ``<|vision_end|>`` for Qwen2-VL, ``<fake_token_around_image>
   <global-img>`` ... for SmolVLM), inside a user turn of its chat template;
@@ -18,14 +22,23 @@ runtime serves every family.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import torch
 
 from .decoder import Decoder
 from .tokenizer import ChatTokenizer
+from .vision import check_rgb
+
+#: A vision engine as :meth:`VisionLanguageModel.encode_frame` calls it: pixel tensors in, the
+#: tower's outputs out; ``frame_size`` ``(width, height)`` px that frames are resized to first,
+#: or None when the family's processor already fixes the pixel shape.
+VisionRunner = Callable[..., tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,23 @@ class FrameEncoding:
     summary: torch.Tensor
     label: str = ""
     grid: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class VisionInputs:
+    """One frame as its family's vision tower reads it.
+
+    Attributes:
+        pixels: the tower's input tensors (e.g. ``[patches, C*T*P*P]`` for Qwen2-VL,
+            ``[1, 3, S, S]`` for SmolVLM), in the tower's dtype and device.
+        grid: ``(h, w)`` of the frame's vision tokens (M-RoPE layout), ``h * w`` tokens.
+        mask: SmolVLM's patch mask ``[1, S/p, S/p]`` bool when part of the image is padding,
+            else None.
+    """
+
+    pixels: tuple[torch.Tensor, ...]
+    grid: tuple[int, int] = (1, 1)
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +136,14 @@ class VisionLanguageModel:
     image_open: ClassVar[str] = ""
     image_close: ClassVar[str] = ""
     image_token_id: int | None = None
+    #: The tower's export runs the TorchScript tracer (``torch.onnx.export(dynamo=False)``), not
+    #: the dynamo exporter: its forward loops in Python over the image grid's values (Qwen2-VL's
+    #: rotary positions and window indices from ``grid_thw.tolist()``), which ``torch.export``
+    #: cannot trace as data; at one fixed frame size the tracer records them as constants.
+    vision_traced: ClassVar[bool] = False
+    #: The weight files the model was loaded from (a GGUF file or an HF folder), set by
+    #: :func:`~.registry.load_model`; engines record their digest.
+    checkpoint: Path | None = None
 
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, name: str, max_vision_tokens: int):
         self.decoder, self.tokenizer, self.name = decoder, tokenizer, name
@@ -124,13 +162,49 @@ class VisionLanguageModel:
         knowledge (the answer's verdict then rests on the match score alone)."""
         return None
 
-    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
+    @torch.inference_mode()
+    def encode_frame(self, rgb: np.ndarray, vision: VisionRunner | None = None) -> FrameEncoding:
         """Vision tokens and summary of a uint8 RGB frame ``[H, W, 3]`` (or float in [0, 1]).
+
+        Args:
+            rgb: the frame.
+            vision: a vision engine to run instead of the torch tower (:data:`VisionRunner`);
+                a frame of another size than its ``frame_size`` is first resized to it.
 
         Raises:
             TypeError / ValueError: a frame the family's preprocessing cannot take
                 (:func:`~infmllm_ros.models.vision.check_rgb`).
         """
+        rgb = check_rgb(rgb)
+        size = getattr(vision, "frame_size", None)
+        if size is not None and (rgb.shape[1], rgb.shape[0]) != tuple(size):
+            rgb = cv2.resize(rgb, tuple(size), interpolation=cv2.INTER_AREA)
+        inputs = self.vision_inputs(rgb)
+        out = vision(*inputs.pixels) if vision is not None else self.vision_tower(inputs)(*inputs.pixels)
+        return self.frame_encoding(out if isinstance(out, tuple) else (out,), inputs)
+
+    @property
+    def engine_frame_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` px a vision engine is built for, frames resized to it; None when
+        the family's processor gives one pixel shape for every frame (the engine takes that)."""
+        return None
+
+    def vision_inputs(self, rgb: np.ndarray) -> VisionInputs:
+        """The family's image processor on a checked uint8 RGB frame ``[H, W, 3]``.
+
+        Raises:
+            ValueError: a frame the processor cannot take.
+        """
+        raise NotImplementedError
+
+    def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
+        """The vision tower and projector for frames shaped like ``inputs``, as one module whose
+        forward takes ``*inputs.pixels`` and returns the tensor(s) :meth:`frame_encoding` reads
+        (what a vision engine is exported from; weights shared, not copied)."""
+        raise NotImplementedError
+
+    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
+        """The :class:`FrameEncoding` of the tower's ``outputs`` for a frame's ``inputs``."""
         raise NotImplementedError
 
     def frame_chunk(self, tag: str, frame: FrameEncoding | None) -> FrameChunk:

@@ -20,15 +20,15 @@ the image resumes at ``s + max(h, w)``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .family import FrameEncoding, VisionLanguageModel
+from .family import FrameEncoding, VisionInputs, VisionLanguageModel
 from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
 from .tokenizer import ChatTokenizer
-from .vision import check_rgb
 
 #: Vision tokens per frame by default (the processor's ``max_pixels`` is this many 28x28 px
 #: cells): 64 tokens is a 224x224 px frame, small enough that a 1-4K-slot cache holds dozens.
@@ -46,7 +46,8 @@ class QwenVL(VisionLanguageModel):
         decoder, tokenizer, name: the language model (:class:`VisionLanguageModel`).
         visual: transformers' vision tower + merger. processor: its image processor.
         image_token_id: ``<|image_pad|>``'s id. merge: ``spatial_merge_size``.
-        frame_tokens: most vision tokens per frame.
+        frame_tokens: most vision tokens per frame. cell: pixels per merged token's side
+            (``patch_size * merge``).
     """
 
     family = "qwen2_5_vl"
@@ -56,24 +57,36 @@ class QwenVL(VisionLanguageModel):
     image_close = "<|vision_end|>"
 
     def __init__(self, decoder, tokenizer, name: str, visual: torch.nn.Module, processor, image_token_id: int,
-                 merge: int, frame_tokens: int):
+                 merge: int, frame_tokens: int, cell: int):
         super().__init__(decoder, tokenizer, name, max_vision_tokens=frame_tokens)
         self.visual, self.processor, self.image_token_id, self.merge = visual, processor, image_token_id, merge
+        self.cell = cell
 
-    @torch.inference_mode()
-    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
-        """Vision tokens ``[h * w, hidden]`` of one frame (merged 2x2 patches, row-major).
+    vision_traced = True  # transformers' tower loops over grid_thw.tolist(): see the base class
 
-        Raises:
-            TypeError / ValueError: a frame :func:`check_rgb` or the processor refuses.
-        """
-        inputs = self.processor(images=[check_rgb(rgb)], return_tensors="pt")
-        grid = inputs["image_grid_thw"]
+    @property
+    def engine_frame_size(self) -> tuple[int, int]:
+        """A square of ``isqrt(frame_tokens)`` merged cells (28 px for the released models): 224
+        px for 64 tokens, where the processor's smart resize keeps the frame as it is."""
+        side = math.isqrt(self.max_vision_tokens) * self.cell
+        return side, side
+
+    def vision_inputs(self, rgb: np.ndarray) -> VisionInputs:
+        """Patches ``[h * w * merge**2, C * T * P * P]`` and the merged grid ``(h, w)``."""
+        inputs = self.processor(images=[rgb], return_tensors="pt")
+        _, h, w = (int(x) for x in inputs["image_grid_thw"][0])
         pixels = inputs["pixel_values"].to(self.device, next(self.visual.parameters()).dtype)
-        embeds = self.visual(pixels, grid_thw=grid.to(self.device)).pooler_output
-        _, h, w = (int(x) for x in grid[0])
-        embeds = embeds.to(next(self.decoder.parameters()).dtype)
-        return FrameEncoding(embeds, embeds.float().mean(0), "", (h // self.merge, w // self.merge))
+        return VisionInputs((pixels,), (h // self.merge, w // self.merge))
+
+    def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
+        """transformers' tower + merger at the grid of ``inputs``: patches -> ``[h * w, hidden]``."""
+        h, w = inputs.grid
+        return _Tower(self.visual, torch.tensor([[1, h * self.merge, w * self.merge]], device=self.device))
+
+    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
+        """Merged 2x2 patches as vision tokens ``[h * w, hidden]`` (row-major); summary: their mean."""
+        embeds = outputs[0].to(next(self.decoder.parameters()).dtype)
+        return FrameEncoding(embeds, embeds.float().mean(0), "", inputs.grid)
 
     def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor:
         """int64 ``[3, n]`` (t, h, w) positions of a frame chunk relative to its start."""
@@ -83,6 +96,17 @@ class QwenVL(VisionLanguageModel):
                               torch.arange(w).repeat(h)]) + n_before
         after = torch.arange(n_after).expand(3, -1) + n_before + max(h, w)
         return torch.cat([before, vision, after], dim=1).to(self.device)
+
+
+class _Tower(torch.nn.Module):
+    """The tower at one image grid: ``forward(patches)`` -> merged vision tokens."""
+
+    def __init__(self, visual: torch.nn.Module, grid_thw: torch.Tensor):
+        super().__init__()
+        self.visual, self.grid_thw = visual, grid_thw
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels, grid_thw=self.grid_thw).pooler_output
 
 
 class Qwen2VL(QwenVL):
@@ -133,4 +157,4 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     tokenizer = ChatTokenizer.from_hf_dir(path)
     family = Qwen2VL if hf.get("model_type") == "qwen2_vl" else QwenVL
     return family(decoder.to(device, dtype), tokenizer, path.name, visual.to(device, dtype).eval(), processor,
-                  int(hf["image_token_id"]), merge, frame_tokens)
+                  int(hf["image_token_id"]), merge, frame_tokens, cell)

@@ -65,16 +65,17 @@ def load_model(model: str, device: str = "cpu", precision: str = "fp32") -> Visi
 
 
 def _load(model: str, device: str, dtype: torch.dtype) -> VisionLanguageModel:
-    if model in PRESETS:
-        return load_embedded(PRESETS[model](), device)
-    path = Path(model).expanduser()
+    path = PRESETS[model]() if model in PRESETS else Path(model).expanduser()
     if path.is_file():
-        return load_embedded(path, device)
-    if not path.is_dir():
+        loaded = load_embedded(path, device)
+    elif not path.is_dir():
         raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a GGUF file "
                                 f"nor a Hugging Face checkpoint directory")
-    arch = (read_config(path).get("architectures") or ["?"])[0]
-    if arch not in FAMILIES:
-        raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
-                         f"(and GGUF LLaMA models with the embedded vision front end)")
-    return FAMILIES[arch](path, device=device, dtype=dtype)
+    else:
+        arch = (read_config(path).get("architectures") or ["?"])[0]
+        if arch not in FAMILIES:
+            raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
+                             f"(and GGUF LLaMA models with the embedded vision front end)")
+        loaded = FAMILIES[arch](path, device=device, dtype=dtype)
+    loaded.checkpoint = path
+    return loaded

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .family import FrameEncoding, VisionLanguageModel
+from .family import FrameEncoding, VisionInputs, VisionLanguageModel
 from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
 from .tokenizer import ChatTokenizer
-from .vision import check_rgb
 
 
 class SmolVLM(VisionLanguageModel):
@@ -49,23 +48,38 @@ class SmolVLM(VisionLanguageModel):
         self.vision_model, self.connector, self.processor = vision_model, connector, processor
         self.image_token_id, self.patch_size = image_token_id, patch_size
 
-    @torch.inference_mode()
-    def encode_frame(self, rgb: np.ndarray) -> FrameEncoding:
-        """Vision tokens ``[frame_tokens, hidden]`` of one frame (as transformers'
-        ``SmolVLMModel.get_image_features`` for one unpadded image).
-
-        Raises:
-            TypeError / ValueError: a frame :func:`check_rgb` or the processor refuses.
-        """
-        inputs = self.processor(images=[[check_rgb(rgb)]], return_tensors="pt")
+    def vision_inputs(self, rgb: np.ndarray) -> VisionInputs:
+        """The processor's one global image ``[1, 3, S, S]`` (no splitting) and, where part of it
+        is padding, its patch mask."""
+        inputs = self.processor(images=[[rgb]], return_tensors="pt")
         pixels = inputs["pixel_values"][0].to(self.device, next(self.vision_model.parameters()).dtype)
         mask = inputs["pixel_attention_mask"][0].to(self.device)
         p = self.patch_size
         patch_mask = mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0
-        hidden = self.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
-        embeds = self.connector(hidden).reshape(-1, self.decoder.cfg.hidden_size)
-        embeds = embeds.to(next(self.decoder.parameters()).dtype)
+        return VisionInputs((pixels,), (1, self.max_vision_tokens), None if bool(patch_mask.all()) else patch_mask)
+
+    def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
+        """SigLIP + connector (as transformers' ``SmolVLMModel.get_image_features`` for one
+        image): pixels -> ``[frame_tokens, hidden]``."""
+        return _Tower(self.vision_model, self.connector, self.decoder.cfg.hidden_size, inputs.mask)
+
+    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
+        """Vision tokens ``[frame_tokens, hidden]``; summary: their mean."""
+        embeds = outputs[0].to(next(self.decoder.parameters()).dtype)
         return FrameEncoding(embeds, embeds.float().mean(0), "", (1, embeds.shape[0]))
+
+
+class _Tower(torch.nn.Module):
+    """SigLIP and the pixel-shuffle connector: ``forward(pixels)`` -> vision tokens."""
+
+    def __init__(self, vision_model: torch.nn.Module, connector: torch.nn.Module, hidden: int,
+                 patch_mask: torch.Tensor | None):
+        super().__init__()
+        self.vision_model, self.connector, self.hidden, self.patch_mask = vision_model, connector, hidden, patch_mask
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.vision_model(pixel_values=pixels, patch_attention_mask=self.patch_mask).last_hidden_state
+        return self.connector(features).reshape(-1, self.hidden)
 
 
 def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SmolVLM:

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from ..kvcache import KVCache, SlotKind
+from ..engines.decoder_step import rope_positions
 from ..engines.identity import StepIdentity
 from ..models import Decoder
+from ..models.family import VisionLanguageModel, VisionRunner
 from .file_safety import replace_atomically, set_aside
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
@@ -35,10 +37,16 @@ class Backend:
     """Runs chunks through ``decoder``'s weights and a :class:`KVCache`.
 
     Args:
-        decoder: the model (its embedding table is always used from torch).
+        decoder: the model.
+
+    Attributes:
+        vision: the vision engine frames run through
+            (:meth:`~infmllm_ros.models.family.VisionLanguageModel.encode_frame`'s ``vision``),
+            None for the family's torch tower.
     """
 
     name = "base"
+    vision: VisionRunner | None = None
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
@@ -94,17 +102,15 @@ class EngineBackend(Backend):
 
     @torch.inference_mode()
     def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
-        if mrope is not None:
-            raise ValueError(f"the {self.name} backend runs 1-D RoPE decoders only")
         if self.step is None:
             raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
-        cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s)
+        if mrope is not None and self.decoder.cfg.mrope_section is None:
+            raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
+        slot_positions = cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s, mrope)
         try:
             dev = self.io_device
-            # an M-RoPE stream's offset (only the compiled step serves M-RoPE models: make_backend)
-            offset = {"position_offset": cache.position_offset} if cache.position_offset else {}
             logits, new_k, new_v, scores = self.step(embeds[None].to(dev), cache.k.to(dev), cache.v.to(dev),
-                                                     cache.length, **offset)
+                                                     cache.length, rope_positions(slot_positions, mrope).to(dev))
             cache.store_chunk(new_k, new_v, scores)
         except BaseException:
             cache.rollback()
@@ -114,102 +120,144 @@ class EngineBackend(Backend):
 
 
 class OnnxRuntimeBackend(EngineBackend):
-    """The exported decoder step on onnxruntime (CPU).
+    """A model's engines on onnxruntime (CPU): the decoder step, and with ``model`` its vision
+    engine and embedding lookup too, so a frame runs vision, frame chunk, question and decode on
+    onnxruntime.
 
-    The step is built for one model, buffer size and scoring rule (its
-    :class:`~infmllm_ros.engines.identity.StepIdentity`); :meth:`check_cache` finds it in
+    Each engine is built for one model, frame size, buffer size and scoring rule (its
+    :class:`~infmllm_ros.engines.identity.StepIdentity` key); :meth:`check_cache` finds it in
     ``engine_dir`` under the identity's file name (exporting it first when absent: minutes for a
     135M model on 2 cores) and refuses a file whose recorded identity differs.
 
     Args:
-        decoder: the model (CPU weights).
-        engine_dir: folder of exported steps.
-        model_name: names the model in the file name (e.g. the GGUF's stem).
+        decoder: the model's decoder (CPU weights).
+        engine_dir: folder of exported engines.
+        model_name: names the model in the file names (e.g. the GGUF's stem).
         progress: called with a line of text before a long export.
+        model: the vision-language model ``decoder`` belongs to (None: the decoder step alone,
+            embeddings and frames stay in torch).
     """
 
     name = "onnxruntime"
 
     def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str,
-                 progress: Callable[[str], None] = print):
+                 progress: Callable[[str], None] = print, model: VisionLanguageModel | None = None):
         super().__init__(decoder)
-        self.engine_dir, self.model_name, self.progress = Path(engine_dir), model_name, progress
+        self.engine_dir, self.model_name, self.progress, self.model = Path(engine_dir), model_name, progress, model
+        self.embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def engine_path(self, identity: StepIdentity) -> Path:
-        """The step's file for ``identity``."""
-        return self.engine_dir / f"{identity.stem()}.onnx"
+    def engine_path(self, identity: StepIdentity, kind: str = "step") -> Path:
+        """The file of engine ``kind`` (``step``, ``vision``, ``embed``) for ``identity``."""
+        return self.engine_dir / f"{identity.stem(kind)}.onnx"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     def check_cache(self, cache: KVCache) -> None:
-        """Find or export the step for ``cache`` and check it.
+        """Find or export each engine for ``cache`` and check it.
 
-        A step under the identity's file name that onnxruntime cannot load, or that was built for
-        another model, buffer size or scoring, is set aside intact
-        (:func:`.file_safety.set_aside`, reported through ``progress``) and exported again; an
-        export is written atomically, so an interrupted one leaves no half-written step.
+        An engine under the identity's file name that onnxruntime cannot load, or that was built
+        for another model, checkpoint, frame size, buffer size or scoring, is set aside intact
+        with its external data (:func:`.file_safety.set_aside`, reported through ``progress``)
+        and exported again; an export is written atomically, so an interrupted one leaves no
+        half-written engine.
 
         Raises:
             ValueError: the cache's policy scores with a rule that has no engine graph, or a
-                freshly exported step does not match (a bug, not a stale file).
-            RuntimeError: onnxruntime cannot load a freshly exported step.
+                freshly exported engine does not match (a bug, not a stale file).
+            RuntimeError: onnxruntime missing, or cannot load a freshly exported engine.
+            NotImplementedError: the model's family has no vision tower to export.
             OSError: ``engine_dir`` cannot be written.
         """
-        from ..engines.onnx_export import OrtDecoderStep, export_decoder_step
+        from ..engines import onnx_export as ox
 
-        expected = StepIdentity.for_cache(self.model_name, self.decoder, cache)
-        path = self.engine_path(expected)
+        try:
+            import onnxruntime  # noqa: F401  (checked before minutes of export)
+        except ImportError as exc:
+            raise RuntimeError("onnxruntime is not installed: pip install onnxruntime, or use backend torch") from exc
+        expected = StepIdentity.for_cache(self.model_name, self.decoder, cache, self.model)
+        self.step = self._engine(ox.OrtDecoderStep, expected, "step",
+                                 lambda tmp, data: ox.export_decoder_step(self.decoder, tmp, expected, data))
+        model = self.model
+        if model is not None:
+            self.embedding = self._engine(ox.OrtEmbedding, expected, "embed",
+                                          lambda tmp, data: ox.export_embedding(self.decoder, tmp, expected, data))
+            self.vision = self._engine(ox.OrtVision, expected, "vision",
+                                       lambda tmp, data: ox.export_vision(model, tmp, expected, data))
+
+    def _engine(self, runner, expected: StepIdentity, kind: str, export: Callable[[Path, str], object]):
+        path = self.engine_path(expected, kind)
+        data = path.with_name(f"{path.name}.data")
         if path.exists():
             try:
-                step = OrtDecoderStep(path)
-                step.check(expected)
-                self.step = step
-                return
+                engine = runner(path)
+                engine.check(expected)
+                return engine
             except (RuntimeError, ValueError) as exc:
-                aside = set_aside(path, "unloadable" if isinstance(exc, RuntimeError) else "other-identity")
+                reason = "unloadable" if isinstance(exc, RuntimeError) else "other-identity"
+                aside = set_aside(path, reason)
+                if data.exists():
+                    set_aside(data, reason)
                 self.progress(f"{exc}; set aside as {aside}")
-        self.progress(f"exporting the decoder step to {path} (once; minutes on a small CPU) ...")
+        self.progress(f"exporting the {kind} engine to {path} (once; minutes on a small CPU) ...")
         path.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(path, lambda tmp: export_decoder_step(self.decoder, tmp, expected))
-        step = OrtDecoderStep(path)
-        step.check(expected)
-        self.step = step
+        replace_atomically(path, lambda tmp: export(tmp, data.name))
+        engine = runner(path)
+        engine.check(expected)
+        return engine
 
 
 class TensorRTBackend(EngineBackend):
-    """A TensorRT engine of the decoder step on CUDA, chosen from ``engine_dir``'s manifest.
+    """A model's TensorRT engines on CUDA, chosen from ``engine_dir``'s manifest: the decoder
+    step, and with ``model`` its vision engine and embedding lookup.
 
     Untested here (no TensorRT on these machines); written against the TensorRT 10 API and
     type-checked with mypy (:mod:`infmllm_ros.engines.tensorrt_engine`).
 
     Args:
-        decoder: the model (its embedding table on the cache's CUDA device).
+        decoder: the model's decoder (its weights on the cache's CUDA device).
         engine_dir: folder holding ``manifest.json`` and engines from ``infmllm-build-engines``.
         model_name: the manifest's model field.
+        model: the vision-language model ``decoder`` belongs to (None: the step alone).
     """
 
     name = "tensorrt"
     io_device = "cuda"
 
-    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str):
+    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str,
+                 model: VisionLanguageModel | None = None):
         super().__init__(decoder)
-        self.engine_dir, self.model_name = Path(engine_dir), model_name
+        self.engine_dir, self.model_name, self.model = Path(engine_dir), model_name, model
+        self.embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     def check_cache(self, cache: KVCache) -> None:
-        """Load the engine built for this model, cache, TensorRT version and GPU.
+        """Load the engines built for this model, cache, TensorRT version and GPU.
 
         Raises:
-            RuntimeError: TensorRT missing or the engine unloadable. FileNotFoundError: no
+            RuntimeError: TensorRT missing or an engine unloadable. FileNotFoundError: no
             engines. ValueError: none matches (the differing fields are listed).
         """
-        from ..engines.tensorrt_engine import TrtDecoderStep, engine_key, require_tensorrt, select_engine
+        from ..engines import tensorrt_engine as trt_engine
 
-        require_tensorrt()
+        trt_engine.require_tensorrt()
         import tensorrt
 
         if not cache.k.is_cuda:
             raise ValueError("the tensorrt backend needs the KV cache on a CUDA device (parameter device: cuda)")
-        wanted = engine_key(StepIdentity.for_cache(self.model_name, self.decoder, cache), tensorrt.__version__,
-                            torch.cuda.get_device_name(cache.k.device))
-        self.step = TrtDecoderStep(select_engine(self.engine_dir, wanted))
+        identity = StepIdentity.for_cache(self.model_name, self.decoder, cache, self.model)
+        gpu = torch.cuda.get_device_name(cache.k.device)
+
+        def select(kind: str) -> Path:
+            return trt_engine.select_engine(self.engine_dir, trt_engine.engine_key(identity, kind, tensorrt.__version__,
+                                                                                   gpu))
+
+        self.step = trt_engine.TrtDecoderStep(select("step"))
+        if self.model is not None:
+            self.embedding = trt_engine.TrtEmbedding(select("embed"))
+            self.vision = trt_engine.TrtVision(select("vision"), self.model.engine_frame_size)
 
 
 #: Guards on the model's modules that the compiled step drops: hook dictionaries, module types and
@@ -231,8 +279,7 @@ class CompiledBackend(EngineBackend):
     """Decoded tokens through the decoder step compiled by ``torch.compile``; chunks through the
     torch path (:class:`TorchBackend`), so a stream mixes both on one cache.
 
-    Serves M-RoPE models too: a decoded token is text, whose rotation is 1-D at the stream's
-    position (:class:`~infmllm_ros.engines.decoder_step.DecoderStep`'s ``position_offset``).
+    Serves M-RoPE models too: a decoded token's ``[3, 1]`` positions are an input of the step.
 
     A decoded token through the torch path is ~50 operator calls per layer, each a Python call
     and a dispatch; compiled, the work between the matrix products (norms, RoPE, softmax, the
@@ -301,7 +348,7 @@ class CompiledBackend(EngineBackend):
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
 
-        def run(embeds, k, v, length: int, position_offset: int = 0):
+        def run(embeds, k, v, length: int, positions: torch.Tensor):
             # Inductor reads ``freezing`` from its global config (torch.compile's options do not
             # reach it): set around every call, so that any recompile sees the same settings.
             # The graph guards on its inputs' dispatch keys: ``embeds`` always enters as an
@@ -311,15 +358,16 @@ class CompiledBackend(EngineBackend):
             # buffer itself, marked static.
             layers = (k, v) if k.is_cuda else (k.unbind(0), v.unbind(0))
             with inductor_config.patch(options), torch.inference_mode():
-                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device),
-                               torch.tensor([position_offset], device=k.device))
+                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device), positions.clone())
             # a CUDA graph's outputs are overwritten by its next replay
             return tuple(t.clone() for t in out) if k.is_cuda else out
 
         self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a few minutes "
                       f"on a small CPU, seconds with Inductor's cache warm) ...")
         try:
-            run(self.embed(torch.zeros(1, dtype=torch.int64, device=cache.k.device))[None], cache.k, cache.v, 0, 0)
+            dev = cache.k.device
+            run(self.embed(torch.zeros(1, dtype=torch.int64, device=dev))[None], cache.k, cache.v, 0,
+                torch.zeros(3, 1, dtype=torch.int64, device=dev))
         except Exception as exc:  # Inductor's errors: no C++ compiler (CPU) or Triton (CUDA), a failed build
             raise RuntimeError(f"torch.compile could not build the decode step ({type(exc).__name__}: "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it needs "
@@ -333,22 +381,19 @@ class CompiledBackend(EngineBackend):
 
 
 def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines", model_name: str = "model",
-                 progress: Callable[[str], None] = print) -> Backend:
-    """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``.
+                 progress: Callable[[str], None] = print, model: VisionLanguageModel | None = None) -> Backend:
+    """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``; an engine backend given
+    ``model`` (the VLM ``decoder`` belongs to) runs its vision and embedding engines too.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones), or an engine backend
-            for an M-RoPE decoder (its step is exported with 1-D positions; torch runs it).
+        ValueError: an unknown name (the message lists the known ones).
     """
-    if name in ("onnxruntime", "tensorrt") and decoder.cfg.mrope_section is not None:
-        raise ValueError(f"the {name} backend exports 1-D RoPE decoders; this M-RoPE model (Qwen2-VL family) "
-                         f"runs on the torch backend")
     if name == "torch":
         return TorchBackend(decoder)
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress)
+        return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress, model)
     if name == "tensorrt":
-        return TensorRTBackend(decoder, engine_dir, model_name)
+        return TensorRTBackend(decoder, engine_dir, model_name, model)
     if name == "compiled":
         return CompiledBackend(decoder, progress)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")

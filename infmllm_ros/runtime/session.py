@@ -328,7 +328,7 @@ class StreamSession:
             raise ValueError("camera name is empty")
         camera = camera.strip()
         self._check_order(camera, stamp_s)
-        frame = self.model.encode_frame(rgb)
+        frame = self.model.encode_frame(rgb, self.backend.vision)
         novelty = self.scene.novelty(camera, frame.summary)
         return camera, frame, novelty, self.scene.is_novel(novelty)
 
@@ -527,8 +527,7 @@ def open_session(model: VisionLanguageModel, backend: str = "torch", engine_dir:
     ``kwargs`` go to :class:`StreamSession`. One model can serve many sessions.
 
     Raises:
-        ValueError: an unknown backend, an engine backend for an M-RoPE model, or see
-            :class:`StreamSession`.
+        ValueError: an unknown backend, or see :class:`StreamSession`.
     """
-    runner = make_backend(backend, model.decoder, engine_dir, model.name, progress)
+    runner = make_backend(backend, model.decoder, engine_dir, model.name, progress, model)
     return StreamSession(model, backend=runner, **kwargs)
