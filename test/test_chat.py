@@ -20,14 +20,16 @@ def clip(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("shape", ["qwen2.5-vl-tiny", "smolvlm2-tiny"])
-def test_chat_streams_a_video_and_answers_each_question(shape, clip, tmp_path, capsys):
+@pytest.mark.parametrize("shape,backend", [("qwen2.5-vl-tiny", "torch"), ("smolvlm2-tiny", "torch"),
+                                           ("qwen2.5-vl-tiny", "onnxruntime")])
+def test_chat_streams_a_video_and_answers_each_question(shape, backend, clip, tmp_path, capsys):
     model = build_random_checkpoint(shape, tmp_path / "model")
     out = tmp_path / "chat.json"
     rc = main(["--model", str(model), "--video", str(clip), "--fps", "2", "--capacity", "512",
                "--question", "What was seen?", "--question", "When?", "--max-new-tokens", "6",
-               "--json", str(out)])
+               "--backend", backend, "--engine-dir", str(tmp_path / "engines"), "--json", str(out)])
     assert rc == 0
+    assert len(list((tmp_path / "engines").glob("*.onnx"))) == (3 if backend == "onnxruntime" else 0)
     report = json.loads(out.read_text())
     assert [f["t"] for f in report["frames"]] == pytest.approx([0.5 * i for i in range(12)])
     assert report["frames"][0]["stored"] and sum(f["novel"] for f in report["frames"]) >= 3

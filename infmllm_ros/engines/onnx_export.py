@@ -17,6 +17,7 @@ TensorRT builds the same files on the device (:mod:`.tensorrt_engine`).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,7 +138,8 @@ def export_vision(model: VisionLanguageModel, path: str | Path, identity: StepId
     if not model.vision_traced:
         proto = _dynamo_export(tower, inputs.pixels, names, None)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the grid loops it records as constants
             torch.onnx.export(tower, inputs.pixels, str(path), dynamo=False, opset_version=OPSET,
                               input_names=names[0], output_names=names[1])
         proto = onnx.load(str(path))

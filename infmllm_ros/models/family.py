@@ -200,8 +200,14 @@ class VisionLanguageModel:
     def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
         """The vision tower and projector for frames shaped like ``inputs``, as one module whose
         forward takes ``*inputs.pixels`` and returns the tensor(s) :meth:`frame_encoding` reads
-        (what a vision engine is exported from; weights shared, not copied)."""
-        raise NotImplementedError
+        (what a vision engine is exported from; weights shared, not copied).
+
+        Raises:
+            NotImplementedError: the family has no tower module (it overrides :meth:`encode_frame`
+                alone): it runs on the torch backend only.
+        """
+        raise NotImplementedError(f"the {self.family} family has no vision tower to export as an engine; "
+                                  f"use backend torch")
 
     def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
         """The :class:`FrameEncoding` of the tower's ``outputs`` for a frame's ``inputs``."""

@@ -78,9 +78,11 @@ PARAMETERS = (
           "or int8 (weight-only int8 linears, CPU)"),
     Param("backend", "torch", "inference backend: torch, compiled (torch.compile of the decode step, a CUDA graph "
           "on a GPU: answers decode about twice as fast on a CPU after a compile at start, 2-4 minutes the first "
-          "time, seconds once Inductor's cache is warm), onnxruntime (CPU; exports its ONNX step on first start) "
-          "or tensorrt (CUDA; engines from infmllm-build-engines)"),
-    Param("engine_dir", "engines", "folder of exported decoder steps / TensorRT engines and their manifest"),
+          "time, seconds once Inductor's cache is warm), onnxruntime (CPU, every family: vision, embedding and "
+          "decoder-step ONNX engines, exported on first start or by infmllm-build-engines --backend onnxruntime) "
+          "or tensorrt (CUDA; engines from infmllm-build-engines --backend tensorrt on the device)"),
+    Param("engine_dir", "engines", "folder of a model's exported engines (vision, embedding, decoder step) / "
+          "TensorRT engines and their manifest"),
     Param("device", "cpu", "torch device: cpu, cuda or cuda:N"),
     Param("cache.capacity", 1024, "KV-cache slots (tokens) kept for the stream"),
     Param("cache.sinks", 0, "protected leading tokens of the system prompt (0: all of them)"),

@@ -176,14 +176,14 @@ class OnnxRuntimeBackend(EngineBackend):
         except ImportError as exc:
             raise RuntimeError("onnxruntime is not installed: pip install onnxruntime, or use backend torch") from exc
         expected = StepIdentity.for_cache(self.model_name, self.decoder, cache, self.model)
-        self.step = self._engine(ox.OrtDecoderStep, expected, "step",
-                                 lambda tmp, data: ox.export_decoder_step(self.decoder, tmp, expected, data))
         model = self.model
-        if model is not None:
-            self.embedding = self._engine(ox.OrtEmbedding, expected, "embed",
-                                          lambda tmp, data: ox.export_embedding(self.decoder, tmp, expected, data))
+        if model is not None:  # vision first: a family without a tower module is refused before any export
             self.vision = self._engine(ox.OrtVision, expected, "vision",
                                        lambda tmp, data: ox.export_vision(model, tmp, expected, data))
+            self.embedding = self._engine(ox.OrtEmbedding, expected, "embed",
+                                          lambda tmp, data: ox.export_embedding(self.decoder, tmp, expected, data))
+        self.step = self._engine(ox.OrtDecoderStep, expected, "step",
+                                 lambda tmp, data: ox.export_decoder_step(self.decoder, tmp, expected, data))
 
     def _engine(self, runner, expected: StepIdentity, kind: str, export: Callable[[Path, str], object]):
         path = self.engine_path(expected, kind)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..kvcache import POLICIES
+from ..runtime.backends import BACKENDS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (tokens)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights of an HF model")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="inference backend, as the node's `backend` (onnxruntime: every family's engines, exported "
+                        "into --engine-dir on first use)")
+    p.add_argument("--engine-dir", default="engines", help="folder of the model's engines (as the node's engine_dir)")
+    p.add_argument("--novelty-threshold", type=float, default=None,
+                   help="novelty gate: a frame's vision tokens are stored when it differs from the scene by more "
+                        "(0..1; default: the family's)")
     p.add_argument("--json", help="write answers, sightings and ingest figures here")
     return p.parse_args(argv)
 
@@ -78,14 +86,15 @@ def main(argv=None) -> int:
             raise ValueError("a --question is empty")
         t0 = time.perf_counter()
         model = load_model(args.model, args.device, args.precision)
-        session = open_session(model, capacity=args.capacity, policy=args.policy,
+        session = open_session(model, args.backend, args.engine_dir, capacity=args.capacity, policy=args.policy,
                                recent=args.recent if args.recent is not None else args.capacity // 4,
+                               novelty_threshold=args.novelty_threshold,
                                progress=lambda line: print(line, file=sys.stderr))
         print(f"model {model.name} ({model.family}) loaded in {time.perf_counter() - t0:.1f} s; "
               f"{args.policy} cache of {args.capacity} slots", file=sys.stderr)
         stream = frames(args)
         first = next(stream)  # a video OpenCV cannot open fails here, before any work
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # input, model, engine, device
         print(f"infmllm-chat: error: {exc}", file=sys.stderr)
         return 2
     ingest = []
