@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation mutation-ci clean
+.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation mutation-ci gpu-check clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -71,3 +71,16 @@ demo: $(STAMP)
 # The hour-long drive through the node (memory, drops, latencies): ~45 minutes on 2 cores.
 bench-drive: $(STAMP)
 	$(VENV)/bin/infmllm-demo --out bench/results/drive_60min --minutes 60
+
+# The one prepared GPU check (infmllm_ros/bench/gpu_check.py says what it runs): on a GPU machine,
+# from the working tree with the machine's own python3 and no venv, everything under GPU_OUT;
+# ~8 minutes on an H100. DRY_RUN=1: the same steps at tiny shapes on the CPU in the venv (CI).
+DRY_RUN ?=
+GPU_OUT ?= gpu-check-out
+ifeq ($(DRY_RUN),1)
+gpu-check: $(STAMP)
+	$(PY) -m infmllm_ros.bench.gpu_check --dry-run --out $(GPU_OUT)
+else
+gpu-check:
+	python3 -m infmllm_ros.bench.gpu_check --out $(GPU_OUT)
+endif

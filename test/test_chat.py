@@ -41,7 +41,10 @@ def test_chat_streams_a_video_and_answers_each_question(shape, backend, clip, tm
 
 def test_chat_exits_2_with_the_reason_for_bad_input(clip, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    cut = build_random_checkpoint("smolvlm2-tiny", tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:64])
     for argv, reason in (([ "--model", str(tmp_path)], "FooForCausalLM"),
+                         (["--model", str(cut)], f"weight file {cut / 'model.safetensors'} cannot be read"),
                          (["--video", str(tmp_path / "none.mp4")], "video not found"),
                          (["--fps", "0"], "--fps must be > 0")):
         base = {"--model": "smollm2-135m", "--video": str(clip)}

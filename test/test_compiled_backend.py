@@ -117,8 +117,9 @@ def test_the_cuda_graph_of_the_step_gives_the_eager_steps_logits(compile_once):
         embeds = dec.embed(torch.randint(0, dec.cfg.vocab_size, (n,), generator=g).cuda())
         if n == 1:
             with torch.inference_mode():
-                want = step(embeds[None], cache.k, cache.v, torch.tensor([cache.length], device="cuda"))
-                got = backend.step(embeds[None], cache.k, cache.v, cache.length)
+                positions = torch.full((3, 1), cache.length, device="cuda")
+                want = step(embeds[None], cache.k, cache.v, torch.tensor([cache.length], device="cuda"), positions)
+                got = backend.step(embeds[None], cache.k, cache.v, cache.length, positions)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         backend.run_chunk(embeds, cache)

@@ -154,6 +154,28 @@ def test_weights_that_disagree_with_the_config_are_refused(qwen_dir, tmp_path):
         load_model(broken_copy(qwen_dir, tmp_path / "w", widen))
 
 
+def test_a_wrong_hidden_size_is_named_before_anything_derived_from_it(qwen_dir, tmp_path):
+    """hidden_size fixes head_dim and so the M-RoPE sections' sum: the shapes are checked first."""
+    import json
+
+    def resize(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["text_config"]["hidden_size"] = 96
+        (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"shapes disagree.*hidden_size.*embed_tokens\.weight: checkpoint "
+                                         r"\(640, 64\), config \(640, 96\)"):
+        load_model(broken_copy(qwen_dir, tmp_path / "h", resize))
+
+
+def test_a_cut_short_weight_file_is_named(qwen_dir, tmp_path):
+    def cut(d):
+        weights = d / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    path = broken_copy(qwen_dir, tmp_path / "c", cut)
+    with pytest.raises(ValueError, match=r"weight file .*model\.safetensors cannot be read .*cut short"):
+        load_model(path)
+
+
 def test_a_frame_the_processor_cannot_take_changes_nothing(qwen_dir):
     model = load_model(str(qwen_dir))
     s = StreamSession(model, capacity=256, recent=32, sinks=4, system_prompt="Watch.", novelty_threshold=0.0)

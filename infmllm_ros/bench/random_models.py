@@ -100,12 +100,16 @@ def train_tokenizer(specials: list[str], vocab_size: int = 600):
     return tok
 
 
-def build_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def build_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                            layers: int | None = None) -> Path:
     """Write a random-weight checkpoint of ``shape`` (:data:`SHAPES`) into ``out``.
 
     Args:
         seed: ``torch.manual_seed`` before the weights are drawn (same seed, same weights).
         dtype: weight dtype written.
+        layers: keep only this many decoder layers (None: the shape's): a real shape's per-layer
+            cost where the whole model does not fit in memory twice (a token's decoder cost is
+            linear in the layers).
 
     Returns:
         ``out`` as a Path.
@@ -123,7 +127,7 @@ def build_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     tok = train_tokenizer(specials)
     ids = {t: tok.token_to_id(t) for t in specials}
     eos = ids["<|im_end|>"] if qwen else ids["<end_of_utterance>"]
-    text = {**spec["text"], "vocab_size": spec["vocab"], "tie_word_embeddings": spec["tie"], "eos_token_id": eos,
+    text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {}), "vocab_size": spec["vocab"], "tie_word_embeddings": spec["tie"], "eos_token_id": eos,
             "bos_token_id": ids["<|endoftext|>"], "pad_token_id": None}
     torch.manual_seed(seed)
     if spec["family"] == "qwen2_5_vl":

@@ -17,6 +17,7 @@ TensorRT builds the same files on the device (:mod:`.tensorrt_engine`).
 """
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,11 +139,12 @@ def export_vision(model: VisionLanguageModel, path: str | Path, identity: StepId
     if not model.vision_traced:
         proto = _dynamo_export(tower, inputs.pixels, names, None)
     else:
-        with torch.no_grad(), warnings.catch_warnings():
+        # into a folder of its own: over 2 GiB the tracer writes a data file per weight beside the graph
+        with tempfile.TemporaryDirectory(dir=path.parent) as folder, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the grid loops it records as constants
-            torch.onnx.export(tower, inputs.pixels, str(path), dynamo=False, opset_version=OPSET,
+            torch.onnx.export(tower, inputs.pixels, f"{folder}/vision.onnx", dynamo=False, opset_version=OPSET,
                               input_names=names[0], output_names=names[1])
-        proto = onnx.load(str(path))
+            proto = onnx.load(f"{folder}/vision.onnx")
     return _save(proto, path, identity.metadata("vision"), data_name)
 
 

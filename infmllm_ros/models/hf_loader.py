@@ -93,6 +93,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         FileNotFoundError: no ``.safetensors`` file, or a shard named in
             ``model.safetensors.index.json`` that is missing (the message names it).
+        ValueError: a shard safetensors cannot read (cut short, or another format; named).
     """
     from safetensors.torch import load_file
 
@@ -110,7 +111,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no .safetensors weights in {path} (expected model.safetensors)")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(load_file(str(shard)))
+        try:
+            state.update(load_file(str(shard)))
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
+            raise ValueError(f"weight file {shard} cannot be read ({exc}): cut short or not safetensors") from exc
     return state
 
 
@@ -144,12 +148,33 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         raise ValueError(f"{what}: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
 
 
+def check_decoder_shapes(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) -> None:
+    """Compare the tensors that fix a decoder's sizes with ``cfg``, before anything is derived
+    from those sizes (head_dim and the M-RoPE sections follow from hidden_size / heads: a wrong
+    hidden_size must be named as such, not as a RoPE error).
+
+    Raises:
+        ValueError: a tensor whose shape disagrees (named, with both shapes).
+    """
+    d = cfg.head_dim
+    want = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+            "model.layers.0.self_attn.q_proj.weight": (cfg.num_heads * d, cfg.hidden_size),
+            "model.layers.0.self_attn.k_proj.weight": (cfg.num_kv_heads * d, cfg.hidden_size),
+            "model.layers.0.mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size)}
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)}, config {shape}" for k, shape in want.items()
+             if k in state and tuple(state[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"{what}: tensor shapes disagree with config.json (hidden_size, heads, vocab_size or "
+                         f"intermediate_size): {'; '.join(wrong)}")
+
+
 def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) -> Decoder:
     """A :class:`Decoder` from HF-named tensors (``model.layers.N...``, ``lm_head.weight``).
 
     Raises:
-        ValueError: see :func:`load_module_state`.
+        ValueError: see :func:`check_decoder_shapes` and :func:`load_module_state`.
     """
+    check_decoder_shapes(cfg, state, what)
     decoder = Decoder(cfg)
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
