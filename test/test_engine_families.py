@@ -88,8 +88,8 @@ def test_logits_of_an_image_and_a_question_equal_the_torch_path(family):
         chunk = model.frame_chunk("<frame t=3.0s cam=front>", model.encode_frame(frame(1), s.backend.vision))
         embeds, kinds = s.chunk_embeds(chunk)
         after_image = s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=3.0, mrope=chunk.mrope)
-        head, newline, tail = s.question_turn()
-        question = head + s.operator_ids(QUESTION) + newline + tail
+        head, lead, newline, tail = s.question_turn()
+        question = head + s.operator_ids(QUESTION, lead) + newline + tail
         after_question = s.backend.run_chunk(s._embed_ids(question), s.cache)
         logits.append(torch.stack([after_image, after_question]))
     assert float((logits[0] - logits[1]).abs().max()) <= 1e-4

@@ -53,8 +53,8 @@ def prompt(session: StreamSession, rgb: np.ndarray, stamp: float = 3.0):
     and the same as one id list."""
     model = session.model
     chunk = model.frame_chunk(f"<frame t={stamp:.1f}s cam=front>", model.encode_frame(rgb))
-    head, newline, tail = session.question_turn()
-    question = head + session.operator_ids(QUESTION) + newline + tail
+    head, lead, newline, tail = session.question_turn()
+    question = head + session.operator_ids(QUESTION, lead) + newline + tail
     return chunk, question, session._system_ids + chunk.ids(model.image_token_id) + question
 
 
@@ -91,6 +91,41 @@ def test_image_and_text_prompt_logits_equal_transformers(family):
         want = ref(**reference_inputs(ours, ids, rgb)).logits[0]
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-4
+
+
+#: How each family's transformers processor expands the template's image part into vision tokens
+#: (``Qwen2_5_VLProcessor``: each ``<|image_pad|>`` becomes one per token; ``SmolVLMProcessor``:
+#: ``<image>`` becomes the global image's markers around one ``<image>`` per token).
+IMAGE_EXPANSION = {
+    "qwen": ("<|image_pad|>", lambda n: "<|image_pad|>" * n),
+    "smolvlm": ("<image>", lambda n: "<fake_token_around_image><global-img>" + "<image>" * n
+                + "<fake_token_around_image>"),
+}
+
+
+def test_prompt_ids_are_the_chat_template_tokenised_in_one_pass(family):
+    """System prompt, a frame turn and a question turn: our ids, built chunk by chunk, equal the
+    checkpoint's own template (transformers' apply_chat_template) tokenised in one pass by the
+    checkpoint's tokenizer, vision tokens expanded as the processor expands them. The question's
+    content ends with the newline after which a memory line would go."""
+    from transformers import AutoTokenizer
+
+    _, ours, _ = family
+    s = StreamSession(ours, capacity=512, policy="full", recent=64)
+    tag = "<frame t=3.0s cam=front>"
+    chunk = ours.frame_chunk(tag, ours.encode_frame(frame(1)))
+    head, lead, newline, tail = s.question_turn()
+    got = s._system_ids + chunk.ids(ours.image_token_id) + head + s.operator_ids(QUESTION, lead) + newline + tail
+    hf = AutoTokenizer.from_pretrained(str(ours.checkpoint))
+    text = hf.apply_chat_template(
+        [{"role": "system", "content": [{"type": "text", "text": s.template.system_prompt}]},
+         {"role": "user", "content": [{"type": "text", "text": tag + ours.novel_text}, {"type": "image"}]},
+         {"role": "user", "content": [{"type": "text", "text": QUESTION + "\n"}]}],
+        add_generation_prompt=True, tokenize=False)
+    marker, expand = IMAGE_EXPANSION["qwen" if hasattr(ours, "visual") else "smolvlm"]
+    assert text.count(marker) == 1
+    want = hf(text.replace(marker, expand(chunk.vision_tokens)), add_special_tokens=False).input_ids
+    assert got == want
 
 
 def test_full_cache_session_answers_token_for_token_like_generate(family):

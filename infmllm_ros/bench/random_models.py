@@ -84,13 +84,19 @@ SHAPES: dict[str, dict] = {
 }
 
 
+#: Chat lines in the training text, so the tiny tokenizers learn the merges real ones have where
+#: a turn's opening meets its text (``" What"``, ``" <"``): a prompt tokenised in pieces differs
+#: there from the template tokenised in one pass, and the tests must be able to see it.
+CHAT_LINES = "User: What did the front camera see? <frame t=3.0s cam=front> Question: What was there?\n" * 200
+
+
 def train_tokenizer(specials: list[str], vocab_size: int = 600):
-    """A byte-level BPE (``tokenizers``) trained on this package's own source text, with
-    ``specials`` as its first ids. Deterministic for a given source tree."""
+    """A byte-level BPE (``tokenizers``) trained on this package's own source text and
+    :data:`CHAT_LINES`, with ``specials`` as its first ids. Deterministic for a given source tree."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     root = Path(__file__).resolve().parents[1]
-    corpus = [p.read_text() for p in sorted(root.rglob("*.py"))]
+    corpus = [p.read_text() for p in sorted(root.rglob("*.py"))] + [CHAT_LINES]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -148,8 +148,7 @@ class VisionLanguageModel:
     def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, name: str, max_vision_tokens: int):
         self.decoder, self.tokenizer, self.name = decoder, tokenizer, name
         self.max_vision_tokens = max_vision_tokens
-        prefix, suffix = tokenizer.render_turn("user", "\0").split("\0")
-        self._turn_prefix, self._turn_suffix = tokenizer.encode(prefix), tokenizer.encode(suffix)
+        self._turn_prefix, self._turn_suffix = tokenizer.render_turn("user", "\0").split("\0")
 
     @property
     def device(self) -> torch.device:
@@ -216,11 +215,12 @@ class VisionLanguageModel:
     def frame_chunk(self, tag: str, frame: FrameEncoding | None) -> FrameChunk:
         """The chunk of a stored frame as a user turn: ``tag`` + :attr:`novel_text` + the image
         between the family's markers, or ``tag`` + :attr:`familiar_text` when ``frame`` is None."""
-        enc = self.tokenizer.encode
+        # each run of text between the vision tokens is encoded in one pass, as the template's text
+        enc, prefix, suffix = self.tokenizer.encode, self._turn_prefix, self._turn_suffix
         if frame is None:
-            return FrameChunk(self._turn_prefix + enc(tag + self.familiar_text) + self._turn_suffix, None, [])
-        before = self._turn_prefix + enc(tag + self.novel_text + self.image_open)
-        after = (enc(self.image_close) if self.image_close else []) + self._turn_suffix
+            return FrameChunk(enc(prefix + tag + self.familiar_text + suffix), None, [])
+        before = enc(prefix + tag + self.novel_text + self.image_open)
+        after = enc(self.image_close + suffix)
         return FrameChunk(before, frame.embeds, after, self.chunk_positions(len(before), frame, len(after)))
 
     def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor | None:

@@ -16,6 +16,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 _SPECIAL_TOKEN_TYPES = (3, 4)
 
 
+def split_trailing_space(text: str) -> tuple[str, str]:
+    """``text`` without its trailing spaces, and those spaces: a byte-level BPE attaches a space
+    to the word after it (``" What"``), so text that follows is encoded with them."""
+    core = text.rstrip(" ")
+    return core, text[len(core):]
+
+
 class ChatTokenizer:
     """Text <-> token ids, plus the chat template and stop tokens.
 

@@ -30,6 +30,7 @@ from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, FrameEncoding, VisionLanguageModel
 from ..models.vision import check_rgb
+from ..models.tokenizer import split_trailing_space
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
@@ -414,11 +415,12 @@ class StreamSession:
             raise ValueError("question is empty")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        question_ids = self.operator_ids(question)
+        head, lead, newline, tail = self.question_turn()
+        question_ids = self.operator_ids(question, lead)
         if len(question_ids) > self.max_question_tokens:
             raise ValueError(f"question is {len(question_ids)} tokens; the limit is {self.max_question_tokens} "
                              "(max_question_tokens)")
-        head, newline, tail = self.question_turn()
+        label, label_lead = split_trailing_space(self.template.question_label)
         short = 0 < len(question.split()) <= self.sentence_stop_words
         stopped = []
 
@@ -446,8 +448,8 @@ class StreamSession:
                 evidence = self.template.evidence(question, found, sightings, notes, self.seen_threshold,
                                                   self.evidence_sightings, len(self._last_stored_s) > 1)
                 # The question again after the memory line, labelled: the turn ends on what to answer.
-                again = (self.tokenizer.encode(evidence.line) + newline
-                         + self.tokenizer.encode(self.template.question_label) + question_ids) if evidence.line else []
+                again = (self.tokenizer.encode(evidence.line) + newline + self.tokenizer.encode(label)
+                         + self.operator_ids(question, label_lead)) if evidence.line else []
                 last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
                 sampling = sampling or self.sampling
@@ -489,19 +491,24 @@ class StreamSession:
         ValueError; the stream and the file are unchanged)."""
         return load_memory(self, path)
 
-    def operator_ids(self, text: str) -> list[int]:
+    def operator_ids(self, text: str, lead: str = "") -> list[int]:
         """Token ids of operator text: stripped, ``<`` and ``>`` replaced by ``‹`` and ``›`` (no
         frame tag or markup can be written), special-token strings read as plain characters
-        (:meth:`~infmllm_ros.models.tokenizer.ChatTokenizer.encode_plain`)."""
-        return self.tokenizer.encode_plain(text.strip().replace("<", "\u2039").replace(">", "\u203a"))
+        (:meth:`~infmllm_ros.models.tokenizer.ChatTokenizer.encode_plain`); ``lead``: the
+        whitespace that ends the text before it (:meth:`question_turn`), encoded with it as one
+        pass of the template's text would."""
+        return self.tokenizer.encode_plain(lead + text.strip().replace("<", "\u2039").replace(">", "\u203a"))
 
-    def question_turn(self) -> tuple[list[int], list[int], list[int]]:
+    def question_turn(self) -> tuple[list[int], str, list[int], list[int]]:
         """The user turn of a question in the chat template, as ids around the operator's text:
-        ``(the turn's opening, a newline, the turn's end + the assistant's opening)``; the
-        prompt is ``opening + question + newline [+ memory line + newline + question label +
-        question] + end``."""
+        ``(the turn's opening, its trailing whitespace, a newline, the turn's end + the
+        assistant's opening)``; the prompt is ``opening + operator_ids(question, whitespace) +
+        newline [+ memory line + newline + question label + question] + end``. The opening's
+        trailing whitespace (SmolVLM's ``User: ``) goes with the question, so the ids are the
+        template's text tokenised in one pass (a byte-level BPE merges ``" What"``)."""
         head, tail = self.tokenizer.render_turn("user", "\0", add_generation_prompt=True).split("\0")
-        return self.tokenizer.encode(head), self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
+        core, lead = split_trailing_space(head)
+        return self.tokenizer.encode(core), lead, self.tokenizer.encode("\n"), self.tokenizer.encode(tail)
 
     def _sightings(self, question_tokens: int) -> list[Sighting]:
         """Every frame of vision tokens in the cache, best match to the newest ``question_tokens``
