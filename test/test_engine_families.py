@@ -22,7 +22,7 @@ from infmllm_ros.models import load_model
 from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import open_session
 
-FAMILIES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny", "embedded")
+FAMILIES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny", "internvl3-tiny", "embedded")
 QUESTION = "What did the front camera see, and when?"
 #: One cache layout for every test of a family, so its engines are exported once.
 CACHE = dict(capacity=400, max_chunk=128, recent=64, slack=0, sampling=Sampling(), evidence_sightings=0,

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL and SmolVLM2 behind the family interface, against transformers on tiny random models.
+"""Qwen2.5-VL, Qwen2-VL, SmolVLM2 and InternVL3 behind the family interface, against transformers on
+tiny random models.
 
 Each checkpoint is built by the test from a transformers config (random weights, a BPE trained
 here), saved as a Hugging Face directory and loaded by both sides: our families
@@ -14,7 +15,7 @@ from infmllm_ros.models import load_model
 from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import StreamSession
 
-SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny")
+SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny", "internvl3-tiny")
 QUESTION = "What did the front camera see, and when?"
 
 
@@ -44,6 +45,8 @@ def reference_inputs(model, chunk_ids: list[int], rgb: np.ndarray) -> dict:
         px = model.processor(images=[rgb], return_tensors="pt")
         return {"input_ids": ids, "pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"],
                 "mm_token_type_ids": (ids == model.image_token_id).int()}
+    if model.family == "internvl":  # one tile
+        return {"input_ids": ids, "pixel_values": model.vision_inputs(rgb).pixels[0]}
     px = model.processor(images=[[rgb]], return_tensors="pt")
     return {"input_ids": ids, "pixel_values": px["pixel_values"], "pixel_attention_mask": px["pixel_attention_mask"]}
 
@@ -66,6 +69,9 @@ def test_vision_embeddings_equal_transformers(family):
     with torch.no_grad():
         if hasattr(ours, "visual"):
             want = ref.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        elif ours.family == "internvl":
+            want = ref.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default").pooler_output[0]
         else:
             want = ref.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output[0]
     assert got.shape == want.shape and got.shape[0] == ours.encode_frame(rgb).grid[0] * ours.encode_frame(rgb).grid[1]
@@ -100,6 +106,7 @@ IMAGE_EXPANSION = {
     "qwen": ("<|image_pad|>", lambda n: "<|image_pad|>" * n),
     "smolvlm": ("<image>", lambda n: "<fake_token_around_image><global-img>" + "<image>" * n
                 + "<fake_token_around_image>"),
+    "internvl": ("<IMG_CONTEXT>", lambda n: "<img>" + "<IMG_CONTEXT>" * n + "</img>"),
 }
 
 
@@ -122,7 +129,7 @@ def test_prompt_ids_are_the_chat_template_tokenised_in_one_pass(family):
          {"role": "user", "content": [{"type": "text", "text": tag + ours.novel_text}, {"type": "image"}]},
          {"role": "user", "content": [{"type": "text", "text": QUESTION + "\n"}]}],
         add_generation_prompt=True, tokenize=False)
-    marker, expand = IMAGE_EXPANSION["qwen" if hasattr(ours, "visual") else "smolvlm"]
+    marker, expand = IMAGE_EXPANSION["qwen" if hasattr(ours, "visual") else ours.family]
     assert text.count(marker) == 1
     want = hf(text.replace(marker, expand(chunk.vision_tokens)), add_special_tokens=False).input_ids
     assert got == want

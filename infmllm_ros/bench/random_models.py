@@ -44,6 +44,16 @@ SMOLVLM_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+
+#: ChatML with InternVL3's image part (``<IMG_CONTEXT>``, which its processor expands to
+#: ``<img>`` + one ``<IMG_CONTEXT>`` per token + ``</img>``), modelled on the -hf checkpoints'.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<IMG_CONTEXT>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 _QWEN_TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
                        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
@@ -54,6 +64,11 @@ _SMOL_TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=96,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e5)
 _SMOL_TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                          image_size=64, patch_size=8)
+
+_INTERNVL_TINY_TEXT = dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6)
+_INTERNVL_VISION_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=[448, 448], patch_size=[14, 14], layer_scale_init_value=0.1)
 
 #: Shape presets: family, text config, vision config, extra top-level config, image side (pixels).
 SHAPES: dict[str, dict] = {
@@ -81,6 +96,57 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=32, max_position_embeddings=16384, rope_theta=2.7e5, rms_norm_eps=1e-5), vision=dict(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
         patch_size=14)),
+    "internvl3-tiny": dict(family="internvl", vocab=640, tie=False, text=_INTERNVL_TINY_TEXT, top=dict(
+        downsample_ratio=0.5), vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=[64, 64], patch_size=[8, 8])),
+    "internvl3-1b": dict(family="internvl", vocab=151674, tie=True, top=dict(downsample_ratio=0.5), text=dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+        vision=_INTERNVL_VISION_300M),
+    "internvl3-2b": dict(family="internvl", vocab=151674, tie=True, top=dict(downsample_ratio=0.5), text=dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+        vision=_INTERNVL_VISION_300M),
+}
+
+
+def _qwen_processor(spec: dict, out: Path) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=spec["image"] ** 2).save_pretrained(out)
+
+
+def _smolvlm_processor(spec: dict, out: Path) -> None:
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    side = spec["vision"]["image_size"]
+    SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
+                             max_image_size={"longest_edge": side}).save_pretrained(out)
+
+
+def _internvl_processor(spec: dict, out: Path) -> None:
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    h, w = spec["vision"]["image_size"]
+    GotOcr2ImageProcessorPil(size={"height": h, "width": w}, crop_to_patches=False).save_pretrained(out)
+
+
+_QWEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+#: Per family: transformers' config and model class, special tokens, chat template, end of turn,
+#: the config's image-marker ids (key -> token) and the image processor it saves.
+BUILDERS: dict[str, dict] = {
+    "qwen2_5_vl": dict(config="Qwen2_5_VLConfig", model="Qwen2_5_VLForConditionalGeneration", specials=QWEN_SPECIALS,
+                       template=QWEN_TEMPLATE, eos="<|im_end|>", ids=_QWEN_IDS, processor=_qwen_processor),
+    "qwen2_vl": dict(config="Qwen2VLConfig", model="Qwen2VLForConditionalGeneration", specials=QWEN_SPECIALS,
+                     template=QWEN_TEMPLATE, eos="<|im_end|>", ids=_QWEN_IDS, processor=_qwen_processor),
+    "smolvlm": dict(config="SmolVLMConfig", model="SmolVLMForConditionalGeneration", specials=SMOLVLM_SPECIALS,
+                    template=SMOLVLM_TEMPLATE, eos="<end_of_utterance>", ids={"image_token_id": "<image>"},
+                    processor=_smolvlm_processor),
+    "internvl": dict(config="InternVLConfig", model="InternVLForConditionalGeneration", specials=INTERNVL_SPECIALS,
+                     template=INTERNVL_TEMPLATE, eos="<|im_end|>", ids={"image_token_id": "<IMG_CONTEXT>"},
+                     processor=_internvl_processor),
 }
 
 
@@ -126,51 +192,29 @@ def build_random_checkpoint(shape: str, out: str | Path, seed: int = 0, dtype: t
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
     spec = SHAPES[shape]
+    build = BUILDERS[spec["family"]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    qwen = spec["family"].startswith("qwen")
-    specials = QWEN_SPECIALS if qwen else SMOLVLM_SPECIALS
-    tok = train_tokenizer(specials)
-    ids = {t: tok.token_to_id(t) for t in specials}
-    eos = ids["<|im_end|>"] if qwen else ids["<end_of_utterance>"]
-    text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {}), "vocab_size": spec["vocab"], "tie_word_embeddings": spec["tie"], "eos_token_id": eos,
-            "bos_token_id": ids["<|endoftext|>"], "pad_token_id": None}
+    tok = train_tokenizer(build["specials"])
+    eos = tok.token_to_id(build["eos"])
+    text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {}), "vocab_size": spec["vocab"],
+            "tie_word_embeddings": spec["tie"], "eos_token_id": eos, "bos_token_id": tok.token_to_id("<|endoftext|>"),
+            "pad_token_id": None}
     torch.manual_seed(seed)
-    if spec["family"] == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model
-    elif spec["family"] == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
-    else:
-        from transformers import SmolVLMConfig as Config
-        from transformers import SmolVLMForConditionalGeneration as Model
-    if qwen:
-        cfg = Config(text_config=text, vision_config=spec["vision"], image_token_id=ids["<|image_pad|>"],
-                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=spec["tie"])
-    else:
-        cfg = Config(text_config=text, vision_config=spec["vision"], scale_factor=spec["scale_factor"],
-                     image_token_id=ids["<image>"], tie_word_embeddings=spec["tie"])
-    model = Model._from_config(cfg, dtype=dtype).eval()
+    import transformers
+
+    config, model_class = getattr(transformers, build["config"]), getattr(transformers, build["model"])
+    top = {**spec.get("top", {}), **({"scale_factor": spec["scale_factor"]} if "scale_factor" in spec else {})}
+    cfg = config(text_config=text, vision_config=spec["vision"], tie_word_embeddings=spec["tie"], **top,
+                 **{key: tok.token_to_id(token) for key, token in build["ids"].items()})
+    model = model_class._from_config(cfg, dtype=dtype).eval()
     model.save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))
-    template = QWEN_TEMPLATE if qwen else SMOLVLM_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": template, "eos_token": "<|im_end|>" if qwen else "<end_of_utterance>",
-        "bos_token": None, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768}, indent=1))
+        "chat_template": build["template"], "eos_token": build["eos"], "bos_token": None,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768}, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "do_sample": False}))
-    if qwen:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        side = spec["image"]
-        Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side).save_pretrained(out)
-    else:
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-        side = spec["vision"]["image_size"]
-        SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
-                                 max_image_size={"longest_edge": side}).save_pretrained(out)
+    build["processor"](spec, out)
     return out
 
 

@@ -15,6 +15,7 @@ from .cpu_gemm import pack_linears, quantize_linears
 from .embedded import load_embedded
 from .family import VisionLanguageModel
 from .hf_loader import read_config
+from .internvl import load_internvl
 from .presets import smollm2_gguf_path
 from .qwen_vl import load_qwen_vl
 from .smolvlm import load_smolvlm
@@ -28,6 +29,7 @@ FAMILIES: dict[str, Callable[..., VisionLanguageModel]] = {
     "Qwen2VLForConditionalGeneration": load_qwen_vl,
     "SmolVLMForConditionalGeneration": load_smolvlm,
     "Idefics3ForConditionalGeneration": load_smolvlm,
+    "InternVLForConditionalGeneration": load_internvl,
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
