@@ -22,7 +22,7 @@ from infmllm_ros.models import load_model
 from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import open_session
 
-FAMILIES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny", "internvl3-tiny", "embedded")
+FAMILIES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "qwen3-vl-tiny", "smolvlm2-tiny", "internvl3-tiny", "embedded")
 QUESTION = "What did the front camera see, and when?"
 #: One cache layout for every test of a family, so its engines are exported once.
 CACHE = dict(capacity=400, max_chunk=128, recent=64, slack=0, sampling=Sampling(), evidence_sightings=0,
@@ -30,11 +30,18 @@ CACHE = dict(capacity=400, max_chunk=128, recent=64, slack=0, sampling=Sampling(
 
 
 def frame(seed: int, h: int = 224, w: int = 224) -> np.ndarray:
-    """A random but structured RGB frame, uint8 [h, w, 3] (224 px: the Qwen engines' frame size)."""
+    """A random but structured RGB frame, uint8 [h, w, 3]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     base = np.stack([np.sin(6 * xx + seed), np.cos(5 * yy - seed), np.sin(3 * (xx + yy) + 2 * seed)], -1)
     return np.clip(127 + 100 * base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def engine_frame(model, seed: int) -> np.ndarray:
+    """A frame at the model's engine frame size (Qwen: 224 px for Qwen2.x, 256 px for Qwen3-VL),
+    so that the torch path and the engine see the same pixels."""
+    w, h = model.engine_frame_size or (224, 224)
+    return frame(seed, h, w)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -69,7 +76,7 @@ def test_each_family_exports_three_engines_once(family):
 def test_the_vision_engine_equals_the_transformers_tower(family):
     _, model, _, _ = family
     torch_session, ort_session = sessions(family)
-    inputs = model.vision_inputs(frame(0))
+    inputs = model.vision_inputs(engine_frame(model, 0))
     with torch.no_grad():
         want = model.vision_tower(inputs)(*inputs.pixels)
     want = want if isinstance(want, tuple) else (want,)
@@ -85,9 +92,10 @@ def test_logits_of_an_image_and_a_question_equal_the_torch_path(family):
     pair = sessions(family, novelty_threshold=0.0)
     logits = []
     for s in pair:
-        chunk = model.frame_chunk("<frame t=3.0s cam=front>", model.encode_frame(frame(1), s.backend.vision))
+        chunk = model.frame_chunk("<frame t=3.0s cam=front>", model.encode_frame(engine_frame(model, 1), s.backend.vision))
         embeds, kinds = s.chunk_embeds(chunk)
-        after_image = s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=3.0, mrope=chunk.mrope)
+        after_image = s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=3.0, mrope=chunk.mrope,
+                                          deepstack=chunk.deepstack_inputs())
         head, lead, newline, tail = s.question_turn()
         question = head + s.operator_ids(QUESTION, lead) + newline + tail
         after_question = s.backend.run_chunk(s._embed_ids(question), s.cache)
@@ -99,7 +107,7 @@ def test_the_greedy_answer_is_token_identical(family):
     answers = []
     for s in sessions(family, novelty_threshold=0.0):
         for i in range(3):
-            s.ingest_frame(frame(10 + i), float(i))
+            s.ingest_frame(engine_frame(s.model, 10 + i), float(i))
         answers.append(s.ask(QUESTION, max_new_tokens=16).token_ids)
     assert answers[0] == answers[1] and len(answers[0]) >= 1
 
@@ -121,7 +129,7 @@ def test_a_300_frame_stream_keeps_the_same_slots_in_every_row(family):
     name, model, _, _ = family
     pair = sessions(family, novelty_threshold=0.0 if name != "embedded" else None, familiar_interval_s=0.0)
     rng = np.random.default_rng(5)
-    frames = [frame(int(rng.integers(0, 40))) for _ in range(300)]  # scenes come back: some frames familiar
+    frames = [engine_frame(model, int(rng.integers(0, 40))) for _ in range(300)]  # scenes come back: some frames familiar
     for s in pair:
         for i, rgb in enumerate(frames):
             s.ingest_frame(rgb, float(i))
@@ -143,7 +151,7 @@ def test_frames_of_another_size_are_resized_to_the_engine_frame(family):
     _, model, _, _ = family
     _, ort_session = sessions(family)
     vision = ort_session.backend.vision
-    small, square = frame(3, 120, 160), frame(3)
+    small, square = frame(3, 120, 160), engine_frame(model, 3)
     encoded = model.encode_frame(small, vision)
     assert encoded.embeds.shape[0] == model.encode_frame(square, vision).embeds.shape[0]
     if vision.frame_size is not None:  # Qwen: the frame is squared to the engine's size first
@@ -175,7 +183,7 @@ def test_an_engine_of_other_weights_is_set_aside_intact_and_exported_again(qwen_
     refused = sorted((tmp_path / "engines").glob("*.refused-other-identity-*"))
     assert len(refused) == 3 and all(p.read_bytes() == old[p.name.split(".refused-")[0]] for p in refused)
     assert sum("infmllm.checkpoint: engine" in line for line in lines) == 3
-    inputs = model.vision_inputs(frame(0))
+    inputs = model.vision_inputs(engine_frame(model, 0))
     with torch.no_grad():
         want = model.vision_tower(inputs)(*inputs.pixels)
     assert float((s.backend.vision(*inputs.pixels)[0] - want).abs().max()) <= 1e-4  # the new weights' engine

@@ -15,7 +15,7 @@ from infmllm_ros.models import load_model
 from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import StreamSession
 
-SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "smolvlm2-tiny", "internvl3-tiny")
+SHAPES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "qwen3-vl-tiny", "smolvlm2-tiny", "internvl3-tiny")
 QUESTION = "What did the front camera see, and when?"
 
 
@@ -90,7 +90,7 @@ def test_image_and_text_prompt_logits_equal_transformers(family):
     hidden = [dec(dec.embed(torch.tensor(s._system_ids[i:i + step])), cache, SlotKind.SINK)
               for i in range(0, len(s._system_ids), step)]
     embeds, kinds = s.chunk_embeds(chunk)
-    hidden.append(dec(embeds, cache, kinds, mrope=chunk.mrope))
+    hidden.append(dec(embeds, cache, kinds, mrope=chunk.mrope, deepstack=chunk.deepstack_inputs()))
     hidden += [dec(dec.embed(torch.tensor(question[i:i + step])), cache) for i in range(0, len(question), step)]
     got = dec.logits(torch.cat(hidden))
     with torch.no_grad():

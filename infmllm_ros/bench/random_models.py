@@ -96,6 +96,20 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=32, max_position_embeddings=16384, rope_theta=2.7e5, rms_norm_eps=1e-5), vision=dict(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
         patch_size=14)),
+    "qwen3-vl-tiny": dict(family="qwen3_vl", vocab=640, tie=False, image=128, text=dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=4096, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+        vision=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                    deepstack_visual_indexes=[0, 1])),
+    "qwen3-vl-2b": dict(family="qwen3_vl", vocab=151936, tie=True, image=512, text=dict(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17])),
     "internvl3-tiny": dict(family="internvl", vocab=640, tie=False, text=_INTERNVL_TINY_TEXT, top=dict(
         downsample_ratio=0.5), vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                             num_attention_heads=2, image_size=[64, 64], patch_size=[8, 8])),
@@ -113,7 +127,8 @@ SHAPES: dict[str, dict] = {
 def _qwen_processor(spec: dict, out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=spec["image"] ** 2).save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=spec["image"] ** 2, patch_size=spec["vision"]["patch_size"],
+                             merge_size=spec["vision"]["spatial_merge_size"]).save_pretrained(out)
 
 
 def _smolvlm_processor(spec: dict, out: Path) -> None:
@@ -140,6 +155,8 @@ BUILDERS: dict[str, dict] = {
     "qwen2_5_vl": dict(config="Qwen2_5_VLConfig", model="Qwen2_5_VLForConditionalGeneration", specials=QWEN_SPECIALS,
                        template=QWEN_TEMPLATE, eos="<|im_end|>", ids=_QWEN_IDS, processor=_qwen_processor),
     "qwen2_vl": dict(config="Qwen2VLConfig", model="Qwen2VLForConditionalGeneration", specials=QWEN_SPECIALS,
+                     template=QWEN_TEMPLATE, eos="<|im_end|>", ids=_QWEN_IDS, processor=_qwen_processor),
+    "qwen3_vl": dict(config="Qwen3VLConfig", model="Qwen3VLForConditionalGeneration", specials=QWEN_SPECIALS,
                      template=QWEN_TEMPLATE, eos="<|im_end|>", ids=_QWEN_IDS, processor=_qwen_processor),
     "smolvlm": dict(config="SmolVLMConfig", model="SmolVLMForConditionalGeneration", specials=SMOLVLM_SPECIALS,
                     template=SMOLVLM_TEMPLATE, eos="<end_of_utterance>", ids={"image_token_id": "<image>"},

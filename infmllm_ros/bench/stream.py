@@ -93,7 +93,8 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
     embeds, kinds = s.chunk_embeds(chunk)
     while s.cache.length + len(chunk) <= slots:  # fill the stream with stored frames (no vision cost)
-        s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=0.0, logits=False, mrope=chunk.mrope)
+        s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=0.0, logits=False, mrope=chunk.mrope,
+                            deepstack=chunk.deepstack_inputs())
     commit, evict_ms = s.cache.commit, []
 
     def timed_commit():

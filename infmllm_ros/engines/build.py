@@ -95,10 +95,11 @@ def build_tensorrt(model, cache: KVCache, out: Path, args: argparse.Namespace) -
     from .tensorrt_engine import add_to_manifest, build_engine, embed_profile, engine_key, step_profile
 
     identity = StepIdentity.for_cache(model.name, model.decoder, cache, model)
-    hidden = model.decoder.cfg.hidden_size
+    cfg = model.decoder.cfg
     graphs = {"vision": (lambda p: ox.export_vision(model, p, identity), None),
               "embed": (lambda p: ox.export_embedding(model.decoder, p, identity), embed_profile(args.max_chunk)),
-              "step": (lambda p: ox.export_decoder_step(model.decoder, p, identity), step_profile(hidden, args.max_chunk))}
+              "step": (lambda p: ox.export_decoder_step(model.decoder, p, identity),
+                       step_profile(cfg.hidden_size, args.max_chunk, cfg.deepstack_layers))}
     gpu = torch.cuda.get_device_name()
     for i, (kind, (export, profile)) in enumerate(graphs.items(), 1):
         onnx_path = out / f"{identity.stem(kind)}.onnx"

@@ -26,10 +26,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models.decoder import Decoder
+from ..models.decoder import Decoder, DecoderConfig
 
 INPUTS = ("embeds", "k_cache", "v_cache", "length", "positions")
 OUTPUTS = ("logits", "new_k", "new_v", "scores")
+
+
+def step_inputs(cfg: DecoderConfig) -> tuple[str, ...]:
+    """The step's input names for a decoder of ``cfg``: :data:`INPUTS`, and ``deepstack`` for a
+    DeepStack model (Qwen3-VL: ``[deepstack_layers, n, hidden]``, zeros for a text chunk)."""
+    return INPUTS + ("deepstack",) if cfg.deepstack_layers else INPUTS
 
 
 def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Tensor, k: torch.Tensor,
@@ -101,6 +107,8 @@ class DecoderStep(nn.Module):
         length: int64 ``[1]``, occupied slots (tokens).
         positions: int64 ``[3, n]`` RoPE positions (t, h, w) of the chunk's tokens
             (:func:`rope_positions`); a 1-D RoPE model reads row 0.
+        deepstack: ``[deepstack_layers, n, hidden]`` added to the first layers' outputs (a
+            DeepStack model's frame chunk; zeros otherwise), None for other models.
 
     Returns:
         logits: fp32 ``[1, vocab]`` of the last position.
@@ -118,8 +126,8 @@ class DecoderStep(nn.Module):
         self.one_token = bool(one_token)
 
     def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor | Sequence[torch.Tensor],
-                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor, positions: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor, positions: torch.Tensor,
+                deepstack: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
         (kv_heads, slots), n, dev = k_cache[0].shape[:2], embeds.shape[1], embeds.device
         start = length.reshape(())
@@ -148,6 +156,8 @@ class DecoderStep(nn.Module):
             scores.append(columns[:, :slots].scatter(1, write, columns[:, slots:]))
             x = x + layer.self_attn.output(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x + deepstack[i]
             new_k.append(k)
             new_v.append(v)
         logits_last = dec.logits(dec.model.norm(x[-1:]))

@@ -29,7 +29,7 @@ import torch
 
 from ..models.cpu_gemm import dense_linears
 from ..models.decoder import Decoder
-from .decoder_step import INPUTS, OUTPUTS, DecoderStep
+from .decoder_step import INPUTS, OUTPUTS, DecoderStep, step_inputs
 from .identity import StepIdentity, example_frame
 
 if TYPE_CHECKING:
@@ -38,18 +38,19 @@ if TYPE_CHECKING:
 OPSET = 18
 #: Weights above this size go to an external data file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
-#: Input names of each engine kind (a vision engine's are ``pixels0..``).
-KIND_INPUTS = {"step": INPUTS, "embed": ("ids",)}
+#: The input names each engine kind may have (a vision engine's are ``pixels0..``).
+KIND_INPUTS = {"step": (INPUTS, INPUTS + ("deepstack",)), "embed": (("ids",),)}
 
 
 def example_inputs(decoder: Decoder, slots: int, n: int) -> tuple[torch.Tensor, ...]:
     """Zero inputs of the step's shapes: embeds ``[1, n, hidden]``, K/V buffers, length ``[1]``,
-    positions ``[3, n]``."""
+    positions ``[3, n]``, and a DeepStack model's ``deepstack`` ``[layers, n, hidden]``."""
     cfg = decoder.cfg
     dtype = next(decoder.parameters()).dtype
     buf = torch.zeros(cfg.num_layers, cfg.num_kv_heads, slots, cfg.head_dim, dtype=dtype)
+    deepstack = (torch.zeros(cfg.deepstack_layers, n, cfg.hidden_size, dtype=dtype),) if cfg.deepstack_layers else ()
     return (torch.zeros(1, n, cfg.hidden_size, dtype=dtype), buf, buf.clone(), torch.zeros(1, dtype=torch.int64),
-            torch.arange(n).expand(3, n).contiguous())
+            torch.arange(n).expand(3, n).contiguous(), *deepstack)
 
 
 def _save(proto: onnx.ModelProto, path: Path, metadata: dict[str, str], data_name: str | None) -> Path:
@@ -94,10 +95,12 @@ def export_decoder_step(decoder: Decoder, path: str | Path, identity: StepIdenti
         raise ValueError(f"max_chunk {max_chunk} must be in 1..slots ({slots})")
     step = DecoderStep(decoder, identity.beta, identity.normalise).eval()
     n = torch.export.Dim("n", min=1, max=max_chunk)
+    names = step_inputs(decoder.cfg)
+    dynamic = {"embeds": {1: n}, "k_cache": None, "v_cache": None, "length": None, "positions": {1: n},
+               "deepstack": {1: n}}
     with dense_linears(decoder):  # the graph holds dense weights
-        proto = _dynamo_export(step, example_inputs(decoder, slots, min(2, max_chunk)), (INPUTS, OUTPUTS),
-                               {"embeds": {1: n}, "k_cache": None, "v_cache": None, "length": None,
-                                "positions": {1: n}})
+        proto = _dynamo_export(step, example_inputs(decoder, slots, min(2, max_chunk)), (names, OUTPUTS),
+                               {k: dynamic[k] for k in names})
     return _save(proto, Path(path), identity.metadata("step"), data_name)
 
 
@@ -175,9 +178,10 @@ class OrtEngine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RuntimeError(f"onnxruntime cannot load {path}: {exc}") from exc
         names = tuple(i.name for i in self.session.get_inputs())
-        wanted = KIND_INPUTS.get(kind) or tuple(f"pixels{i}" for i in range(len(names)))
-        if names != wanted:
-            raise RuntimeError(f"{path} is not a {kind} engine: inputs {names}, expected {wanted}")
+        wanted = KIND_INPUTS.get(kind) or (tuple(f"pixels{i}" for i in range(len(names))),)
+        if names not in wanted:
+            raise RuntimeError(f"{path} is not a {kind} engine: inputs {names}, expected {' or '.join(map(str, wanted))}")
+        self.inputs = names
         self.path, self.kind = path, kind
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -204,10 +208,12 @@ class OrtDecoderStep(OrtEngine):
         super().__init__(path, "step", threads)
 
     def __call__(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 length: int, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                 length: int, positions: torch.Tensor, deepstack: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, ...]:
         """Same contract as :class:`DecoderStep` (``length`` as an int); CPU torch tensors out."""
+        extra = (deepstack.numpy(),) if deepstack is not None else ()
         return self.run(embeds.numpy(), k_cache.numpy(), v_cache.numpy(), np.array([length], dtype=np.int64),
-                        positions.numpy())
+                        positions.numpy(), *extra)
 
 
 class OrtVision(OrtEngine):

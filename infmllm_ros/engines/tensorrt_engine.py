@@ -107,11 +107,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Pro
     return engine_path
 
 
-def step_profile(hidden: int, max_chunk: int) -> Profile:
+def step_profile(hidden: int, max_chunk: int, deepstack_layers: int = 0) -> Profile:
     """The decoder step's profile: ``embeds`` ``[1, 1..max_chunk, hidden]``, ``positions``
-    ``[3, 1..max_chunk]``, optimised for ``max_chunk``."""
-    return {"embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
-            "positions": ((3, 1), (3, max_chunk), (3, max_chunk))}
+    ``[3, 1..max_chunk]`` (and a DeepStack model's ``deepstack`` ``[layers, 1..max_chunk,
+    hidden]``), optimised for ``max_chunk``."""
+    profile = {"embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
+               "positions": ((3, 1), (3, max_chunk), (3, max_chunk))}
+    if deepstack_layers:
+        k = deepstack_layers
+        profile["deepstack"] = ((k, 1, hidden), (k, max_chunk, hidden), (k, max_chunk, hidden))
+    return profile
 
 
 def embed_profile(max_ids: int) -> Profile:
@@ -240,16 +245,16 @@ class TrtEngine:
 class TrtDecoderStep(TrtEngine):
     """A decoder-step engine, called like :class:`~.decoder_step.DecoderStep` (``length`` an int)."""
 
-    def __init__(self, engine_path: str | Path):
-        super().__init__(engine_path, INPUTS)
+    def __init__(self, engine_path: str | Path, inputs: tuple[str, ...] = INPUTS):
+        super().__init__(engine_path, inputs)
         if sorted(self.outputs) != sorted(OUTPUTS):
             raise RuntimeError(f"{engine_path} is not a decoder step engine: outputs {self.outputs}")
         self.outputs = list(OUTPUTS)
 
     def __call__(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 length: int, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                 length: int, positions: torch.Tensor, *deepstack: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.run(embeds, k_cache, v_cache, torch.tensor([length], dtype=torch.int64, device=k_cache.device),
-                        positions)
+                        positions, *deepstack)
 
 
 class TrtVision(TrtEngine):

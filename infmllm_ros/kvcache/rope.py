@@ -13,7 +13,10 @@ positions are assigned within the cache).
 
 M-RoPE (Qwen2-VL, Wang et al. 2024, §2.1): a token has three positions (t, h, w); frequency
 pair ``i`` takes its angle from the axis whose section of ``mrope_section`` holds ``i``
-(transformers' ``Qwen2_5_VLRotaryEmbedding.recomposition_frequencies``). Text tokens have
+(transformers' ``Qwen2_5_VLRotaryEmbedding.recomposition_frequencies``). Interleaved M-RoPE
+(Qwen3-VL, transformers' ``Qwen3VLTextRotaryEmbedding.recomposition_frequencies``): pair ``i``
+takes h when ``i % 3 == 1`` and ``i < 3 * sections[1]``, w when ``i % 3 == 2`` and
+``i < 3 * sections[2]``, t otherwise. Text tokens have
 ``t = h = w``, which is plain RoPE. A compaction shift ``d`` moves all three axes by ``d``, which
 rotates every pair by ``d * inv_freq[i]``: the same 1-D re-rotation, so :meth:`Rope.rerotate`
 and the CUDA compaction kernel serve M-RoPE models unchanged.
@@ -37,13 +40,15 @@ class Rope:
         theta: RoPE base (e.g. 1e5 for SmolLM2, 1e6 for Qwen2).
         mrope_section: M-RoPE frequency pairs per axis (t, h, w), summing to ``head_dim / 2``
             (Qwen2.5-VL-3B: ``(16, 24, 24)``); None for 1-D RoPE.
+        interleaved: the axes' pairs interleave (Qwen3-VL) instead of following in sections.
 
     Raises:
         ValueError: if ``head_dim`` is odd, ``theta`` is not positive or ``mrope_section`` does not
             have three parts summing to ``head_dim / 2``.
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None):
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None,
+                 interleaved: bool = False):
         if head_dim % 2:
             raise ValueError(f"RoPE head_dim must be even, got {head_dim}")
         if theta <= 0:
@@ -53,6 +58,16 @@ class Rope:
             raise ValueError(f"mrope_section {mrope_section} must be three sizes summing to head_dim/2 = "
                              f"{head_dim // 2}")
         self.mrope_section = tuple(mrope_section) if mrope_section is not None else None
+        #: per frequency pair, the axis (0 t, 1 h, 2 w) its M-RoPE angle comes from
+        self.mrope_axis = None
+        if self.mrope_section is not None:
+            pair = torch.arange(head_dim // 2)
+            if interleaved:
+                sec = self.mrope_section
+                self.mrope_axis = torch.where((pair % 3 == 1) & (pair < 3 * sec[1]), 1,
+                                              torch.where((pair % 3 == 2) & (pair < 3 * sec[2]), 2, 0))
+            else:
+                self.mrope_axis = torch.repeat_interleave(torch.arange(3), torch.tensor(self.mrope_section))
         self.head_dim = head_dim
         self.theta = float(theta)
         # fp32 inverse frequencies, computed as transformers' LlamaRotaryEmbedding does.
@@ -89,8 +104,7 @@ class Rope:
         if positions.dim() != 2 or positions.shape[0] != 3:
             raise ValueError(f"M-RoPE positions must be [3, n], got {tuple(positions.shape)}")
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq_on(positions.device)  # [3, n, D/2]
-        axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                       torch.tensor(self.mrope_section, device=positions.device))
+        axis = self.mrope_axis.to(positions.device)
         freqs = freqs.gather(0, axis.expand(freqs.shape[1], -1)[None])[0]  # pair i from axis[i]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

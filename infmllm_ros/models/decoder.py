@@ -30,6 +30,11 @@ class DecoderConfig:
         max_position_embeddings: trained context (tokens); the cache never exceeds it.
         mrope_section: M-RoPE frequency pairs per (t, h, w) axis (Qwen2-VL / Qwen2.5-VL), None
             for 1-D RoPE (:class:`~infmllm_ros.kvcache.Rope`).
+        mrope_interleaved: the axes' pairs interleave (t, h, w, t, h, w, ...: Qwen3-VL) rather
+            than follow each other in sections.
+        qk_norm: an RMSNorm over each head's query and key before RoPE (Qwen3).
+        deepstack_layers: how many of the first layers take a frame's DeepStack features added
+            to their output at its vision tokens (Qwen3-VL); 0 for none.
     """
 
     vocab_size: int
@@ -45,6 +50,9 @@ class DecoderConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 4096
     mrope_section: tuple[int, int, int] | None = None
+    mrope_interleaved: bool = False
+    qk_norm: bool = False
+    deepstack_layers: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +80,8 @@ class Attention(nn.Module):
 
     ``qkv_proj`` is an optional fused ``[q; k; v]`` projection (one matrix product instead of
     three, set by :mod:`.cpu_gemm`); while it is set, ``q_proj``, ``k_proj`` and ``v_proj`` are None.
+    With ``cfg.qk_norm``, each head's query and key pass an RMSNorm over ``head_dim`` before RoPE
+    (``q_norm``, ``k_norm``: Qwen3's attention).
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int):
@@ -84,6 +94,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         self.register_module("qkv_proj", None)
         self.qkv_widths = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
 
     def project(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,8 +105,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(n, self.cfg.num_heads, d).transpose(0, 1)
-        k = k.view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
+        q, k = q.view(n, self.cfg.num_heads, d), k.view(n, self.cfg.num_kv_heads, d)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = v.view(n, self.cfg.num_kv_heads, d).transpose(0, 1)
         return Rope.apply(q, *rope_cs), Rope.apply(k, *rope_cs), v
 
@@ -163,7 +177,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
         self.model = _Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -199,7 +213,8 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
-                frame_id: int = -1, stamp_s: float = math.nan, mrope: torch.Tensor | None = None) -> torch.Tensor:
+                frame_id: int = -1, stamp_s: float = math.nan, mrope: torch.Tensor | None = None,
+                deepstack: torch.Tensor | None = None) -> torch.Tensor:
         """Run one chunk through the model and the cache (evicting if it overflows).
 
         Args:
@@ -211,6 +226,8 @@ class Decoder(nn.Module):
                 for an M-RoPE model's chunk that holds vision tokens (None: 1-D positions).
                 The chunk advances the position counter by ``mrope.max() + 1``
                 (:meth:`KVCache.begin_chunk`).
+            deepstack: ``[deepstack_layers, n, hidden]`` added to the output of the first layers
+                (zeros at text tokens; :meth:`~.family.FrameChunk.deepstack_inputs`), or None.
 
         Returns:
             final normed hidden states ``[n, hidden]`` (apply :meth:`logits` where needed).
@@ -229,8 +246,10 @@ class Decoder(nn.Module):
             x = embeds
             rope_cs = (self.rope.cos_sin(positions, embeds.dtype) if mrope is None else
                        self.rope.cos_sin_mrope(positions[0] + mrope.to(positions.device), embeds.dtype))
-            for layer in self.model.layers:
+            for i, layer in enumerate(self.model.layers):
                 x = layer(x, rope_cs, cache)
+                if deepstack is not None and i < deepstack.shape[0]:
+                    x = x + deepstack[i]
             x = self.model.norm(x)
         except BaseException:
             cache.rollback()

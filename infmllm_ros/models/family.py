@@ -51,12 +51,15 @@ class FrameEncoding:
             embedded family, mean vision token otherwise; see :attr:`VisionLanguageModel.novelty_metric`).
         label: what the frame shows in words ("domestic cat"), "" when the family does not name it.
         grid: ``(h, w)`` of the vision tokens as the decoder lays them out (M-RoPE), ``h * w = n``.
+        deepstack: a DeepStack family's features for its first decoder layers, each ``[n, hidden]``
+            (Qwen3-VL), empty otherwise.
     """
 
     embeds: torch.Tensor
     summary: torch.Tensor
     label: str = ""
     grid: tuple[int, int] = (1, 1)
+    deepstack: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,24 @@ class FrameChunk:
         vision: ``[m, hidden]`` vision embeddings, or None for a familiar frame (text only).
         after: token ids behind them (closing marker, end of turn).
         mrope: int64 ``[3, n]`` (t, h, w) positions relative to the chunk start, or None (1-D).
+        deepstack: ``[layers, m, hidden]`` DeepStack features of the vision tokens, or None.
     """
 
     before: list[int]
     vision: torch.Tensor | None
     after: list[int]
     mrope: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+
+    def deepstack_inputs(self) -> torch.Tensor | None:
+        """The DeepStack features over the whole chunk, ``[layers, len(self), hidden]`` (zeros at
+        the text tokens; what :meth:`Decoder.forward` adds), or None."""
+        if self.deepstack is None:
+            return None
+        layers, m, hidden = self.deepstack.shape
+        full = self.deepstack.new_zeros(layers, len(self), hidden)
+        full[:, len(self.before):len(self.before) + m] = self.deepstack
+        return full
 
     @property
     def vision_tokens(self) -> int:
@@ -221,7 +236,8 @@ class VisionLanguageModel:
             return FrameChunk(enc(prefix + tag + self.familiar_text + suffix), None, [])
         before = enc(prefix + tag + self.novel_text + self.image_open)
         after = enc(self.image_close + suffix)
-        return FrameChunk(before, frame.embeds, after, self.chunk_positions(len(before), frame, len(after)))
+        deepstack = torch.stack(frame.deepstack) if frame.deepstack else None
+        return FrameChunk(before, frame.embeds, after, self.chunk_positions(len(before), frame, len(after)), deepstack)
 
     def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor | None:
         """RoPE positions of a frame chunk relative to its start: None for 1-D RoPE (the tokens

@@ -36,11 +36,12 @@ def read_config(path: str | Path) -> dict:
         raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from exc
 
 
-def decoder_config(text: dict, attention_bias: bool = False) -> DecoderConfig:
+def decoder_config(text: dict, attention_bias: bool = False, **extra) -> DecoderConfig:
     """A :class:`DecoderConfig` from a LLaMA / Qwen2 ``config.json`` (or a VLM's ``text_config``).
 
-    Reads ``rope_theta`` and M-RoPE's ``mrope_section`` from either the 4.x fields
-    (``rope_theta``, ``rope_scaling``) or transformers 5's ``rope_parameters``.
+    Reads ``rope_theta`` and M-RoPE's ``mrope_section`` (and ``mrope_interleaved``) from either
+    the 4.x fields (``rope_theta``, ``rope_scaling``) or transformers 5's ``rope_parameters``;
+    ``extra``: :class:`DecoderConfig` fields a family sets itself (``qk_norm``, ``deepstack_layers``).
 
     Raises:
         ValueError: a missing size field, or RoPE scaling other than M-RoPE.
@@ -63,12 +64,13 @@ def decoder_config(text: dict, attention_bias: bool = False) -> DecoderConfig:
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             attention_bias=attention_bias or bool(text.get("attention_bias", False)),
             max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-            mrope_section=tuple(mrope) if mrope else None)
+            mrope_section=tuple(mrope) if mrope else None, mrope_interleaved=bool(rope.get("mrope_interleaved")),
+            **extra)
     except KeyError as exc:
         raise ValueError(f"config has no {exc.args[0]!r}") from exc
 
 
-def read_vlm_config(path: Path, attention_bias: bool = False) -> tuple[dict, DecoderConfig]:
+def read_vlm_config(path: Path, attention_bias: bool = False, **extra) -> tuple[dict, DecoderConfig]:
     """A VLM checkpoint folder's ``config.json`` and its language model's :class:`DecoderConfig`
     (``text_config``, or the top level for 4.x Qwen2-VL files; tied embeddings from either).
 
@@ -84,7 +86,7 @@ def read_vlm_config(path: Path, attention_bias: bool = False) -> tuple[dict, Dec
         raise ValueError(f"{path}/config.json has no image_token_id")
     text = hf.get("text_config") or hf
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return hf, decoder_config({**text, "tie_word_embeddings": tie}, attention_bias)
+    return hf, decoder_config({**text, "tie_word_embeddings": tie}, attention_bias, **extra)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

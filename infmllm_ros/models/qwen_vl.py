@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen2-VL: transformers' vision tower and merger, our Qwen2 decoder with M-RoPE.
+"""Qwen2.5-VL, Qwen2-VL and Qwen3-VL: transformers' vision tower and merger, our decoder with M-RoPE.
 
 What is ours: the decoder (the KV cache, eviction and its scoring run inside it) and the frame
 chunk's layout and positions. What is reused from ``transformers``: the ViT with 2-D RoPE,
@@ -14,9 +14,17 @@ and a heartbeat every ``familiar_interval_s``), and each frame must stay one evi
 with its own stamp. The frame's time reaches the model as text (``<frame t=12.0s ...>``).
 
 M-RoPE positions of a frame chunk (transformers' ``Qwen2_5_VLModel.get_rope_index`` for one
-image): text tokens count up on all three axes; the ``h x w`` merged vision tokens take
-``(s, s + i, s + j)`` where ``s`` is the position after the text before them; the text after
-the image resumes at ``s + max(h, w)``.
+image, and Qwen3-VL's alike): text tokens count up on all three axes; the ``h x w`` merged vision
+tokens take ``(s, s + i, s + j)`` where ``s`` is the position after the text before them; the
+text after the image resumes at ``s + max(h, w)``.
+
+Qwen3-VL differs in three places, each a setting of our decoder: its language model normalises
+each head's query and key (``qk_norm``), its M-RoPE interleaves the axes' frequencies
+(``mrope_interleaved``), and DeepStack: the tower also returns features taken from some of its
+middle blocks, one per first decoder layer, added to those layers' outputs at the frame's
+vision tokens (``deepstack_layers``; transformers' ``Qwen3VLTextModel._deepstack_process``). They
+travel with the frame chunk (:attr:`~.family.FrameChunk.deepstack`): a frame stays one evictable
+chunk, and what DeepStack adds is already inside the K/V it leaves in the cache.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import numpy as np
 import torch
 
 from .family import FrameEncoding, VisionInputs, VisionLanguageModel
-from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
+from .hf_loader import load_decoder, load_module_state, read_config, read_safetensors, read_vlm_config, take_prefixed
 from .tokenizer import ChatTokenizer
 
 #: Vision tokens per frame by default (the processor's ``max_pixels`` is this many 28x28 px
@@ -84,9 +92,11 @@ class QwenVL(VisionLanguageModel):
         return _Tower(self.visual, torch.tensor([[1, h * self.merge, w * self.merge]], device=self.device))
 
     def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
-        """Merged 2x2 patches as vision tokens ``[h * w, hidden]`` (row-major); summary: their mean."""
-        embeds = outputs[0].to(next(self.decoder.parameters()).dtype)
-        return FrameEncoding(embeds, embeds.float().mean(0), "", inputs.grid)
+        """Merged 2x2 patches as vision tokens ``[h * w, hidden]`` (row-major); summary: their
+        mean; a Qwen3-VL tower's further outputs are its DeepStack features."""
+        dtype = next(self.decoder.parameters()).dtype
+        embeds = outputs[0].to(dtype)
+        return FrameEncoding(embeds, embeds.float().mean(0), "", inputs.grid, tuple(o.to(dtype) for o in outputs[1:]))
 
     def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor:
         """int64 ``[3, n]`` (t, h, w) positions of a frame chunk relative to its start."""
@@ -99,14 +109,17 @@ class QwenVL(VisionLanguageModel):
 
 
 class _Tower(torch.nn.Module):
-    """The tower at one image grid: ``forward(patches)`` -> merged vision tokens."""
+    """The tower at one image grid: ``forward(patches)`` -> merged vision tokens (and, for
+    Qwen3-VL, its DeepStack features after them)."""
 
     def __init__(self, visual: torch.nn.Module, grid_thw: torch.Tensor):
         super().__init__()
         self.visual, self.grid_thw = visual, grid_thw
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixels, grid_thw=self.grid_thw).pooler_output
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.visual(pixels, grid_thw=self.grid_thw)
+        deepstack = getattr(out, "deepstack_features", None)
+        return (out.pooler_output, *deepstack) if deepstack else out.pooler_output
 
 
 class Qwen2VL(QwenVL):
@@ -115,10 +128,25 @@ class Qwen2VL(QwenVL):
     family = "qwen2_vl"
 
 
+class Qwen3VL(QwenVL):
+    """Qwen3-VL: the same layout and positions, with QK-norm, interleaved M-RoPE and DeepStack
+    (see the module docstring)."""
+
+    family = "qwen3_vl"
+
+
+#: ``config.json``'s model_type -> (family class, transformers' tower class name and module).
+_TOWERS = {
+    "qwen2_vl": (Qwen2VL, "qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+    "qwen2_5_vl": (QwenVL, "qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+    "qwen3_vl": (Qwen3VL, "qwen3_vl", "Qwen3VLVisionModel"),
+}
+
+
 def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  frame_tokens: int = DEFAULT_FRAME_TOKENS) -> QwenVL:
-    """A Qwen2.5-VL or Qwen2-VL checkpoint folder (``Qwen2_5_VLForConditionalGeneration`` /
-    ``Qwen2VLForConditionalGeneration``).
+    """A Qwen2.5-VL, Qwen2-VL or Qwen3-VL checkpoint folder (``Qwen2_5_VLForConditionalGeneration``,
+    ``Qwen2VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
 
     Args:
         path: folder with ``config.json``, ``*.safetensors``, ``tokenizer.json``,
@@ -133,8 +161,18 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     from transformers import AutoConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    import importlib
+
     path = Path(path)
-    hf, cfg = read_vlm_config(path, attention_bias=True)
+    kind = read_config(path).get("model_type", "qwen2_5_vl")
+    if kind not in _TOWERS:
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is not one of {sorted(_TOWERS)}")
+    family, module, tower_name = _TOWERS[kind]
+    if kind == "qwen3_vl":  # no q/k/v biases; per-head QK RMSNorm; DeepStack into the first layers
+        deepstack = len(read_config(path).get("vision_config", {}).get("deepstack_visual_indexes", ()))
+        hf, cfg = read_vlm_config(path, qk_norm=True, deepstack_layers=deepstack)
+    else:
+        hf, cfg = read_vlm_config(path, attention_bias=True)
     if cfg.mrope_section is None:
         raise ValueError(f"{path}/config.json has no mrope_section (rope_scaling / rope_parameters)")
     state = read_safetensors(path)
@@ -143,18 +181,13 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
                   **take_prefixed(state, ("lm_head.",), "lm_head.")}
     decoder = load_decoder(cfg, text_state, f"{path} (language model)")
     full_cfg = AutoConfig.from_pretrained(str(path))
-    if hf.get("model_type") == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as Tower
-    else:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel as Tower)
-    visual = Tower._from_config(full_cfg.vision_config)
+    tower = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), tower_name)
+    visual = tower._from_config(full_cfg.vision_config)
     load_module_state(visual, vision_state, f"{path} (vision tower)")
     merge = int(full_cfg.vision_config.spatial_merge_size)
     cell = int(full_cfg.vision_config.patch_size) * merge
     processor = Qwen2VLImageProcessorPil.from_pretrained(
         str(path), max_pixels=frame_tokens * cell * cell, min_pixels=min(4, frame_tokens) * cell * cell)
     tokenizer = ChatTokenizer.from_hf_dir(path)
-    family = Qwen2VL if hf.get("model_type") == "qwen2_vl" else QwenVL
     return family(decoder.to(device, dtype), tokenizer, path.name, visual.to(device, dtype).eval(), processor,
                   int(hf["image_token_id"]), merge, frame_tokens, cell)

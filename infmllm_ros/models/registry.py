@@ -27,6 +27,7 @@ PRESETS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf_path}
 FAMILIES: dict[str, Callable[..., VisionLanguageModel]] = {
     "Qwen2_5_VLForConditionalGeneration": load_qwen_vl,
     "Qwen2VLForConditionalGeneration": load_qwen_vl,
+    "Qwen3VLForConditionalGeneration": load_qwen_vl,
     "SmolVLMForConditionalGeneration": load_smolvlm,
     "Idefics3ForConditionalGeneration": load_smolvlm,
     "InternVLForConditionalGeneration": load_internvl,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..kvcache import KVCache, SlotKind
-from ..engines.decoder_step import rope_positions
+from ..engines.decoder_step import rope_positions, step_inputs
 from ..engines.identity import StepIdentity
 from ..models import Decoder
 from ..models.family import VisionLanguageModel, VisionRunner
@@ -60,11 +60,12 @@ class Backend:
 
     def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
                   frame_id: int = -1, stamp_s: float = math.nan, logits: bool = True,
-                  mrope: torch.Tensor | None = None) -> torch.Tensor | None:
+                  mrope: torch.Tensor | None = None, deepstack: torch.Tensor | None = None) -> torch.Tensor | None:
         """Append ``embeds`` ``[n, hidden]`` to the stream; fp32 logits ``[vocab]`` of its last token.
 
         ``kind``, ``frame_id``, ``stamp_s``: slot metadata (see :meth:`KVCache.begin_chunk`).
         ``mrope``: int64 ``[3, n]`` M-RoPE positions of a vision chunk (:meth:`Decoder.forward`).
+        ``deepstack``: a DeepStack model's ``[layers, n, hidden]`` for a frame chunk (:meth:`Decoder.forward`).
         ``logits=False``: the caller does not need them (a frame); a backend may skip the LM head
         (torch does: one ``[vocab, hidden]`` matrix-vector product, the largest of the model) and
         return None.
@@ -81,8 +82,9 @@ class TorchBackend(Backend):
     name = "torch"
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
-        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s, mrope)
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
+                  deepstack=None):
+        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s, mrope, deepstack)
         return self.decoder.logits(hidden[-1:])[0] if logits else None
 
 
@@ -101,16 +103,24 @@ class EngineBackend(Backend):
         self.step: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
+                  deepstack=None):
         if self.step is None:
             raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
         if mrope is not None and self.decoder.cfg.mrope_section is None:
             raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
-        slot_positions = cache.begin_chunk(embeds.shape[0], kind, frame_id, stamp_s, mrope)
+        cfg, n, dev = self.decoder.cfg, embeds.shape[0], self.io_device
+        if cfg.deepstack_layers:  # the graph always takes it: zeros for a chunk without vision tokens
+            deepstack = (embeds.new_zeros(cfg.deepstack_layers, n, cfg.hidden_size) if deepstack is None
+                         else deepstack)
+            extra = (deepstack.to(dev, embeds.dtype),)
+        else:
+            extra = ()
+        slot_positions = cache.begin_chunk(n, kind, frame_id, stamp_s, mrope)
         try:
-            dev = self.io_device
             logits, new_k, new_v, scores = self.step(embeds[None].to(dev), cache.k.to(dev), cache.v.to(dev),
-                                                     cache.length, rope_positions(slot_positions, mrope).to(dev))
+                                                     cache.length, rope_positions(slot_positions, mrope).to(dev),
+                                                     *extra)
             cache.store_chunk(new_k, new_v, scores)
         except BaseException:
             cache.rollback()
@@ -254,7 +264,7 @@ class TensorRTBackend(EngineBackend):
             return trt_engine.select_engine(self.engine_dir, trt_engine.engine_key(identity, kind, tensorrt.__version__,
                                                                                    gpu))
 
-        self.step = trt_engine.TrtDecoderStep(select("step"))
+        self.step = trt_engine.TrtDecoderStep(select("step"), step_inputs(self.decoder.cfg))
         if self.model is not None:
             self.embedding = trt_engine.TrtEmbedding(select("embed"))
             self.vision = trt_engine.TrtVision(select("vision"), self.model.engine_frame_size)
@@ -348,7 +358,7 @@ class CompiledBackend(EngineBackend):
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
 
-        def run(embeds, k, v, length: int, positions: torch.Tensor):
+        def run(embeds, k, v, length: int, positions: torch.Tensor, *deepstack: torch.Tensor):
             # Inductor reads ``freezing`` from its global config (torch.compile's options do not
             # reach it): set around every call, so that any recompile sees the same settings.
             # The graph guards on its inputs' dispatch keys: ``embeds`` always enters as an
@@ -358,25 +368,28 @@ class CompiledBackend(EngineBackend):
             # buffer itself, marked static.
             layers = (k, v) if k.is_cuda else (k.unbind(0), v.unbind(0))
             with inductor_config.patch(options), torch.inference_mode():
-                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device), positions.clone())
+                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device), positions.clone(),
+                               *(d.clone() for d in deepstack))
             # a CUDA graph's outputs are overwritten by its next replay
             return tuple(t.clone() for t in out) if k.is_cuda else out
 
         self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a few minutes "
                       f"on a small CPU, seconds with Inductor's cache warm) ...")
         try:
-            dev = cache.k.device
-            run(self.embed(torch.zeros(1, dtype=torch.int64, device=dev))[None], cache.k, cache.v, 0,
-                torch.zeros(3, 1, dtype=torch.int64, device=dev))
+            dev, cfg = cache.k.device, self.decoder.cfg
+            embeds = self.embed(torch.zeros(1, dtype=torch.int64, device=dev))
+            deepstack = (embeds.new_zeros(cfg.deepstack_layers, 1, cfg.hidden_size),) if cfg.deepstack_layers else ()
+            run(embeds[None], cache.k, cache.v, 0, torch.zeros(3, 1, dtype=torch.int64, device=dev), *deepstack)
         except Exception as exc:  # Inductor's errors: no C++ compiler (CPU) or Triton (CUDA), a failed build
             raise RuntimeError(f"torch.compile could not build the decode step ({type(exc).__name__}: "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it needs "
                                f"a C++ compiler on the CPU, Triton on CUDA; backend torch runs without") from exc
         self.step, self.compiled_for, self.io_device = run, identity, cache.k.device
 
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None):
-        if embeds.shape[0] > 1 or mrope is not None:
-            return self.eager.run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
+    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
+                  deepstack=None):
+        if embeds.shape[0] > 1 or mrope is not None or deepstack is not None:
+            return self.eager.run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope, deepstack)
         return super().run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
 
 

@@ -302,7 +302,7 @@ class StreamSession:
             frame_id = self.frames_ingested
             if store:
                 self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
-                                       logits=False, mrope=chunk.mrope)
+                                       logits=False, mrope=chunk.mrope, deepstack=chunk.deepstack_inputs())
                 self._last_stored_s[camera] = float(stamp_s)
                 self._frame_info[frame_id] = (camera, frame.label if novel else "")
                 self._thumbs[frame_id] = thumb
