@@ -1,4 +1,5 @@
-"""A Qwen2.5-VL (M-RoPE) stream under inf_mllm eviction: positions survive compaction, memory stays bounded.
+"""VLM streams under inf_mllm eviction: M-RoPE positions survive compaction (Qwen2.5-VL); memory and
+per-frame cost stay flat over an hour of frames (Qwen2.5-VL, Qwen3-VL, InternVL3).
 
 The reference for re-rotated keys is independent of the cache's code: the raw (pre-RoPE) keys
 that layer 0's ``k_proj`` produced, rotated by transformers' own ``Qwen2_5_VLRotaryEmbedding``
@@ -85,9 +86,15 @@ def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, m
     assert worst <= 1e-5
 
 
-def test_an_hour_of_frames_keeps_memory_and_per_frame_cost_flat(qwen):
+@pytest.fixture(scope="module", params=["qwen2.5-vl-tiny", "qwen3-vl-tiny", "internvl3-tiny"])
+def evicting_family(request, tmp_path_factory):
+    """Each family with vision tokens that M-RoPE, DeepStack or a projector could carry wrong over hours."""
+    return load_model(str(build_random_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=2)))
+
+
+def test_an_hour_of_frames_keeps_memory_and_per_frame_cost_flat(evicting_family):
     """1000 frames (an hour at one stored frame per 3.6 s) through a 256-slot cache."""
-    _, model = qwen
+    model = evicting_family
     s = evicting_session(model, capacity=256)
     ptr = s.cache.k.data_ptr()
     times, rss = [], {}
@@ -98,6 +105,7 @@ def test_an_hour_of_frames_keeps_memory_and_per_frame_cost_flat(qwen):
         if i in (199, 999):
             rss[i] = rss_mib()
         assert s.cache.length <= s.cache.capacity + s.cache.slack and -s.cache.capacity < s.cache.position_offset <= 0
+    assert s.cache.stream_tokens > 1000 * 16  # every frame stored with its vision tokens
     assert s.cache.k.data_ptr() == ptr and s.cache.evicted_tokens > 100 * 256
     early, late = np.median(times[100:300]), np.median(times[800:])
     assert late < 1.5 * early, (early, late)

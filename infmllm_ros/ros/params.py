@@ -68,12 +68,14 @@ PARAMETERS = (
     Param("novelty_threshold", -1.0,
           "change of a frame's summary from the camera's recent scene, in [0, 1], at which it is stored "
           "with vision tokens; below it, as 'Nothing new.' (0: every frame; -1: the model family's "
-          "default, 0.6 total variation of class probabilities for the embedded model)"),
+          "default: 0.6 total variation of class probabilities for the embedded model; 0.1 cosine distance of "
+          "the mean vision token for Qwen2/2.5/3-VL, SmolVLM2 and InternVL3, not calibrated on real weights)"),
     Param("familiar_interval_s", DEFAULT_FAMILIAR_INTERVAL_S,
           "seconds between stored 'Nothing new.' frames of a camera; familiar frames in between only "
           "update the scene (0: store every frame)"),
     Param("model", "smollm2-135m", "model preset (smollm2-135m), path to a LLaMA-family GGUF file, or a "
-          "Hugging Face checkpoint directory of a supported VLM (Qwen2.5-VL, Qwen2-VL, SmolVLM2)"),
+          "Hugging Face checkpoint directory of a supported VLM (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, SmolVLM2, "
+          "InternVL3 -hf)"),
     Param("precision", "fp32", "weight dtype of a Hugging Face model: fp32, fp16 or bf16 (GGUF models run fp32), "
           "or int8 (weight-only int8 linears, CPU)"),
     Param("backend", "torch", "inference backend: torch, compiled (torch.compile of the decode step, a CUDA graph "
