@@ -244,6 +244,41 @@ class Drive:
                             "question": e.question} for e in self.schedule]}
 
 
+class OdometryTrack:
+    """A robot's smooth path for a drive: speed between 1 and 10 m/s and a slowly turning heading,
+    integrated at ``rate_hz`` (Euler steps of ``1 / rate_hz`` s), deterministic per ``seed``.
+
+    Args:
+        seconds: the drive's length. rate_hz: odometry messages per second (10-50 on robots).
+        seed: draws the phases of the speed and heading waves.
+
+    Raises:
+        ValueError: a non-positive length or rate.
+    """
+
+    def __init__(self, seconds: float, rate_hz: float = 20.0, seed: int = 0):
+        if seconds <= 0 or rate_hz <= 0:
+            raise ValueError(f"track length and rate must be > 0, got {seconds} s, {rate_hz} Hz")
+        rng = np.random.default_rng(seed + 7919)
+        phase = rng.uniform(0, 2 * np.pi, 3)
+        self.rate_hz = float(rate_hz)
+        self.t = np.arange(int(np.ceil(seconds * rate_hz)) + 1) / rate_hz
+        speed = 5.5 + 4.5 * np.sin(2 * np.pi * self.t / 97 + phase[0])  # m/s in [1, 10]
+        self.yaw = 0.8 * np.sin(2 * np.pi * self.t / 211 + phase[1]) + 0.4 * np.sin(2 * np.pi * self.t / 53 + phase[2])
+        step = speed / rate_hz
+        self.x = np.concatenate([[0.0], np.cumsum(step * np.cos(self.yaw))[:-1]])
+        self.y = np.concatenate([[0.0], np.cumsum(step * np.sin(self.yaw))[:-1]])
+
+    def at(self, t: float) -> tuple[float, float, float]:
+        """``(x, y, yaw)`` (metres, radians) at ``t`` seconds (linear between samples)."""
+        return (float(np.interp(t, self.t, self.x)), float(np.interp(t, self.t, self.y)),
+                float(np.interp(t, self.t, self.yaw)))
+
+    def samples(self):
+        """``(t, x, y, yaw)`` of every odometry message."""
+        return zip(self.t.tolist(), self.x.tolist(), self.y.tolist(), self.yaw.tolist())
+
+
 def time_tolerance_s(minutes: float) -> float:
     """How close a stated time must be to the event: 10 s on drives up to 10 minutes, the right
     minute (60 s) on longer ones."""

@@ -60,12 +60,14 @@ from std_srvs.srv import Trigger
 from ..models import load_model
 from ..runtime.file_safety import remove_stale_temps, resolve_inside, set_aside
 from ..runtime.memory_file import MemoryFileRefused
+from ..runtime.pose import PoseMatcher
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import open_session
 from .intake import CameraIntake
 from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, validate
+from .poses import message_class, to_pose, to_pose_msg
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, OUTCOMES, IngestWorker, PendingFrame
 
@@ -137,6 +139,7 @@ class InfMLLMNode(LifecycleNode):
         self.model = self.session = self.worker = None
         self.configure_error = ""
         self._intake, self._memory_timer, self._image_timer = None, None, None
+        self._pose_sub = None
         self._camera_counts: dict[str, tuple[int, int]] = {}
         self._memory_dir = self._memory_path = None
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
@@ -196,7 +199,8 @@ class InfMLLMNode(LifecycleNode):
                  f"system prompt {session.cache.length} tokens")
         self.worker = IngestWorker(session, cfg.sample_rate_hz, cfg.duplicate_threshold, on_done=self._frame_done,
                                    log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
-                                   clock_reset_s=cfg.clock_reset_s)
+                                   clock_reset_s=cfg.clock_reset_s,
+                                   poses=PoseMatcher(cfg.pose_tolerance_s) if cfg.pose_topic else None)
         if memory_path is not None and memory_path.is_file():
             ok, message = self._load_memory(memory_path)
             (log.info if ok else log.warning)(message if ok else f"{message}; starting with empty memory")
@@ -219,6 +223,12 @@ class InfMLLMNode(LifecycleNode):
         for topic, (_, camera, compressed) in zip(self._intake.resolved_topics(), cfg.cameras):
             log.info(f"watching {topic} ({'CompressedImage' if compressed else 'Image'}) as cam={camera}")
         self._intake.start()
+        if cfg.pose_topic:
+            kind = cfg.pose_msg_type
+            self._pose_sub = self.create_subscription(message_class(kind), cfg.pose_topic,
+                                                      lambda msg: self._on_pose(msg, kind), 50)
+            log.info(f"poses from {self.resolve_topic_name(cfg.pose_topic)} ({kind}), matched to frames within "
+                     f"{cfg.pose_tolerance_s:g} s")
         log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
         return super().on_activate(state)
 
@@ -258,11 +268,23 @@ class InfMLLMNode(LifecycleNode):
 
     # ---- cameras -------------------------------------------------------------------------
     def _stop_intake(self) -> None:
-        """Unsubscribe the cameras; their read and unread counts stay in ``/diagnostics``."""
+        """Unsubscribe the cameras and the pose topic; their counts stay in ``/diagnostics``."""
+        if self._pose_sub is not None:
+            self.destroy_subscription(self._pose_sub)
+            self._pose_sub = None
         if self._intake is not None:
             self._intake.stop()
             self._camera_counts = self.camera_counts()  # this intake's counts join the earlier ones
             self._intake = None
+
+    def _on_pose(self, msg, kind: str) -> None:
+        """A pose message: checked, then matched to the frames around its stamp by the worker."""
+        try:
+            stamp_s, pose = to_pose(msg, kind)
+        except ValueError as exc:
+            self.worker.add_pose(math.nan, None, str(exc))
+            return
+        self.worker.add_pose(stamp_s, pose)
 
     def camera_counts(self) -> dict[str, tuple[int, int]]:
         """``camera -> (frames read, frames replaced unread in DDS)`` since the node started."""
@@ -391,6 +413,9 @@ class InfMLLMNode(LifecycleNode):
             frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
             latency_s=time.perf_counter() - t0, sighting_stamps=[to_time(origin + s.stamp_s) for s in answer.sightings],
             sighting_scores=[s.score for s in answer.sightings], sighting_cameras=[s.camera for s in answer.sightings],
+            sighting_poses=[to_pose_msg(s.pose) for s in answer.sightings],
+            sighting_pose_known=[s.pose is not None for s in answer.sightings],
+            pose_frame_id=next((s.pose.frame_id for s in answer.sightings if s.pose is not None), ""),
             seen=answer.seen, confidence=answer.confidence, verdict=answer.verdict,
             answer_source=answer.answer_source, evidence=answer.evidence, stopped=stopped)
         if answer.answer_source == "evidence":
@@ -524,6 +549,8 @@ class InfMLLMNode(LifecycleNode):
             "frames_received": s.received, "frames_stored": s.stored,
             **{f"frames_{outcome}": s.outcomes[outcome] for outcome in OUTCOMES},
             "camera_clock_resets": s.clock_resets,
+            "poses_received": s.poses_received, "poses_refused": s.poses_refused,
+            "frames_with_pose": s.frames_with_pose,
             **{f"camera_{camera}_{what}": n for camera, counts in sorted(self.camera_counts().items())
                for what, n in zip(("read", "unread"), counts)},
             "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",

@@ -23,6 +23,7 @@ from ..runtime.session import (DEFAULT_EVIDENCE_SIGHTINGS, DEFAULT_FAMILIAR_INTE
 from .images import MAX_FRAME_PIXELS
 
 TRANSPORTS = ("raw", "compressed")
+POSE_MSG_TYPES = ("odometry", "pose_stamped")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ PARAMETERS = (
           "a camera whose stamp goes back by more than this many seconds has restarted its clock (bag "
           "loop, simulator restart): its frame order restarts and memory is kept; by less, the frame is late",
           dynamic=True),
+    Param("pose_topic", "", "the robot's pose (pose_msg_type); every stored frame keeps the pose nearest its stamp "
+          "and answers say where ('near (12.3, -4.1) in map'); '' for none"),
+    Param("pose_msg_type", "odometry", "the pose topic's type: odometry (nav_msgs/msg/Odometry) or pose_stamped "
+          "(geometry_msgs/msg/PoseStamped)"),
+    Param("pose_tolerance_s", 0.2, "largest |frame stamp - pose stamp| (seconds) for a frame to take that pose; a "
+          "frame with none that near is stored without a position"),
+    Param("near_radius_m", 5.0, "radius (metres) of 'What did you see near (x, y)?'", dynamic=True),
     Param("novelty_threshold", -1.0,
           "change of a frame's summary from the camera's recent scene, in [0, 1], at which it is stored "
           "with vision tokens; below it, as 'Nothing new.' (0: every frame; -1: the model family's "
@@ -149,6 +157,10 @@ class NodeConfig:
     max_frame_pixels: int
     max_stamp_skew_s: float
     clock_reset_s: float
+    pose_topic: str
+    pose_msg_type: str
+    pose_tolerance_s: float
+    near_radius_m: float
     novelty_threshold: float
     familiar_interval_s: float
     model: str
@@ -212,7 +224,7 @@ class NodeConfig:
         """The session attributes that shape answers (set at start and by ``ros2 param set``)."""
         return dict(sampling=self.sampling, sentence_stop_words=self.answer_sentence_stop_words,
                     evidence_sightings=self.answer_evidence_sightings, seen_threshold=self.answer_seen_threshold,
-                    max_question_tokens=self.max_question_tokens)
+                    max_question_tokens=self.max_question_tokens, near_radius_m=self.near_radius_m)
 
     def session_kwargs(self) -> dict:
         """Keyword arguments for :func:`~infmllm_ros.runtime.session.open_session`."""
@@ -224,7 +236,7 @@ class NodeConfig:
                     novelty_threshold=None if self.novelty_threshold < 0 else self.novelty_threshold,
                     familiar_interval_s=self.familiar_interval_s,
                     vision_budget=None if self.cache_vision_budget < 0 else self.cache_vision_budget,
-                    **self.answer_kwargs())
+                    track_positions=bool(self.pose_topic), **self.answer_kwargs())
 
 
 def flatten_parameters(doc: dict) -> dict:
@@ -294,6 +306,12 @@ def validate(values: dict) -> NodeConfig:
          "must be a finite number of seconds >= 0 (0: no check)")
     need(math.isfinite(v["clock_reset_s"]) and v["clock_reset_s"] > 0, "clock_reset_s",
          "must be a finite number of seconds > 0")
+    need(v["pose_topic"] == "" or bool(v["pose_topic"].strip()), "pose_topic", "a topic name, or '' for none")
+    need(v["pose_msg_type"] in POSE_MSG_TYPES, "pose_msg_type", f"one of {POSE_MSG_TYPES}")
+    need(math.isfinite(v["pose_tolerance_s"]) and 0 < v["pose_tolerance_s"] <= 60, "pose_tolerance_s",
+         "must be in (0, 60] seconds")
+    need(math.isfinite(v["near_radius_m"]) and v["near_radius_m"] > 0, "near_radius_m",
+         "must be a finite number of metres > 0")
     need(v["novelty_threshold"] == -1.0 or 0.0 <= v["novelty_threshold"] <= 1.0, "novelty_threshold",
          "must be in [0, 1], or -1 for the model family's default")
     need(v["precision"] in PRECISIONS, "precision", f"one of {PRECISIONS}")

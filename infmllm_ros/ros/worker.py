@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..runtime.pose import Pose, PoseMatcher
 from .images import FrameError, FrameTooLarge, frame_difference, thumbnail, to_rgb
 
 #: Every outcome of a frame (its ``~/frames`` suffix; each one counted on ``/diagnostics`` as
@@ -79,6 +80,9 @@ class WorkerStats:
     last_error: str = ""
     origin_s: float = math.nan
     clock_resets: int = 0
+    poses_received: int = 0
+    poses_refused: int = 0
+    frames_with_pose: int = 0  # stored frames that found a pose within the tolerance (at once or later)
 
 
 class IngestWorker:
@@ -96,6 +100,8 @@ class IngestWorker:
         max_frame_pixels: frames with more pixels (width x height) are ``too_large``.
         clock_reset_s: seconds a camera's stamp may go back before it counts as a clock reset
             (see the module docstring).
+        poses: matches the robot's pose to each stored frame by ROS stamp (:meth:`add_pose`
+            feeds it), or None when no pose topic is watched.
 
     Stamps in the stream are seconds since the first ingested frame (``origin_s``), so answers
     quote drive time ("t=312.0s"); the first ingested frame's ROS stamp is kept as the origin.
@@ -104,8 +110,9 @@ class IngestWorker:
     def __init__(self, session, sample_rate_hz: float, duplicate_threshold: float,
                  on_done: Callable[[PendingFrame, str, str], None] = lambda *a: None,
                  log: Callable[[str], None] = print, max_frame_pixels: int = 4096 * 4096,
-                 clock_reset_s: float = 2.0):
-        self.session = session
+                 clock_reset_s: float = 2.0, poses: PoseMatcher | None = None):
+        self.session, self.poses = session, poses
+        self._posed: set[int] = set()  # frame ids that have a pose
         self.max_frame_pixels, self.clock_reset_s = max_frame_pixels, clock_reset_s
         self.sample_rate_hz = sample_rate_hz
         self.duplicate_threshold = duplicate_threshold
@@ -188,6 +195,30 @@ class IngestWorker:
         time 0); each camera's order goes on from the session's ``camera_stamps``."""
         with self._cond:
             self._stats.origin_s = origin_s
+
+    def add_pose(self, stamp_s: float, pose: Pose | None, problem: str = "") -> None:
+        """A pose message (ROS seconds), or its refusal (``pose`` None, ``problem`` why): the
+        frames waiting for it take it (called from the subscription's thread; cheap)."""
+        with self._cond:
+            self._stats.poses_received += 1
+            if pose is None:
+                self._stats.poses_refused += 1
+                self._stats.last_error = f"pose refused: {problem}"
+                return
+            if self.poses is None:
+                return
+            updates = self.poses.add_pose(stamp_s, pose)
+        for frame_id, matched in updates:
+            self._give_pose(frame_id, matched)
+
+    def _give_pose(self, frame_id: int, pose: Pose) -> None:
+        if self.session.set_frame_pose(frame_id, pose):
+            with self._cond:
+                if frame_id not in self._posed:
+                    self._posed.add(frame_id)
+                    self._stats.frames_with_pose += 1
+                    if len(self._posed) > 65536:  # ids only grow: forget the oldest half
+                        self._posed = set(sorted(self._posed)[len(self._posed) // 2:])
 
     def reject(self, frame: PendingFrame, outcome: str, detail: str) -> None:
         """Count and report a frame the caller refused instead of offering it (``bad_stamp``)."""
@@ -279,5 +310,8 @@ class IngestWorker:
             with self._cond:
                 if math.isnan(self._stats.origin_s):
                     self._stats.origin_s = origin
+                pose = self.poses.add_frame(result.frame_id, frame.stamp_s) if self.poses and result.stored else None
+            if pose is not None:
+                self._give_pose(result.frame_id, pose)
             self._last_thumb[frame.camera] = thumb
             self._finish(frame, "ingested", result=result, ms=(time.perf_counter() - t0) * 1e3)

@@ -41,6 +41,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from .pose import Pose
 from .recall import Sighting, with_article
 
 #: Opening of the text tag that starts every stored frame (:meth:`AnswerTemplate.frame_tag`).
@@ -71,6 +72,9 @@ _ASKED = re.compile(r"\b(?:was there|were there|is there|did you (?:ever )?see|h
 _ASKED_FIRST = re.compile(r"\b(?:what|which)\s+([a-z][a-z -]*?)\s+(?:did you|do you|have you|was there|were there)\b")
 _WINDOW = re.compile(rf"\bbetween\s+(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}\s+and\s+"
                      rf"(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}")
+_NEAR = re.compile(r"\bnear\s*\(?\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)?")
+# A position as answers state it: "(12.3, -4.1)".
+_PLACE = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)")
 
 
 def answer_times(text: str) -> list[float]:
@@ -82,6 +86,11 @@ def answer_times(text: str) -> list[float]:
     times += [float(a or b) for a, b in _SECONDS.findall(text)]
     times += [60 * float(x) for x in _MINUTES.findall(text)]
     return times
+
+
+def places_in(text: str) -> tuple[tuple[float, float], ...]:
+    """The positions ``(x, y)`` a text states, in order."""
+    return tuple((float(x), float(y)) for x, y in _PLACE.findall(text))
 
 
 def first_sentence(text: str) -> str:
@@ -148,12 +157,16 @@ def verdict(sightings: list[Sighting], threshold: float) -> Verdict:
 @dataclass(frozen=True)
 class FrameNote:
     """A frame in memory as the template sees it: ``frame_id``, ``stamp_s`` (stream seconds),
-    ``camera``, ``label`` (what the family named in it; "" for a familiar frame)."""
+    ``camera``, ``label`` (what the family named in it; "" for a familiar frame), ``pose`` (where
+    the robot was; None when unknown) and ``tracked`` (the stream matches poses to frames, so an
+    unknown position is said)."""
 
     frame_id: int
     stamp_s: float
     camera: str
     label: str
+    pose: Pose | None = None
+    tracked: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,8 @@ class Evidence:
         yes_no: it answers whether an object the question names was seen (a "seen" or "not seen"
             line), so the text must say the same: name the object and a time it states, or say no
             (False for questions that name no object, time-window lists and undecided lines).
+        places: the positions it states (``(x, y)`` metres, rounded as written); a "seen"
+            answer must state one of them, and none other.
     """
 
     verdict: Verdict
@@ -178,6 +193,7 @@ class Evidence:
     labels: tuple[str, ...] = ()
     times_s: tuple[float, ...] = ()
     yes_no: bool = False
+    places: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,7 +282,7 @@ class AnswerTemplate:
         return runs
 
     def evidence(self, question: str, found: Verdict, sightings: list[Sighting], frames: dict[int, FrameNote],
-                 threshold: float, max_sightings: int, several_cameras: bool) -> Evidence:
+                 threshold: float, max_sightings: int, several_cameras: bool, near_radius_m: float = 5.0) -> Evidence:
         """The :class:`Evidence` of a question.
 
         Args:
@@ -277,9 +293,13 @@ class AnswerTemplate:
                 objects added to a "seen" line (the session's ``evidence_sightings``); 0 turns
                 evidence off (an empty line and sentence).
             several_cameras: name the camera of each sighting.
+            near_radius_m: radius (metres) of "What did you see near (x, y)?".
         """
         if max_sightings <= 0:
             return Evidence(found, "", "")
+        near = _NEAR.search(question.lower())
+        if near:
+            return self._near(float(near.group(1)), float(near.group(2)), near_radius_m, frames, several_cameras)
         ev = self._evidence(question, found, sightings, frames, threshold, max_sightings, several_cameras)
         # only a question about an object is a yes-or-no one ("Describe the road." is not)
         return ev if asked_object(question) is not None else replace(ev, yes_no=False)
@@ -313,7 +333,7 @@ class AnswerTemplate:
                               [last.best], frames, [last.start_s])
         shown = runs[:self.max_runs]
         parts = [self._where(shown[0].best, frames, several_cameras, shown[0].start_s)]
-        parts += [f"again at t={r.start_s:.0f} s" for r in shown[1:]]
+        parts += [f"again at t={r.start_s:.0f} s{self._position(frames.get(r.best.frame_id))}" for r in shown[1:]]
         others = [x for x in sightings[1:] if x.score >= threshold and self._label(x, frames) != what]
         parts += [self._where(x, frames, several_cameras) for x in others[:max_sightings - 1]]
         said = [r.best for r in shown] + others[:max_sightings - 1]
@@ -340,9 +360,28 @@ class AnswerTemplate:
             return self._listed(f"{span} I saw nothing new ({len(inside)} frames of the usual scene).",
                                 times=(inside[0].stamp_s,))
         listed = named[:self.max_window_frames]
-        parts = [self._place(n.label, n.stamp_s, n.camera, several) for n in listed]
+        parts = [self._place(n.label, n.stamp_s, n.camera, several, self._position(n)) for n in listed]
         more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
         return self._listed(f"{span} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed),
+                            tuple(n.stamp_s for n in listed))
+
+    def _near(self, x: float, y: float, radius_m: float, frames: dict[int, FrameNote], several: bool) -> Evidence:
+        """The frames in memory whose pose lies within ``radius_m`` of ``(x, y)``, oldest first."""
+        where = f"within {radius_m:g} m of ({x:g}, {y:g})"
+        located = [n for n in sorted(frames.values(), key=lambda n: n.stamp_s) if n.pose is not None]
+        if not located:
+            return self._listed("I know no positions: no stored frame in memory has a pose.")
+        inside = [n for n in located if n.pose.distance_to(x, y) <= radius_m]
+        if not inside:
+            closest = min(located, key=lambda n: n.pose.distance_to(x, y))
+            return self._listed(f"I remember no frame {where}; the closest was "
+                                f"{self._place(closest.label, closest.stamp_s, closest.camera, several, self._position(closest))}.",
+                                (closest.label,) if closest.label else (), (closest.stamp_s,))
+        named = [n for n in inside if n.label] or inside
+        listed = named[:self.max_window_frames]
+        parts = [self._place(n.label, n.stamp_s, n.camera, several, self._position(n)) for n in listed]
+        more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
+        return self._listed(f"{where} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed if n.label),
                             tuple(n.stamp_s for n in listed))
 
     def _listed(self, statement: str, labels: tuple[str, ...] = (), times: tuple[float, ...] = ()) -> Evidence:
@@ -354,20 +393,34 @@ class AnswerTemplate:
         return note.label if note else ""
 
     @staticmethod
-    def _place(label: str, stamp_s: float, camera: str, several: bool) -> str:
-        """"a domestic cat at t=60 s", with " (rear camera)" once the stream has several cameras."""
+    def _place(label: str, stamp_s: float, camera: str, several: bool, position: str = "") -> str:
+        """"a domestic cat at t=60 s", with " (rear camera)" once the stream has several cameras,
+        then ``position`` (:meth:`_position`)."""
         return (f"{with_article(label) if label else 'a matching frame'} at t={stamp_s:.0f} s"
-                + (f" ({camera} camera)" if several and camera else ""))
+                + (f" ({camera} camera)" if several and camera else "") + position)
+
+    @staticmethod
+    def _position(note: FrameNote | None) -> str:
+        """", near (12.3, -4.1) in map" for a frame with a pose, ", position unknown" for one
+        without while the stream tracks poses, "" otherwise."""
+        if note is None or not note.tracked:
+            return ""
+        if note.pose is None:
+            return ", position unknown"
+        p = note.pose
+        return f", near ({p.x:.1f}, {p.y:.1f})" + (f" in {p.frame_id}" if p.frame_id else "")
 
     def _where(self, x: Sighting, frames: dict[int, FrameNote], several: bool, stamp_s: float | None = None) -> str:
-        return self._place(self._label(x, frames), x.stamp_s if stamp_s is None else stamp_s, x.camera, several)
+        return self._place(self._label(x, frames), x.stamp_s if stamp_s is None else stamp_s, x.camera, several,
+                           self._position(frames.get(x.frame_id)))
 
     @staticmethod
     def _stated(found: Verdict, statement: str, labels: tuple[str, ...], times_s: tuple[float, ...],
                 yes_no: bool) -> Evidence:
         """Evidence whose memory line is "Memory: " + ``statement`` and whose sentence is the
         statement capitalised."""
-        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s, yes_no)
+        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s, yes_no,
+                        places_in(statement))
 
     def _said(self, found: Verdict, statement: str, said: list[Sighting] = (), frames: dict[int, FrameNote] = None,
               times: list[float] | None = None) -> Evidence:
@@ -405,9 +458,14 @@ class AnswerTemplate:
                 problems.append(f"leaves out {missing[0]!r}, which the evidence lists")
             return problems
         denies = is_clear_no(text)
+        said = places_in(text)
+        if any(p not in evidence.places for p in said):
+            problems.append(f"states a position ({said[0][0]:g}, {said[0][1]:g}) the evidence does not")
         if evidence.verdict is Verdict.SEEN:
             if denies:
                 problems.append("denies what the evidence affirms")
+            if evidence.places and not said:
+                problems.append("states no position, where the evidence does")
             words = [w for lab in evidence.labels for w in _label_words(lab)]
             if words and not _names(lower, words):
                 problems.append(f"does not name {evidence.labels[0]!r}, what the evidence saw")

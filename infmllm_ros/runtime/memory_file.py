@@ -4,7 +4,7 @@ One ``safetensors`` file: the occupied slots of every cache tensor (K, V, positi
 ids, stamps, carried scores, M-RoPE lags) and each camera's novelty background as tensors; the
 rest as JSON in the file's metadata under ``"infmllm"``: the format version, the identity of the
 stream (model, family, KV dtype, shape, capacity, slack, max chunk, policy, a hash of the system
-prompt's token ids) and its state (counters, clocks, per-frame camera and label, ``extra``
+prompt's token ids) and its state (counters, clocks, per-frame camera, label and pose, ``extra``
 from the caller, e.g. the node's stamp origin).
 
 A file is written atomically (:func:`.file_safety.replace_atomically`), so a crash (even
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .file_safety import replace_atomically
+from .pose import Pose
 
 #: Bumped when the layout changes; a file of another version is refused.
 FORMAT_VERSION = 1
@@ -121,7 +122,8 @@ def save_memory(session, path: str | Path, extra: dict | None = None) -> int:
                  "position_offset": offset, "frames_ingested": session.frames_ingested,
                  "last_stamp_s": _finite(session.last_stamp_s), "camera_stamps": session.camera_stamps,
                  "last_stored_s": session._last_stored_s, "scene_cameras": list(session.scene._background),
-                 "frame_info": {str(f): list(v) for f, v in session._frame_info.items()}}
+                 "frame_info": {str(f): [camera, label, pose.to_list() if pose else None]
+                                for f, (camera, label, pose) in session._frame_info.items()}}
     meta = {"identity": identity(session), "state": state, "extra": extra or {}}
     blob = save(tensors, metadata={"infmllm": json.dumps(meta)})
     replace_atomically(path, lambda tmp: tmp.write_bytes(blob))
@@ -149,7 +151,10 @@ def load_memory(session, path: str | Path) -> dict:
         length = state["length"]
         saved = [tensors[f"cache.{n}"] for n in names]
         fits = all(t.shape[:2] == getattr(cache, n).shape[:2] and t.shape[2] == length for n, t in zip(names, saved))
-    except (KeyError, TypeError, IndexError):
+        # [camera, label, pose or None]; a file written before poses has [camera, label]
+        frame_info = {int(f): (v[0], v[1], Pose.from_list(v[2] if len(v) > 2 else None))
+                      for f, v in state["frame_info"].items()}
+    except (KeyError, TypeError, IndexError, ValueError):
         fits = False
     if not fits:
         raise MemoryFileRefused(path, "bad-tensors", f"memory file {path} has tensors that do not fit its own header")
@@ -161,7 +166,7 @@ def load_memory(session, path: str | Path) -> dict:
         session.last_stamp_s = -math.inf if last is None else last
         session.camera_stamps = dict(state["camera_stamps"])
         session._last_stored_s = dict(state["last_stored_s"])
-        session._frame_info = {int(f): tuple(v) for f, v in state["frame_info"].items()}
+        session._frame_info = frame_info
         session._thumbs = {}  # thumbnails are not saved; the old stream's would show under reused frame ids
         session.scene.reset()
         for i, camera in enumerate(state["scene_cameras"]):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kvcache import KVCache, SlotKind
+from .pose import Pose
 
 #: Relative depth of the layer whose values are matched: layer 23 of SmolLM2-135M's 30, the best
 #: single layer on full-cache needle drives (chosen on one, held out on another; what it recalls:
@@ -42,12 +43,14 @@ class Sighting:
         frame_id: the frame's index in the stream. stamp_s: its time (seconds).
         score: contrast in cosine units (0 = no better than the average frame in context).
         camera: the camera that saw it ("" when not known).
+        pose: where the robot was (:class:`~.pose.Pose`; None when not known).
     """
 
     frame_id: int
     stamp_s: float
     score: float
     camera: str = ""
+    pose: Pose | None = None
 
 
 #: Best-sighting score at or above which the question's object counts as seen, and the width

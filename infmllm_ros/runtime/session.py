@@ -35,6 +35,7 @@ from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
+from .pose import Pose
 from .answer import AnswerTemplate, FrameNote, Verdict, template_for
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
@@ -59,6 +60,8 @@ DEFAULT_EVIDENCE_SIGHTINGS = 1
 
 #: Longest question taken, in tokens (about 200 English words).
 DEFAULT_MAX_QUESTION_TOKENS = 256
+#: Radius of "What did you see near (x, y)?" (metres).
+DEFAULT_NEAR_RADIUS_M = 5.0
 
 #: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many
 #: stored frames may accumulate before the per-frame records (camera, label, thumbnail) of
@@ -70,8 +73,9 @@ THUMBNAIL_PRUNE_EVERY = 32
 @dataclass(frozen=True)
 class MemoryFrame:
     """A frame that still holds KV slots: ``frame_id``, ``stamp_s`` (stream seconds), ``camera``,
-    ``label`` ("" for a familiar frame), ``slots`` (mean slots per (layer, KV head) row) and
-    ``thumbnail`` (uint8 RGB ``[72, 96, 3]``, None for a frame loaded from a memory file)."""
+    ``label`` ("" for a familiar frame), ``slots`` (mean slots per (layer, KV head) row),
+    ``thumbnail`` (uint8 RGB ``[72, 96, 3]``, None for a frame loaded from a memory file) and
+    ``pose`` (where the robot was, :mod:`.pose`; None when unknown)."""
 
     frame_id: int
     stamp_s: float
@@ -79,6 +83,7 @@ class MemoryFrame:
     label: str
     slots: float
     thumbnail: np.ndarray | None
+    pose: Pose | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,9 @@ class StreamSession:
             work (it would hold the model while it prefills and stay in context).
         template: how questions are put and answers checked (:mod:`.answer`; None: the family's,
             :func:`.answer.template_for`).
+        track_positions: frames are given the robot's pose (:meth:`ingest_frame`'s ``pose``,
+            :meth:`set_frame_pose`), so an answer states where, or that the position is unknown.
+        near_radius_m: radius (metres) of "What did you see near (x, y)?".
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
@@ -197,7 +205,8 @@ class StreamSession:
                  sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
                  evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD,
                  max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS, slack: int = DEFAULT_SLACK,
-                 template: AnswerTemplate | None = None):
+                 template: AnswerTemplate | None = None, track_positions: bool = False,
+                 near_radius_m: float = DEFAULT_NEAR_RADIUS_M):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -217,6 +226,9 @@ class StreamSession:
             raise ValueError(f"seen_threshold must be finite, got {seen_threshold}")
         if max_question_tokens < 1:
             raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens}")
+        if not (math.isfinite(near_radius_m) and near_radius_m > 0):
+            raise ValueError(f"near_radius_m must be a finite number of metres > 0, got {near_radius_m}")
+        self.track_positions, self.near_radius_m = bool(track_positions), float(near_radius_m)
         self.max_question_tokens = max_question_tokens
         self.sampling, self.sentence_stop_words = sampling, sentence_stop_words
         self.evidence_sightings, self.seen_threshold = evidence_sightings, seen_threshold
@@ -252,7 +264,7 @@ class StreamSession:
             self.camera_stamps: dict[str, float] = {}  # newest stamp per camera: each camera's order
             self._last_stored_s: dict[str, float] = {}  # per camera
             # Per stored frame while it holds slots; both pruned together in ingest_frame:
-            self._frame_info: dict[int, tuple[str, str]] = {}  # -> (camera, label)
+            self._frame_info: dict[int, tuple[str, str, Pose | None]] = {}  # -> (camera, label, pose)
             self._thumbs: dict[int, np.ndarray] = {}  # -> THUMBNAIL_SIZE RGB
             self._prune_at = THUMBNAIL_PRUNE_EVERY
             self._prefill(self._system_ids, SlotKind.SINK, logits=False)
@@ -269,7 +281,8 @@ class StreamSession:
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
 
-    def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front") -> FrameResult:
+    def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front",
+                     pose: Pose | None = None) -> FrameResult:
         """Append one frame (tag + vision tokens) and run the eviction policy; a familiar frame
         within ``familiar_interval_s`` of its camera's last stored one only updates the scene.
 
@@ -279,6 +292,7 @@ class StreamSession:
                 newest frame (cameras are ordered each on its own clock; :meth:`restart_camera`
                 forgets a camera's order after its clock jumped back).
             camera: camera name for the tag.
+            pose: where the robot was, if known now (:meth:`set_frame_pose` gives it later).
 
         Raises:
             TypeError / ValueError: bad frame (see :func:`~infmllm_ros.models.vision.check_rgb`,
@@ -304,7 +318,7 @@ class StreamSession:
                 self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
                                        logits=False, mrope=chunk.mrope, deepstack=chunk.deepstack_inputs())
                 self._last_stored_s[camera] = float(stamp_s)
-                self._frame_info[frame_id] = (camera, frame.label if novel else "")
+                self._frame_info[frame_id] = (camera, frame.label if novel else "", pose)
                 self._thumbs[frame_id] = thumb
                 if len(self._thumbs) > self._prune_at:  # drop the records of frames that left the cache
                     present = set(self.cache.frames()[0])
@@ -341,8 +355,19 @@ class StreamSession:
             rows = ids.shape[0] * ids.shape[1]
             frames, stamps = self.cache.frames()
             counts = torch.bincount(ids[ids >= 0].long().flatten()) if frames else torch.zeros(0)
-            return [MemoryFrame(f, s, *self._frame_info.get(f, ("", "")), float(counts[f]) / rows, self._thumbs.get(f))
+            info = {f: self._frame_info.get(f, ("", "", None)) for f in frames}
+            return [MemoryFrame(f, s, info[f][0], info[f][1], float(counts[f]) / rows, self._thumbs.get(f), info[f][2])
                     for f, s in zip(frames, stamps)]
+
+    def set_frame_pose(self, frame_id: int, pose: Pose) -> bool:
+        """Give a stored frame the robot's pose (a pose that arrived after the frame, or a nearer
+        one); False when the frame is not in memory any more."""
+        with self._lock:
+            if frame_id not in self._frame_info:
+                return False
+            camera, label, _ = self._frame_info[frame_id]
+            self._frame_info[frame_id] = (camera, label, pose)
+            return True
 
     def _check_order(self, camera: str, stamp_s: float) -> None:
         last = self.camera_stamps.get(camera, -math.inf)
@@ -446,7 +471,8 @@ class StreamSession:
                                                        self.model.label_concepts)
                 _, confidence = judge(sightings, self.seen_threshold)
                 evidence = self.template.evidence(question, found, sightings, notes, self.seen_threshold,
-                                                  self.evidence_sightings, len(self._last_stored_s) > 1)
+                                                  self.evidence_sightings, len(self._last_stored_s) > 1,
+                                                  self.near_radius_m)
                 # The question again after the memory line, labelled: the turn ends on what to answer.
                 again = (self.tokenizer.encode(evidence.line) + newline + self.tokenizer.encode(label)
                          + self.operator_ids(question, label_lead)) if evidence.line else []
@@ -513,13 +539,15 @@ class StreamSession:
     def _sightings(self, question_tokens: int) -> list[Sighting]:
         """Every frame of vision tokens in the cache, best match to the newest ``question_tokens``
         slots first, with its camera (:func:`.recall.find_sightings`; call under the lock)."""
-        return [replace(x, camera=self._frame_info.get(x.frame_id, ("", ""))[0]) for x in
-                find_sightings(self.cache, question_tokens, self.recall_layer, top=self.cache.length)]
+        info = self._frame_info
+        return [replace(x, camera=info.get(x.frame_id, ("", "", None))[0], pose=info.get(x.frame_id, ("", "", None))[2])
+                for x in find_sightings(self.cache, question_tokens, self.recall_layer, top=self.cache.length)]
 
     def _frame_notes(self) -> dict[int, FrameNote]:
         """The frames in the cache by id, with camera and label (call under the lock)."""
         frames, stamps = self.cache.frames()
-        return {f: FrameNote(f, s, *self._frame_info.get(f, ("", ""))) for f, s in zip(frames, stamps)}
+        return {f: FrameNote(f, s, *self._frame_info.get(f, ("", "", None)), self.track_positions)
+                for f, s in zip(frames, stamps)}
 
     def _sentence_end(self, out: list[int]) -> bool:
         """Whether the answer so far ends a sentence: ``.``, ``!`` or ``?`` after at least two

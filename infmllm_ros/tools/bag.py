@@ -1,12 +1,14 @@
 """``infmllm-make-bag``: a drive as a rosbag2 (video and/or still images, real-photo events at
-known times), plus a manifest and the questions to ask about it.
+known times and places), plus a manifest and the questions to ask about it.
 
 Writes with ``rosbags`` (no ROS install needed), MCAP or SQLite3 storage, one camera topic of
-``sensor_msgs/CompressedImage`` (JPEG) or ``sensor_msgs/Image`` (rgb8/bgr8/mono8). Header stamps
-and bag times are ``--start-stamp`` + drive time, so a replay is reproducible. Beside the bag
-directory ``OUT``: ``OUT.manifest.json`` (events, times, words, bag figures) and
-``OUT.questions.yaml`` (the :mod:`infmllm_ros.tools.replay` script: one question per event, asked
-after the last frame).
+``sensor_msgs/CompressedImage`` (JPEG) or ``sensor_msgs/Image`` (rgb8/bgr8/mono8), and the
+robot's odometry (``nav_msgs/Odometry`` on ``--odom-topic`` at ``--odom-rate`` Hz, frame ``odom``:
+a smooth synthetic path at 1-10 m/s, :class:`~infmllm_ros.bench.drive.OdometryTrack`), interleaved
+by time. Header stamps and bag times are ``--start-stamp`` + drive time, so a replay is
+reproducible. Beside the bag directory ``OUT``: ``OUT.manifest.json`` (events, times, places,
+words, bag figures) and ``OUT.questions.yaml`` (the :mod:`infmllm_ros.tools.replay` script: one
+question per event, asked after the last frame, with where it was shown).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import cv2
 import numpy as np
 import yaml
 
-from ..bench.drive import (ABSENT_OBJECTS, Drive, LoopedClip, absent_question, bundled_events, events_from_dir,
-                           synthetic_road, video_frames, window_minutes)
+from ..bench.drive import (ABSENT_OBJECTS, Drive, LoopedClip, OdometryTrack, absent_question, bundled_events,
+                           events_from_dir, synthetic_road, video_frames, window_minutes)
 
 TYPESTORE_NAME = "ros2_kilted"
 DEFAULT_START_STAMP = 1_700_000_000.0  # a fixed epoch: bags made twice are identical
@@ -73,6 +75,26 @@ def image_message(store, rgb: np.ndarray, stamp_s: float, frame_id: str, fmt: st
                           is_bigendian=0, step=step, data=pixels.reshape(-1)), msgtype
 
 
+def odometry_message(store, t_s: float, x: float, y: float, yaw: float, frame_id: str = "odom"):
+    """A rosbags ``nav_msgs/Odometry`` at ``t_s`` (header stamp): planar pose ``(x, y)`` metres,
+    heading ``yaw`` radians (quaternion about z), zero twist and covariances."""
+    types = store.types
+    sec = int(t_s)
+    header = types["std_msgs/msg/Header"](
+        stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t_s - sec) * 1e9))), frame_id=frame_id)
+    pose = types["geometry_msgs/msg/Pose"](
+        position=types["geometry_msgs/msg/Point"](x=x, y=y, z=0.0),
+        orientation=types["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=float(np.sin(yaw / 2)),
+                                                          w=float(np.cos(yaw / 2))))
+    vector = types["geometry_msgs/msg/Vector3"]
+    return types["nav_msgs/msg/Odometry"](
+        header=header, child_frame_id="base_link",
+        pose=types["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+        twist=types["geometry_msgs/msg/TwistWithCovariance"](
+            twist=types["geometry_msgs/msg/Twist"](linear=vector(x=0.0, y=0.0, z=0.0), angular=vector(x=0.0, y=0.0, z=0.0)),
+            covariance=np.zeros(36)))
+
+
 def background_source(videos: list[str], images: list[str], fps: float, image_hold_s: float
                       ) -> Callable[[float], np.ndarray]:
     """t (seconds) -> RGB background: the videos one after another and each still image held
@@ -95,13 +117,14 @@ def background_source(videos: list[str], images: list[str], fps: float, image_ho
 
 
 def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, storage: str, size: tuple[int, int],
-              start_stamp: float, frame_id: str = "camera_front", progress: Callable[[str], None] = print
-              ) -> dict:
+              start_stamp: float, frame_id: str = "camera_front", progress: Callable[[str], None] = print,
+              track: OdometryTrack | None = None, odom_topic: str = "/odom") -> dict:
     """Write every frame of ``drive`` to a new rosbag2 at ``out`` (which must not exist).
 
     Args:
         size: ``(width, height)`` of the written frames (OpenCV area resize).
         storage: ``mcap`` or ``sqlite3``.
+        track: the robot's odometry, written on ``odom_topic`` between the frames (None: none).
 
     Returns:
         dict of bag figures: frames, duration_s, bytes, topic, msgtype, start_stamp.
@@ -118,9 +141,22 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
         raise FileExistsError(f"{out} exists; rosbag2 writers need a new directory")
     store = typestore()
     n = drive.n_frames
+    odometry = iter(track.samples()) if track is not None else iter(())
+    pending = next(odometry, None)
     with Writer(out, version=9, storage_plugin=plugins[storage]) as writer:
         connection = None
+        odom = writer.add_connection(odom_topic, "nav_msgs/msg/Odometry", typestore=store) if track else None
+
+        def write_odometry(until_s: float) -> None:
+            nonlocal pending
+            while pending is not None and pending[0] <= until_s:
+                t_odom = start_stamp + pending[0]
+                writer.write(odom, int(round(t_odom * 1e9)), store.serialize_cdr(
+                    odometry_message(store, t_odom, *pending[1:]), "nav_msgs/msg/Odometry"))
+                pending = next(odometry, None)
+
         for i, (t, rgb, label) in enumerate(drive.frames()):
+            write_odometry(t)
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if rgb.shape[1::-1] != size else rgb
             msg, msgtype = image_message(store, rgb, start_stamp + t, frame_id, fmt, encoding)
             if connection is None:
@@ -128,15 +164,18 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
             writer.write(connection, int(round((start_stamp + t) * 1e9)), store.serialize_cdr(msg, msgtype))
             if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
                 progress(f"  {i + 1}/{n} frames ({(i + 1) / n:.0%})" + (f", event {label} at {t:.0f} s" if label else ""))
+        write_odometry(n / drive.fps)
     return {"frames": n, "duration_s": n / drive.fps, "topic": topic, "msgtype": msgtype, "storage": storage,
-            "start_stamp": start_stamp, "bytes": sum(f.stat().st_size for f in out.iterdir())}
+            "start_stamp": start_stamp, "bytes": sum(f.stat().st_size for f in out.iterdir()),
+            **({"odom_topic": odom_topic, "odom_rate_hz": track.rate_hz} if track else {})}
 
 
-def questions_for(drive: Drive) -> list[dict]:
+def questions_for(drive: Drive, track: OdometryTrack | None = None) -> list[dict]:
     """One scripted question per event label (a label shown twice expects both times,
-    ``expect_times_s``), one about what was seen in the drive's middle third (``window_s``, with
-    the events shown in it), then one per object never shown (:data:`ABSENT_OBJECTS`,
-    ``absent: true``), all asked after the last frame (bag seconds from its start)."""
+    ``expect_times_s``; with a ``track``, where it was first shown, ``expect_position``), one
+    about what was seen in the drive's middle third (``window_s``, with the events shown in it),
+    then one per object never shown (:data:`ABSENT_OBJECTS`, ``absent: true``), all asked after
+    the last frame (bag seconds from its start)."""
     end = drive.n_frames / drive.fps
     times: dict[str, list[float]] = {}
     for e in drive.schedule:
@@ -145,7 +184,8 @@ def questions_for(drive: Drive) -> list[dict]:
     for label, ts in times.items():
         e = next(x for x in drive.schedule if x.label == label)
         questions.append({"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": ts[0],
-                          "label": label, **({"expect_times_s": ts} if len(ts) > 1 else {})})
+                          "label": label, **({"expect_times_s": ts} if len(ts) > 1 else {}),
+                          **({"expect_position": list(track.at(ts[0])[:2])} if track else {})})
     a, b = window_minutes(drive.minutes)
     inside = {e.label: list(e.words) for e in drive.schedule if 60 * a <= e.time_s <= 60 * b}
     questions.append({"at_s": end, "question": f"What did you see between minute {a} and minute {b}?",
@@ -183,6 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--again", action="append", default=[], metavar="LABEL",
                    help="show this event a second time, at a seeded time (repeatable)")
     p.add_argument("--start-stamp", type=float, default=DEFAULT_START_STAMP, help="header stamp of the first frame (s)")
+    p.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic of the synthetic track")
+    p.add_argument("--odom-rate", type=float, default=20.0, help="odometry messages per second (0: no odometry)")
     return p.parse_args(argv)
 
 
@@ -197,16 +239,24 @@ def main(argv=None) -> int:
         at = dict(args.event) if args.event else None
         background = background_source(args.video, args.image, args.fps, args.image_hold)
         drive = Drive(background, args.minutes, args.fps, events, seed=args.seed, at=at, again=tuple(args.again))
-        print(f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}")
+        if args.odom_rate < 0:
+            raise ValueError(f"--odom-rate must be >= 0 Hz, got {args.odom_rate}")
+        track = OdometryTrack(args.minutes * 60, args.odom_rate, args.seed) if args.odom_rate > 0 else None
+        print(f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}"
+              + (f", odometry at {args.odom_rate:g} Hz on {args.odom_topic}" if track else ""))
         info = write_bag(out, drive, args.topic, args.format, args.encoding, args.storage,
-                         (args.width, args.height), args.start_stamp)
+                         (args.width, args.height), args.start_stamp, track=track, odom_topic=args.odom_topic)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"infmllm-make-bag: {exc}", file=sys.stderr)
         return 2
     manifest = {**drive.manifest(), "bag": {**info, "path": str(out)},
                 "background": {"videos": args.video, "images": args.image}}
+    if track is not None:
+        for e in manifest["events"]:
+            e["position"] = list(track.at(e["time_s"])[:2])
     Path(f"{out}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    Path(f"{out}.questions.yaml").write_text(yaml.safe_dump({"questions": questions_for(drive)}, sort_keys=False))
+    Path(f"{out}.questions.yaml").write_text(yaml.safe_dump({"questions": questions_for(drive, track)},
+                                                            sort_keys=False))
     print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB), {out}.manifest.json, {out}.questions.yaml")
     return 0
 
