@@ -1,9 +1,10 @@
 """``infmllm-demo`` (``make demo``): the whole product on one machine, as separate processes.
 
-1. ``infmllm-make-bag``: a drive bag from the real dashcam clip (``../shared/data`` when present,
-   else the drawn road of :func:`synthetic_road`) with real-photo events at seeded times, the cat
-   shown twice;
-2. ``infmllm-node`` with the embedded model and ``config/desktop.yaml`` (plus overrides);
+1. ``infmllm-make-bag``: a drive bag with the robot's odometry, from the real dashcam clip
+   (``../shared/data`` when present, else the drawn road of :func:`synthetic_road`) with
+   real-photo events at seeded times and places, the cat shown twice;
+2. ``infmllm-node`` with the embedded model, ``config/desktop.yaml`` (plus overrides) and the bag's
+   odometry as its pose topic;
 3. ``infmllm-replay`` in keep-up mode, asking about every event after the drive, what was seen
    in its middle third, and six objects never shown;
 4. SIGINT to the node; the answers and the report path are printed.
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     if made.returncode:
         return 1
     flat = flatten_parameters(yaml.safe_load(Path(args.params).read_text()))
+    flat["pose_topic"] = flat.get("pose_topic") or "/odom"  # the bag's odometry: answers say where
     for item in args.set:
         name, _, value = item.partition("=")
         flat[name] = yaml.safe_load(value)
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
           f"absent objects answered no: {sum(a['score']['absent_correct'] for a in absent)}/{len(absent)}; "
           f"degenerate answers: {rep['degenerate']}; repeated event with both times: {rep['repeated_all_timed']}; "
           f"time window listed: {rep['window_correct']}; answers from the model / replaced by their evidence: "
-          f"{rep['answers_from_model']} / {rep['answers_from_evidence']}; report: {report} "
+          f"{rep['answers_from_model']} / {rep['answers_from_evidence']}; median position error "
+          f"{rep.get('position_error_m_median')} m, events without a position {rep.get('positions_unknown')}, "
+          f"answers stating a position {rep.get('answers_stating_position')}; report: {report} "
           f"(and {report.with_suffix('.md')})")
     return 0 if status == 0 else 1
 

@@ -42,7 +42,7 @@ from infmllm_interfaces.msg import Answer
 
 from ..bench.common import describe, machine, markdown_table, write_json
 from ..bench.drive import Event, repeats_ngram, score_answer, score_times, score_window
-from ..runtime.answer import is_clear_no
+from ..runtime.answer import is_clear_no, places_in
 from .ask import stream_ask
 from ..ros.stamps import stamp_seconds, to_time
 
@@ -80,6 +80,10 @@ def load_questions(path: str | None) -> list[dict]:
     return sorted(items, key=lambda q: q["at_s"])
 
 
+#: Pose message types a bag's pose topics are published with (the node's pose_msg_type).
+POSE_MSGTYPES = ("nav_msgs/msg/Odometry", "geometry_msgs/msg/PoseStamped")
+
+
 def message_class(msgtype: str):
     """``sensor_msgs/msg/Image`` -> the rclpy message class."""
     package, kind, name = msgtype.split("/")
@@ -89,11 +93,13 @@ def message_class(msgtype: str):
 class Replayer:
     """The replay node's state: publishers, frame acknowledgements and diagnostics samples."""
 
-    def __init__(self, node, node_name: str, topics: dict[str, str]):
+    def __init__(self, node, node_name: str, topics: dict[str, str], pose_topics: dict[str, str] | None = None):
         self.node = node
         # Reliable publishers match both best-effort and reliable camera subscriptions.
         self.pubs = {t: node.create_publisher(message_class(m), t, QoSProfile(
-            depth=10, reliability=ReliabilityPolicy.RELIABLE)) for t, m in topics.items()}
+            depth=10, reliability=ReliabilityPolicy.RELIABLE))
+            for t, m in {**topics, **(pose_topics or {})}.items()}
+        self.image_topics = set(topics)
         self.clock = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
         self.acks: dict[float, str] = {}
         self.outcomes: dict[str, int] = {}
@@ -133,10 +139,11 @@ class Replayer:
             return self.acks.pop(key, None)
 
     def wait_subscribers(self, timeout_s: float) -> bool:
-        """True once every image publisher is matched by a subscription."""
+        """True once every image publisher is matched by a subscription (a pose topic need not be:
+        the node may watch none)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(p.get_subscription_count() > 0 for p in self.pubs.values()):
+            if all(p.get_subscription_count() > 0 for t, p in self.pubs.items() if t in self.image_topics):
                 return True
             time.sleep(0.1)
         return False
@@ -167,7 +174,15 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float 
                latency_s=response.latency_s, ttft_s=first[0] if first else None, frames_in_context=response.frames_in_context,
                tokens_in_cache=response.tokens_in_cache, seen=response.seen, confidence=response.confidence,
                verdict=response.verdict, answer_source=response.answer_source, evidence=response.evidence,
-               seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [])
+               seen_at_s=[stamp_seconds(t) - origin_s for t in response.sighting_stamps] if origin_s is not None else [],
+               seen_at_position=[[p.position.x, p.position.y] if known else None
+                                 for p, known in zip(response.sighting_poses, response.sighting_pose_known)],
+               pose_frame_id=response.pose_frame_id)
+    if q.get("expect_position") is not None:
+        where = (rec["seen_at_position"] or [None])[0]
+        rec["position_error_m"] = (None if where is None else
+                                   math.hypot(where[0] - q["expect_position"][0], where[1] - q["expect_position"][1]))
+        rec["states_position"] = bool(places_in(response.answer)) if result.success else False
     if result.success and q.get("absent"):
         rec["score"] = {"absent_correct": is_clear_no(response.answer), "degenerate": repeats_ngram(response.answer)}
     elif result.success and q.get("expect_words"):
@@ -237,12 +252,14 @@ def main(argv=None) -> int:
         print(f"infmllm-replay: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     images = [c for c in reader.connections if c.msgtype.startswith("sensor_msgs/msg/")]
+    poses = [c for c in reader.connections if c.msgtype in POSE_MSGTYPES]
     if not images:
         print(f"infmllm-replay: {bag} has no sensor_msgs topics", file=sys.stderr)
         return 2
     rclpy.init()
     node = rclpy.create_node("infmllm_replay")
-    player = Replayer(node, args.node, {remap.get(c.topic, c.topic): c.msgtype for c in images})
+    player = Replayer(node, args.node, {remap.get(c.topic, c.topic): c.msgtype for c in images},
+                      {remap.get(c.topic, c.topic): c.msgtype for c in poses})
     # one client for every question, made now: it is discovered while the node starts and streams
     asker = ActionClient(node, AskAction, args.service)
     executor = MultiThreadedExecutor(num_threads=2)
@@ -260,8 +277,11 @@ def main(argv=None) -> int:
         origin_s = None  # the first frame's header stamp
         total = sum(c.msgcount for c in images)
         t_wall0 = time.monotonic()
-        for connection, timestamp, data in reader.messages(connections=images):
+        for connection, timestamp, data in reader.messages(connections=images + poses):
             t = (timestamp - start_ns) * 1e-9
+            if connection in poses:  # the robot's pose: published as it comes, no acknowledgement
+                player.pubs[remap.get(connection.topic, connection.topic)].publish(bytes(data))
+                continue
             while pending and pending[0]["at_s"] <= t:
                 report["answers"].append(ask_scripted(node, args.service, pending.pop(0), args.ask_timeout,
                                                           origin_s, asker))
@@ -301,6 +321,11 @@ def main(argv=None) -> int:
                       window_correct=[x["window"]["correct"] for x in scores if "window" in x],
                       answers_from_evidence=sum(a.get("answer_source") == "evidence" for a in report["answers"]),
                       answers_from_model=sum(a.get("answer_source") == "model" for a in report["answers"]),
+                      position_error_m_median=median([a["position_error_m"] for a in report["answers"]
+                                                      if a.get("position_error_m") is not None]),
+                      positions_unknown=sum("position_error_m" in a and a["position_error_m"] is None
+                                            for a in report["answers"]),
+                      answers_stating_position=sum(a.get("states_position", False) for a in report["answers"]),
                       ttft_s_median=median([a["ttft_s"] for a in report["answers"] if a.get("ttft_s") is not None]),
                       latency_s_median=median([a["latency_s"] for a in report["answers"] if a.get("success")]),
                       memory=rss_growth(player.diagnostics), diagnostics_last=player.diagnostics[-1:] or None,
@@ -334,6 +359,8 @@ def write_report(report: dict, path: Path) -> None:
              a.get("answer_source", ""),
              (f"{a['seen_at_s'][0]:.0f}" if a.get("seen_at_s") else "")
              + (f" / {a['expect_time_s']:.0f}" if a.get("expect_time_s") is not None else ""),
+             "" if "position_error_m" not in a else "unknown" if a["position_error_m"] is None
+             else f"{a['position_error_m']:.1f}",
              yes("named", a), yes("correct", a), yes("absent_correct", a), yes("degenerate", a),
              "" if a.get("ttft_s") is None else f"{a['ttft_s']:.2f}", f"{a['latency_s']:.2f}"]
             for a in report["answers"]]
@@ -354,12 +381,17 @@ def write_report(report: dict, path: Path) -> None:
                  f"answers naming every event in the window: {report.get('window_correct')}.")
     lines.append(f"Answer text from the model: {report.get('answers_from_model')}; replaced by the evidence sentence "
                  f"because the model's text contradicted it: {report.get('answers_from_evidence')}.")
+    if report.get("position_error_m_median") is not None or report.get("positions_unknown"):
+        lines.append(f"Where: median position error {report.get('position_error_m_median') or 0:.1f} m over the events "
+                     f"(best sighting's pose against where the event was shown); events without a known position: "
+                     f"{report.get('positions_unknown')}; answers stating a position: "
+                     f"{report.get('answers_stating_position')}.")
     if report.get("ttft_s_median") is not None:
         lines.append(f"First streamed token (ask action) after {report['ttft_s_median']:.2f} s, whole answer "
                      f"{report['latency_s_median']:.2f} s (medians over the questions).")
     lines.append("")
     lines.append(markdown_table(["bag s", "question", "answer", "verdict (confidence)", "text from", "sighting s / truth s",
-                                 "named",
+                                 "position error m", "named",
                                  "named+time", "absent: no", "degenerate", "first token s", "latency s"], rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
