@@ -73,6 +73,22 @@ def test_one_minute_drive(tmp_path, clip):
     assert runs["streaming_llm@256,1min"] == run
 
 
+def test_with_poses_each_event_answer_is_scored_for_where(tmp_path, clip):
+    events = tmp_path / "events"
+    events.mkdir()
+    cv2.imwrite(str(events / "cat.png"), cv2.cvtColor(chelsea(), cv2.COLOR_RGB2BGR))
+    out = tmp_path / "needle.json"
+    assert main(["--video", str(clip), "--events", str(events), "--minutes", "1", "--fps", "0.5",
+                 "--policy", "inf_mllm", "--capacity", "512", "--novelty-threshold", "0", "--poses",
+                 "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["inf_mllm+vb128@512,1min,novelty0,poses"]
+    cat = run["answers"][0]
+    assert run["poses"] and cat["position"] is not None and cat["seen_at_position"] is not None
+    if cat["seen_at_s"] == cat["time_s"]:  # the sighting is the event's frame: where it was, to the odometry's step
+        assert cat["position_error_m"] < 0.6
+    assert cat["states_position"] == ("near (" in cat["answer"]) and "position error m" in out.with_suffix(".md").read_text()
+
+
 def test_a_full_cache_that_overflows_is_reported_without_answers(tmp_path):
     """A full cache too small for the drive stops at the frame that does not fit; the question
     would not fit either, so the run records the overflow and no scores instead of crashing."""

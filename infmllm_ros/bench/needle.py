@@ -4,10 +4,13 @@ For each drive length x policy x capacity: stream a bag-free drive (real video l
 photos inserted at known times) through a :class:`StreamSession` (or, for ``--policy index``, the
 retrieval baseline of :mod:`.retrieval`), then ask about every event
 ("Did you see a cat? When?", not kept in context) and score the answers: object named in the
-text; time within +-30 s, stated by the text or by the answer's best sighting (the cached frame
-that matches the question, :mod:`infmllm_ros.runtime.recall`). Reports accuracy, per-frame ingest cost (median/p95 ms, and per minute of drive), process
-RSS over the drive, time to first token and decode tokens/s; writes JSON, markdown and a PNG of
-accuracy against drive length.
+text and a time stated by the text within +-10 s of the event (+-60 s on drives over 10 minutes,
+:func:`~.drive.time_tolerance_s`); ``recalled``: the answer's best sighting (the cached frame that
+matches the question, :mod:`infmllm_ros.runtime.recall`) that close. With ``--poses`` a synthetic
+odometry track streams beside the frames and each answer is scored for where too. Reports
+accuracy, per-frame ingest cost (median/p95 ms, and per minute of drive), process RSS over the
+drive, time to first token and decode tokens/s; writes JSON, markdown and a PNG of accuracy
+against drive length.
 
 Every finished run is merged into ``--json`` under a file lock, so several processes (one per
 core, ``OMP_NUM_THREADS=1``) can fill one grid; ``--resume`` skips runs already there.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ import numpy as np
 from ..kvcache import CacheFullError
 from ..kvcache.policies import (DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, make_policy,
                                 scores_slots)
-from ..runtime.answer import is_clear_no
+from ..runtime.answer import is_clear_no, places_in
+from ..runtime.pose import Pose, PoseMatcher
 from ..runtime.session import DEFAULT_FAMILIAR_INTERVAL_S
 from ..runtime.procstat import rss_mib
 from .common import check_device, describe, machine, markdown_table, png_figure, synchronizer, write_json
@@ -41,8 +46,19 @@ from .retrieval import RetrievalSession
 INDEX = "index"
 
 
-def run_drive(session, drive, log_every: int = 60) -> dict:
+def frame_pose(track, t: float) -> Pose:
+    """The robot's pose on ``track`` at ``t`` seconds (frame ``odom``, heading about z)."""
+    x, y, yaw = track.at(t)
+    return Pose(x, y, 0.0, 0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2), "odom")
+
+
+def run_drive(session, drive, log_every: int = 60, track=None, pose_tolerance_s: float = 0.2) -> dict:
     """Ingest every frame of ``drive`` into ``session``, ask every event's question, score.
+
+    With ``track`` (an :class:`~.drive.OdometryTrack`), its poses stream beside the frames
+    through a :class:`~infmllm_ros.runtime.pose.PoseMatcher` as a robot's odometry would, each
+    event answer is scored for where (``position_error_m``: the best sighting's pose against the
+    track at the event), and whether its text states a position.
 
     Returns:
         dict with per-event answers and scores, ingest ms over all frames (median, p95, mean,
@@ -55,10 +71,20 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
     ingest_ms, stored, rss = [], [], []
     overflow = None
     sync = synchronizer(session.cache.k.device)  # time the GPU's work too
+    matcher = PoseMatcher(pose_tolerance_s) if track is not None else None
+    odometry = iter(track.samples()) if track is not None else iter(())
+    pending = next(odometry, None)
     for i, (t, rgb, _) in enumerate(drive.frames()):
+        while pending is not None and pending[0] <= t:  # the odometry published up to this frame
+            for frame_id, pose in matcher.add_pose(pending[0], frame_pose(track, pending[0])):
+                session.set_frame_pose(frame_id, pose)
+            pending = next(odometry, None)
         t0 = time.perf_counter()
         try:
-            stored.append(session.ingest_frame(rgb, t).stored)
+            result = session.ingest_frame(rgb, t)
+            stored.append(result.stored)
+            if matcher is not None and result.stored and (pose := matcher.add_frame(result.frame_id, t)):
+                session.set_frame_pose(result.frame_id, pose)
             sync()
         except CacheFullError as exc:
             overflow = f"full cache ran out at t={t:.0f}s: {exc}"
@@ -83,7 +109,8 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
                             "decode_tokens_per_s": a.decode_tokens_per_s, "seen": a.seen, "confidence": a.confidence,
                             "seen_at_s": seen.stamp_s if seen else None, "seen_score": seen.score if seen else None,
                             **_verdict_fields(a), **score_answer(a.text, ev, tolerance, seen_at_s=seen.stamp_s if seen else None),
-                            **({"times_s": ts, "repeated": score_times(a.text, ts, tolerance)} if len(ts) > 1 else {})})
+                            **({"times_s": ts, "repeated": score_times(a.text, ts, tolerance)} if len(ts) > 1 else {}),
+                            **(_where(a, seen, track.at(ev.time_s)) if track is not None else {})})
         absent_asked = [session.ask(absent_question(label), max_new_tokens=32, keep_in_context=False)
                         for label in ABSENT_OBJECTS]
         near_asked = [(label, session.ask(absent_question(NEAR_MISS_OBJECTS[label]), max_new_tokens=32,
@@ -115,8 +142,20 @@ def run_drive(session, drive, log_every: int = 60) -> dict:
             "rss_mib_per_minute": rss, "overflow": overflow,
             # what holds the stream's memory: the KV buffer, or the retrieval baseline's index
             "memory_bytes": session.index_bytes if isinstance(session, RetrievalSession) else session.cache.nbytes,
+            "position_error_m_median": _median([a["position_error_m"] for a in answers
+                                                if a.get("position_error_m") is not None and a["named"]]),
+            "positions_stated": _mean([a["states_position"] for a in answers]) if track is not None else None,
             "ttft_s_median": _median([a["ttft_s"] for a in answers]),
             "decode_tokens_per_s_median": _median([a["decode_tokens_per_s"] for a in answers])}
+
+
+def _where(answer, seen, truth: tuple[float, float, float]) -> dict:
+    """An event answer's position fields: the best sighting's pose against the truth (metres),
+    and whether the text states a position."""
+    pose = seen.pose if seen else None
+    return {"seen_at_position": [pose.x, pose.y] if pose else None, "position": list(truth[:2]),
+            "position_error_m": pose.distance_to(*truth[:2]) if pose else None,
+            "states_position": bool(places_in(answer.text))}
 
 
 def _count(flags: list | None) -> str:
@@ -165,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lazy-eviction slack (tokens past the capacity before an eviction; 0: every overflow)")
     p.add_argument("--seed", type=int, default=0, help="event-time seed")
     p.add_argument("--again", type=_csv(str), default=[], help="events shown a second time, at seeded times (e.g. cat)")
+    p.add_argument("--poses", action="store_true",
+                   help="stream a synthetic odometry track (20 Hz) beside the frames and score where each event was seen")
     p.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default cpu; "
                    "cuda uses the project's CUDA kernels for scoring and compaction)")
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG beside it)")
@@ -234,7 +275,8 @@ def report(data: dict, out: Path) -> None:
              _count(r.get("repeated_all_timed")), r.get("answers_from_evidence"),
              None if r.get("memory_bytes") is None else f"{r['memory_bytes'] / 2**20:.2f}",
              r.get("degenerate"), r.get("hallucinated"),
-             r.get("time_error_s_median"), r["ingest_ms_median"], r["ingest_ms_p95"],
+             r.get("time_error_s_median"), r.get("position_error_m_median"), r.get("positions_stated"),
+             r["ingest_ms_median"], r["ingest_ms_p95"],
              r.get("stored_ms_median"), r["ttft_s_median"], r["decode_tokens_per_s_median"], r["overflow"] or ""]
             for r in runs]
     md = ["# Needle in the drive", "", describe(data['machine']), "",
@@ -249,10 +291,13 @@ def report(data: dict, out: Path) -> None:
           "near miss no = a clear no about an object like an event's but never shown (a dog for the cat); "
           "repeated = events shown twice whose answer states both times; from evidence = answers whose "
           "text contradicted their evidence and were replaced by it.", "",
+          "position error = median over the named events of the distance between the best sighting's pose and "
+          "where the event was shown on the odometry track (runs with --poses); position stated = answers whose "
+          "text states a position.", "",
           markdown_table(["minutes", "seed", "policy", "capacity", "slack", "vision budget", "accuracy", "named",
                           "recalled", "text timed", "absent correct", "near miss no", "repeated", "from evidence",
                           "memory MiB",
-                          "degenerate", "hallucinated", "time error s",
+                          "degenerate", "hallucinated", "time error s", "position error m", "position stated",
                           "ingest ms median", "ingest ms p95", "stored ms median", "TTFT s", "decode tok/s", "note"],
                          rows)]
     full5 = _accuracy(runs, "full", min((r["minutes"] for r in runs), default=0))
@@ -288,7 +333,7 @@ def report(data: dict, out: Path) -> None:
 def main(argv=None) -> int:
     """Console entry point; returns the exit code (2 on bad input)."""
     args = parse_args(argv)
-    from .drive import Drive, bundled_events, events_from_dir, video_frames
+    from .drive import Drive, OdometryTrack, bundled_events, events_from_dir, video_frames
     from ..models import load_model
     from ..runtime.session import open_session
 
@@ -321,6 +366,7 @@ def main(argv=None) -> int:
     data = None
     for minutes in args.minutes:
         drive = Drive(background, minutes, args.fps, events, seed=args.seed, again=tuple(args.again))
+        track = OdometryTrack(minutes * 60, 20.0, args.seed) if args.poses else None
         for cap in args.capacity:
             for policy in args.policy:
                 # full: as large as the model's context allows, i.e. "full where memory allows".
@@ -330,7 +376,8 @@ def main(argv=None) -> int:
                 key = (f"{policy}{f'+vb{budget}' if budget else ''}@{size},{minutes:g}min"
                        + (f",slack{slack}" if policy != "full" and slack != DEFAULT_SLACK else "")
                        + (f",seed{args.seed}" if args.seed else "") + "".join(f",again-{label}" for label in args.again)
-                       + (f",novelty{args.novelty_threshold:g}" if args.novelty_threshold is not None else ""))
+                       + (f",novelty{args.novelty_threshold:g}" if args.novelty_threshold is not None else "")
+                       + (",poses" if args.poses else ""))
                 if key in done:
                     continue
                 print(f"[{key}]", file=sys.stderr, flush=True)
@@ -342,12 +389,12 @@ def main(argv=None) -> int:
                     session = open_session(model, capacity=size, policy=policy, recent=cap // 4, beta=args.beta,
                                            decay=args.decay, vision_budget=budget,
                                            familiar_interval_s=args.familiar_interval, slack=slack,
-                                           novelty_threshold=args.novelty_threshold)
+                                           novelty_threshold=args.novelty_threshold, track_positions=args.poses)
                 data = merge_run(out, header, key, {"policy": policy, "capacity": size, "minutes": minutes,
                                                     "config_seed": args.seed, "again": args.again,
                                                     "vision_budget": budget, "slack": slack,
-                                                    "manifest": drive.manifest(),
-                                                    **run_drive(session, drive)})
+                                                    "manifest": drive.manifest(), "poses": args.poses,
+                                                    **run_drive(session, drive, track=track)})
                 report(data, out)
     if data is None and out.is_file():  # nothing left to run: score and report the grid again
         report(merge_run(out, header), out)
