@@ -6,7 +6,7 @@ source /opt/ros/humble/setup.bash
 source /ws/install/setup.bash
 if [ "${INFMLLM_BACKEND:-tensorrt}" = "tensorrt" ] && [ ! -f /engines/manifest.json ]; then
   echo "first start: building TensorRT engines into /engines (several minutes) ..."
-  infmllm-build-engines --model "${INFMLLM_MODEL:-smollm2-135m}" --capacity "${INFMLLM_CAPACITY:-2048}" \
+  infmllm-build-engines --backend tensorrt --model "${INFMLLM_MODEL:-smollm2-135m}" --capacity "${INFMLLM_CAPACITY:-2048}" \
       --max-chunk "${INFMLLM_MAX_CHUNK:-64}" --out /engines
 fi
 exec "$@"

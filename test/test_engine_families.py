@@ -57,7 +57,7 @@ def family(request, tmp_path_factory):
     return name, model, engines, lines
 
 
-def sessions(family, **kw):
+def twin_sessions(family, **kw):
     """A torch session and an onnxruntime session over the family's model, same settings."""
     _, model, engines, lines = family
     settings = {**CACHE, **kw}
@@ -69,13 +69,13 @@ def test_each_family_exports_three_engines_once(family):
     _, _, engines, lines = family
     kinds = sorted(p.name.split(".")[-2] if ".vision." not in p.name else "vision" for p in engines.glob("*.onnx"))
     assert len(kinds) == 3 and sum("exporting" in line for line in lines) == 3
-    sessions(family)  # a second session finds them: nothing exported again
+    twin_sessions(family)  # new sessions find them: nothing exported again
     assert sum("exporting" in line for line in lines) == 3
 
 
 def test_the_vision_engine_equals_the_transformers_tower(family):
     _, model, _, _ = family
-    torch_session, ort_session = sessions(family)
+    torch_session, ort_session = twin_sessions(family)
     inputs = model.vision_inputs(engine_frame(model, 0))
     with torch.no_grad():
         want = model.vision_tower(inputs)(*inputs.pixels)
@@ -89,7 +89,7 @@ def test_the_vision_engine_equals_the_transformers_tower(family):
 
 def test_logits_of_an_image_and_a_question_equal_the_torch_path(family):
     _, model, _, _ = family
-    pair = sessions(family, novelty_threshold=0.0)
+    pair = twin_sessions(family, novelty_threshold=0.0)
     logits = []
     for s in pair:
         chunk = model.frame_chunk("<frame t=3.0s cam=front>", model.encode_frame(engine_frame(model, 1), s.backend.vision))
@@ -105,7 +105,7 @@ def test_logits_of_an_image_and_a_question_equal_the_torch_path(family):
 
 def test_the_greedy_answer_is_token_identical(family):
     answers = []
-    for s in sessions(family, novelty_threshold=0.0):
+    for s in twin_sessions(family, novelty_threshold=0.0):
         for i in range(3):
             s.ingest_frame(engine_frame(s.model, 10 + i), float(i))
         answers.append(s.ask(QUESTION, max_new_tokens=16).token_ids)
@@ -127,7 +127,7 @@ def test_a_300_frame_stream_keeps_the_same_slots_in_every_row(family):
     different tokens and drift apart a little); bounded: >= 99% of kept slots shared on average,
     >= 95% in every row, after 300 frames (measured 99.75% and 96.5%)."""
     name, model, _, _ = family
-    pair = sessions(family, novelty_threshold=0.0 if name != "embedded" else None, familiar_interval_s=0.0)
+    pair = twin_sessions(family, novelty_threshold=0.0 if name != "embedded" else None, familiar_interval_s=0.0)
     rng = np.random.default_rng(5)
     frames = [engine_frame(model, int(rng.integers(0, 40))) for _ in range(300)]  # scenes come back: some frames familiar
     for s in pair:
@@ -149,7 +149,7 @@ def test_a_300_frame_stream_keeps_the_same_slots_in_every_row(family):
 
 def test_frames_of_another_size_are_resized_to_the_engine_frame(family):
     _, model, _, _ = family
-    _, ort_session = sessions(family)
+    _, ort_session = twin_sessions(family)
     vision = ort_session.backend.vision
     small, square = frame(3, 120, 160), engine_frame(model, 3)
     encoded = model.encode_frame(small, vision)

@@ -48,8 +48,8 @@ def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, m
         starts.append(begin(*args, **kw))
         return starts[-1]
 
-    def record_forward(embeds, c, kind, frame_id, stamp_s, mrope=None):
-        out = forward(embeds, c, kind, frame_id, stamp_s, mrope)
+    def record_forward(embeds, c, kind, frame_id, stamp_s, mrope=None, deepstack=None):
+        out = forward(embeds, c, kind, frame_id, stamp_s, mrope, deepstack)
         rel = torch.arange(embeds.shape[0]).expand(3, -1) if mrope is None else mrope
         written.append(starts[-1][0] + rel)  # the positions this chunk was written at
         t = rel[0].tolist()

@@ -1,7 +1,7 @@
 """``make gpu-check``: the one prepared check of a GPU machine, at real shapes, in minutes.
 
-A GPU machine is lent for minutes and cannot install anything: it has its own ``python3``
-(torch + CUDA, transformers, onnxruntime, CuPy, Triton, nvcc). This script runs there from the
+A GPU machine is available for minutes at a time and cannot install anything: it has its own
+``python3`` (torch + CUDA, transformers, onnxruntime, CuPy, Triton, nvcc). This script runs there from the
 working tree, without a virtual environment, and writes everything under one folder (``--out``):
 
 0. ``env.json``: the device, the versions, and any module the steps need that is missing (named

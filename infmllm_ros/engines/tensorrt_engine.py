@@ -111,8 +111,8 @@ def step_profile(hidden: int, max_chunk: int, deepstack_layers: int = 0) -> Prof
     """The decoder step's profile: ``embeds`` ``[1, 1..max_chunk, hidden]``, ``positions``
     ``[3, 1..max_chunk]`` (and a DeepStack model's ``deepstack`` ``[layers, 1..max_chunk,
     hidden]``), optimised for ``max_chunk``."""
-    profile = {"embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
-               "positions": ((3, 1), (3, max_chunk), (3, max_chunk))}
+    profile: Profile = {"embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
+                        "positions": ((3, 1), (3, max_chunk), (3, max_chunk))}
     if deepstack_layers:
         k = deepstack_layers
         profile["deepstack"] = ((k, 1, hidden), (k, max_chunk, hidden), (k, max_chunk, hidden))
