@@ -224,8 +224,12 @@ class VisionLanguageModel:
                                   f"use backend torch")
 
     def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
-        """The :class:`FrameEncoding` of the tower's ``outputs`` for a frame's ``inputs``."""
-        raise NotImplementedError
+        """The :class:`FrameEncoding` of the tower's ``outputs`` for a frame's ``inputs``: by default
+        the first output is the vision tokens ``[n, hidden]`` (summary: their mean, laid out as
+        ``inputs.grid``) and any further ones are DeepStack features (Qwen3-VL)."""
+        dtype = next(self.decoder.parameters()).dtype
+        embeds = outputs[0].to(dtype)
+        return FrameEncoding(embeds, embeds.float().mean(0), "", inputs.grid, tuple(o.to(dtype) for o in outputs[1:]))
 
     def frame_chunk(self, tag: str, frame: FrameEncoding | None) -> FrameChunk:
         """The chunk of a stored frame as a user turn: ``tag`` + :attr:`novel_text` + the image

@@ -7,6 +7,7 @@ same pieces for their language model and hand the rest of the weights to their v
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -182,6 +183,36 @@ def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) 
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     load_module_state(decoder, state, what)
     return decoder.eval()
+
+
+def load_vlm_parts(path: Path, cfg: DecoderConfig, parts: dict[str, tuple[tuple[str, ...], Callable]],
+                   text_prefixes: tuple[str, ...], head_prefixes: tuple[str, ...] = ("lm_head.",)):
+    """A VLM checkpoint's language model and its vision modules, from one read of its weights.
+
+    Args:
+        path: the checkpoint folder. cfg: its language model's shape (:func:`read_vlm_config`).
+        parts: name -> (weight-name prefixes, ``transformers`` config -> empty module), taken from
+            the weights in this order before the language model's (whose prefix may be as short
+            as ``model.``).
+        text_prefixes, head_prefixes: where the language model's layers and LM head are.
+
+    Returns:
+        ``(decoder, {name: module with its weights}, transformers' config)``.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_safetensors`, :func:`load_module_state`,
+            :func:`load_decoder` (the part is named).
+    """
+    from transformers import AutoConfig
+
+    state = read_safetensors(path)
+    full_cfg = AutoConfig.from_pretrained(str(path))
+    modules = {}
+    for name, (prefixes, make) in parts.items():
+        modules[name] = make(full_cfg)
+        load_module_state(modules[name], take_prefixed(state, prefixes), f"{path} ({name})")
+    text_state = {**take_prefixed(state, text_prefixes, "model."), **take_prefixed(state, head_prefixes, "lm_head.")}
+    return load_decoder(cfg, text_state, f"{path} (language model)"), modules, full_cfg
 
 
 def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32

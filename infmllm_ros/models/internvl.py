@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .family import FrameEncoding, VisionInputs, VisionLanguageModel
-from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
+from .family import VisionInputs, VisionLanguageModel
+from .hf_loader import load_vlm_parts, read_vlm_config
 from .tokenizer import ChatTokenizer
 
 
@@ -41,7 +41,6 @@ class InternVL(VisionLanguageModel):
     """
 
     family = "internvl"
-    novelty_metric = "cosine"
     novelty_threshold = 0.1
     image_open = "<img>"
     image_close = "</img>\n"
@@ -63,11 +62,6 @@ class InternVL(VisionLanguageModel):
         """InternViT + pixel shuffle + projector (as transformers' ``InternVLModel.get_image_features``):
         pixels -> ``[frame_tokens, hidden]``."""
         return self.tower
-
-    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
-        """Vision tokens ``[frame_tokens, hidden]``; summary: their mean."""
-        embeds = outputs[0].to(next(self.decoder.parameters()).dtype)
-        return FrameEncoding(embeds, embeds.float().mean(0), "", (1, embeds.shape[0]))
 
 
 class _Tower(torch.nn.Module):
@@ -100,23 +94,18 @@ def load_internvl(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
         FileNotFoundError: a missing file (named). ValueError: tensors that disagree with the
             config, a config without ``image_token_id``, or a layout other than one tile.
     """
-    from transformers import AutoConfig
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
 
     path = Path(path)
     hf, cfg = read_vlm_config(path, attention_bias=True)  # Qwen2: q/k/v biases
-    state = read_safetensors(path)
-    vision_state = take_prefixed(state, ("model.vision_tower.", "vision_tower."))
-    projector_state = take_prefixed(state, ("model.multi_modal_projector.", "multi_modal_projector."))
-    text_state = {**take_prefixed(state, ("model.language_model.", "language_model.model."), "model."),
-                  **take_prefixed(state, ("lm_head.", "language_model.lm_head."), "lm_head.")}
-    decoder = load_decoder(cfg, text_state, f"{path} (language model)")
-    full_cfg = AutoConfig.from_pretrained(str(path))
-    tower = InternVLVisionModel._from_config(full_cfg.vision_config)
-    load_module_state(tower, vision_state, f"{path} (vision tower)")
-    projector = InternVLMultiModalProjector(full_cfg)
-    load_module_state(projector, projector_state, f"{path} (projector)")
+    decoder, parts, full_cfg = load_vlm_parts(
+        path, cfg, {"vision tower": (("model.vision_tower.", "vision_tower."),
+                                     lambda c: InternVLVisionModel._from_config(c.vision_config)),
+                    "projector": (("model.multi_modal_projector.", "multi_modal_projector."),
+                                  InternVLMultiModalProjector)},
+        ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+    tower, projector = parts["vision tower"], parts["projector"]
     vcfg = full_cfg.vision_config
     side = vcfg.image_size[0] // vcfg.patch_size[0]
     frame_tokens = int(side * full_cfg.downsample_ratio) ** 2

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .family import FrameEncoding, VisionInputs, VisionLanguageModel
-from .hf_loader import load_decoder, load_module_state, read_config, read_safetensors, read_vlm_config, take_prefixed
+from .hf_loader import load_vlm_parts, read_config, read_vlm_config
 from .tokenizer import ChatTokenizer
 
 #: Vision tokens per frame by default (the processor's ``max_pixels`` is this many 28x28 px
@@ -90,13 +90,6 @@ class QwenVL(VisionLanguageModel):
         """transformers' tower + merger at the grid of ``inputs``: patches -> ``[h * w, hidden]``."""
         h, w = inputs.grid
         return _Tower(self.visual, torch.tensor([[1, h * self.merge, w * self.merge]], device=self.device))
-
-    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
-        """Merged 2x2 patches as vision tokens ``[h * w, hidden]`` (row-major); summary: their
-        mean; a Qwen3-VL tower's further outputs are its DeepStack features."""
-        dtype = next(self.decoder.parameters()).dtype
-        embeds = outputs[0].to(dtype)
-        return FrameEncoding(embeds, embeds.float().mean(0), "", inputs.grid, tuple(o.to(dtype) for o in outputs[1:]))
 
     def chunk_positions(self, n_before: int, frame: FrameEncoding, n_after: int) -> torch.Tensor:
         """int64 ``[3, n]`` (t, h, w) positions of a frame chunk relative to its start."""
@@ -158,10 +151,9 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         FileNotFoundError: a missing file (named). ValueError: tensors that disagree with the
             config, or a config without the image token ids.
     """
-    from transformers import AutoConfig
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     import importlib
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
     kind = read_config(path).get("model_type", "qwen2_5_vl")
@@ -175,15 +167,11 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         hf, cfg = read_vlm_config(path, attention_bias=True)
     if cfg.mrope_section is None:
         raise ValueError(f"{path}/config.json has no mrope_section (rope_scaling / rope_parameters)")
-    state = read_safetensors(path)
-    vision_state = take_prefixed(state, ("model.visual.", "visual."))
-    text_state = {**take_prefixed(state, ("model.language_model.", "model."), "model."),
-                  **take_prefixed(state, ("lm_head.",), "lm_head.")}
-    decoder = load_decoder(cfg, text_state, f"{path} (language model)")
-    full_cfg = AutoConfig.from_pretrained(str(path))
     tower = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), tower_name)
-    visual = tower._from_config(full_cfg.vision_config)
-    load_module_state(visual, vision_state, f"{path} (vision tower)")
+    decoder, parts, full_cfg = load_vlm_parts(
+        path, cfg, {"vision tower": (("model.visual.", "visual."), lambda c: tower._from_config(c.vision_config))},
+        ("model.language_model.", "model."))
+    visual = parts["vision tower"]
     merge = int(full_cfg.vision_config.spatial_merge_size)
     cell = int(full_cfg.vision_config.patch_size) * merge
     processor = Qwen2VLImageProcessorPil.from_pretrained(

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .family import FrameEncoding, VisionInputs, VisionLanguageModel
-from .hf_loader import load_decoder, load_module_state, read_safetensors, read_vlm_config, take_prefixed
+from .family import VisionInputs, VisionLanguageModel
+from .hf_loader import load_vlm_parts, read_vlm_config
 from .tokenizer import ChatTokenizer
 
 
@@ -63,11 +63,6 @@ class SmolVLM(VisionLanguageModel):
         image): pixels -> ``[frame_tokens, hidden]``."""
         return _Tower(self.vision_model, self.connector, self.decoder.cfg.hidden_size, inputs.mask)
 
-    def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
-        """Vision tokens ``[frame_tokens, hidden]``; summary: their mean."""
-        embeds = outputs[0].to(next(self.decoder.parameters()).dtype)
-        return FrameEncoding(embeds, embeds.float().mean(0), "", (1, embeds.shape[0]))
-
 
 class _Tower(torch.nn.Module):
     """SigLIP and the pixel-shuffle connector: ``forward(pixels)`` -> vision tokens."""
@@ -90,8 +85,6 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         FileNotFoundError: a missing file (named). ValueError: tensors that disagree with the
             config, or a config without ``image_token_id``.
     """
-    from transformers import AutoConfig
-
     path = Path(path)
     hf, cfg = read_vlm_config(path)
     if hf.get("model_type") == "idefics3":
@@ -103,17 +96,10 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil as Processor
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector as Connector
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer as Tower
-    state = read_safetensors(path)
-    vision_state = take_prefixed(state, ("model.vision_model.",))
-    connector_state = take_prefixed(state, ("model.connector.",))
-    text_state = {**take_prefixed(state, ("model.text_model.",), "model."),
-                  **take_prefixed(state, ("lm_head.",), "lm_head.")}
-    decoder = load_decoder(cfg, text_state, f"{path} (language model)")
-    full_cfg = AutoConfig.from_pretrained(str(path))
-    vision_model = Tower._from_config(full_cfg.vision_config)
-    load_module_state(vision_model, vision_state, f"{path} (vision tower)")
-    connector = Connector(full_cfg)
-    load_module_state(connector, connector_state, f"{path} (connector)")
+    decoder, parts, full_cfg = load_vlm_parts(
+        path, cfg, {"vision tower": (("model.vision_model.",), lambda c: Tower._from_config(c.vision_config)),
+                    "connector": (("model.connector.",), Connector)}, ("model.text_model.",))
+    vision_model, connector = parts["vision tower"], parts["connector"]
     vcfg = full_cfg.vision_config
     frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 // full_cfg.scale_factor ** 2
     processor = Processor.from_pretrained(str(path), do_image_splitting=False)
