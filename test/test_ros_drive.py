@@ -1,5 +1,6 @@
 """The 5-minute replayed drive: `infmllm-demo` end to end as separate processes
-(make-bag -> node -> replay with a question per event -> SIGINT), checked from its report."""
+(make-bag with odometry -> node -> replay with a question per event -> SIGINT), checked from its
+report."""
 import json
 
 
@@ -24,6 +25,11 @@ def test_five_minute_drive_is_replayed_without_drops_and_with_flat_memory(tmp_pa
     assert len(report["repeated_all_timed"]) == 1 and len(report["window_correct"]) == 1
     assert report["answers_from_model"] + report["answers_from_evidence"] == 13
     assert report["absent_correct"] is not None and report["accuracy"] is not None
+    # where: the bag's odometry reached the node, each event has its place, every event answer states one
+    assert all(len(e["position"]) == 2 for e in manifest["events"])
+    events = [a for a in report["answers"] if "position_error_m" in a]
+    assert len(events) == 6 and report["positions_unknown"] == 0 and report["answers_stating_position"] >= 6
+    assert all(a["states_position"] for a in events) and report["position_error_m_median"] <= 2.0
     # Streaming memory after the cache has filled (minute 2 on): flat within 5%.
     mem = rss_growth(report["diagnostics"], start_s=120, end_s=300)
     assert abs(mem["rss_growth"]) < 0.05, mem

@@ -172,7 +172,7 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
 
 def questions_for(drive: Drive, track: OdometryTrack | None = None) -> list[dict]:
     """One scripted question per event label (a label shown twice expects both times,
-    ``expect_times_s``; with a ``track``, where it was first shown, ``expect_position``), one
+    ``expect_times_s``; with a ``track``, where it was shown, ``expect_positions``), one
     about what was seen in the drive's middle third (``window_s``, with the events shown in it),
     then one per object never shown (:data:`ABSENT_OBJECTS`, ``absent: true``), all asked after
     the last frame (bag seconds from its start)."""
@@ -185,7 +185,7 @@ def questions_for(drive: Drive, track: OdometryTrack | None = None) -> list[dict
         e = next(x for x in drive.schedule if x.label == label)
         questions.append({"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": ts[0],
                           "label": label, **({"expect_times_s": ts} if len(ts) > 1 else {}),
-                          **({"expect_position": list(track.at(ts[0])[:2])} if track else {})})
+                          **({"expect_positions": [list(track.at(t)[:2]) for t in ts]} if track else {})})
     a, b = window_minutes(drive.minutes)
     inside = {e.label: list(e.words) for e in drive.schedule if 60 * a <= e.time_s <= 60 * b}
     questions.append({"at_s": end, "question": f"What did you see between minute {a} and minute {b}?",

@@ -178,10 +178,10 @@ def ask_scripted(node, service: str, q: dict, timeout_s: float, origin_s: float 
                seen_at_position=[[p.position.x, p.position.y] if known else None
                                  for p, known in zip(response.sighting_poses, response.sighting_pose_known)],
                pose_frame_id=response.pose_frame_id)
-    if q.get("expect_position") is not None:
+    if q.get("expect_positions"):  # the best sighting against the nearest place the event was shown
         where = (rec["seen_at_position"] or [None])[0]
         rec["position_error_m"] = (None if where is None else
-                                   math.hypot(where[0] - q["expect_position"][0], where[1] - q["expect_position"][1]))
+                                   min(math.hypot(where[0] - x, where[1] - y) for x, y in q["expect_positions"]))
         rec["states_position"] = bool(places_in(response.answer)) if result.success else False
     if result.success and q.get("absent"):
         rec["score"] = {"absent_correct": is_clear_no(response.answer), "degenerate": repeats_ngram(response.answer)}
