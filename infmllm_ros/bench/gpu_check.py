@@ -7,17 +7,19 @@ working tree, without a virtual environment, and writes everything under one fol
 0. ``env.json``: the device, the versions, and any module the steps need that is missing (named
    first, so the minutes are not spent finding out).
 1. ``cuda_tests.log``: the CUDA parity tests (``test/test_cuda_parity.py``,
-   ``test/test_cuda_compile.py``, ``test/test_compiled_backend.py``), when pytest is importable.
+   ``test/test_cuda_compile.py``, ``test/test_compiled_backend.py``), when pytest is importable
+   (collected only in the dry run).
 2. ``compiled_parity_h100.json``: at the real shape (random weights), the compiled backend's
    CUDA-graph decode against the eager torch path, our kernels keeping the cache: logits after
    each decoded token, max |diff|.
-3. ``stream_<shape>_h100.json/.md``: :mod:`.stream` at the Qwen2.5-VL-3B and SmolVLM2-2.2B shapes
-   (fp16, random weights), 4K / 16K / 32K slots, backends torch and compiled against transformers in
-   the same run: ms per stored frame (vision, prefill, eviction), TTFT, decode tok/s, GPU memory;
+3. ``stream_<shape>_h100.json/.md``: :mod:`.stream` at the Qwen2.5-VL-3B shape (4K / 16K / 32K
+   slots) and the SmolVLM2-2.2B shape (4K / 8K / 15K: its trained context is 16K), fp16, random
+   weights, backends torch and compiled against transformers in the same run: ms per stored frame (vision, prefill, eviction), TTFT, decode tok/s, GPU memory;
    plus the fraction of the HBM read roofline (bytes a decoded token reads: the decoder's weights
    and the full KV buffer, over the measured copy rate).
-4. ``hour_h100.json/.md``: a time-compressed hour, 3600 frames at the 3B shape, each stored
-   (64 vision tokens): per-frame cost and GPU memory by tenth of the hour, and their spread.
+4. ``gpu_check_h100.json``'s ``hour``: a time-compressed hour, 3600 frames at the 3B shape through
+   a 16K-slot cache, each stored (64 vision tokens): per-frame cost and GPU memory by tenth of
+   the hour, and their spread.
 
 ``--dry-run`` runs the same steps at tiny shapes on the CPU (CI runs it, so the script cannot
 rot): every step executes, no figure means anything. Each step is bounded (``--budget-s``, total
@@ -40,12 +42,15 @@ import torch
 
 from .common import describe, machine, synchronizer, write_json
 
-#: What each run checks: (shape, layers or None, slots, frames per slot size) for the stream step.
-REAL = {"stream": [("qwen2.5-vl-3b", [4096, 16384, 32768]), ("smolvlm2-2.2b", [4096, 16384, 32768])],
-        "parity_shape": "qwen2.5-vl-3b", "hour_shape": "qwen2.5-vl-3b", "hour_frames": 3600, "frames": 4,
-        "device": "cuda", "precision": "fp16"}
+#: What each run checks: the stream step's (shape, slot sizes), the shapes of the parity and hour
+#: steps, the hour's frames and cache, the frames timed per slot size, device and precision.
+REAL = {"stream": [("qwen2.5-vl-3b", [4096, 16384, 32768]),
+                   ("smolvlm2-2.2b", [4096, 8192, 15360])],  # its trained context is 16K tokens
+        "parity_shape": "qwen2.5-vl-3b", "hour_shape": "qwen2.5-vl-3b", "hour_frames": 3600, "hour_slots": 16384,
+        "frames": 4, "device": "cuda", "precision": "fp16"}
 DRY = {"stream": [("qwen2.5-vl-tiny", [512]), ("smolvlm2-tiny", [512])], "parity_shape": "qwen2.5-vl-tiny",
-       "hour_shape": "qwen2.5-vl-tiny", "hour_frames": 60, "frames": 1, "device": "cpu", "precision": "fp32"}
+       "hour_shape": "qwen2.5-vl-tiny", "hour_frames": 60, "hour_slots": 512, "frames": 1, "device": "cpu",
+       "precision": "fp32"}
 NEEDED = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "cv2", "onnxruntime")
 CUDA_TESTS = ("test/test_cuda_parity.py", "test/test_cuda_compile.py", "test/test_compiled_backend.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +66,11 @@ def preflight(dry: bool) -> dict:
     return env
 
 
-def cuda_tests(out: Path) -> dict:
-    """pytest over :data:`CUDA_TESTS` (they skip with their reason without CUDA); its tail in the log."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+def cuda_tests(out: Path, collect_only: bool = False) -> dict:
+    """pytest over :data:`CUDA_TESTS`, its output in the log; ``collect_only`` (the dry run: on
+    the CPU they skip, and ``make test`` runs them already) only collects them."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *(["--collect-only"] if collect_only else []), *CUDA_TESTS],
                           cwd=ROOT, capture_output=True, text=True)
     (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
     return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
@@ -122,13 +129,13 @@ def add_roofline(data: dict, model, read_gb_s: float) -> None:
             figures["roofline_fraction"] = token_bytes * figures["decode_tokens_per_s"] / (read_gb_s * 1e9)
 
 
-def hour(model, frames: int, device: torch.device) -> dict:
-    """``frames`` stored frames (one per second of stream) through one session: frame ms and
-    device memory by tenth of the stream, and their spread (max/min of the tenths' medians)."""
+def hour(model, frames: int, slots: int, device: torch.device) -> dict:
+    """``frames`` stored frames (one per second of stream) through one session of ``slots``: frame
+    ms and device memory by tenth of the stream, and their spread (max/min of the tenths' medians)."""
     from ..runtime.session import StreamSession
     from .stream import test_frame
 
-    s = StreamSession(model, capacity=4096, recent=1024, novelty_threshold=0.0, familiar_interval_s=0.0)
+    s = StreamSession(model, capacity=slots, recent=slots // 4, novelty_threshold=0.0, familiar_interval_s=0.0)
     sync = synchronizer(device)
     ms, mem = [], []
     for i in range(frames):
@@ -195,7 +202,7 @@ def main(argv=None) -> int:
         write_json(out / "summary.json", summary)
 
     if "pytest" not in env["missing"]:
-        step("cuda_tests", lambda: cuda_tests(out))
+        step("cuda_tests", lambda: cuda_tests(out, collect_only=args.dry_run))
     step("compiled_parity", lambda: compiled_parity(model_of(plan["parity_shape"])[1], device))
     read_gb_s = hbm_read_gb_s(device)
     summary["read_gb_s"] = read_gb_s
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
             json_path.write_text(json.dumps(data, indent=1))
             return {"returncode": rc, "file": json_path.name}
         step(f"stream {shape}", run_stream)
-    step("hour", lambda: hour(model_of(plan["hour_shape"])[1], plan["hour_frames"], device))
+    step("hour", lambda: hour(model_of(plan["hour_shape"])[1], plan["hour_frames"], plan["hour_slots"], device))
     write_json(out / f"gpu_check_{suffix}.json", {**summary, "env": env})
     failed = [n for n, s in summary["steps"].items() if "error" in s]
     print(f"gpu-check: {len(summary['steps']) - len(failed)} steps done, failed: {failed or 'none'} "
