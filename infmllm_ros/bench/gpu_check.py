@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .common import describe, machine, synchronizer, write_json
+from .decode import read_rate_gb_s, token_bytes
 
 #: What each run checks: the stream step's (shape, slot sizes), the shapes of the parity and hour
 #: steps, the hour's frames and cache, the frames timed per slot size, device and precision.
@@ -105,28 +106,15 @@ def compiled_parity(model, device: torch.device, tokens: int = 24) -> dict:
             "backend_step": type(sessions[1].backend).__name__}
 
 
-def hbm_read_gb_s(device: torch.device) -> float:
-    """Measured device read rate (GB/s): a 1 GiB sum, median of 5 (the roofline's denominator)."""
-    sync = synchronizer(device)
-    data = torch.ones(2**28 if device.type == "cuda" else 2**24, device=device)
-    times = []
-    for _ in range(5):
-        sync()
-        t0 = time.perf_counter()
-        float(data.sum())
-        sync()
-        times.append(time.perf_counter() - t0)
-    return data.numel() * 4 / statistics.median(times) / 1e9
-
-
 def add_roofline(data: dict, model, read_gb_s: float) -> None:
-    """Per run and backend: ``roofline_fraction`` = bytes a decoded token reads (decoder weights +
-    the KV buffer) x tok/s / the measured read rate."""
-    weights = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
+    """Per run and backend: ``roofline_fraction`` = bytes a decoded token reads
+    (:func:`.decode.token_bytes`: the linear layers' weights, plus the run's whole K/V buffer) x
+    tok/s / the measured read rate."""
+    weights = token_bytes(model.decoder, 0)
     for run in data["runs"]:
         for figures in run["ours"].values():
-            token_bytes = weights + figures["kv_bytes"]
-            figures["roofline_fraction"] = token_bytes * figures["decode_tokens_per_s"] / (read_gb_s * 1e9)
+            per_token = weights + figures["kv_bytes"]
+            figures["roofline_fraction"] = per_token * figures["decode_tokens_per_s"] / (read_gb_s * 1e9)
 
 
 def hour(model, frames: int, slots: int, device: torch.device) -> dict:
@@ -204,7 +192,7 @@ def main(argv=None) -> int:
     if "pytest" not in env["missing"]:
         step("cuda_tests", lambda: cuda_tests(out, collect_only=args.dry_run))
     step("compiled_parity", lambda: compiled_parity(model_of(plan["parity_shape"])[1], device))
-    read_gb_s = hbm_read_gb_s(device)
+    read_gb_s = read_rate_gb_s(plan["device"], mib=1024 if device.type == "cuda" else 64)
     summary["read_gb_s"] = read_gb_s
     for shape, slots in plan["stream"]:
         def run_stream(shape=shape, slots=slots):

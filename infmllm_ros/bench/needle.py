@@ -267,7 +267,7 @@ def run_scores(answers: list[dict], absent: list[str], shown: dict[str, tuple[st
 
 
 def report(data: dict, out: Path) -> None:
-    """Write the markdown table (with the issue's 80%-of-full check) and the accuracy plot
+    """Write the markdown table (with the 80%-of-full-cache check) and the accuracy plot
     beside ``out`` (the JSON path)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["minutes"], r["capacity"], r["policy"]))
     rows = [[r["minutes"], r.get("config_seed", ""), r["policy"], r["capacity"], r.get("slack", 0), r.get("vision_budget", 0),

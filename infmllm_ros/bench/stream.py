@@ -90,7 +90,7 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     prepare_s = time.perf_counter() - t0
     engines = [e.path for e in (getattr(runner, "vision", None), getattr(runner, "embedding", None),
                                 getattr(runner, "step", None))
-               if hasattr(e, "path")]  # the engine files this session runs (and their external data)
+               if hasattr(e, "path")]  # the engine files the run uses (and their external data)
     engine_bytes = sum(f.stat().st_size for e in engines for f in (e, e.with_name(e.name + ".data")) if f.is_file())
     enc = model.encode_frame(test_frame(0), runner.vision)
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)

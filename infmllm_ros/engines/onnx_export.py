@@ -197,8 +197,7 @@ class OrtEngine:
 
     def run(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The outputs for inputs in declaration order, as CPU torch tensors."""
-        feeds = {i.name: a for i, a in zip(self.session.get_inputs(), arrays)}
-        return tuple(torch.from_numpy(x) for x in self.session.run(self.outputs, feeds))
+        return tuple(torch.from_numpy(x) for x in self.session.run(self.outputs, dict(zip(self.inputs, arrays))))
 
 
 class OrtDecoderStep(OrtEngine):

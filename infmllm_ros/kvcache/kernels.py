@@ -8,7 +8,7 @@ Every launch is preceded by :func:`check_window_args`, :func:`check_select_args`
 budget larger than the row is a ValueError before any memory is touched.
 
 Status: compiled for sm_87 and sm_90 in CI (``test/test_cuda_compile.py``); parity with the
-torch reference (``test/test_cuda_parity.py``) runs where CUDA is present; figures from the lent
+torch reference (``test/test_cuda_parity.py``) runs where CUDA is present; figures from an
 H100 are in ``bench/results/kernels_h100.md``. Never run on a Jetson.
 """
 from __future__ import annotations

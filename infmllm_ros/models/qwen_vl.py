@@ -156,12 +156,13 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = Path(path)
-    kind = read_config(path).get("model_type", "qwen2_5_vl")
+    raw = read_config(path)
+    kind = raw.get("model_type", "qwen2_5_vl")
     if kind not in _TOWERS:
         raise ValueError(f"{path}/config.json: model_type {kind!r} is not one of {sorted(_TOWERS)}")
     family, module, tower_name = _TOWERS[kind]
     if kind == "qwen3_vl":  # no q/k/v biases; per-head QK RMSNorm; DeepStack into the first layers
-        deepstack = len(read_config(path).get("vision_config", {}).get("deepstack_visual_indexes", ()))
+        deepstack = len(raw.get("vision_config", {}).get("deepstack_visual_indexes", ()))
         hf, cfg = read_vlm_config(path, qk_norm=True, deepstack_layers=deepstack)
     else:
         hf, cfg = read_vlm_config(path, attention_bias=True)

@@ -82,7 +82,7 @@ class WorkerStats:
     clock_resets: int = 0
     poses_received: int = 0
     poses_refused: int = 0
-    frames_with_pose: int = 0  # stored frames that found a pose within the tolerance (at once or later)
+    frames_with_pose: int = 0  # stored frames given a pose within the tolerance (the matcher's count)
 
 
 class IngestWorker:
@@ -112,7 +112,6 @@ class IngestWorker:
                  log: Callable[[str], None] = print, max_frame_pixels: int = 4096 * 4096,
                  clock_reset_s: float = 2.0, poses: PoseMatcher | None = None):
         self.session, self.poses = session, poses
-        self._posed: set[int] = set()  # frame ids that have a pose
         self.max_frame_pixels, self.clock_reset_s = max_frame_pixels, clock_reset_s
         self.sample_rate_hz = sample_rate_hz
         self.duplicate_threshold = duplicate_threshold
@@ -143,7 +142,8 @@ class IngestWorker:
     def stats(self) -> WorkerStats:
         """A consistent copy of the counters."""
         with self._cond:
-            snap = WorkerStats(**{**self._stats.__dict__, "outcomes": Counter(self._stats.outcomes)})
+            snap = WorkerStats(**{**self._stats.__dict__, "outcomes": Counter(self._stats.outcomes),
+                                  "frames_with_pose": self.poses.matched if self.poses else 0})
         return snap
 
     def idle(self) -> bool:
@@ -209,16 +209,7 @@ class IngestWorker:
                 return
             updates = self.poses.add_pose(stamp_s, pose)
         for frame_id, matched in updates:
-            self._give_pose(frame_id, matched)
-
-    def _give_pose(self, frame_id: int, pose: Pose) -> None:
-        if self.session.set_frame_pose(frame_id, pose):
-            with self._cond:
-                if frame_id not in self._posed:
-                    self._posed.add(frame_id)
-                    self._stats.frames_with_pose += 1
-                    if len(self._posed) > 65536:  # ids only grow: forget the oldest half
-                        self._posed = set(sorted(self._posed)[len(self._posed) // 2:])
+            self.session.set_frame_pose(frame_id, matched)
 
     def reject(self, frame: PendingFrame, outcome: str, detail: str) -> None:
         """Count and report a frame the caller refused instead of offering it (``bad_stamp``)."""
@@ -312,6 +303,6 @@ class IngestWorker:
                     self._stats.origin_s = origin
                 pose = self.poses.add_frame(result.frame_id, frame.stamp_s) if self.poses and result.stored else None
             if pose is not None:
-                self._give_pose(result.frame_id, pose)
+                self.session.set_frame_pose(result.frame_id, pose)
             self._last_thumb[frame.camera] = thumb
             self._finish(frame, "ingested", result=result, ms=(time.perf_counter() - t0) * 1e3)

@@ -50,6 +50,9 @@ from .recall import Sighting, with_article
 #: whose time is no sighting.
 FRAME_TAG_OPEN = "<frame"
 
+#: Radius of "What did you see near (x, y)?" (metres).
+DEFAULT_NEAR_RADIUS_M = 5.0
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Camera frames arrive as <frame t=SECONDS cam=NAME> "
     "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
@@ -72,9 +75,10 @@ _ASKED = re.compile(r"\b(?:was there|were there|is there|did you (?:ever )?see|h
 _ASKED_FIRST = re.compile(r"\b(?:what|which)\s+([a-z][a-z -]*?)\s+(?:did you|do you|have you|was there|were there)\b")
 _WINDOW = re.compile(rf"\bbetween\s+(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}\s+and\s+"
                      rf"(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}")
-_NEAR = re.compile(r"\bnear\s*\(?\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)?")
+_PAIR = r"(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)"
+_NEAR = re.compile(rf"\bnear\s*\(?\s*{_PAIR}\s*\)?")
 # A position as answers state it: "(12.3, -4.1)".
-_PLACE = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)")
+_PLACE = re.compile(rf"\(\s*{_PAIR}\s*\)")
 
 
 def answer_times(text: str) -> list[float]:
@@ -282,7 +286,8 @@ class AnswerTemplate:
         return runs
 
     def evidence(self, question: str, found: Verdict, sightings: list[Sighting], frames: dict[int, FrameNote],
-                 threshold: float, max_sightings: int, several_cameras: bool, near_radius_m: float = 5.0) -> Evidence:
+                 threshold: float, max_sightings: int, several_cameras: bool,
+                 near_radius_m: float = DEFAULT_NEAR_RADIUS_M) -> Evidence:
         """The :class:`Evidence` of a question.
 
         Args:

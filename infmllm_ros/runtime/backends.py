@@ -92,8 +92,9 @@ class EngineBackend(Backend):
     """A backend whose step is an engine taking the cache's buffers as inputs (onnxruntime,
     TensorRT): the cache stores the chunk's K/V and window scores it returns, then evicts.
 
-    Subclasses set ``self.step`` in :meth:`check_cache` and name the device the engine's
-    tensors live on (``io_device``).
+    Subclasses set ``self.step`` in :meth:`check_cache` (and ``self.embedding`` when the
+    embedding lookup is an engine too) and name the device the engine's tensors live on
+    (``io_device``).
     """
 
     io_device = "cpu"
@@ -101,6 +102,10 @@ class EngineBackend(Backend):
     def __init__(self, decoder: Decoder):
         super().__init__(decoder)
         self.step: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self.embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     @torch.inference_mode()
     def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
@@ -154,14 +159,10 @@ class OnnxRuntimeBackend(EngineBackend):
                  progress: Callable[[str], None] = print, model: VisionLanguageModel | None = None):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.progress, self.model = Path(engine_dir), model_name, progress, model
-        self.embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def engine_path(self, identity: StepIdentity, kind: str = "step") -> Path:
         """The file of engine ``kind`` (``step``, ``vision``, ``embed``) for ``identity``."""
         return self.engine_dir / f"{identity.stem(kind)}.onnx"
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     def check_cache(self, cache: KVCache) -> None:
         """Find or export each engine for ``cache`` and check it.
@@ -238,10 +239,6 @@ class TensorRTBackend(EngineBackend):
                  model: VisionLanguageModel | None = None):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.model = Path(engine_dir), model_name, model
-        self.embedding: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     def check_cache(self, cache: KVCache) -> None:
         """Load the engines built for this model, cache, TensorRT version and GPU.

@@ -75,6 +75,9 @@ class PoseMatcher:
             default ``max(10, 4 * tolerance_s)``): memory stays bounded at any pose rate.
         max_pending: most frames kept waiting for a pose (the oldest are given up).
 
+    Attributes:
+        matched: frames that have been given a pose (each counted once, at its first pose).
+
     Raises:
         ValueError: a tolerance or horizon that is not a finite number > 0.
     """
@@ -87,6 +90,7 @@ class PoseMatcher:
         self._stamps: list[float] = []  # sorted
         self._poses: list[Pose] = []
         self._pending: dict[int, tuple[float, float]] = {}  # frame id -> (stamp, |dt| of its pose so far)
+        self.matched = 0
 
     def __len__(self) -> int:
         """Poses held."""
@@ -112,6 +116,7 @@ class PoseMatcher:
         """A stored frame: its pose so far (None when none is near yet). It waits for a nearer
         pose until poses newer than its stamp + tolerance have arrived."""
         found = self.nearest(stamp_s)
+        self.matched += found is not None
         if not (self._stamps and self._stamps[-1] >= stamp_s + self.tolerance_s):
             self._pending[frame_id] = (stamp_s, found[1] if found else math.inf)
             while len(self._pending) > self.max_pending:
@@ -133,6 +138,7 @@ class PoseMatcher:
             dt = abs(stamp_s - frame_s)
             if dt <= self.tolerance_s and dt < best_dt:
                 updates.append((frame_id, pose))
+                self.matched += best_dt == math.inf  # its first pose
                 self._pending[frame_id] = (frame_s, dt)
             if newest >= frame_s + self.tolerance_s or newest - frame_s > self.horizon_s:
                 del self._pending[frame_id]  # no nearer pose can come

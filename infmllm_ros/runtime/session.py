@@ -36,7 +36,7 @@ from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
 from .pose import Pose
-from .answer import AnswerTemplate, FrameNote, Verdict, template_for
+from .answer import DEFAULT_NEAR_RADIUS_M, AnswerTemplate, FrameNote, Verdict, template_for
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
@@ -60,8 +60,8 @@ DEFAULT_EVIDENCE_SIGHTINGS = 1
 
 #: Longest question taken, in tokens (about 200 English words).
 DEFAULT_MAX_QUESTION_TOKENS = 256
-#: Radius of "What did you see near (x, y)?" (metres).
-DEFAULT_NEAR_RADIUS_M = 5.0
+#: The per-frame record (camera, label, pose) of a frame the session has none of.
+UNKNOWN_FRAME = ("", "", None)
 
 #: Thumbnail size (width, height) kept per stored frame for ``memory_frames``, and how many
 #: stored frames may accumulate before the per-frame records (camera, label, thumbnail) of
@@ -355,7 +355,7 @@ class StreamSession:
             rows = ids.shape[0] * ids.shape[1]
             frames, stamps = self.cache.frames()
             counts = torch.bincount(ids[ids >= 0].long().flatten()) if frames else torch.zeros(0)
-            info = {f: self._frame_info.get(f, ("", "", None)) for f in frames}
+            info = {f: self._frame_info.get(f, UNKNOWN_FRAME) for f in frames}
             return [MemoryFrame(f, s, info[f][0], info[f][1], float(counts[f]) / rows, self._thumbs.get(f), info[f][2])
                     for f, s in zip(frames, stamps)]
 
@@ -539,14 +539,14 @@ class StreamSession:
     def _sightings(self, question_tokens: int) -> list[Sighting]:
         """Every frame of vision tokens in the cache, best match to the newest ``question_tokens``
         slots first, with its camera (:func:`.recall.find_sightings`; call under the lock)."""
-        info = self._frame_info
-        return [replace(x, camera=info.get(x.frame_id, ("", "", None))[0], pose=info.get(x.frame_id, ("", "", None))[2])
-                for x in find_sightings(self.cache, question_tokens, self.recall_layer, top=self.cache.length)]
+        sightings = find_sightings(self.cache, question_tokens, self.recall_layer, top=self.cache.length)
+        info = [self._frame_info.get(x.frame_id, UNKNOWN_FRAME) for x in sightings]
+        return [replace(x, camera=camera, pose=pose) for x, (camera, _, pose) in zip(sightings, info)]
 
     def _frame_notes(self) -> dict[int, FrameNote]:
         """The frames in the cache by id, with camera and label (call under the lock)."""
         frames, stamps = self.cache.frames()
-        return {f: FrameNote(f, s, *self._frame_info.get(f, ("", "", None)), self.track_positions)
+        return {f: FrameNote(f, s, *self._frame_info.get(f, UNKNOWN_FRAME), self.track_positions)
                 for f, s in zip(frames, stamps)}
 
     def _sentence_end(self, out: list[int]) -> bool:
