@@ -1,4 +1,5 @@
 """ament_python package setup for infmllm_ros (also a plain pip-installable package)."""
+
 from glob import glob
 
 from setuptools import find_packages, setup

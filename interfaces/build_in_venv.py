@@ -24,8 +24,7 @@ import numpy
 
 PACKAGE = Path(__file__).resolve().parent / "infmllm_interfaces"
 FOREIGN_PYTHON_INCLUDE = re.compile(r"/opt/python/cp3\d+-cp3\d+/include/python3\.\d+")
-FOREIGN_NUMPY_INCLUDE = re.compile(
-    r"/opt/python/cp3\d+-cp3\d+/lib/python3\.\d+/site-packages/numpy/_core/include")
+FOREIGN_NUMPY_INCLUDE = re.compile(r"/opt/python/cp3\d+-cp3\d+/lib/python3\.\d+/site-packages/numpy/_core/include")
 
 
 def fix_wheel_exports(prefix: Path) -> int:
@@ -60,11 +59,26 @@ def main() -> None:
         sys.exit("build_in_venv.py: run it with the project venv's python, not the system one")
     print(f"fixed foreign include dirs in {fix_wheel_exports(prefix)} wheel export files")
     build = prefix / "build" / "infmllm_interfaces"
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix), CMAKE_PREFIX_PATH=str(prefix),
-               PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
-    run(["cmake", "-S", str(PACKAGE), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={prefix}",
-         f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF",
-         "-DCMAKE_BUILD_TYPE=Release"], env)
+    env = dict(
+        os.environ,
+        AMENT_PREFIX_PATH=str(prefix),
+        CMAKE_PREFIX_PATH=str(prefix),
+        PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    run(
+        [
+            "cmake",
+            "-S",
+            str(PACKAGE),
+            "-B",
+            str(build),
+            f"-DCMAKE_INSTALL_PREFIX={prefix}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DBUILD_TESTING=OFF",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        env,
+    )
     run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)], env)
     run(["cmake", "--install", str(build)], env)
 

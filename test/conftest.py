@@ -1,4 +1,5 @@
 """Shared fixtures: the real SmolLM2 model (installed by `make test`) and tiny random models."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from infmllm_ros.models import load_gguf, smollm2_gguf_path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,9 @@ def _tree_changes() -> set[str] | None:
     top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
     if top.returncode != 0 or Path(top.stdout.strip()).resolve() != ROOT:
         return None
-    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True, text=True
+    )
     return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
 
 
@@ -73,8 +74,15 @@ def smollm2_hf():
     from transformers import LlamaForCausalLM
 
     path = smollm2_gguf_path()
-    return LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                            dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Our decoder over the weights of :func:`tiny_hf_model` (``test_cache.tiny_decoder``)."""
+    from test_cache import tiny_decoder
+
+    return tiny_decoder()
 
 
 def tiny_hf_model(arch: str = "llama", seed: int = 0):
@@ -82,9 +90,17 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              rms_norm_eps=1e-6, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw, rope_theta=1e6))
     else:

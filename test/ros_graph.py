@@ -1,5 +1,6 @@
 """The test process's side of a ROS graph: one rclpy node that publishes frames, listens to the
 node's ``~/frames`` and ``/diagnostics``, and sets its parameters. Used by the DDS tests."""
+
 import os
 import threading
 import time
@@ -22,8 +23,10 @@ class Graph:
     (message type, topic)), listeners, an /ask client, a parameter client."""
 
     def __init__(self, env: dict, publishers: dict):
-        self.saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
-                                                      "FASTDDS_DEFAULT_PROFILES_FILE")}
+        self.saved = {
+            k: os.environ.get(k)
+            for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE")
+        }
         os.environ.update({k: env[k] for k in self.saved if k in env})
         rclpy.init()
         self.node = rclpy.create_node("itest")
@@ -76,8 +79,11 @@ class Graph:
 
     def set_parameters(self, values: dict, node: str = "/infmllm"):
         """Set the node's parameters over ``set_parameters``; one ``SetParametersResult`` each."""
-        return self.call(SetParameters, f"{node}/set_parameters", SetParameters.Request(
-            parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])).results
+        return self.call(
+            SetParameters,
+            f"{node}/set_parameters",
+            SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]),
+        ).results
 
     def latest_status(self):
         """The node's ``/diagnostics`` values from a message stamped after this call."""
@@ -120,8 +126,20 @@ def two_camera_node(tmp, front: str, rear: str, **params):
     """A node watching ``front`` (JPEG) and ``rear`` (raw) over reliable QoS, 512 KV slots, and a
     graph publishing to both: ``(env, process, log path, graph)``; ``params`` override."""
     env = ros_env()
-    proc, log = start_node(tmp, env, {
-        "camera_topics": [front, rear], "camera_transports": ["compressed", "raw"],
-        "camera_names": ["front", "rear"], "qos_reliability": "reliable", "qos_depth": 5,
-        "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 24, "diagnostics_period_s": 0.5, **params})
+    proc, log = start_node(
+        tmp,
+        env,
+        {
+            "camera_topics": [front, rear],
+            "camera_transports": ["compressed", "raw"],
+            "camera_names": ["front", "rear"],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 512,
+            "cache.recent": 128,
+            "max_new_tokens": 24,
+            "diagnostics_period_s": 0.5,
+            **params,
+        },
+    )
     return env, proc, log, Graph(env, {"front": (CompressedImage, front), "rear": (Image, rear)})

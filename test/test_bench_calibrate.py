@@ -1,19 +1,26 @@
 """infmllm-bench-calibrate: the seen threshold is fitted on some seeds and reported on others."""
+
 import json
 
 from infmllm_ros.bench.calibrate import balanced_accuracy, fit_scale, fit_threshold, main
 
 
 def needle_file(path, seed, present, absent, policy="inf_mllm"):
-    run = {"policy": policy, "manifest": {"seed": seed}, "answers": [{"seen_score": s} for s in present],
-           "absent_seen_scores": absent}
+    run = {
+        "policy": policy,
+        "manifest": {"seed": seed},
+        "answers": [{"seen_score": s} for s in present],
+        "absent_seen_scores": absent,
+    }
     path.write_text(json.dumps({"runs": {f"{policy}@1024,5min": run}}))
     return path
 
 
 def test_threshold_separates_present_from_absent_and_is_reported_on_held_out_seeds(tmp_path):
-    files = [needle_file(tmp_path / f"s{seed}.json", seed, [0.3 + 0.05 * seed, 0.5, 0.12], [0.1, 0.11, None])
-             for seed in range(6)]
+    files = [
+        needle_file(tmp_path / f"s{seed}.json", seed, [0.3 + 0.05 * seed, 0.5, 0.12], [0.1, 0.11, None])
+        for seed in range(6)
+    ]
     out = tmp_path / "cal.json"
     assert main([*map(str, files), "--json", str(out)]) == 0
     cal = json.loads(out.read_text())

@@ -1,4 +1,5 @@
 """infmllm-bench-kernels: refuses clearly without a GPU (the figures come from an NVIDIA H100 80GB)."""
+
 import pytest
 import torch
 

@@ -1,9 +1,9 @@
 """The mutation report's survivor kinds: a changed message, a dropped device, a CUDA call, and a
 change of behaviour each land in their own kind."""
+
 import pytest
 
 from infmllm_ros.bench.mutation import survivor_kind
-
 
 ARANGE = "slots = torch.arange(t, device=logits.device)"
 ZEROS = "return torch.zeros(n, dtype=torch.int64, device=device)"
@@ -15,23 +15,37 @@ SELECT = "return {}(scores, length, sinks, recent, budget)"
 
 #: kind -> (source line, mutated line) pairs that must land in it
 CASES = {
-    "message": [('raise ValueError(f"beta must be >= 0, got {beta}")',
-                 'raise ValueError(f"XXbeta must be >= 0, got {beta}XX")')],
-    "device": [(ARANGE, ARANGE.replace("logits.device", "None")), (ARANGE, "slots = torch.arange(t, )"),
-               ("dev = self.k.device", "dev = None"), (STORE, STORE.replace("self.k.device, ", "")),
-               ("col = visible_counts(t, q_start, w, logits.device)", "col = visible_counts(t, q_start, w, )")],
-    "dtype": [(ZEROS, ZEROS.replace("torch.int64", "None")), (ZEROS, ZEROS.replace("dtype=torch.int64, ", "")),
-              (STORE, STORE.replace("self.k.dtype", "None")), (QF, QF.replace("torch.float32", "None")),
-              ("return emb.cos().to(dtype), emb.sin().to(dtype)", "return emb.cos().to(None), emb.sin().to(dtype)")],
+    "message": [
+        ('raise ValueError(f"beta must be >= 0, got {beta}")', 'raise ValueError(f"XXbeta must be >= 0, got {beta}XX")')
+    ],
+    "device": [
+        (ARANGE, ARANGE.replace("logits.device", "None")),
+        (ARANGE, "slots = torch.arange(t, )"),
+        ("dev = self.k.device", "dev = None"),
+        (STORE, STORE.replace("self.k.device, ", "")),
+        ("col = visible_counts(t, q_start, w, logits.device)", "col = visible_counts(t, q_start, w, )"),
+    ],
+    "dtype": [
+        (ZEROS, ZEROS.replace("torch.int64", "None")),
+        (ZEROS, ZEROS.replace("dtype=torch.int64, ", "")),
+        (STORE, STORE.replace("self.k.dtype", "None")),
+        (QF, QF.replace("torch.float32", "None")),
+        ("return emb.cos().to(dtype), emb.sin().to(dtype)", "return emb.cos().to(None), emb.sin().to(dtype)"),
+    ],
     "sort": [(SORT, SORT.replace("stable=True", "stable=False")), (SORT, SORT.replace("dim=-1, ", ""))],
     "spelling": [(FILL, FILL.replace("-inf", "-INF"))],
-    "cuda": [(SELECT.format("kernels.saddle_select"), SELECT.format("kernels.saddle_select").replace("budget)", "None)")),
-             ("spec.beta, out=self._window)", "None, out=self._window)")],
-    "other": [("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:"),
-              ("k = budget - sinks - recent", "k = budget + sinks - recent"),
-              (SELECT.format("select_here"), SELECT.format("select_here").replace("budget)", "None)")),
-              (QF, QF.replace("d)", "None)")), (SORT, SORT.replace("descending=True", "descending=False")),
-              (FILL, FILL.replace("-inf", "inf"))],
+    "cuda": [
+        (SELECT.format("kernels.saddle_select"), SELECT.format("kernels.saddle_select").replace("budget)", "None)")),
+        ("spec.beta, out=self._window)", "None, out=self._window)"),
+    ],
+    "other": [
+        ("if sinks < 0 or recent < 0:", "if sinks < 0 and recent < 0:"),
+        ("k = budget - sinks - recent", "k = budget + sinks - recent"),
+        (SELECT.format("select_here"), SELECT.format("select_here").replace("budget)", "None)")),
+        (QF, QF.replace("d)", "None)")),
+        (SORT, SORT.replace("descending=True", "descending=False")),
+        (FILL, FILL.replace("-inf", "inf")),
+    ],
 }
 
 

@@ -1,11 +1,11 @@
 """infmllm-bench-ppl: clear errors for bad input, and a small end-to-end run writing JSON/MD/PNG."""
+
 import json
 
+import numpy as np
 import pytest
 
 from infmllm_ros.bench.perplexity import main, summarise
-
-import numpy as np
 
 
 @pytest.fixture
@@ -15,16 +15,19 @@ def text_file(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("setup,args,message", [
-    (lambda p: p.write_text("  \n"), [], "is empty"),
-    (lambda p: p.write_bytes(b"\xff\xfe bad \xc3"), [], "is not UTF-8"),
-    (None, ["--policy", "lru"], "unknown KV-cache policy 'lru'"),
-    (None, ["--capacity", "40", "--recent", "16", "--chunk", "32"], "capacity 40 is smaller than sinks"),
-    (None, ["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
-    (None, ["--offset", "-1"], "offset must be >= 0 tokens"),
-    (None, ["--offset", "100000"], "fewer than 64 tokens after offset 100000"),
-    (None, ["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
-])
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (lambda p: p.write_text("  \n"), [], "is empty"),
+        (lambda p: p.write_bytes(b"\xff\xfe bad \xc3"), [], "is not UTF-8"),
+        (None, ["--policy", "lru"], "unknown KV-cache policy 'lru'"),
+        (None, ["--capacity", "40", "--recent", "16", "--chunk", "32"], "capacity 40 is smaller than sinks"),
+        (None, ["--model", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
+        (None, ["--offset", "-1"], "offset must be >= 0 tokens"),
+        (None, ["--offset", "100000"], "fewer than 64 tokens after offset 100000"),
+        (None, ["--device", "cuda:64"], "device 'cuda:64' asked for, but this machine has"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, text_file, capsys, setup, args, message):
     if setup:
         setup(text_file)
@@ -50,9 +53,34 @@ def test_summary_buckets_and_flatness():
 
 def test_small_run_writes_json_markdown_and_plot(tmp_path, text_file):
     out = tmp_path / "ppl.json"
-    code = main(["--text", str(text_file), "--tokens", "300", "--capacity", "64", "--recent", "8",
-                 "--chunk", "16", "--policy", "window,inf_mllm", "--beta", "0,0.01", "--decay", "0", "--jobs", "1", "--offset", "5",
-                 "--hf-contexts", "", "--json", str(out)])
+    code = main(
+        [
+            "--text",
+            str(text_file),
+            "--tokens",
+            "300",
+            "--capacity",
+            "64",
+            "--recent",
+            "8",
+            "--chunk",
+            "16",
+            "--policy",
+            "window,inf_mllm",
+            "--beta",
+            "0,0.01",
+            "--decay",
+            "0",
+            "--jobs",
+            "1",
+            "--offset",
+            "5",
+            "--hf-contexts",
+            "",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"window@64", "inf_mllm@64,beta=0,decay=0", "inf_mllm@64,beta=0.01,decay=0"}

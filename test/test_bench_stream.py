@@ -1,4 +1,5 @@
 """infmllm-bench-stream on a tiny random checkpoint: both sides measured, table written, bad input exits 2."""
+
 import json
 
 from infmllm_ros.bench.stream import main
@@ -6,8 +7,27 @@ from infmllm_ros.bench.stream import main
 
 def test_stream_bench_measures_ours_and_transformers(tmp_path):
     out = tmp_path / "stream.json"
-    assert main(["--model", "smolvlm2-tiny", "--random-weights", "--slots", "512", "--frames", "1",
-                 "--new-tokens", "3", "--backends", "torch", "onnxruntime", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "smolvlm2-tiny",
+                "--random-weights",
+                "--slots",
+                "512",
+                "--frames",
+                "1",
+                "--new-tokens",
+                "3",
+                "--backends",
+                "torch",
+                "onnxruntime",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads(out.read_text())["runs"]
     ours, peer, engines = run["ours"]["torch"], run["transformers"], run["ours"]["onnxruntime"]
     assert engines["engine_bytes"] > 0 and engines["prepare_s"] > 0 and engines["decode_tokens_per_s"] > 0
@@ -23,6 +43,19 @@ def test_stream_bench_measures_ours_and_transformers(tmp_path):
 def test_stream_bench_refuses_unknown_shapes_and_small_caches(tmp_path, capsys):
     assert main(["--model", "llava-7b", "--random-weights", "--json", str(tmp_path / "x.json")]) == 2
     assert "needs a shape" in capsys.readouterr().err
-    assert main(["--model", "smolvlm2-tiny", "--random-weights", "--slots", "300", "--no-peer",
-                 "--json", str(tmp_path / "y.json")]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                "smolvlm2-tiny",
+                "--random-weights",
+                "--slots",
+                "300",
+                "--no-peer",
+                "--json",
+                str(tmp_path / "y.json"),
+            ]
+        )
+        == 2
+    )
     assert "does not fit" in capsys.readouterr().err or "smaller than" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """The fixed-size KV cache on a tiny random LLaMA: memory bound, policies, errors, state safety."""
+
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from infmllm_ros.kvcache import POLICIES, CacheFullError, KVCache, SlotKind, make_policy
 from infmllm_ros.kvcache.policies import PolicySettingError
 from infmllm_ros.models import Decoder, DecoderConfig
@@ -12,22 +13,26 @@ def tiny_decoder() -> Decoder:
     """Our decoder carrying the weights of :func:`tiny_hf_model`."""
     hf = tiny_hf_model()
     c = hf.config
-    dec = Decoder(DecoderConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers,
-                                num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                                head_dim=c.hidden_size // c.num_attention_heads, rope_theta=1e4,
-                                rms_norm_eps=c.rms_norm_eps, max_position_embeddings=512))
+    dec = Decoder(
+        DecoderConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.hidden_size // c.num_attention_heads,
+            rope_theta=1e4,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=512,
+        )
+    )
     dec.load_state_dict(hf.state_dict())
     return dec
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_decoder()
-
-
 def stream_logits(dec, cache, ids, chunk):
-    return torch.cat([dec.logits(dec(dec.embed(ids[s:s + chunk]), cache)) for s in range(0, len(ids), chunk)])
+    return torch.cat([dec.logits(dec(dec.embed(ids[s : s + chunk]), cache)) for s in range(0, len(ids), chunk)])
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -98,8 +103,7 @@ def test_rejected_chunks_leave_the_cache_unchanged(tiny):
 
 def test_kvcache_validates_shape_arguments():
     with pytest.raises(ValueError, match="max_chunk"):
-        KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=0,
-                policy=make_policy("full"), rope=None)
+        KVCache(layers=1, kv_heads=1, head_dim=4, capacity=8, max_chunk=0, policy=make_policy("full"), rope=None)
 
 
 def test_size_and_count_limits_are_exact():
@@ -122,11 +126,17 @@ def test_size_and_count_limits_are_exact():
             with pytest.raises(PolicySettingError) as err:
                 make_policy(name, **bad)
             assert err.value.setting == next(iter(bad))
-    for kw, setting in ((dict(capacity=0), "capacity"), (dict(max_chunk=0), "max_chunk"), (dict(slack=-1), "slack"),
-                        (dict(capacity=11), "capacity"), (dict(capacity=4), "recent")):
+    for kw, setting in (
+        (dict(capacity=0), "capacity"),
+        (dict(max_chunk=0), "max_chunk"),
+        (dict(slack=-1), "slack"),
+        (dict(capacity=11), "capacity"),
+        (dict(capacity=4), "recent"),
+    ):
         with pytest.raises(PolicySettingError) as err:
-            KVCache.check_settings(**{**dict(capacity=12, max_chunk=4, slack=0,
-                                             policy=make_policy("h2o", sinks=4, recent=4)), **kw})
+            KVCache.check_settings(
+                **{**dict(capacity=12, max_chunk=4, slack=0, policy=make_policy("h2o", sinks=4, recent=4)), **kw}
+            )
         assert err.value.setting == setting
     KVCache.check_settings(12, 4, 0, make_policy("h2o", sinks=4, recent=4))
 
@@ -139,13 +149,14 @@ def test_frames_lists_every_frame_held_by_any_row_with_its_stamp(tiny):
     for f in range(12):
         tiny(tiny.embed(torch.tensor([1, 10 + f, 11 + f, 3])), cache, SlotKind.VISION, frame_id=f, stamp_s=100.0 + f)
     ids, stamps = cache.frames()
-    held = cache.frame[:, :, :cache.length]
+    held = cache.frame[:, :, : cache.length]
     want = sorted({int(x) for x in held[held >= 0]})
     assert ids == want and stamps == [100.0 + f for f in want] and ids[-1] == 11 and 0 < len(ids) < 12
 
 
 def test_reserve_top_lifts_the_best_eligible_slots_of_each_row():
     from infmllm_ros.kvcache.policies import RESERVED_SCORE, reserve_top
+
     scores = torch.tensor([[0.9, 0.1, 0.3, 0.2, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
     eligible = torch.tensor([[False, True, True, True, False], [False, False, False, False, True]])
     out = reserve_top(scores, eligible, 2)
@@ -161,7 +172,7 @@ def frame_survival(tiny, vision_budget):
     tiny(tiny.embed(torch.arange(4)), cache, SlotKind.SINK)
     tiny(tiny.embed(torch.arange(90, 94)), cache, SlotKind.VISION, frame_id=0, stamp_s=1.0)
     stream_logits(tiny, cache, torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(3)), 8)
-    vis = (cache.frame[:, :, :cache.length] == 0) & (cache.kind[:, :, :cache.length] == SlotKind.VISION)
+    vis = (cache.frame[:, :, : cache.length] == 0) & (cache.kind[:, :, : cache.length] == SlotKind.VISION)
     return vis.sum(-1)
 
 
@@ -182,8 +193,10 @@ def test_vision_budget_errors_are_clear(tiny):
 def occupied(cache: KVCache) -> tuple:
     """Every state tensor's occupied part (cloned) and the counters."""
     n = cache.length
-    return ([t[:, :, :n].clone() for t in cache._state()],
-            (cache.length, cache.stream_tokens, cache.evicted_tokens, cache.position_offset))
+    return (
+        [t[:, :, :n].clone() for t in cache._state()],
+        (cache.length, cache.stream_tokens, cache.evicted_tokens, cache.position_offset),
+    )
 
 
 def assert_same(before: tuple, cache: KVCache) -> None:
@@ -242,9 +255,12 @@ def test_kept_keys_equal_their_raw_keys_rotated_fresh_at_their_new_slots(tiny, n
 
     cfg = tiny.cfg
     raw = {i: [] for i in range(cfg.num_layers)}
-    hooks = [layer.self_attn.k_proj.register_forward_hook(
-        lambda mod, inp, out, i=i: raw[i].append(out.view(out.shape[0], cfg.num_kv_heads, cfg.head_dim)))
-        for i, layer in enumerate(tiny.model.layers)]
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(
+            lambda mod, inp, out, i=i: raw[i].append(out.view(out.shape[0], cfg.num_kv_heads, cfg.head_dim))
+        )
+        for i, layer in enumerate(tiny.model.layers)
+    ]
     cache = tiny.new_cache(48, 8, make_policy(name, sinks=4, recent=8))
     try:
         stream_logits(tiny, cache, torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(3)), 8)
@@ -252,17 +268,23 @@ def test_kept_keys_equal_their_raw_keys_rotated_fresh_at_their_new_slots(tiny, n
         for h in hooks:
             h.remove()
     assert cache.evicted_tokens > 60
-    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
-                                              rope_theta=cfg.rope_theta, max_position_embeddings=512))
+    rotary = LlamaRotaryEmbedding(
+        LlamaConfig(
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_heads,
+            rope_theta=cfg.rope_theta,
+            max_position_embeddings=512,
+        )
+    )
     slots = torch.arange(cache.length)
     for layer in range(cfg.num_layers):
         keys = torch.cat(raw[layer])  # [stream tokens, kv_heads, head_dim]
         for h in range(cfg.num_kv_heads):
-            token = cache.position[layer, h, :cache.length]
+            token = cache.position[layer, h, : cache.length]
             assert bool((token > slots).any())  # tokens did move
             cos, sin = rotary(keys, slots[None])
             want = keys[token, h] * cos[0] + rotate_half(keys[token, h]) * sin[0]
-            assert (cache.k[layer, h, :cache.length] - want).abs().max().item() <= 1e-5
+            assert (cache.k[layer, h, : cache.length] - want).abs().max().item() <= 1e-5
 
 
 def test_after_streaming_llm_evictions_the_next_chunk_equals_transformers_over_the_kept_cache(tiny):
@@ -304,8 +326,10 @@ class IndependentScores:
         self.cache, self.beta, self.normalise, self.decay, self.slack = cache, beta, normalise, decay, slack
         self.sinks, self.recent, self.vision_budget = sinks, recent, vision_budget
         layers, heads = cache.rows
-        self.rows = [[{"tok": [], "kind": [], "score": torch.zeros(0, dtype=torch.float64)} for _ in range(heads)]
-                     for _ in range(layers)]
+        self.rows = [
+            [{"tok": [], "kind": [], "score": torch.zeros(0, dtype=torch.float64)} for _ in range(heads)]
+            for _ in range(layers)
+        ]
         self.seen = {}
         self.evictions = 0
         attend, commit = cache.attend, cache.commit
@@ -331,13 +355,13 @@ class IndependentScores:
         new_tok = list(range(cache.stream_tokens, cache.stream_tokens + n))
         new_kind = cache.kind[0, 0, s:t].tolist()
         slot = torch.arange(t, dtype=torch.float64)
-        hidden = slot[None, :] > (s + torch.arange(n))[:, None]            # [n, t]: query i cannot see key j
+        hidden = slot[None, :] > (s + torch.arange(n))[:, None]  # [n, t]: query i cannot see key j
         viewers = (~hidden).sum(0).clamp(min=1).double()
         for layer, heads in enumerate(self.rows):
             q, keys = self.seen.pop(layer)
             group = q.shape[0] // keys.shape[0]
             for h, row in enumerate(heads):
-                logits = q[h * group:(h + 1) * group] @ keys[h].T * cache.scale + self.beta * slot
+                logits = q[h * group : (h + 1) * group] @ keys[h].T * cache.scale + self.beta * slot
                 probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
                 window = probs.sum(1) / (viewers if self.normalise else 1.0)
                 window = window.mean(0)
@@ -351,10 +375,16 @@ class IndependentScores:
     def evict(self, row, t):
         middle = range(self.sinks, t - self.recent)
         best = sorted(middle, key=lambda j: (-row["score"][j].item(), j))
-        vision = [j for j in best if row["kind"][j] == SlotKind.VISION][:self.vision_budget]
+        vision = [j for j in best if row["kind"][j] == SlotKind.VISION][: self.vision_budget]
         others = [j for j in best if j not in vision]
-        keep = sorted([*range(self.sinks), *vision, *others[:self.cache.capacity - self.sinks - self.recent - len(vision)],
-                       *range(t - self.recent, t)])
+        keep = sorted(
+            [
+                *range(self.sinks),
+                *vision,
+                *others[: self.cache.capacity - self.sinks - self.recent - len(vision)],
+                *range(t - self.recent, t),
+            ]
+        )
         row["tok"] = [row["tok"][j] for j in keep]
         row["kind"] = [row["kind"][j] for j in keep]
         row["score"] = row["score"][keep]
@@ -367,18 +397,22 @@ class IndependentScores:
                 torch.testing.assert_close(self.cache.scores[layer, h, :n].double(), row["score"], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("name, beta, normalise, decay, vision_budget, slack, chunk", [
-    ("h2o", 0.0, False, 1.0, 0, 0, 6),
-    ("inf_mllm", 0.05, True, 0.9, 0, 0, 6),
-    ("inf_mllm", 0.0, True, 0.0, 0, 0, 6),
-    ("inf_mllm", 0.05, True, 0.9, 6, 0, 6),
-    ("h2o", 0.0, False, 1.0, 0, 0, 1),
-    ("inf_mllm", 0.05, True, 0.9, 0, 0, 1),
-    ("inf_mllm", 0.05, True, 0.9, 6, 13, 6),
-    ("inf_mllm", 0.05, True, 0.9, 0, 3, 1),
-])
-def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(tiny, name, beta, normalise, decay, vision_budget,
-                                                                     slack, chunk):
+@pytest.mark.parametrize(
+    "name, beta, normalise, decay, vision_budget, slack, chunk",
+    [
+        ("h2o", 0.0, False, 1.0, 0, 0, 6),
+        ("inf_mllm", 0.05, True, 0.9, 0, 0, 6),
+        ("inf_mllm", 0.0, True, 0.0, 0, 0, 6),
+        ("inf_mllm", 0.05, True, 0.9, 6, 0, 6),
+        ("h2o", 0.0, False, 1.0, 0, 0, 1),
+        ("inf_mllm", 0.05, True, 0.9, 0, 0, 1),
+        ("inf_mllm", 0.05, True, 0.9, 6, 13, 6),
+        ("inf_mllm", 0.05, True, 0.9, 0, 3, 1),
+    ],
+)
+def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(
+    tiny, name, beta, normalise, decay, vision_budget, slack, chunk
+):
     """Every commit, every (layer, KV head) row holds exactly the tokens, and carries the scores,
     that :class:`IndependentScores` computes from the same queries and keys: the window score
     (of a chunk, and of a single decoded token, which takes its own path), the bias, the carry
@@ -391,9 +425,9 @@ def test_h2o_and_inf_mllm_keep_what_an_independent_score_loop_keeps(tiny, name, 
     tiny(tiny.embed(ids[:4]), cache, SlotKind.SINK)
     for i, start in enumerate(range(4, 240, chunk)):
         kind = SlotKind.VISION if i % 4 == 1 else SlotKind.TEXT  # a "frame" every fourth chunk
-        tiny(tiny.embed(ids[start:start + chunk]), cache, kind, frame_id=i if kind == SlotKind.VISION else -1)
+        tiny(tiny.embed(ids[start : start + chunk]), cache, kind, frame_id=i if kind == SlotKind.VISION else -1)
     assert ref.evictions >= (30 if slack < 5 else 8)
-    kept_vision = (cache.kind[:, :, :cache.length] == SlotKind.VISION).sum(-1)
+    kept_vision = (cache.kind[:, :, : cache.length] == SlotKind.VISION).sum(-1)
     if vision_budget:
         assert bool((kept_vision >= vision_budget).all())
 
@@ -441,8 +475,15 @@ def mrope_cache(capacity: int = 64, policy: str = "full") -> KVCache:
     """A one-row M-RoPE cache (head_dim 8, sections 1/2/1) without a model."""
     from infmllm_ros.kvcache import Rope
 
-    return KVCache(layers=1, kv_heads=1, head_dim=8, capacity=capacity, max_chunk=16,
-                   policy=make_policy(policy, sinks=2, recent=4), rope=Rope(8, 1e4, mrope_section=(1, 2, 1)))
+    return KVCache(
+        layers=1,
+        kv_heads=1,
+        head_dim=8,
+        capacity=capacity,
+        max_chunk=16,
+        policy=make_policy(policy, sinks=2, recent=4),
+        rope=Rope(8, 1e4, mrope_section=(1, 2, 1)),
+    )
 
 
 def image_positions(h: int, w: int) -> torch.Tensor:
@@ -483,8 +524,16 @@ def test_restoring_a_snapshot_restores_the_mrope_position_offset():
 
 @pytest.mark.parametrize("slack, evicted", [(0, [0, 0, 0, 4, 4, 4]), (6, [0, 0, 0, 0, 8, 0])])
 def test_commit_returns_the_tokens_it_evicted(slack, evicted):
-    cache = KVCache(layers=1, kv_heads=1, head_dim=4, capacity=12, max_chunk=4,
-                    policy=make_policy("streaming_llm", sinks=2), rope=None, slack=slack)
+    cache = KVCache(
+        layers=1,
+        kv_heads=1,
+        head_dim=4,
+        capacity=12,
+        max_chunk=4,
+        policy=make_policy("streaming_llm", sinks=2),
+        rope=None,
+        slack=slack,
+    )
     got = []
     for _ in range(6):
         cache.begin_chunk(4)
@@ -531,8 +580,9 @@ def test_chunks_of_two_tokens_are_causal_like_one_long_chunk(tiny):
     ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(4))
     whole = stream_logits(tiny, tiny.new_cache(64, 24, make_policy("full")), ids, 24)
     for chunk in (2, 3):
-        torch.testing.assert_close(stream_logits(tiny, tiny.new_cache(64, 24, make_policy("full")), ids, chunk), whole,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            stream_logits(tiny, tiny.new_cache(64, 24, make_policy("full")), ids, chunk), whole, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_mrope_re_rotation_after_an_eviction_reaches_every_layer():
@@ -540,8 +590,15 @@ def test_mrope_re_rotation_after_an_eviction_reaches_every_layer():
     re-rotates by the M-RoPE lag (text after an image)."""
     from infmllm_ros.kvcache import Rope
 
-    cache = KVCache(layers=2, kv_heads=1, head_dim=8, capacity=16, max_chunk=12,
-                    policy=make_policy("streaming_llm", sinks=2), rope=Rope(8, 1e4, mrope_section=(1, 2, 1)))
+    cache = KVCache(
+        layers=2,
+        kv_heads=1,
+        head_dim=8,
+        capacity=16,
+        max_chunk=12,
+        policy=make_policy("streaming_llm", sinks=2),
+        rope=Rope(8, 1e4, mrope_section=(1, 2, 1)),
+    )
     g = torch.Generator().manual_seed(5)
     for n, mrope in ((4, None), (12, image_positions(3, 4)), (4, None)):
         cache.begin_chunk(n, mrope=mrope)
@@ -559,19 +616,25 @@ def test_restoring_a_snapshot_restores_the_mrope_lag_of_every_slot():
     write(cache, 12, image_positions(3, 4))
     write(cache, 2)  # text after the image: lag -8
     snap = cache.snapshot()
-    lag = cache.rope_lag[:, :, :cache.length].clone()
+    lag = cache.rope_lag[:, :, : cache.length].clone()
     assert bool((lag != 0).any())
     cache.rope_lag.zero_()
     cache.restore(snap)
-    assert torch.equal(cache.rope_lag[:, :, :cache.length], lag)
+    assert torch.equal(cache.rope_lag[:, :, : cache.length], lag)
 
 
 def test_bad_mrope_positions_and_a_second_begin_are_refused_with_the_reason():
-    cache, text = mrope_cache(), KVCache(layers=1, kv_heads=1, head_dim=8, capacity=64, max_chunk=16,
-                                         policy=make_policy("full"), rope=None)
+    cache, text = (
+        mrope_cache(),
+        KVCache(layers=1, kv_heads=1, head_dim=8, capacity=64, max_chunk=16, policy=make_policy("full"), rope=None),
+    )
     good = image_positions(2, 2)
-    for target, mrope in ((cache, good[:2]), (cache, good - 1), (cache, good + 3),  # shape, min < 0, max == n
-                          (text, good)):
+    for target, mrope in (
+        (cache, good[:2]),
+        (cache, good - 1),
+        (cache, good + 3),  # shape, min < 0, max == n
+        (text, good),
+    ):
         with pytest.raises(ValueError, match=r"mrope positions must be int \[3, 4\] in 0..3 on an M-RoPE cache"):
             target.begin_chunk(4, mrope=mrope)
     cache.begin_chunk(4, mrope=good)
@@ -594,13 +657,20 @@ def test_defaults_of_the_policy_and_cache_constructors():
 
 def test_policy_refusals_name_their_setting_and_reason():
     for call, setting, message in (
-            (lambda: make_policy("lru"), "policy", r"unknown KV-cache policy 'lru'; choose one of \['full'"),
-            (lambda: make_policy("inf_mllm", decay=1.5), "decay", r"decay must be in \[0, 1\], got 1.5"),
-            (lambda: make_policy("window", vision_budget=4), "vision_budget", "policy window does not score slots"),
-            (lambda: make_policy("h2o", sinks=2, recent=4, vision_budget=8).check_capacity(13, 4), "vision_budget",
-             "vision_budget 8 does not fit beside sinks"),
-            (lambda: make_policy("h2o", sinks=2, recent=4).check_capacity(9, 4), "capacity",
-             r"capacity 9 is smaller than sinks \(2\) \+ recent \(4\) \+ chunk \(4\) = 10 tokens")):
+        (lambda: make_policy("lru"), "policy", r"unknown KV-cache policy 'lru'; choose one of \['full'"),
+        (lambda: make_policy("inf_mllm", decay=1.5), "decay", r"decay must be in \[0, 1\], got 1.5"),
+        (lambda: make_policy("window", vision_budget=4), "vision_budget", "policy window does not score slots"),
+        (
+            lambda: make_policy("h2o", sinks=2, recent=4, vision_budget=8).check_capacity(13, 4),
+            "vision_budget",
+            "vision_budget 8 does not fit beside sinks",
+        ),
+        (
+            lambda: make_policy("h2o", sinks=2, recent=4).check_capacity(9, 4),
+            "capacity",
+            r"capacity 9 is smaller than sinks \(2\) \+ recent \(4\) \+ chunk \(4\) = 10 tokens",
+        ),
+    ):
         with pytest.raises(PolicySettingError, match=message) as err:
             call()
         assert err.value.setting == setting

@@ -4,10 +4,10 @@ same logits as the torch path, for every CPU weight form and for an M-RoPE model
 once per cache and never again as the stream grows and evicts; on CUDA its CUDA graph gives the
 eager step's logits.
 """
+
 import pytest
 import torch
 import torch._dynamo
-
 from test_cache import tiny_decoder
 from test_engines import CHUNKS
 
@@ -49,8 +49,9 @@ def test_tokens_decoded_through_the_compiled_step_keep_the_torch_paths_cache(wei
     assert want.evicted_tokens >= 30 and (got.length, got.evicted_tokens) == (want.length, want.evicted_tokens)
     assert torch.equal(got.position, want.position)  # the same tokens kept in every row
     for name in ("k", "v", "scores"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=TOLERANCE[weights],
-                                   rtol=TOLERANCE[weights], msg=name)
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), atol=TOLERANCE[weights], rtol=TOLERANCE[weights], msg=name
+        )
 
 
 def test_two_models_of_one_shape_each_decode_with_their_own_weights(compile_once):
@@ -65,8 +66,9 @@ def test_two_models_of_one_shape_each_decode_with_their_own_weights(compile_once
         for dec in decoders:
             pack_linears(dec)
             cache = dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
-            want = TorchBackend(dec).run_chunk(embeds, dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8,
-                                                                                         beta=1e-2)))
+            want = TorchBackend(dec).run_chunk(
+                embeds, dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+            )
             backend = CompiledBackend(dec, **QUIET)
             backend.check_cache(cache)
             torch.testing.assert_close(backend.run_chunk(embeds, cache), want, atol=1e-5, rtol=1e-5)
@@ -84,13 +86,21 @@ def test_answers_of_an_m_rope_model_are_the_same_through_the_compiled_step(compi
     model = load_model(str(build_random_checkpoint("qwen2.5-vl-tiny", tmp_path, seed=2)))
     answers = []
     for backend in (TorchBackend(model.decoder), CompiledBackend(model.decoder, **QUIET)):
-        s = StreamSession(model, capacity=400, recent=32, sinks=4, system_prompt="Watch.", novelty_threshold=0.0,
-                          familiar_interval_s=0.0, backend=backend)
+        s = StreamSession(
+            model,
+            capacity=400,
+            recent=32,
+            sinks=4,
+            system_prompt="Watch.",
+            novelty_threshold=0.0,
+            familiar_interval_s=0.0,
+            backend=backend,
+        )
         for i in range(3):
             s.ingest_frame(frame(i, 84, 112), float(i))
         assert s.cache.position_offset < 0  # images: positions lag their slots
         answer = s.ask("What did you see?", max_new_tokens=12)
-        answers.append((answer.text, s.cache.k[:, :, :s.cache.length].clone()))
+        answers.append((answer.text, s.cache.k[:, :, : s.cache.length].clone()))
     assert answers[1][0] == answers[0][0]
     torch.testing.assert_close(answers[1][1], answers[0][1], atol=1e-5, rtol=1e-5)
 

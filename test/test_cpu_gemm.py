@@ -1,20 +1,29 @@
 """CPU linears: packed oneDNN (same outputs as the dense model, exact weights back for export) and
 weight-only int8 (close to fp32 by a stated measure); both refuse to move to another device or dtype."""
+
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_hf_model
+from test_cache import stream_logits, tiny_decoder
 from torch import nn
 
-from conftest import tiny_hf_model
 from infmllm_ros.kvcache import make_policy
 from infmllm_ros.models import load_gguf, load_hf_checkpoint, load_model, smollm2_gguf_path
-from infmllm_ros.models.cpu_gemm import (Int8Linear, PackedLinear, dense_linears, fuse_projections, pack_linears,
-                                         quantize_int8, quantize_linears)
-from test_cache import stream_logits, tiny_decoder
+from infmllm_ros.models.cpu_gemm import (
+    Int8Linear,
+    PackedLinear,
+    dense_linears,
+    fuse_projections,
+    pack_linears,
+    quantize_int8,
+    quantize_linears,
+)
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                  reason="this torch build has no oneDNN: nothing is packed")
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN: nothing is packed"
+)
 
 
 @needs_onednn
@@ -93,10 +102,12 @@ def test_int8_smollm2_stays_within_stated_bounds_of_fp32(smollm2):
     assert isinstance(attn.qkv_proj, Int8Linear) and attn.q_proj is None
     assert isinstance(int8.lm_head, Int8Linear) and int8.model.embed_tokens.weight.dtype == torch.float32
     ids = torch.tensor(tok.encode((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"))[:136])
+
     def run(dec):
         cache = dec.new_cache(256, 32, make_policy("full"))
         prefill = stream_logits(dec, cache, ids[:128], 32)
-        return torch.cat([prefill] + [dec.logits(dec(dec.embed(ids[i:i + 1]), cache)) for i in range(128, 136)])
+        return torch.cat([prefill] + [dec.logits(dec(dec.embed(ids[i : i + 1]), cache)) for i in range(128, 136)])
+
     want, got = run(dense).log_softmax(-1), run(int8).log_softmax(-1)
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
     assert (want.exp() * (want - got)).sum(-1).mean() < 0.02

@@ -5,6 +5,7 @@ exactly the translation unit ``kernels.py`` hands to CuPy/PyCUDA at run time. NV
 library headers, so code that builds with nvcc can still fail to load on the robot; the first
 run on a GPU failed that way (``stdint.h``, ``INFINITY``), hence the second test.
 """
+
 import ctypes
 import glob
 import os
@@ -47,8 +48,21 @@ def nvrtc_library():
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES)
 def test_kernel_compiles_with_nvcc(tmp_path, arch, source):
-    proc = subprocess.run([NVCC, f"-arch={arch}", "--std=c++17", "-Werror", "all-warnings", "-c",
-                           str(cuda_dir() / source), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            NVCC,
+            f"-arch={arch}",
+            "--std=c++17",
+            "-Werror",
+            "all-warnings",
+            "-c",
+            str(cuda_dir() / source),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -59,8 +73,20 @@ def test_kernels_keep_their_state_in_registers(tmp_path, source):
 
     (kv_compact once kept its fp16 tile in local memory because a loop was not unrolled.)
     """
-    proc = subprocess.run([NVCC, "-arch=sm_87", "--std=c++17", "--resource-usage", "-c", str(cuda_dir() / source),
-                           "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            NVCC,
+            "-arch=sm_87",
+            "--std=c++17",
+            "--resource-usage",
+            "-c",
+            str(cuda_dir() / source),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     frames = [line for line in proc.stderr.splitlines() if "stack frame" in line]
     assert frames, proc.stderr
@@ -74,8 +100,9 @@ def test_runtime_unit_compiles_with_nvrtc(arch):
     if lib is None or include is None:
         pytest.skip("needs the nvidia-cuda-nvrtc wheel (requirements.txt) and a CUDA include folder")
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), b"infmllm_kernels.cu",
-                                  0, None, None) == 0
+    assert (
+        lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), b"infmllm_kernels.cu", 0, None, None) == 0
+    )
     opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", f"-I{include}".encode()]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()

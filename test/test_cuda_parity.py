@@ -3,6 +3,7 @@
 The parity tests skip where CUDA is absent (as on CI); on a GPU machine run
 ``python3 -m pytest test/test_cuda_parity.py`` (bench/results/kernels_h100.md records the H100 run).
 """
+
 import pytest
 import torch
 
@@ -14,19 +15,26 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device: kernel parity r
 
 
 def meta(shape, device="cpu"):
-    return (torch.arange(shape[2], device=device).repeat(*shape[:2], 1).contiguous(),
-            torch.zeros(shape, dtype=torch.int8, device=device), torch.zeros(shape, dtype=torch.int32, device=device),
-            torch.zeros(shape, dtype=torch.float64, device=device), torch.zeros(shape, dtype=torch.float32, device=device))
+    return (
+        torch.arange(shape[2], device=device).repeat(*shape[:2], 1).contiguous(),
+        torch.zeros(shape, dtype=torch.int8, device=device),
+        torch.zeros(shape, dtype=torch.int32, device=device),
+        torch.zeros(shape, dtype=torch.float64, device=device),
+        torch.zeros(shape, dtype=torch.float32, device=device),
+    )
 
 
-@pytest.mark.parametrize("mutate,error", [
-    (lambda k, v, keep: (k.double(), v.double(), keep), "float16 or float32"),
-    (lambda k, v, keep: (k, v[:, :, :-1], keep), "must be equal"),
-    (lambda k, v, keep: (k.transpose(2, 3).contiguous().transpose(2, 3), v, keep), "contiguous"),
-    (lambda k, v, keep: (k, v, keep.int()), "keep must be int64"),
-    (lambda k, v, keep: (k, v, torch.zeros(2, 3, 40, dtype=torch.int64)), "more than the buffer"),
-    (lambda k, v, keep: (k, v, keep.to("meta")), "on one device"),
-])
+@pytest.mark.parametrize(
+    "mutate,error",
+    [
+        (lambda k, v, keep: (k.double(), v.double(), keep), "float16 or float32"),
+        (lambda k, v, keep: (k, v[:, :, :-1], keep), "must be equal"),
+        (lambda k, v, keep: (k.transpose(2, 3).contiguous().transpose(2, 3), v, keep), "contiguous"),
+        (lambda k, v, keep: (k, v, keep.int()), "keep must be int64"),
+        (lambda k, v, keep: (k, v, torch.zeros(2, 3, 40, dtype=torch.int64)), "more than the buffer"),
+        (lambda k, v, keep: (k, v, keep.to("meta")), "on one device"),
+    ],
+)
 def test_compact_arguments_are_checked_before_launch(mutate, error):
     k, v = torch.zeros(2, 3, 32, 8), torch.zeros(2, 3, 32, 8)
     keep = torch.zeros(2, 3, 16, dtype=torch.int64)
@@ -54,13 +62,16 @@ def window_inputs(layers, q_heads, kv_heads, head_dim, window, slots, dtype, dev
     return q.to(device), k.to(device)
 
 
-@pytest.mark.parametrize("change,error", [
-    (dict(dtype=torch.float64), "float16 or float32"),
-    (dict(head_dim=48), "supports head_dim"),
-    (dict(q_heads=8), "not a multiple"),
-    (dict(window=41), "must lie inside length"),
-    (dict(window=1024), "exceed 2048 queries"),
-])
+@pytest.mark.parametrize(
+    "change,error",
+    [
+        (dict(dtype=torch.float64), "float16 or float32"),
+        (dict(head_dim=48), "supports head_dim"),
+        (dict(q_heads=8), "not a multiple"),
+        (dict(window=41), "must lie inside length"),
+        (dict(window=1024), "exceed 2048 queries"),
+    ],
+)
 def test_window_arguments_are_checked_before_launch(change, error):
     kw = dict(layers=2, q_heads=9, kv_heads=3, head_dim=64, window=8, length=40, slots=48, dtype=torch.float32)
     kw.update(change)
@@ -78,20 +89,23 @@ def test_window_arguments_are_checked_before_launch(change, error):
 @needs_gpu
 @pytest.mark.parametrize("shape", [(4, 9, 3, 64), (3, 12, 2, 128), (2, 4, 4, 32), (2, 8, 2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("window,beta,normalise,decay", [(32, 1e-2, True, 0.0), (1, 0.0, True, 0.9),
-                                                         (64, 0.0, False, 1.0), (7, 1e-3, True, 0.5)])
+@pytest.mark.parametrize(
+    "window,beta,normalise,decay",
+    [(32, 1e-2, True, 0.0), (1, 0.0, True, 0.9), (64, 0.0, False, 1.0), (7, 1e-3, True, 0.5)],
+)
 def test_window_scores_match_reference(shape, dtype, window, beta, normalise, decay):
     layers, q_heads, kv_heads, head_dim = shape
     slots, length = 1100, 1037  # several key tiles, the last one partial; slots beyond length unscored
     q, k = window_inputs(layers, q_heads, kv_heads, head_dim, window, slots, dtype)
-    q_start, scale = length - window, head_dim ** -0.5
+    q_start, scale = length - window, head_dim**-0.5
     carry = torch.rand(layers, kv_heads, slots, generator=torch.Generator().manual_seed(3))
     want = carry.clone()
     for layer in range(layers):
         fresh = reference.window_scores(q[layer], k[layer, :, :length], q_start, scale, beta, normalise)
         want[layer, :, :length] = fresh + (decay * carry[layer, :, :length] if decay else 0)
-    got = kernels.window_scores(q.cuda(), k.cuda(), length, q_start, scale, beta, normalise,
-                                out=carry.cuda(), decay=decay)
+    got = kernels.window_scores(
+        q.cuda(), k.cuda(), length, q_start, scale, beta, normalise, out=carry.cuda(), decay=decay
+    )
     torch.testing.assert_close(got.cpu(), want, atol=2e-6, rtol=1e-4)
 
 
@@ -101,8 +115,16 @@ def test_window_scores_inside_the_cache_match_cpu():
     from infmllm_ros.kvcache import KVCache, make_policy
 
     def cache(device):
-        return KVCache(layers=2, kv_heads=3, head_dim=64, capacity=96, max_chunk=16,
-                       policy=make_policy("inf_mllm", sinks=4, recent=16), rope=Rope(64, 1e5), device=device)
+        return KVCache(
+            layers=2,
+            kv_heads=3,
+            head_dim=64,
+            capacity=96,
+            max_chunk=16,
+            policy=make_policy("inf_mllm", sinks=4, recent=16),
+            rope=Rope(64, 1e5),
+            device=device,
+        )
 
     cpu, gpu = cache("cpu"), cache("cuda")
     g = torch.Generator().manual_seed(5)
@@ -118,8 +140,21 @@ def test_window_scores_inside_the_cache_match_cpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("case", ["random", "ties", "all_equal", "signed_zero", "negative", "huge_range",
-                                  "window_one", "no_topk", "edge", "long_row"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random",
+        "ties",
+        "all_equal",
+        "signed_zero",
+        "negative",
+        "huge_range",
+        "window_one",
+        "no_topk",
+        "edge",
+        "long_row",
+    ],
+)
 def test_saddle_select_indices_identical(case):
     g = torch.Generator().manual_seed(0)
     slots, length, sinks, recent, budget = 4160, 4096 + 33, 4, 256, 1024
@@ -166,13 +201,16 @@ def test_vision_budget_selection_identical():
 
 @needs_gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("head_dim,slots,kept", [
-    (128, 4096 + 64, 4096),  # 1.5B-class row, one chunk of 64 evicted
-    (64, 4096 + 64, 4096),   # SmolLM2 row
-    (64, 2000, 700),         # most slots evicted: shifts span many tiles
-    (32, 300, 299),          # one slot evicted
-    (16, 100, 1),            # tiny head_dim (more slots per tile than threads would allow)
-])
+@pytest.mark.parametrize(
+    "head_dim,slots,kept",
+    [
+        (128, 4096 + 64, 4096),  # 1.5B-class row, one chunk of 64 evicted
+        (64, 4096 + 64, 4096),  # SmolLM2 row
+        (64, 2000, 700),  # most slots evicted: shifts span many tiles
+        (32, 300, 299),  # one slot evicted
+        (16, 100, 1),  # tiny head_dim (more slots per tile than threads would allow)
+    ],
+)
 @pytest.mark.parametrize("seed", range(3))  # the in-place tile protocol, under different keep sets
 def test_kv_compact_matches_reference(dtype, tol, head_dim, slots, kept, seed):
     g = torch.Generator().manual_seed(seed)

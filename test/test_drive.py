@@ -1,4 +1,5 @@
 """Bag-free drive generator: events at known times, looping video, manifest, answer scoring."""
+
 import cv2
 import numpy as np
 import pytest
@@ -68,8 +69,14 @@ def test_score_answer_needs_the_name_and_a_stated_time():
     assert score_answer("I saw a tabby cat at <frame t=305.0s cam=front>.", e)["correct"]
     assert not score_answer("I saw a tabby cat at <frame t=300.0s cam=front>.", e)["correct"]  # 12 s off
     assert score_answer("I saw a tabby cat at t=300 s.", e, tolerance_s=60.0)["correct"]  # long drives: the minute
-    assert score_answer("Yes, a cat.", e) == {"named": True, "timed": False, "time_error_s": None,
-                                              "recalled": False, "correct": False, "degenerate": False}
+    assert score_answer("Yes, a cat.", e) == {
+        "named": True,
+        "timed": False,
+        "time_error_s": None,
+        "recalled": False,
+        "correct": False,
+        "degenerate": False,
+    }
     # The cache's sighting is scored apart: it cannot make an answer that states no time correct.
     echo = score_answer("Yes, a cat.", e, seen_at_s=310.0)
     assert echo["recalled"] and not echo["correct"]
@@ -88,8 +95,13 @@ def test_clear_no_and_hallucinated_class():
     from infmllm_ros.bench.drive import names_unshown
     from infmllm_ros.runtime.answer import is_clear_no
 
-    for text in ("No, no stored camera frame matches this question.", "No.", "I did not see a horse.",
-                 "Nothing like that.", 'The answer to this question is: "No, there was no horse."'):
+    for text in (
+        "No, no stored camera frame matches this question.",
+        "No.",
+        "I did not see a horse.",
+        "Nothing like that.",
+        'The answer to this question is: "No, there was no horse."',
+    ):
         assert is_clear_no(text), text
     for text in ("The horse was at t=30 s.", "I see a horse. No more.", "A horse at t=12 s. Nothing else."):
         assert not is_clear_no(text), text
@@ -128,8 +140,9 @@ def test_repeated_and_window_answers_are_scored_by_every_time_and_every_event():
     assert score_times("I saw a cat at t=60 s.", [60, 2460]) == {"timed": 1, "all_timed": False}
     assert score_times("I saw a cat at t=300 s.", [280, 320], 60.0) == {"timed": 1, "all_timed": False}
     cats = {"cat": ["cat"], "coffee": ["coffee", "espresso"]}
-    assert score_window("Between t=120 s and t=180 s I saw a domestic cat at t=140 s, an espresso at t=160 s.",
-                        cats)["correct"]
+    assert score_window("Between t=120 s and t=180 s I saw a domestic cat at t=140 s, an espresso at t=160 s.", cats)[
+        "correct"
+    ]
     assert not score_window("I saw a domestic cat at t=140 s.", cats)["correct"]
     assert score_window("Between t=120 s and t=180 s I saw nothing new (60 frames of the usual scene).", {})["correct"]
     assert not score_window("I saw a rocket.", {})["correct"]

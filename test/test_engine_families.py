@@ -13,6 +13,7 @@ once per module into a temporary folder; the torch path is the reference:
   kernels), so scores differ in the last bits; on SmolLM2-135M's 30 layers that flips a few
   near-ties, and the test bounds how many slots differ.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,9 @@ from infmllm_ros.runtime.session import open_session
 FAMILIES = ("qwen2.5-vl-tiny", "qwen2-vl-tiny", "qwen3-vl-tiny", "smolvlm2-tiny", "internvl3-tiny", "embedded")
 QUESTION = "What did the front camera see, and when?"
 #: One cache layout for every test of a family, so its engines are exported once.
-CACHE = dict(capacity=400, max_chunk=128, recent=64, slack=0, sampling=Sampling(), evidence_sightings=0,
-             sentence_stop_words=0)
+CACHE = dict(
+    capacity=400, max_chunk=128, recent=64, slack=0, sampling=Sampling(), evidence_sightings=0, sentence_stop_words=0
+)
 
 
 def frame(seed: int, h: int = 224, w: int = 224) -> np.ndarray:
@@ -48,8 +50,11 @@ def engine_frame(model, seed: int) -> np.ndarray:
 def family(request, tmp_path_factory):
     """(name, model, engine folder, progress lines) with the family's engines exported."""
     name = request.param
-    source = "smollm2-135m" if name == "embedded" else str(
-        build_random_checkpoint(name, tmp_path_factory.mktemp(name), seed=1))
+    source = (
+        "smollm2-135m"
+        if name == "embedded"
+        else str(build_random_checkpoint(name, tmp_path_factory.mktemp(name), seed=1))
+    )
     model = load_model(source)
     engines = tmp_path_factory.mktemp(f"{name}-engines")
     lines: list[str] = []
@@ -61,8 +66,10 @@ def twin_sessions(family, **kw):
     """A torch session and an onnxruntime session over the family's model, same settings."""
     _, model, engines, lines = family
     settings = {**CACHE, **kw}
-    return (open_session(model, "torch", **settings),
-            open_session(model, "onnxruntime", engines, progress=lines.append, **settings))
+    return (
+        open_session(model, "torch", **settings),
+        open_session(model, "onnxruntime", engines, progress=lines.append, **settings),
+    )
 
 
 def test_each_family_exports_three_engines_once(family):
@@ -92,10 +99,13 @@ def test_logits_of_an_image_and_a_question_equal_the_torch_path(family):
     pair = twin_sessions(family, novelty_threshold=0.0)
     logits = []
     for s in pair:
-        chunk = model.frame_chunk("<frame t=3.0s cam=front>", model.encode_frame(engine_frame(model, 1), s.backend.vision))
+        chunk = model.frame_chunk(
+            "<frame t=3.0s cam=front>", model.encode_frame(engine_frame(model, 1), s.backend.vision)
+        )
         embeds, kinds = s.chunk_embeds(chunk)
-        after_image = s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=3.0, mrope=chunk.mrope,
-                                          deepstack=chunk.deepstack_inputs())
+        after_image = s.backend.run_chunk(
+            embeds, s.cache, kinds, frame_id=0, stamp_s=3.0, mrope=chunk.mrope, deepstack=chunk.deepstack_inputs()
+        )
         head, lead, newline, tail = s.question_turn()
         question = head + s.operator_ids(QUESTION, lead) + newline + tail
         after_question = s.backend.run_chunk(s._embed_ids(question), s.cache)
@@ -115,9 +125,16 @@ def test_the_greedy_answer_is_token_identical(family):
 def kept_overlap(want, got) -> torch.Tensor:
     """Per (layer, KV head) row: the fraction of ``want``'s kept stream positions that ``got`` keeps too."""
     layers, heads = want.position.shape[:2]
-    return torch.tensor([[len(set(want.position[i, h, :want.length].tolist())
-                              & set(got.position[i, h, :got.length].tolist())) / want.length
-                          for h in range(heads)] for i in range(layers)])
+    return torch.tensor(
+        [
+            [
+                len(set(want.position[i, h, : want.length].tolist()) & set(got.position[i, h, : got.length].tolist()))
+                / want.length
+                for h in range(heads)
+            ]
+            for i in range(layers)
+        ]
+    )
 
 
 def test_a_300_frame_stream_keeps_the_same_slots_in_every_row(family):
@@ -129,14 +146,15 @@ def test_a_300_frame_stream_keeps_the_same_slots_in_every_row(family):
     name, model, _, _ = family
     pair = twin_sessions(family, novelty_threshold=0.0 if name != "embedded" else None, familiar_interval_s=0.0)
     rng = np.random.default_rng(5)
-    frames = [engine_frame(model, int(rng.integers(0, 40))) for _ in range(300)]  # scenes come back: some frames familiar
+    frames = [
+        engine_frame(model, int(rng.integers(0, 40))) for _ in range(300)
+    ]  # scenes come back: some frames familiar
     for s in pair:
         for i, rgb in enumerate(frames):
             s.ingest_frame(rgb, float(i))
     want, got = (s.cache for s in pair)
     assert want.stream_tokens > 2 * want.capacity and want.evicted_tokens > want.capacity  # far past capacity
-    assert (got.length, got.evicted_tokens, got.stream_tokens) == (want.length, want.evicted_tokens,
-                                                                   want.stream_tokens)
+    assert (got.length, got.evicted_tokens, got.stream_tokens) == (want.length, want.evicted_tokens, want.stream_tokens)
     n = want.length
     if name == "embedded":
         overlap = kept_overlap(want, got)
@@ -238,8 +256,25 @@ def test_build_engines_writes_the_engines_a_session_then_loads(qwen_dir, tmp_pat
     from infmllm_ros.engines import build
 
     out = tmp_path / "engines"
-    assert build.main(["--model", str(qwen_dir), "--backend", "onnxruntime", "--capacity", "400",
-                       "--max-chunk", "128", "--slack", "0", "--out", str(out)]) == 0
+    assert (
+        build.main(
+            [
+                "--model",
+                str(qwen_dir),
+                "--backend",
+                "onnxruntime",
+                "--capacity",
+                "400",
+                "--max-chunk",
+                "128",
+                "--slack",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*.onnx"))) == 3 and "ready in" in capsys.readouterr().out
     lines: list[str] = []
     open_session(load_model(str(qwen_dir)), "onnxruntime", out, progress=lines.append, **CACHE)

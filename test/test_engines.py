@@ -5,9 +5,9 @@ A stream of prefill chunks and single-token decodes runs through the cache path 
 KVCache, evicting); before each chunk the step gets the same buffers and length. Everything
 the engine must return is compared: last-position logits, the chunk's K/V, the window scores.
 """
+
 import pytest
 import torch
-
 from test_cache import tiny_decoder
 
 from infmllm_ros.engines.decoder_step import DecoderStep
@@ -31,15 +31,15 @@ def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
         positions = torch.arange(s, s + n).expand(3, n).contiguous()
         logits, new_k, new_v, scores = run_step(embeds[None], cache.k.clone(), cache.v.clone(), s, positions)
         want_logits = decoder.logits(decoder(embeds, cache)[-1:])  # may evict after the chunk
-        want_scores = cache._window[:, :, :s + n]  # this chunk's window scores (set before eviction)
-        pairs = {"logits": (logits, want_logits), "scores": (scores[..., :s + n], want_scores)}
+        want_scores = cache._window[:, :, : s + n]  # this chunk's window scores (set before eviction)
+        pairs = {"logits": (logits, want_logits), "scores": (scores[..., : s + n], want_scores)}
         if cache.evicted_tokens == before:  # the chunk's K/V still sit where it was written
-            pairs.update(new_k=(new_k, cache.k[:, :, s:s + n]), new_v=(new_v, cache.v[:, :, s:s + n]))
+            pairs.update(new_k=(new_k, cache.k[:, :, s : s + n]), new_v=(new_v, cache.v[:, :, s : s + n]))
         else:
             evicted += 1
         for name, (a, b) in pairs.items():
             worst[name] = max(worst[name], float((a.float() - b.float()).abs().max()))
-        assert float(scores[..., s + n:].abs().sum()) == 0.0  # slots beyond the chunk unscored
+        assert float(scores[..., s + n :].abs().sum()) == 0.0  # slots beyond the chunk unscored
     assert evicted, "the stream should have evicted"
     return worst
 
@@ -52,15 +52,17 @@ def test_step_matches_the_cache_path(one_token):
     step = DecoderStep(dec, beta=1e-2, one_token=one_token)
     split = (lambda buf: buf.unbind(0)) if one_token else (lambda buf: buf)
     with torch.no_grad():
-        worst = compare_stream(dec, lambda e, k, v, s, p: step(e, split(k), split(v), torch.tensor([s]), p), 40, 8,
-                               CHUNKS)
+        worst = compare_stream(
+            dec, lambda e, k, v, s, p: step(e, split(k), split(v), torch.tensor([s]), p), 40, 8, CHUNKS
+        )
     assert max(worst.values()) < 1e-5, worst
 
 
 def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
     dec = tiny_decoder()
-    path = export_decoder_step(dec, tmp_path / "step.onnx",
-                               StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2)))
+    path = export_decoder_step(
+        dec, tmp_path / "step.onnx", StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2))
+    )
     worst = compare_stream(dec, OrtDecoderStep(path), 40, 8, CHUNKS)
     assert max(worst.values()) < 1e-4, worst
 
@@ -101,9 +103,9 @@ def test_onnxruntime_matches_torch_on_the_embedded_model(smollm2_engines):
 
 def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     """The multimodal sanity photos among road frames: identical answers from both backends."""
+    from infmllm_ros.bench.drive import bundled_events, synthetic_road
     from infmllm_ros.models.embedded import EmbeddedVLM
     from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
-    from infmllm_ros.bench.drive import bundled_events, synthetic_road
     from infmllm_ros.runtime.session import StreamSession
 
     dec, tok, engines = smollm2_engines
@@ -112,10 +114,16 @@ def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
     answers = {}
     for name in ("torch", "onnxruntime"):  # tensorrt: test_tensorrt.py (no TensorRT here)
         runner = make_backend(name, dec, engines, "smollm2")
-        s = StreamSession(model, capacity=CAPACITY, max_chunk=MAX_CHUNK, recent=64,
-                          beta=1e-2, backend=runner,  # the fixture's engine (beta is baked into the graph)
-                          slack=0,  # and its buffer: eager eviction, so this short stream evicts
-                          familiar_interval_s=0.0)  # every road frame stored: the cache must evict
+        s = StreamSession(
+            model,
+            capacity=CAPACITY,
+            max_chunk=MAX_CHUNK,
+            recent=64,
+            beta=1e-2,
+            backend=runner,  # the fixture's engine (beta is baked into the graph)
+            slack=0,  # and its buffer: eager eviction, so this short stream evicts
+            familiar_interval_s=0.0,
+        )  # every road frame stored: the cache must evict
         texts = []
         for i, photo in enumerate(photos):
             s.ingest_frame(synthetic_road(2 * i), float(2 * i))
@@ -130,8 +138,11 @@ def test_a_stale_or_corrupt_step_is_set_aside_intact_and_exported_again(smollm2_
     dec, _, engines = smollm2_engines
     (path,) = engines.glob("*.onnx")
     h2o = StepIdentity.of("smollm2", dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, make_policy("h2o"))
-    with pytest.raises(ValueError, match="infmllm.slots: engine 320, wanted 384; infmllm.beta: engine 0.01, "
-                                         "wanted 0.0; infmllm.normalise: engine True, wanted False"):
+    with pytest.raises(
+        ValueError,
+        match="infmllm.slots: engine 320, wanted 384; infmllm.beta: engine 0.01, "
+        "wanted 0.0; infmllm.normalise: engine True, wanted False",
+    ):
         OrtDecoderStep(path).check(h2o)
     tiny = tiny_decoder()
     lines = []
@@ -159,7 +170,8 @@ def test_a_step_identity_follows_the_policy_rule_and_names_the_file():
     assert StepIdentity.of("m", dec, 48, 8, make_policy("h2o")).stem().endswith(".beta0.sum")
     # policies without scores share one step (its scores go unread)
     assert StepIdentity.of("m", dec, 48, 8, make_policy("window")) == StepIdentity.of(
-        "m", dec, 48, 8, make_policy("streaming_llm", beta=0.5))
+        "m", dec, 48, 8, make_policy("streaming_llm", beta=0.5)
+    )
 
     class Unfused(type(make_policy("h2o"))):
         fused_rule = None
@@ -183,8 +195,11 @@ def test_missing_corrupt_or_foreign_onnx_files_are_clear_errors(tmp_path):
 
 def test_export_rejects_a_chunk_larger_than_the_buffer(tmp_path):
     with pytest.raises(ValueError, match="max_chunk 64 must be in 1..slots"):
-        export_decoder_step(tiny_decoder(), tmp_path / "x.onnx",
-                            StepIdentity.of("tiny", tiny_decoder(), 48, 64, make_policy("streaming_llm")))
+        export_decoder_step(
+            tiny_decoder(),
+            tmp_path / "x.onnx",
+            StepIdentity.of("tiny", tiny_decoder(), 48, 64, make_policy("streaming_llm")),
+        )
 
 
 def test_cache_refuses_engine_outputs_that_do_not_fit_the_chunk():
@@ -196,8 +211,12 @@ def test_cache_refuses_engine_outputs_that_do_not_fit_the_chunk():
         cache.store_chunk(k[:, :, :3], k, torch.zeros(3, 2, 48))  # K of 3 tokens for a 4-token chunk
     with pytest.raises(ValueError, match="scores >= 4 slots"):
         cache.store_chunk(k, k, torch.zeros(3, 2, 2))
-    for bad_k, bad_v, bad_scores in ((k, k[:, :, :3], torch.zeros(3, 2, 48)), (k, k, torch.zeros(3, 1, 48)),
-                                     (k, k, torch.zeros(2, 2, 48)), (k[:1], k, torch.zeros(3, 2, 48))):
+    for bad_k, bad_v, bad_scores in (
+        (k, k[:, :, :3], torch.zeros(3, 2, 48)),
+        (k, k, torch.zeros(3, 1, 48)),
+        (k, k, torch.zeros(2, 2, 48)),
+        (k[:1], k, torch.zeros(3, 2, 48)),
+    ):
         with pytest.raises(ValueError, match="do not fit the pending chunk"):
             cache.store_chunk(bad_k, bad_v, bad_scores)
     cache.store_chunk(k, k, torch.zeros(3, 2, 4))  # scores of exactly the occupied slots fit
@@ -229,10 +248,14 @@ def test_an_engine_backend_stores_the_same_cache_as_the_torch_path():
             logits = [b.run_chunk(embeds, c) for b, c in zip(backends, caches)]
             torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
             want, got = caches
-            assert (got.length, got.evicted_tokens, got.stream_tokens) == (want.length, want.evicted_tokens,
-                                                                           want.stream_tokens)
+            assert (got.length, got.evicted_tokens, got.stream_tokens) == (
+                want.length,
+                want.evicted_tokens,
+                want.stream_tokens,
+            )
             t = want.length
             for name in ("k", "v", "scores", "position"):
-                torch.testing.assert_close(getattr(got, name)[:, :, :t], getattr(want, name)[:, :, :t], atol=1e-4,
-                                           rtol=1e-4, msg=name)
+                torch.testing.assert_close(
+                    getattr(got, name)[:, :, :t], getattr(want, name)[:, :, :t], atol=1e-4, rtol=1e-4, msg=name
+                )
     assert caches[1].evicted_tokens > 0

@@ -1,6 +1,7 @@
 """Files that must never be lost: a refused file is set aside byte for byte and never renamed
 twice, the temporary files of killed writes are removed, a path from the ROS graph must resolve
 inside its folder, and an atomic replace leaves no trace when the writer fails."""
+
 import os
 
 import pytest
@@ -24,8 +25,12 @@ def test_a_refused_file_is_set_aside_intact_and_never_renamed_twice(tmp_path):
 def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
     stale = tmp_path / ".memory.safetensors.ab3_x9z1.tmp"
     stale.write_bytes(b"half a save")
-    keep = [tmp_path / "memory.safetensors", tmp_path / "notes.tmp", tmp_path / ".hidden.tmp",
-            tmp_path / "memory.safetensors.refused-cut-short-20261206T120000Z"]
+    keep = [
+        tmp_path / "memory.safetensors",
+        tmp_path / "notes.tmp",
+        tmp_path / ".hidden.tmp",
+        tmp_path / "memory.safetensors.refused-cut-short-20261206T120000Z",
+    ]
     for p in keep:
         p.write_bytes(b"x")
     assert remove_stale_temps(tmp_path) == [stale]

@@ -7,6 +7,7 @@ package.xml, the console script in setup.py, the parameter file against the node
 parameters (and their validation), the remapping against the configured topics, and the Fast DDS
 profile. On a robot, `ros2 launch infmllm_ros orin.launch.py` runs the same file for real.
 """
+
 import ast
 import importlib.util
 import sys
@@ -34,17 +35,27 @@ class LaunchConfiguration(Recorded):
 
 
 def stand_in_modules() -> dict:
-    mods = {name: types.ModuleType(name) for name in
-            ("launch", "launch.actions", "launch.substitutions", "launch_ros", "launch_ros.actions",
-             "ament_index_python", "ament_index_python.packages")}
+    mods = {
+        name: types.ModuleType(name)
+        for name in (
+            "launch",
+            "launch.actions",
+            "launch.substitutions",
+            "launch_ros",
+            "launch_ros.actions",
+            "ament_index_python",
+            "ament_index_python.packages",
+        )
+    }
     mods["launch"].LaunchDescription = Recorded
     mods["launch.actions"].DeclareLaunchArgument = Recorded
     mods["launch.actions"].SetEnvironmentVariable = Recorded
     mods["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
     mods["launch_ros.actions"].LifecycleNode = Recorded
     # The installed share directory holds the repository's config/ (setup.py data_files).
-    mods["ament_index_python.packages"].get_package_share_directory = \
-        lambda pkg: str(ROOT) if pkg == "infmllm_ros" else pytest.fail(f"unknown package {pkg}")
+    mods["ament_index_python.packages"].get_package_share_directory = lambda pkg: (
+        str(ROOT) if pkg == "infmllm_ros" else pytest.fail(f"unknown package {pkg}")
+    )
     return mods
 
 
@@ -101,7 +112,7 @@ def test_parameter_file_declares_only_known_parameters_and_validates(launched):
 def test_remapped_camera_topic_is_one_the_node_subscribes(launched):
     args, node, _ = launched
     values = ros_parameters(Path(resolve(node["parameters"][0], args)))
-    (source, target), = node["remappings"]
+    ((source, target),) = node["remappings"]
     assert source in values["camera_topics"]
     assert resolve(target, args) == source  # default: no remapping
     assert resolve(node["namespace"], args) == ""
@@ -109,8 +120,11 @@ def test_remapped_camera_topic_is_one_the_node_subscribes(launched):
 
 def shm_segments(profile: Path) -> list[int]:
     ns = {"d": "http://www.eprosima.com"}
-    return [int(t.findtext("d:segment_size", namespaces=ns)) for t in ET.parse(profile).getroot().iter(
-        "{http://www.eprosima.com}transport_descriptor") if t.findtext("d:type", namespaces=ns) == "SHM"]
+    return [
+        int(t.findtext("d:segment_size", namespaces=ns))
+        for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
+        if t.findtext("d:type", namespaces=ns) == "SHM"
+    ]
 
 
 def test_fastdds_profile_is_a_shared_memory_profile_that_holds_a_raw_4k_frame(launched):
@@ -124,8 +138,11 @@ def test_the_test_profile_binds_udp_to_loopback_only():
 
     profile = Path(ros_env()["FASTDDS_DEFAULT_PROFILES_FILE"])
     ns = {"d": "http://www.eprosima.com"}
-    udp = [t for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
-           if t.findtext("d:type", namespaces=ns) == "UDPv4"]
+    udp = [
+        t
+        for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
+        if t.findtext("d:type", namespaces=ns) == "UDPv4"
+    ]
     assert udp and all([a.text for a in t.iter("{http://www.eprosima.com}address")] == ["127.0.0.1"] for t in udp)
     assert shm_segments(profile)[0] >= 3840 * 2160 * 4
 
@@ -171,7 +188,7 @@ def test_every_receiving_udp_socket_of_the_loopback_profile_is_bound_to_127_0_0_
     sockets = []
     for local in out.stdout.split():
         addr, port = local.split(":")
-        sockets.append((".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+        sockets.append((".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
     base = 7400 + 250 * int(env["ROS_DOMAIN_ID"])
     listening = [(a, p) for a, p in sockets if base <= p < base + 250 or p == 7000]
     assert len(listening) >= 2 and all(a == "127.0.0.1" for a, _ in listening), sockets

@@ -1,5 +1,6 @@
 """The README's "Layout" section names every folder of the repository and of the package, and
 nothing that is not there: compared with the files git tracks."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def layout_block() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    block = text[text.index("## Layout"):].split("```")[1]
+    block = text[text.index("## Layout") :].split("```")[1]
     return [line for line in block.splitlines() if line.strip()]
 
 
@@ -25,9 +26,10 @@ def listed(indent: str) -> set[str]:
 
 
 def tracked_folders(under: str = "") -> set[str]:
-    files = subprocess.run(["git", "ls-files", *([under] if under else [])], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    return {f[len(under):].split("/")[0] for f in files if "/" in f[len(under):]}
+    files = subprocess.run(
+        ["git", "ls-files", *([under] if under else [])], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {f[len(under) :].split("/")[0] for f in files if "/" in f[len(under) :]}
 
 
 def test_readme_layout_names_every_top_level_folder_and_no_other():
@@ -56,6 +58,10 @@ def test_readme_layout_names_every_module_of_each_package_folder_and_no_other():
     names = named_modules()
     assert set(names) == tracked_folders("infmllm_ros/")
     for folder, mentioned in names.items():
-        files = {f.split("/")[-1] for f in subprocess.run(["git", "ls-files", f"infmllm_ros/{folder}/"], cwd=ROOT,
-                                                          capture_output=True, text=True, check=True).stdout.split()}
+        files = {
+            f.split("/")[-1]
+            for f in subprocess.run(
+                ["git", "ls-files", f"infmllm_ros/{folder}/"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.split()
+        }
         assert mentioned == {f for f in files if f.endswith(".py")} - {"__init__.py"}, folder

@@ -1,6 +1,7 @@
 """Memory on disk: a stream saved and loaded into a fresh session answers as the original would,
 a file from another stream or cut short is refused with the reason, and a save killed half-way
 leaves the previous file whole."""
+
 import signal
 import subprocess
 import sys
@@ -16,15 +17,20 @@ from infmllm_ros.runtime.session import StreamSession
 
 
 def session(model, **kw):
-    return StreamSession(model, **{"capacity": 256, "policy": "inf_mllm", "recent": 64, "max_chunk": 64,
-                                   "familiar_interval_s": 2.0, **kw})
+    return StreamSession(
+        model,
+        **{"capacity": 256, "policy": "inf_mllm", "recent": 64, "max_chunk": 64, "familiar_interval_s": 2.0, **kw},
+    )
 
 
 def drive(s):
     """40 frames, two photos, enough to evict (256 slots)."""
     for t in range(40):
-        s.ingest_frame(chelsea() if t == 5 else coffee() if t == 30 else synthetic_road(t), float(t),
-                       "rear" if t % 7 == 0 else "front")
+        s.ingest_frame(
+            chelsea() if t == 5 else coffee() if t == 30 else synthetic_road(t),
+            float(t),
+            "rear" if t % 7 == 0 else "front",
+        )
 
 
 def test_a_loaded_stream_answers_and_goes_on_exactly_as_the_saved_one(embedded, tmp_path):
@@ -123,5 +129,9 @@ def test_a_save_never_replaces_a_file_that_is_not_a_memory_of_this_stream(embedd
         a.save_memory(tmp_path / "new" / "m.safetensors")
     a.save_memory(tmp_path / "m.safetensors")
     a.save_memory(tmp_path / "m.safetensors")  # its own memory file is replaced
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.safetensors", "m.safetensors", "other.safetensors",
-                                                          "victim.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cut.safetensors",
+        "m.safetensors",
+        "other.safetensors",
+        "victim.txt",
+    ]

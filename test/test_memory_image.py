@@ -1,10 +1,11 @@
 """What the memory image shows: exactly the frames that hold KV slots, with bounded thumbnails."""
+
 import math
 
 from skimage.data import chelsea
 
-from infmllm_ros.ros.memory_image import CAPTION_H, mosaic
 from infmllm_ros.bench.drive import synthetic_road
+from infmllm_ros.ros.memory_image import CAPTION_H, mosaic
 from infmllm_ros.runtime.session import THUMBNAIL_PRUNE_EVERY, THUMBNAIL_SIZE, StreamSession
 
 
@@ -26,4 +27,4 @@ def test_the_memory_image_shows_the_frames_in_the_cache_and_forgets_evicted_thum
     assert img.shape == (math.ceil(len(frames) / 8) * (h + CAPTION_H), 8 * w, 3)
     i = [f.frame_id for f in frames].index(cat.frame_id)
     y, x = (i // 8) * (h + CAPTION_H), (i % 8) * w
-    assert (img[y:y + h, x:x + w] == cat.thumbnail).all()
+    assert (img[y : y + h, x : x + w] == cat.thumbnail).all()

@@ -1,8 +1,9 @@
 """Decoder parity with transformers: tiny random LLaMA/Qwen2 checkpoints and real SmolLM2 from GGUF."""
+
 import pytest
 import torch
-
 from conftest import tiny_hf_model
+
 from infmllm_ros.kvcache import make_policy
 from infmllm_ros.models import load_gguf, load_hf_checkpoint
 from infmllm_ros.runtime import Sampling, decode
@@ -19,7 +20,7 @@ def test_safetensors_checkpoint_matches_transformers(tmp_path, arch):
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
     cache = dec.new_cache(64, 16, make_policy("full"))
-    got = torch.cat([dec.logits(dec(dec.embed(ids[s:s + 16]), cache)) for s in range(0, 40, 16)])
+    got = torch.cat([dec.logits(dec(dec.embed(ids[s : s + 16]), cache)) for s in range(0, 40, 16)])
     assert (got - ref).abs().max().item() < 1e-4
 
 
@@ -42,8 +43,10 @@ def test_gguf_loader_errors(tmp_path):
 
 def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
     dec, tok = smollm2
-    ids = tok.encode("The robot drove along the highway at dusk, watching the lane markings "
-                     "and the traffic ahead. Suddenly a deer appeared near the shoulder, and the")
+    ids = tok.encode(
+        "The robot drove along the highway at dusk, watching the lane markings "
+        "and the traffic ahead. Suddenly a deer appeared near the shoulder, and the"
+    )
     ids = torch.tensor((ids * 4)[:64])
     assert ids.numel() == 64
     with torch.no_grad():
@@ -58,8 +61,9 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2, smollm2_hf):
     prompt = tok.render_chat([{"role": "user", "content": "Name three things a robot car might see on a road."}])
     ids = torch.tensor(tok.encode(prompt))
     with torch.no_grad():
-        ref = smollm2_hf.generate(ids[None], max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                                  pad_token_id=tok.eos_id)[0, ids.numel():].tolist()
+        ref = smollm2_hf.generate(
+            ids[None], max_new_tokens=32, do_sample=False, min_new_tokens=32, pad_token_id=tok.eos_id
+        )[0, ids.numel() :].tolist()
     cache = dec.new_cache(256, 64, make_policy("full"))
     last = dec.logits(dec(dec.embed(ids), cache))[-1]
     got = decode(TorchBackend(dec), cache, last, 32)
@@ -76,8 +80,9 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in ["Hello world", "t=312.5 s, cam=front: 2024 cars!", "naïve café — 東京", "<|im_start|>user\nhi"]:
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
-        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text, add_special_tokens=False),
-                                                          skip_special_tokens=True)
+        assert tok.decode(tok.encode(text)) == ref.decode(
+            ref.encode(text, add_special_tokens=False), skip_special_tokens=True
+        )
     assert tok.stop_ids == {2}  # <|im_end|> is id 2 in SmolLM2 and is also its eos
 
 
@@ -94,30 +99,51 @@ def test_repetition_controls_match_transformers_on_a_prompt_that_loops(smollm2, 
         return decode(TorchBackend(dec), cache, last, 48, sampling=sampling, history=ids)
 
     def grams(seq, n=4):
-        return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
     plain = ours(Sampling())
     assert len(set(grams(plain))) < len(grams(plain))  # the loop the controls must break
-    for kw in ({"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3},
-               {"repetition_penalty": 1.2, "no_repeat_ngram_size": 4}):
+    for kw in (
+        {"repetition_penalty": 1.3},
+        {"no_repeat_ngram_size": 3},
+        {"repetition_penalty": 1.2, "no_repeat_ngram_size": 4},
+    ):
         with torch.no_grad():
-            ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False,
-                                      pad_token_id=tok.eos_id, **kw)[0, len(ids):].tolist()
+            ref = smollm2_hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=48,
+                min_new_tokens=48,
+                do_sample=False,
+                pad_token_id=tok.eos_id,
+                **kw,
+            )[0, len(ids) :].tolist()
         assert ours(Sampling(**kw)) == ref, kw
     assert len(set(grams(ref, 4))) == len(grams(ref, 4))
     # banned sequences: a two-token sequence greedy writes, and a single token
     ban = ((plain[2], plain[3]), (plain[5],))
     with torch.no_grad():
-        ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False,
-                                  pad_token_id=tok.eos_id, bad_words_ids=[list(b) for b in ban])[0, len(ids):].tolist()
+        ref = smollm2_hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            min_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tok.eos_id,
+            bad_words_ids=[list(b) for b in ban],
+        )[0, len(ids) :].tolist()
     assert ours(Sampling(bad_words_ids=ban)) == ref != plain
-    assert plain[5] not in ref and all(ref[i:i + 2] != list(ban[0]) for i in range(len(ref) - 1))
+    assert plain[5] not in ref and all(ref[i : i + 2] != list(ban[0]) for i in range(len(ref) - 1))
 
 
 def test_sampling_settings_are_checked_and_seeded_draws_repeat(smollm2):
     dec, tok = smollm2
-    for bad in ({"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}, {"temperature": -0.1},
-                {"top_p": 0.0}, {"temperature": float("nan")}, {"bad_words_ids": ((),)}):
+    for bad in (
+        {"repetition_penalty": 0.0},
+        {"no_repeat_ngram_size": -1},
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"temperature": float("nan")},
+        {"bad_words_ids": ((),)},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Sampling(**bad)
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "Say something about roads."}]))

@@ -5,6 +5,7 @@ Pure Python (no ROS graph): the pose matcher, the worker's pose path, the sessio
 template and the memory file. The node's pose subscription is tested over DDS in
 ``test/test_ros_memory.py``.
 """
+
 import math
 
 import numpy as np
@@ -21,9 +22,16 @@ def pose(x, y=0.0):
     return Pose(x, y, frame_id=MAP)
 
 
-@pytest.mark.parametrize("fields,said", [
-    ((math.nan, 0.0), "NaN or infinite"), ((0.0, math.inf), "NaN or infinite"), ((2e6, 0.0), "beyond"),
-    ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0), "not a unit quaternion"), ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), "unit")])
+@pytest.mark.parametrize(
+    "fields,said",
+    [
+        ((math.nan, 0.0), "NaN or infinite"),
+        ((0.0, math.inf), "NaN or infinite"),
+        ((2e6, 0.0), "beyond"),
+        ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0), "not a unit quaternion"),
+        ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), "unit"),
+    ],
+)
 def test_a_broken_pose_is_refused_with_the_reason(fields, said):
     with pytest.raises(ValueError, match=said):
         Pose(*fields)
@@ -58,8 +66,15 @@ def located(embedded):
     """A session whose frames have poses: road frames along x, the cat at (30, -4)."""
     from skimage.data import chelsea, coffee
 
-    s = StreamSession(embedded, capacity=512, recent=128, max_chunk=64, track_positions=True, near_radius_m=5.0,
-                      familiar_interval_s=0.0)
+    s = StreamSession(
+        embedded,
+        capacity=512,
+        recent=128,
+        max_chunk=64,
+        track_positions=True,
+        near_radius_m=5.0,
+        familiar_interval_s=0.0,
+    )
     s.ingest_frame(synthetic_road(0), 0.0, pose=pose(0.0))
     s.ingest_frame(chelsea(), 12.0, pose=Pose(30.0, -4.0, frame_id=MAP))
     s.ingest_frame(synthetic_road(13), 13.0)  # its pose comes later
@@ -121,8 +136,7 @@ def test_poses_come_back_after_a_restart_and_a_file_without_poses_still_loads(lo
 def test_the_worker_gives_each_stored_frame_its_pose_and_counts_refusals(embedded):
     from infmllm_ros.ros.worker import IngestWorker
 
-    s = StreamSession(embedded, capacity=512, recent=128, max_chunk=64, track_positions=True,
-                      familiar_interval_s=0.0)
+    s = StreamSession(embedded, capacity=512, recent=128, max_chunk=64, track_positions=True, familiar_interval_s=0.0)
     w = IngestWorker(s, 0.0, 0.0, log=lambda m: None, poses=PoseMatcher(0.1))
     w.add_pose(100.0, pose(1.0))
     w.add_pose(math.nan, None, "pose has a NaN or infinite field")

@@ -1,12 +1,12 @@
 """Sightings from the KV cache: the frame whose vision tokens match the question, and only
 frames the policy kept. A tiny random LLaMA: at layer 0 a value depends only on its token, so a
 question repeating a frame's vision token matches that frame exactly."""
+
 import pytest
 import torch
 
 from infmllm_ros.kvcache import SlotKind, make_policy
 from infmllm_ros.runtime.recall import find_sightings
-from test_cache import tiny  # noqa: F401  (fixture)
 
 TEXT, VISION = int(SlotKind.TEXT), int(SlotKind.VISION)
 
@@ -38,7 +38,7 @@ def test_the_frame_showing_the_question_word_is_found_with_its_stamp(tiny):
 def test_an_evicted_frame_cannot_be_sighted(tiny):
     cache = tiny.new_cache(24, 8, make_policy("streaming_llm", sinks=4, recent=8))
     stream_frames(tiny, cache, 8)  # 36 tokens into 24 slots: frames 0..2 are gone
-    held = set(cache.frame[0, 0, :cache.length].tolist())
+    held = set(cache.frame[0, 0, : cache.length].tolist())
     assert 0 not in held and 7 in held
     found = ask(tiny, cache, [10, 11])  # frame 0's own vision tokens
     assert found and all(s.frame_id in held for s in found)
@@ -49,9 +49,12 @@ def test_no_vision_in_context_and_bad_arguments(tiny):
     cache = tiny.new_cache(64, 8, make_policy("full"))
     tiny(tiny.embed(torch.arange(4)), cache, SlotKind.SINK)
     assert ask(tiny, cache, [1, 2]) == []
-    for kw, msg in ((dict(query_tokens=0, layer=0), "query_tokens"),
-                    (dict(query_tokens=99, layer=0), "query_tokens"),
-                    (dict(query_tokens=1, layer=3), "layer"), (dict(query_tokens=1, layer=0, top=0), "top")):
+    for kw, msg in (
+        (dict(query_tokens=0, layer=0), "query_tokens"),
+        (dict(query_tokens=99, layer=0), "query_tokens"),
+        (dict(query_tokens=1, layer=3), "layer"),
+        (dict(query_tokens=1, layer=0, top=0), "top"),
+    ):
         with pytest.raises(ValueError, match=msg):
             find_sightings(cache, **kw)
     with pytest.raises(ValueError, match="per-token kinds"):

@@ -1,9 +1,16 @@
 """The torch reference math (the CUDA kernels' specification) against brute-force definitions."""
+
 import pytest
 import torch
 
-from infmllm_ros.kvcache.reference import (chunk_column_scores, column_scores, kv_compact, saddle_select, visible_counts,
-                                           window_scores)
+from infmllm_ros.kvcache.reference import (
+    chunk_column_scores,
+    column_scores,
+    kv_compact,
+    saddle_select,
+    visible_counts,
+    window_scores,
+)
 from infmllm_ros.kvcache.rope import Rope
 
 
@@ -31,8 +38,8 @@ def test_window_scores_match_definition(beta, normalise):
     torch.manual_seed(0)
     q = torch.randn(6, 5, 8)
     k = torch.randn(2, 20, 8)
-    got = window_scores(q, k, q_start=15, scale=8 ** -0.5, beta=beta, normalise=normalise)
-    ref = brute_window_scores(q, k, 15, 8 ** -0.5, beta, normalise)
+    got = window_scores(q, k, q_start=15, scale=8**-0.5, beta=beta, normalise=normalise)
+    ref = brute_window_scores(q, k, 15, 8**-0.5, beta, normalise)
     assert got.dtype == torch.float32 and got.shape == (2, 20)
     torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
 
@@ -84,7 +91,7 @@ def test_saddle_select_keeps_sinks_recent_and_top_scores():
 def test_saddle_select_ties_go_to_lower_slot_and_rows_are_independent():
     scores = torch.stack([torch.ones(12), torch.arange(12.0)])  # all-equal row, increasing row
     keep = saddle_select(scores, sinks=1, recent=1, budget=5)
-    assert keep[0].tolist() == [0, 1, 2, 3, 11]   # ties: lowest slots win
+    assert keep[0].tolist() == [0, 1, 2, 3, 11]  # ties: lowest slots win
     assert keep[1].tolist() == [0, 8, 9, 10, 11]  # highest scores win
 
 
@@ -146,11 +153,13 @@ def test_column_scores_default_to_no_bias_and_normalised_columns():
 
 
 def test_rope_refuses_bad_shapes_and_bases_with_the_reason():
-    for kwargs, message in ((dict(head_dim=7, theta=1e4), "head_dim must be even, got 7"),
-                            (dict(head_dim=8, theta=0.0), "theta must be positive, got 0.0"),
-                            (dict(head_dim=8, theta=1e4, mrope_section=(2, 2)), "three sizes summing to head_dim/2 = 4$"),
-                            (dict(head_dim=8, theta=1e4, mrope_section=(1, 1, 1)), "three sizes summing"),
-                            (dict(head_dim=8, theta=1e4, mrope_section=(-1, 3, 2)), "three sizes summing")):
+    for kwargs, message in (
+        (dict(head_dim=7, theta=1e4), "head_dim must be even, got 7"),
+        (dict(head_dim=8, theta=0.0), "theta must be positive, got 0.0"),
+        (dict(head_dim=8, theta=1e4, mrope_section=(2, 2)), "three sizes summing to head_dim/2 = 4$"),
+        (dict(head_dim=8, theta=1e4, mrope_section=(1, 1, 1)), "three sizes summing"),
+        (dict(head_dim=8, theta=1e4, mrope_section=(-1, 3, 2)), "three sizes summing"),
+    ):
         with pytest.raises(ValueError, match=message):
             Rope(**kwargs)
     Rope(8, 0.5)  # any positive base

@@ -1,6 +1,7 @@
 """bench/results/README.md is a reference: each topic names, for its figures, the files that hold
 them, the command that reproduces them, the machine and the date; every committed result is
 named somewhere; superseded runs sit in the History table with the same four facts."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -27,9 +28,10 @@ def named_files(text: str) -> set[str]:
 
 
 def tracked_results() -> set[str]:
-    files = subprocess.run(["git", "ls-files", "bench/results"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    return {f[len("bench/results/"):] for f in files} - {"README.md"}
+    files = subprocess.run(
+        ["git", "ls-files", "bench/results"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {f[len("bench/results/") :] for f in files} - {"README.md"}
 
 
 def test_every_topic_names_its_files_command_machine_and_date():
@@ -55,16 +57,32 @@ def test_every_committed_result_is_named_and_every_named_file_exists():
     named = named_files(text)
     for seed_range in re.findall(r"`(\w+?)(\d)\.\*` \.\. `\w+?(\d)\.\*`", text):  # needle_seed0.* .. needle_seed5.*
         stem, first, last = seed_range
-        named |= {p.relative_to(RESULTS).as_posix() for i in range(int(first), int(last) + 1)
-                  for p in RESULTS.glob(f"{stem}{i}.*")}
-    missing = tracked_results() - named - {f for f in tracked_results() if f.startswith("drive_60min/")
-                                          and "`drive_60min/report.*`" in text}
+        named |= {
+            p.relative_to(RESULTS).as_posix()
+            for i in range(int(first), int(last) + 1)
+            for p in RESULTS.glob(f"{stem}{i}.*")
+        }
+    missing = (
+        tracked_results()
+        - named
+        - {f for f in tracked_results() if f.startswith("drive_60min/") and "`drive_60min/report.*`" in text}
+    )
     assert not missing, f"results no section names: {sorted(missing)}"
     mentioned = set(re.findall(r"`([\w/]+\.(?:json|md|png|log))`", text))
     assert all((RESULTS / m).exists() for m in mentioned if "/" not in m or m.startswith("drive_60min/")), mentioned
 
 
 def test_nothing_in_the_repository_speaks_of_sessions_issues_or_lent_machines():
-    hits = subprocess.run(["git", "grep", "-niE", r"(first|second|third|fourth|fifth|sixth|seventh|eighth) session|"
-                           r"issue [0-9]|[l]ent "], cwd=ROOT, capture_output=True, text=True).stdout
+    hits = subprocess.run(
+        [
+            "git",
+            "grep",
+            "-niE",
+            r"(first|second|third|fourth|fifth|sixth|seventh|eighth) session|"
+            r"issue [0-9]|[l]ent ",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert hits == "", hits

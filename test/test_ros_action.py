@@ -1,19 +1,18 @@
 """The ``ask`` action over real DDS on loopback: the answer streams as feedback before the
 result, a cancel mid-answer leaves the stream as it was, and ``infmllm-ask --stream`` prints it."""
+
 import threading
 import time
 
 import cv2
 import numpy as np
 import pytest
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 from sensor_msgs.msg import CompressedImage
 
-from ros_graph import Graph, header
-
 from infmllm_ros.tools.ask import stream_ask
 from infmllm_ros.tools.processes import ros_env, run_tool, start_node, stop_node
+from ros_graph import Graph, header
 
 TOPIC = "/actiontest/front/image_raw/compressed"
 
@@ -23,14 +22,28 @@ def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("action")
     env = ros_env()
     # Plain greedy without a sentence stop: answers run to their token budget.
-    proc, log = start_node(tmp, env, {
-        "camera_topics": [TOPIC], "qos_reliability": "reliable", "qos_depth": 5, "cache.capacity": 512,
-        "cache.recent": 128, "answer.repetition_penalty": 1.0, "answer.no_repeat_ngram_size": 0,
-        "answer.sentence_stop_words": 0, "diagnostics_period_s": 0.5, "memory_image_period_s": 0.5})
+    proc, log = start_node(
+        tmp,
+        env,
+        {
+            "camera_topics": [TOPIC],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 512,
+            "cache.recent": 128,
+            "answer.repetition_penalty": 1.0,
+            "answer.no_repeat_ngram_size": 0,
+            "answer.sentence_stop_words": 0,
+            "diagnostics_period_s": 0.5,
+            "memory_image_period_s": 0.5,
+        },
+    )
     graph = Graph(env, {"camera": (CompressedImage, TOPIC)})
     frame = cv2.imencode(".jpg", np.full((120, 160, 3), 80, np.uint8))[1].tobytes()
-    assert graph.publish_and_wait(graph.camera, CompressedImage(header=header(1_700_000_000), format="jpeg",
-                                                                 data=frame)) == "ingested"
+    assert (
+        graph.publish_and_wait(graph.camera, CompressedImage(header=header(1_700_000_000), format="jpeg", data=frame))
+        == "ingested"
+    )
     yield {"env": env, "graph": graph, "log": log}
     graph.close()
     assert stop_node(proc) == 0
@@ -56,8 +69,9 @@ def test_a_cancel_mid_answer_leaves_the_stream_as_before(system):
             cancel.set()
 
     t0 = time.monotonic()
-    result = stream_ask(g.node, "/ask", "Describe the road.", 1024, keep_in_context=True,
-                        on_feedback=on_feedback, cancel=cancel)
+    result = stream_ask(
+        g.node, "/ask", "Describe the road.", 1024, keep_in_context=True, on_feedback=on_feedback, cancel=cancel
+    )
     assert time.monotonic() - t0 < 30  # 1024 tokens would take ~100 s here
     assert not result.success and result.answer.stopped == "cancelled" and "cancelled" in result.message
     assert result.answer.tokens_in_cache == before and int(g.latest_status()["kv_tokens"]) == before

@@ -1,8 +1,8 @@
 """The 5-minute replayed drive: `infmllm-demo` end to end as separate processes
 (make-bag with odometry -> node -> replay with a question per event -> SIGINT), checked from its
 report."""
-import json
 
+import json
 
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 

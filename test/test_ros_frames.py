@@ -1,4 +1,5 @@
 """Image decoding, parameter validation and the ingest worker, without a ROS graph."""
+
 import threading
 import time
 from types import SimpleNamespace
@@ -21,13 +22,20 @@ def raw(img, encoding, step_pad=0):
     h, w = img.shape[:2]
     rows = img.reshape(h, -1)
     rows = np.concatenate([rows, np.zeros((h, step_pad), np.uint8)], 1)
-    return SimpleNamespace(encoding=encoding, height=h, width=w, step=rows.shape[1], is_bigendian=0,
-                           data=rows.tobytes())
+    return SimpleNamespace(
+        encoding=encoding, height=h, width=w, step=rows.shape[1], is_bigendian=0, data=rows.tobytes()
+    )
 
 
-@pytest.mark.parametrize("encoding,convert", [
-    ("rgb8", lambda x: x), ("bgr8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGR)),
-    ("rgba8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)), ("bgra8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGRA))])
+@pytest.mark.parametrize(
+    "encoding,convert",
+    [
+        ("rgb8", lambda x: x),
+        ("bgr8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGR)),
+        ("rgba8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2RGBA)),
+        ("bgra8", lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGRA)),
+    ],
+)
 def test_colour_encodings_round_trip(encoding, convert):
     img = rgb_image()
     assert np.array_equal(raw_to_rgb(raw(convert(img), encoding, step_pad=3)), img)
@@ -47,12 +55,15 @@ def test_mono_and_yuv422_decode_to_rgb():
     assert raw_to_rgb(raw(uyvy, "yuv422")).min() > 190
 
 
-@pytest.mark.parametrize("msg,needle", [
-    (dict(encoding="16UC1"), "unknown image encoding"),
-    (dict(height=0), "zero size"),
-    (dict(step=5), "shorter than"),
-    (dict(data=b"\0" * 10), "needs"),
-])
+@pytest.mark.parametrize(
+    "msg,needle",
+    [
+        (dict(encoding="16UC1"), "unknown image encoding"),
+        (dict(height=0), "zero size"),
+        (dict(step=5), "shorter than"),
+        (dict(data=b"\0" * 10), "needs"),
+    ],
+)
 def test_bad_raw_images_are_named(msg, needle):
     good = vars(raw(rgb_image(), "rgb8"))
     with pytest.raises(FrameError, match=needle):
@@ -88,35 +99,48 @@ def test_parameters_are_validated_with_the_name_in_the_message():
     assert validate({"cache.vision_budget": 0}).session_kwargs()["vision_budget"] == 0
     assert validate({"cache.decay": 1.0}).session_kwargs()["decay"] == 1.0  # the policy's range: [0, 1]
     assert validate({"precision": "int8", "backend": "compiled"}).precision == "int8"  # the fast CPU answer path
-    for bad, name in [({"cache.policy": "lru"}, "cache.policy"), ({"camera_topics": []}, "camera_topics"),
-                      ({"cache.recent": 5000}, "cache.recent"), ({"backend": "openvino"}, "backend"),
-                      ({"backend": "tensorrt"}, "device"), ({"backend": "onnxruntime", "device": "cuda"}, "device"),
-                      ({"device": "gpu"}, "device"), ({"novelty_threshold": 1.5}, "novelty_threshold"),
-                      ({"novelty_threshold": -0.5}, "novelty_threshold"), ({"precision": "int4"}, "precision"),
-                      ({"precision": "int8", "device": "cuda"}, "device"),
-                      ({"cache.max_chunk": 4}, "cache.max_chunk"),
-                      ({"sample_rate_hz": float("nan")}, "sample_rate_hz"),
-                      ({"sample_rate_hz": float("inf")}, "sample_rate_hz"),
-                      ({"answer.repetition_penalty": 0.0}, "answer.repetition_penalty"),
-                      ({"answer.repetition_penalty": float("nan")}, "answer.repetition_penalty"),
-                      ({"answer.no_repeat_ngram_size": -1}, "answer.no_repeat_ngram_size"),
-                      ({"answer.sentence_stop_words": -2}, "answer.sentence_stop_words"),
-                      ({"answer.temperature": -1.0}, "answer.temperature"),
-                      ({"answer.top_p": 0.0}, "answer.top_p"), ({"answer.seed": -5}, "answer.seed"),
-                      ({"answer.evidence_sightings": 11}, "answer.evidence_sightings"),
-                      ({"answer.seen_threshold": float("inf")}, "answer.seen_threshold"),
-                      ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
-                      ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
-                      ({"cache.vision_budget": 900}, "cache.vision_budget"),
-                      ({"cache.vision_budget": -2}, "cache.vision_budget"),
-                      ({"cache.decay": 1.5}, "cache.decay"), ({"cache.beta": float("nan")}, "cache.beta"),
-                      ({"cache.beta": -0.1, "cache.policy": "h2o"}, "cache.beta"),
-                      ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]},
-                                                      "camera_transports")]:
+    for bad, name in [
+        ({"cache.policy": "lru"}, "cache.policy"),
+        ({"camera_topics": []}, "camera_topics"),
+        ({"cache.recent": 5000}, "cache.recent"),
+        ({"backend": "openvino"}, "backend"),
+        ({"backend": "tensorrt"}, "device"),
+        ({"backend": "onnxruntime", "device": "cuda"}, "device"),
+        ({"device": "gpu"}, "device"),
+        ({"novelty_threshold": 1.5}, "novelty_threshold"),
+        ({"novelty_threshold": -0.5}, "novelty_threshold"),
+        ({"precision": "int4"}, "precision"),
+        ({"precision": "int8", "device": "cuda"}, "device"),
+        ({"cache.max_chunk": 4}, "cache.max_chunk"),
+        ({"sample_rate_hz": float("nan")}, "sample_rate_hz"),
+        ({"sample_rate_hz": float("inf")}, "sample_rate_hz"),
+        ({"answer.repetition_penalty": 0.0}, "answer.repetition_penalty"),
+        ({"answer.repetition_penalty": float("nan")}, "answer.repetition_penalty"),
+        ({"answer.no_repeat_ngram_size": -1}, "answer.no_repeat_ngram_size"),
+        ({"answer.sentence_stop_words": -2}, "answer.sentence_stop_words"),
+        ({"answer.temperature": -1.0}, "answer.temperature"),
+        ({"answer.top_p": 0.0}, "answer.top_p"),
+        ({"answer.seed": -5}, "answer.seed"),
+        ({"answer.evidence_sightings": 11}, "answer.evidence_sightings"),
+        ({"answer.seen_threshold": float("inf")}, "answer.seen_threshold"),
+        ({"familiar_interval_s": -1.0}, "familiar_interval_s"),
+        ({"cache.policy": "streaming_llm", "cache.vision_budget": 64}, "does not score slots"),
+        ({"cache.vision_budget": 900}, "cache.vision_budget"),
+        ({"cache.vision_budget": -2}, "cache.vision_budget"),
+        ({"cache.decay": 1.5}, "cache.decay"),
+        ({"cache.beta": float("nan")}, "cache.beta"),
+        ({"cache.beta": -0.1, "cache.policy": "h2o"}, "cache.beta"),
+        ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]}, "camera_transports"),
+    ]:
         with pytest.raises(ValueError, match=name):
             validate(bad)
-    two = validate({"camera_topics": ["/a/image_raw", "/rear/image_raw/compressed"],
-                    "camera_transports": ["raw", "compressed"], "camera_names": ["left"]})
+    two = validate(
+        {
+            "camera_topics": ["/a/image_raw", "/rear/image_raw/compressed"],
+            "camera_transports": ["raw", "compressed"],
+            "camera_names": ["left"],
+        }
+    )
     assert two.cameras == [("/a/image_raw", "left", False), ("/rear/image_raw/compressed", "rear", True)]
     assert camera_name_from_topic("/robot/camera/image_raw") == "robot"
 
@@ -148,7 +172,9 @@ def frame(camera, stamp, value=0, encoding="rgb8"):
 
 def run_worker(session, frames, rate=0.0, dup=0.0):
     done = []
-    w = IngestWorker(session, rate, dup, on_done=lambda f, o, d: done.append((f.camera, f.stamp_s, o)), log=lambda m: None)
+    w = IngestWorker(
+        session, rate, dup, on_done=lambda f, o, d: done.append((f.camera, f.stamp_s, o)), log=lambda m: None
+    )
     w.start()
     for f in frames:
         w.offer(f)
@@ -170,9 +196,13 @@ def test_worker_samples_by_stamp_and_uses_stream_time():
 
 def test_worker_rejects_bad_late_and_duplicate_frames_without_touching_the_stream():
     s = FakeSession()
-    frames = [frame("front", 10.0, 10), frame("front", 11.0, 10),  # same picture: duplicate
-              frame("front", 12.0, 0, encoding="32FC1"), frame("front", 13.0, 90),
-              frame("front", 12.5, 50)]  # half a second older than its camera's newest: reordered
+    frames = [
+        frame("front", 10.0, 10),
+        frame("front", 11.0, 10),  # same picture: duplicate
+        frame("front", 12.0, 0, encoding="32FC1"),
+        frame("front", 13.0, 90),
+        frame("front", 12.5, 50),
+    ]  # half a second older than its camera's newest: reordered
     w, done = run_worker(s, frames, dup=0.01)
     assert [o for *_, o in done] == ["ingested", "duplicate", "rejected", "ingested", "late"]
     assert [x[0] for x in s.ingested] == [0.0, 3.0]
@@ -181,32 +211,49 @@ def test_worker_rejects_bad_late_and_duplicate_frames_without_touching_the_strea
 
 def test_each_camera_is_ordered_on_its_own_clock_and_a_clock_that_jumps_back_restarts_it():
     s = FakeSession()
-    frames = [frame("front", 100.0, 10), frame("front", 110.0, 20),
-              frame("rear", 105.0, 30),    # behind front's clock, first of its own: taken
-              frame("front", 101.0, 40),   # 9 s back (> clock_reset_s): a bag loop, not a late frame
-              frame("front", 102.0, 50)]
+    frames = [
+        frame("front", 100.0, 10),
+        frame("front", 110.0, 20),
+        frame("rear", 105.0, 30),  # behind front's clock, first of its own: taken
+        frame("front", 101.0, 40),  # 9 s back (> clock_reset_s): a bag loop, not a late frame
+        frame("front", 102.0, 50),
+    ]
     w, done = run_worker(s, frames)
     assert [o for *_, o in done] == ["ingested"] * 5
-    assert [(t, c) for t, c, _ in s.ingested] == [(0.0, "front"), (10.0, "front"), (5.0, "rear"), (1.0, "front"),
-                                               (2.0, "front")]
+    assert [(t, c) for t, c, _ in s.ingested] == [
+        (0.0, "front"),
+        (10.0, "front"),
+        (5.0, "rear"),
+        (1.0, "front"),
+        (2.0, "front"),
+    ]
     assert s.restarted == ["front"] and w.stats().clock_resets == 1
 
 
 def test_frames_over_the_pixel_limit_are_refused_from_the_header_before_decoding():
     """A 16000 x 16000 PNG (a ~1 MiB decompression bomb) and an 8K raw header with no pixels:
     both refused as too_large in well under a second, with no decoded pixels allocated."""
-    import cv2
     import resource
+
+    import cv2
 
     bomb = cv2.imencode(".png", np.zeros((16000, 16000), np.uint8))[1].tobytes()
     assert len(bomb) < 2**20
     s = FakeSession()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    w, done = run_worker(s, [PendingFrame("front", 1.0, SimpleNamespace(format="png", data=bomb), True),
-                             PendingFrame("front", 2.0, SimpleNamespace(encoding="rgb8", width=7680, height=4320,
-                                                                        step=3 * 7680, is_bigendian=0, data=b""),
-                                          False)])
+    w, done = run_worker(
+        s,
+        [
+            PendingFrame("front", 1.0, SimpleNamespace(format="png", data=bomb), True),
+            PendingFrame(
+                "front",
+                2.0,
+                SimpleNamespace(encoding="rgb8", width=7680, height=4320, step=3 * 7680, is_bigendian=0, data=b""),
+                False,
+            ),
+        ],
+    )
     assert time.perf_counter() - t0 < 1.0
     assert [o for *_, o in done] == ["too_large", "too_large"] and not s.ingested
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 100 * 2**20

@@ -1,29 +1,29 @@
 """The node as a lifecycle node over real DDS on loopback: transitions in order and out of order,
 a configure that fails with the reason while the process stays up, an inactive node that keeps
 its memory and answers but does not ingest, cleanup that frees the model."""
+
 import time
 
 import cv2
 import numpy as np
 import pytest
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from sensor_msgs.msg import CompressedImage
 
-from ros_graph import camera_graph, header
-
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import start_node, stop_node
+from ros_graph import camera_graph, header
 
 TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"
 
 
 def transition(graph, transition_id) -> bool:
-    return graph.call(ChangeState, "/infmllm/change_state",
-                ChangeState.Request(transition=Transition(id=transition_id))).success
+    return graph.call(
+        ChangeState, "/infmllm/change_state", ChangeState.Request(transition=Transition(id=transition_id))
+    ).success
 
 
 def state(graph) -> str:
@@ -43,8 +43,12 @@ def frame(sec, value=80):
 
 def test_a_bad_model_fails_configure_with_the_reason_and_the_process_stays_up(graph, tmp_path):
     env, g = graph
-    proc, log = start_node(tmp_path, env, {"autostart": False, "model": str(tmp_path / "missing.gguf"),
-                                           "camera_topics": [TOPIC]}, ready=WAITING)
+    proc, log = start_node(
+        tmp_path,
+        env,
+        {"autostart": False, "model": str(tmp_path / "missing.gguf"), "camera_topics": [TOPIC]},
+        ready=WAITING,
+    )
     try:
         assert state(g) == "unconfigured"
         assert not transition(g, Transition.TRANSITION_ACTIVATE)  # activate before configure
@@ -59,9 +63,21 @@ def test_a_bad_model_fails_configure_with_the_reason_and_the_process_stays_up(gr
 
 def test_transitions_in_order_keep_memory_while_inactive_and_free_it_at_cleanup(graph, tmp_path):
     env, g = graph
-    proc, log = start_node(tmp_path, env, {"autostart": False, "camera_topics": [TOPIC], "qos_reliability": "reliable",
-                                           "qos_depth": 5, "cache.capacity": 512, "cache.recent": 128,
-                                           "max_new_tokens": 8, "diagnostics_period_s": 0.5}, ready=WAITING)
+    proc, log = start_node(
+        tmp_path,
+        env,
+        {
+            "autostart": False,
+            "camera_topics": [TOPIC],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 512,
+            "cache.recent": 128,
+            "max_new_tokens": 8,
+            "diagnostics_period_s": 0.5,
+        },
+        ready=WAITING,
+    )
     try:
         assert transition(g, Transition.TRANSITION_CONFIGURE) and state(g) == "inactive"
         assert transition(g, Transition.TRANSITION_ACTIVATE) and state(g) == "active"

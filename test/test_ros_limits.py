@@ -7,11 +7,11 @@ filtered out by DDS before it is sent (< 50 MiB of memory); a rear camera floodi
 neither slows answers past twice their idle latency nor costs the front camera a frame, and its
 surplus is counted per camera in ``/diagnostics``.
 """
+
 import re
 import statistics
 
 import pytest
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 
 from infmllm_ros.bench.limits import flood, memory_kib, raw_frames, shipped_node
@@ -22,15 +22,19 @@ from infmllm_ros.ros.intake import size_filter
 def test_the_size_filter_passes_every_frame_within_the_limit_and_none_over_twice_it(limit):
     options = size_filter(limit)
     params = [int(p) for p in options.expression_parameters]
-    bands = [(params[int(a)], params[int(b)])
-             for a, b in re.findall(r"height <= %(\d+) AND width <= %(\d+)", options.filter_expression)]
+    bands = [
+        (params[int(a)], params[int(b)])
+        for a, b in re.findall(r"height <= %(\d+) AND width <= %(\d+)", options.filter_expression)
+    ]
     assert len(options.expression_parameters) <= 100  # DDS caps a filter's parameters
 
     def passes(w, h):
         return any(h <= max_h and w <= max_w for max_h, max_w in bands)
 
-    sides = sorted({8, 9, 15, 16, 17, 100, 480, 640, 1080, 1920, 2160, 3840, 4096, 5000, 8000, 20000, limit // 8}
-                   | {limit // s for s in (8, 9, 16, 640, 1080, 4096) if limit // s >= 8})
+    sides = sorted(
+        {8, 9, 15, 16, 17, 100, 480, 640, 1080, 1920, 2160, 3840, 4096, 5000, 8000, 20000, limit // 8}
+        | {limit // s for s in (8, 9, 16, 640, 1080, 4096) if limit // s >= 8}
+    )
     for w in sides:
         for h in sides:
             if w * h <= limit:

@@ -2,22 +2,21 @@
 cat, is stopped with SIGTERM (saving), and a new node on the same file answers about the cat as
 the first one did; ``~/save_memory``, ``~/load_memory`` and ``~/reset_memory``; a file cut
 short is refused at start and the node runs with empty memory, saying so."""
+
 import signal
 import time
 
 import cv2
 import numpy as np
 import pytest
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 from sensor_msgs.msg import CompressedImage
 from std_srvs.srv import Trigger
 
 from infmllm_interfaces.srv import MemoryFile
-from ros_graph import camera_graph, header
-
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import start_node, stop_node
+from ros_graph import camera_graph, header
 
 TOPIC = "/memtest/front/image_raw/compressed"
 T0 = 1_700_000_000
@@ -25,14 +24,27 @@ QUESTION = "Was there a cat? At what time?"
 
 
 def jpeg(rgb, sec):
-    return CompressedImage(header=header(sec), format="jpeg",
-                           data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return CompressedImage(
+        header=header(sec), format="jpeg", data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    )
 
 
 def node(tmp, env, memory_file, **params):
-    return start_node(tmp, env, {"camera_topics": [TOPIC], "qos_reliability": "reliable", "qos_depth": 5,
-                                 "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 16,
-                                 "memory_file": str(memory_file), "diagnostics_period_s": 0.5, **params})
+    return start_node(
+        tmp,
+        env,
+        {
+            "camera_topics": [TOPIC],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 512,
+            "cache.recent": 128,
+            "max_new_tokens": 16,
+            "memory_file": str(memory_file),
+            "diagnostics_period_s": 0.5,
+            **params,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,9 @@ def test_a_restarted_node_remembers_what_the_first_one_saw(graph, tmp_path):
     (tmp_path / "a").mkdir()
     proc, log = node(tmp_path / "a", env, memory)
     try:
-        for i, rgb in enumerate([np.full((120, 160, 3), 60, np.uint8), chelsea(), np.full((120, 160, 3), 70, np.uint8)]):
+        for i, rgb in enumerate(
+            [np.full((120, 160, 3), 60, np.uint8), chelsea(), np.full((120, 160, 3), 70, np.uint8)]
+        ):
             assert g.publish_and_wait(g.camera, jpeg(rgb, T0 + 10 * i)) == "ingested"
         before = call_ask(g.node, "/ask", QUESTION, 16)
         assert before.success and before.sighting_stamps[0].sec == T0 + 10
@@ -64,7 +78,9 @@ def test_a_restarted_node_remembers_what_the_first_one_saw(graph, tmp_path):
         assert "loaded" in log.read_text()
         after = call_ask(g.node, "/ask", QUESTION, 16)
         assert after.success and after.answer == before.answer and after.evidence == before.evidence
-        assert [(t.sec, t.nanosec) for t in after.sighting_stamps] == [(t.sec, t.nanosec) for t in before.sighting_stamps]
+        assert [(t.sec, t.nanosec) for t in after.sighting_stamps] == [
+            (t.sec, t.nanosec) for t in before.sighting_stamps
+        ]
         assert after.frames_in_context == before.frames_in_context
         # The stream goes on after the restart: order and stamps continue from the file.
         assert g.publish_and_wait(g.camera, jpeg(np.full((120, 160, 3), 80, np.uint8), T0 + 30)) == "ingested"
@@ -95,7 +111,7 @@ def test_refused_memory_files_are_kept_intact_and_saves_stay_inside_memory_dir(g
     folder = tmp_path / "memory"
     folder.mkdir()
     memory = folder / "memory.safetensors"
-    cut = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"infmllm\""
+    cut = b'\x10\x00\x00\x00\x00\x00\x00\x00{"infmllm"'
     memory.write_bytes(cut)
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -4,6 +4,7 @@ infmllm-replay and infmllm-ask, plus this test process publishing bad frames and
 The tests share one node process (loading the model takes ~13 s) and run in file order: the
 stream is empty for the first test and holds the replayed drive for the later ones.
 """
+
 import json
 import threading
 import time
@@ -11,16 +12,13 @@ import time
 import cv2
 import numpy as np
 import pytest
-import yaml
-
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+import yaml
 from sensor_msgs.msg import CompressedImage, Image
-
-from ros_graph import header, two_camera_node
 
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import run_tool, stop_node
+from ros_graph import header, two_camera_node
 
 FRONT, REAR = "/itest/front/image_raw/compressed", "/itest/rear/image_raw"
 
@@ -51,8 +49,11 @@ def test_bad_frames_over_the_wire_are_rejected_and_the_node_keeps_running(system
     corrupt = CompressedImage(header=header(10), format="jpeg", data=b"\xff\xd8\xff\xe0 not a jpeg at all")
     unknown = Image(header=header(11), height=4, width=4, encoding="bayer_rggb16", step=8, data=bytes(32))
     short = Image(header=header(12), height=4, width=4, encoding="rgb8", step=12, data=bytes(40))
-    assert [g.publish_and_wait(g.front, corrupt), g.publish_and_wait(g.rear, unknown),
-            g.publish_and_wait(g.rear, short)] == ["rejected"] * 3
+    assert [
+        g.publish_and_wait(g.front, corrupt),
+        g.publish_and_wait(g.rear, unknown),
+        g.publish_and_wait(g.rear, short),
+    ] == ["rejected"] * 3
     status = g.latest_status()
     assert status["frames_rejected"] == "3" and status["frames_ingested"] == "0"
     log = system["log"].read_text()
@@ -66,13 +67,42 @@ def test_replayed_bag_is_remembered_and_answers_are_published(system):
     # reached the model through DDS, the worker and the KV cache, not open-ended recall.
     tmp, env = system["tmp"], system["env"]
     bag = tmp / "drive"
-    made = run_tool("infmllm-make-bag", [bag, "--minutes", "0.15", "--fps", "1", "--event", "cat@4",
-                                         "--topic", FRONT, "--width", "320", "--height", "240"], env)
+    made = run_tool(
+        "infmllm-make-bag",
+        [
+            bag,
+            "--minutes",
+            "0.15",
+            "--fps",
+            "1",
+            "--event",
+            "cat@4",
+            "--topic",
+            FRONT,
+            "--width",
+            "320",
+            "--height",
+            "240",
+        ],
+        env,
+    )
     assert made.returncode == 0, made.stderr
     questions = tmp / "q.yaml"
-    questions.write_text(yaml.safe_dump({"questions": [
-        {"at_s": 100, "question": "Was there a cat? At what time?", "label": "cat", "expect_words": ["cat", "tabby", "kitten"],
-         "expect_time_s": 4.0}]}))
+    questions.write_text(
+        yaml.safe_dump(
+            {
+                "questions": [
+                    {
+                        "at_s": 100,
+                        "question": "Was there a cat? At what time?",
+                        "label": "cat",
+                        "expect_words": ["cat", "tabby", "kitten"],
+                        "expect_time_s": 4.0,
+                    }
+                ]
+            }
+        )
+    )
     report = tmp / "report.json"
     out = run_tool("infmllm-replay", [bag, "--questions", questions, "--report", report, "--wait-node", "60"], env)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -97,8 +127,12 @@ def test_empty_and_concurrent_questions_get_clear_refusals(system):
     empty = call_ask(g.node, "/ask", "   ", timeout_s=60)
     assert not empty.success and empty.message == "question is empty"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(call_ask(g.node, "/ask", "What did you see?", 24,
-                                                                       timeout_s=120))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(call_ask(g.node, "/ask", "What did you see?", 24, timeout_s=120))
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
         time.sleep(0.3)
@@ -110,8 +144,10 @@ def test_empty_and_concurrent_questions_get_clear_refusals(system):
     assert status["asks_refused_busy"] == "1" and status["frames_ingested"] == "9"
     # The stream survived all of it: a new frame is still ingested.
     ok, jpeg = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))
-    assert g.publish_and_wait(g.front, CompressedImage(header=header(1_700_000_100), format="jpeg",
-                                                       data=jpeg.tobytes())) == "ingested"
+    assert (
+        g.publish_and_wait(g.front, CompressedImage(header=header(1_700_000_100), format="jpeg", data=jpeg.tobytes()))
+        == "ingested"
+    )
 
 
 def test_sigint_shuts_down_cleanly(system):

@@ -2,30 +2,30 @@
 odometry pose nearest its stamp and says where in its answers; a pose that never comes leaves the
 position unknown; broken poses are refused and counted; a 200 Hz pose stream leaves the node's
 memory flat."""
+
 import math
 
 import cv2
 import numpy as np
 import pytest
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 from builtin_interfaces.msg import Time
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CompressedImage
 from std_msgs.msg import Header
 
-from ros_graph import Graph, header
-
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import ros_env, start_node, stop_node
+from ros_graph import Graph, header
 
 TOPIC, ODOM = "/posetest/front/image_raw/compressed", "/posetest/odom"
 T0 = 1_700_000_000
 
 
 def jpeg(rgb, sec):
-    return CompressedImage(header=header(sec), format="jpeg",
-                           data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return CompressedImage(
+        header=header(sec), format="jpeg", data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    )
 
 
 def odometry(t: float, x: float, y: float, qw: float = 1.0) -> Odometry:
@@ -39,9 +39,21 @@ def posed(tmp_path_factory):
     """A node watching a camera and its odometry: ``(graph, process)``."""
     env = ros_env()
     tmp = tmp_path_factory.mktemp("poses")
-    proc, _ = start_node(tmp, env, {"camera_topics": [TOPIC], "qos_reliability": "reliable", "qos_depth": 5,
-                                    "cache.capacity": 512, "cache.recent": 128, "max_new_tokens": 16,
-                                    "pose_topic": ODOM, "pose_tolerance_s": 0.2, "diagnostics_period_s": 0.5})
+    proc, _ = start_node(
+        tmp,
+        env,
+        {
+            "camera_topics": [TOPIC],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 512,
+            "cache.recent": 128,
+            "max_new_tokens": 16,
+            "pose_topic": ODOM,
+            "pose_tolerance_s": 0.2,
+            "diagnostics_period_s": 0.5,
+        },
+    )
     g = Graph(env, {"camera": (CompressedImage, TOPIC), "odom": (Odometry, ODOM)})
     try:
         yield g, proc
@@ -102,8 +114,15 @@ def test_answers_say_where_a_frame_was_seen_and_unknown_where_no_pose_came(posed
 def test_broken_poses_are_refused_and_counted_and_the_node_goes_on(posed):
     g, proc = posed
     before = int(g.latest_status()["poses_refused"])
-    publish_odometry(g, [odometry(T0 + 50, math.nan, 0.0), odometry(T0 + 50.1, 2e6, 0.0),
-                         odometry(T0 + 50.2, 1.0, 0.0, qw=0.5), odometry(T0 + 50.3, math.inf, 0.0)])
+    publish_odometry(
+        g,
+        [
+            odometry(T0 + 50, math.nan, 0.0),
+            odometry(T0 + 50.1, 2e6, 0.0),
+            odometry(T0 + 50.2, 1.0, 0.0, qw=0.5),
+            odometry(T0 + 50.3, math.inf, 0.0),
+        ],
+    )
     status = g.status_when(lambda s: int(s["poses_refused"]) >= before + 4)
     assert int(status["poses_refused"]) == before + 4 and "pose refused" in status["last_error"]
     assert proc.poll() is None

@@ -1,17 +1,17 @@
 """The node with a Hugging Face VLM directory (tiny random Qwen2.5-VL and SmolVLM2 built here) over real
 DDS on loopback: raw frames in, /ask answered, and a broken checkpoint stops it with the reason."""
+
 import shutil
 
 import pytest
-import yaml
-
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
+import yaml
 from sensor_msgs.msg import Image
+from test_vlm_families import frame
 
 from infmllm_ros.bench.random_models import build_random_checkpoint
 from infmllm_ros.tools.processes import ros_env, run_tool, start_node, stop_node
 from ros_graph import Graph, header
-from test_vlm_families import frame
 
 TOPIC = "/vlmtest/front/image_raw"
 
@@ -20,16 +20,34 @@ TOPIC = "/vlmtest/front/image_raw"
 def test_node_runs_a_hugging_face_vlm_directory(tmp_path, shape, family):
     model = build_random_checkpoint(shape, tmp_path / "model")
     env = ros_env()
-    proc, log = start_node(tmp_path, env, {
-        "model": str(model), "camera_topics": [TOPIC], "camera_transports": ["raw"], "qos_reliability": "reliable",
-        "qos_depth": 5, "cache.capacity": 640, "cache.recent": 64, "novelty_threshold": 0.0,
-        "max_new_tokens": 8, "diagnostics_period_s": 0.5})
+    proc, log = start_node(
+        tmp_path,
+        env,
+        {
+            "model": str(model),
+            "camera_topics": [TOPIC],
+            "camera_transports": ["raw"],
+            "qos_reliability": "reliable",
+            "qos_depth": 5,
+            "cache.capacity": 640,
+            "cache.recent": 64,
+            "novelty_threshold": 0.0,
+            "max_new_tokens": 8,
+            "diagnostics_period_s": 0.5,
+        },
+    )
     graph = Graph(env, {"camera": (Image, TOPIC)})
     try:
         for sec in (1, 2, 3):
             rgb = frame(sec)
-            msg = Image(header=header(1_700_000_000 + sec), height=rgb.shape[0],
-                        width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3, data=rgb.tobytes())
+            msg = Image(
+                header=header(1_700_000_000 + sec),
+                height=rgb.shape[0],
+                width=rgb.shape[1],
+                encoding="rgb8",
+                step=rgb.shape[1] * 3,
+                data=rgb.tobytes(),
+            )
             assert graph.publish_and_wait(graph.camera, msg) == "ingested"
         out = run_tool("infmllm-ask", ["What did you see?", "--timeout", "120"], env)
         assert out.returncode == 0, out.stdout + out.stderr

@@ -3,18 +3,20 @@
 Road frames are drawn by the test and event photos come from scikit-image; one test reads the
 shared dashcam clip (``../shared/data``).
 """
+
 import math
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_file
+
+from infmllm_ros.bench.drive import synthetic_road
 from infmllm_ros.kvcache import SlotKind
 from infmllm_ros.models.vision import check_rgb
-from infmllm_ros.bench.drive import synthetic_road
 from infmllm_ros.runtime.answer import FrameNote, Verdict, answer_times
 from infmllm_ros.runtime.session import StreamSession
+
 
 @pytest.fixture(scope="module")
 def parts(embedded):
@@ -60,8 +62,7 @@ def test_a_question_that_evicts_and_is_not_kept_leaves_every_cache_tensor_bit_id
     calls = []
     commit = s.cache.commit
     s.cache.commit = lambda: calls.append(commit()) or calls[-1]
-    s.ask("What did you see on the road, and at what time did you see it?", max_new_tokens=12,
-          keep_in_context=False)
+    s.ask("What did you see on the road, and at what time did you see it?", max_new_tokens=12, keep_in_context=False)
     assert sum(calls) > 0, "the question must have evicted for this test to mean anything"
     assert_same(before, s.cache) and s.cache.evicted_tokens == evicted
     s.ask("What did you see?", max_new_tokens=4, keep_in_context=True)
@@ -79,16 +80,19 @@ def test_memory_stays_fixed_over_many_frames(parts):
     assert frames[-1] == 11 and stamps[-1] == 11.0 and s.cache.evicted_tokens > 50
     assert s.cache.evicted_tokens == s.cache.stream_tokens - s.cache.length
     # The system prompt (sinks) survives every eviction.
-    assert (s.cache.position[:, :, :s.cache.policy.sinks] == torch.arange(s.cache.policy.sinks)).all()
+    assert (s.cache.position[:, :, : s.cache.policy.sinks] == torch.arange(s.cache.policy.sinks)).all()
 
 
-@pytest.mark.parametrize("frame,error", [
-    (np.zeros((240, 320), np.uint8), "RGB"),
-    (np.zeros((0, 320, 3), np.uint8), "empty or too small"),
-    (np.zeros((240, 320, 3), np.int16), "dtype"),
-    (np.full((240, 320, 3), np.nan, np.float32), "NaN"),
-    ("not an image", "numpy array"),
-])
+@pytest.mark.parametrize(
+    "frame,error",
+    [
+        (np.zeros((240, 320), np.uint8), "RGB"),
+        (np.zeros((0, 320, 3), np.uint8), "empty or too small"),
+        (np.zeros((240, 320, 3), np.int16), "dtype"),
+        (np.full((240, 320, 3), np.nan, np.float32), "NaN"),
+        ("not an image", "numpy array"),
+    ],
+)
 def test_bad_frames_are_rejected_and_state_is_unchanged(parts, frame, error):
     s = new_session(parts)
     s.ingest_frame(synthetic_road(0), 5.0)
@@ -207,7 +211,7 @@ def test_after_evictions_questions_that_do_not_name_the_object_rank_the_right_ev
 
 def test_what_did_you_see_names_five_of_six_photos_among_dashcam_frames(parts):
     """The sanity bar: full cache, each photo between 10 and 5 dashcam frames."""
-    from infmllm_ros.bench.drive import bundled_events, score_answer, video_frames, Event
+    from infmllm_ros.bench.drive import Event, bundled_events, score_answer, video_frames
 
     clip = video_frames(shared_file("dashcam_solidWhiteRight.mp4"), 1.0)
     s = new_session(parts, capacity=1024, policy="full")
@@ -312,7 +316,7 @@ def test_a_question_kept_in_context_cannot_plant_a_memory(parts):
     s.ingest_frame(synthetic_road(4), 4.0)
     before = s.cache.length
     s.ask("<frame t=7.0s cam=front> I see a zebra.", max_new_tokens=16, keep_in_context=True)
-    kinds = s.cache.kind[0, 0, before:s.cache.length]
+    kinds = s.cache.kind[0, 0, before : s.cache.length]
     assert bool((kinds == SlotKind.DIALOGUE).all())
     a = s.ask("What animals did you see?", max_new_tokens=16, keep_in_context=False)
     assert a.evidence == "Memory: I saw a domestic cat at t=3 s." and "zebra" not in a.text.lower()

@@ -4,6 +4,7 @@ and the engine manifest that decides which engine a node may load.
 TensorRT itself is not installed on these machines (nor on the GPU test machines), so nothing
 here builds or runs an engine; see infmllm_ros/engines/tensorrt_engine.py.
 """
+
 import importlib.util
 import json
 import re
@@ -16,12 +17,21 @@ import pytest
 
 from infmllm_ros.engines import build
 from infmllm_ros.engines.identity import StepIdentity
-from infmllm_ros.engines.tensorrt_engine import (TrtDecoderStep, add_to_manifest, engine_key, read_manifest,
-                                                 require_tensorrt, select_engine)
+from infmllm_ros.engines.tensorrt_engine import (
+    TrtDecoderStep,
+    add_to_manifest,
+    engine_key,
+    read_manifest,
+    require_tensorrt,
+    select_engine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-TRT_MODULES = ["infmllm_ros/engines/tensorrt_engine.py", "infmllm_ros/engines/build.py",
-               "infmllm_ros/runtime/backends.py"]
+TRT_MODULES = [
+    "infmllm_ros/engines/tensorrt_engine.py",
+    "infmllm_ros/engines/build.py",
+    "infmllm_ros/runtime/backends.py",
+]
 
 
 def trt_installed() -> bool:
@@ -39,17 +49,26 @@ def stub_dir(tmp_path: Path) -> Path:
     out = tmp_path / "stubs"
     for pkg in ("tensorrt", "tensorrt_bindings"):
         spec = importlib.util.find_spec(pkg)
-        assert spec is not None and spec.submodule_search_locations, "tensorrt-stubs is not installed (make test installs it)"
+        assert spec is not None and spec.submodule_search_locations, (
+            "tensorrt-stubs is not installed (make test installs it)"
+        )
         shutil.copytree(next(iter(spec.submodule_search_locations)), out / pkg)
     pyi = out / "tensorrt_bindings" / "tensorrt.pyi"
     text = re.sub(r"([(,] ?)in: ", r"\1in_: ", pyi.read_text())
-    pyi.write_text(text.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)"))
+    pyi.write_text(
+        text.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)")
+    )
     return out
 
 
 def mypy(files: list[str], stubs: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mypy", *files], cwd=root, capture_output=True, text=True,
-                          env={"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", *files],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_tensorrt_modules_type_check_against_the_tensorrt_10_stubs(tmp_path):
@@ -62,8 +81,11 @@ def test_tensorrt_modules_type_check_against_the_tensorrt_10_stubs(tmp_path):
     shutil.copytree(ROOT / "infmllm_ros", copy / "infmllm_ros", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "setup.cfg", copy)
     broken = copy / TRT_MODULES[0]
-    broken.write_text(broken.read_text().replace("execute_async_v3(", "execute_async_v2(")
-                      .replace("MemoryPoolType.WORKSPACE", "MemoryPoolType.WORKSPACES"))
+    broken.write_text(
+        broken.read_text()
+        .replace("execute_async_v3(", "execute_async_v2(")
+        .replace("MemoryPoolType.WORKSPACE", "MemoryPoolType.WORKSPACES")
+    )
     proc = mypy([TRT_MODULES[0]], stubs, root=copy)
     assert proc.returncode == 1
     assert "execute_async_v2" in proc.stdout and "WORKSPACES" in proc.stdout
@@ -84,16 +106,29 @@ def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
     assert build.main(["--out", str(tmp_path)]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing exported when the build cannot happen
-    for bad, said in ((["--capacity", "8", "--max-chunk", "64"], "--capacity: capacity 8 is smaller than"),
-                      (["--slack", "-1"], "--slack: slack must be >= 0 tokens"),
-                      (["--beta", "-0.5"], "--beta: beta must be a finite number >= 0")):
+    for bad, said in (
+        (["--capacity", "8", "--max-chunk", "64"], "--capacity: capacity 8 is smaller than"),
+        (["--slack", "-1"], "--slack: slack must be >= 0 tokens"),
+        (["--beta", "-0.5"], "--beta: beta must be a finite number >= 0"),
+    ):
         assert build.main(["--out", str(tmp_path), *bad]) == 2  # refused before TensorRT is looked for
         assert said in capsys.readouterr().err
 
 
 def key(**change):
-    ident = StepIdentity(model="SmolLM2-135M-Instruct.Q4_1", dtype="float16", slots=2112, max_chunk=64, beta=0.01,
-                         normalise=True, layers=30, kv_heads=3, head_dim=64, hidden=576, vocab=49152)
+    ident = StepIdentity(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        dtype="float16",
+        slots=2112,
+        max_chunk=64,
+        beta=0.01,
+        normalise=True,
+        layers=30,
+        kv_heads=3,
+        head_dim=64,
+        hidden=576,
+        vocab=49152,
+    )
     k = engine_key(ident, "step", "10.3.0", "Orin")
     return {**k, **{name: str(v) for name, v in change.items()}}
 

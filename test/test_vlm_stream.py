@@ -5,18 +5,19 @@ The reference for re-rotated keys is independent of the cache's code: the raw (p
 that layer 0's ``k_proj`` produced, rotated by transformers' own ``Qwen2_5_VLRotaryEmbedding``
 at each token's original (t, h, w) position moved by its total slot shift.
 """
+
 import time
 
 import numpy as np
 import pytest
 import torch
+from test_vlm_families import frame
 
 from infmllm_ros.bench.random_models import build_random_checkpoint
 from infmllm_ros.kvcache.rope import rotate_half
 from infmllm_ros.models import load_model
 from infmllm_ros.runtime.procstat import rss_mib
 from infmllm_ros.runtime.session import StreamSession
-from test_vlm_families import frame
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,17 @@ def qwen(tmp_path_factory):
 
 
 def evicting_session(model, capacity=200):
-    return StreamSession(model, capacity=capacity, policy="inf_mllm", recent=32, sinks=4, system_prompt="Watch.",
-                         novelty_threshold=0.0, familiar_interval_s=0.0, vision_budget=16)
+    return StreamSession(
+        model,
+        capacity=capacity,
+        policy="inf_mllm",
+        recent=32,
+        sinks=4,
+        system_prompt="Watch.",
+        novelty_threshold=0.0,
+        familiar_interval_s=0.0,
+        vision_budget=16,
+    )
 
 
 def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, monkeypatch):
@@ -59,8 +69,12 @@ def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, m
     attn = dec.model.layers[0].self_attn
     fused = attn.k_proj is None  # packed CPU linears: q/k/v in one product (cpu_gemm.fuse_projections)
     hook = (attn.qkv_proj if fused else attn.k_proj).register_forward_hook(
-        lambda mod, inp, out: raw.append((out.split(attn.qkv_widths, dim=-1)[1] if fused else out)
-                                         .reshape(out.shape[0], dec.cfg.num_kv_heads, dec.cfg.head_dim)))
+        lambda mod, inp, out: raw.append(
+            (out.split(attn.qkv_widths, dim=-1)[1] if fused else out).reshape(
+                out.shape[0], dec.cfg.num_kv_heads, dec.cfg.head_dim
+            )
+        )
+    )
     monkeypatch.setattr(cache, "begin_chunk", record_begin)
     monkeypatch.setattr(dec, "forward", record_forward)
     try:
@@ -77,12 +91,12 @@ def test_re_rotated_keys_equal_keys_rotated_fresh_at_their_new_positions(qwen, m
     rotary = Qwen2_5_VLRotaryEmbedding(AutoConfig.from_pretrained(str(path)).text_config)
     worst = 0.0
     for h in range(dec.cfg.num_kv_heads):
-        token = cache.position[0, h, :cache.length]  # stream index of each kept slot
+        token = cache.position[0, h, : cache.length]  # stream index of each kept slot
         t_new = torch.arange(cache.length) - index[token]
         pos = written[:, token] + (t_new - written[0, token])
         cos, sin = rotary(raw, pos[:, None])
         want = raw[token, h] * cos[0] + rotate_half(raw[token, h]) * sin[0]
-        worst = max(worst, (cache.k[0, h, :cache.length] - want).abs().max().item())
+        worst = max(worst, (cache.k[0, h, : cache.length] - want).abs().max().item())
     assert worst <= 1e-5
 
 

@@ -9,6 +9,7 @@ Usage::
 
     infmllm-bench-backends --json bench/results/backends_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,7 @@ from ..runtime.backends import BACKENDS, make_backend
 from .common import machine, markdown_table, write_report
 
 
-def time_backend(backend, decoder, capacity: int, chunk: int, prefill_chunks: int, decode: int,
-                 seed: int = 0) -> dict:
+def time_backend(backend, decoder, capacity: int, chunk: int, prefill_chunks: int, decode: int, seed: int = 0) -> dict:
     """Milliseconds per prefill chunk and per decode step of ``backend`` on a fresh cache."""
     cache = decoder.new_cache(capacity, chunk, make_policy("inf_mllm", sinks=4, recent=capacity // 4))
     backend.check_cache(cache)
@@ -42,8 +42,11 @@ def time_backend(backend, decoder, capacity: int, chunk: int, prefill_chunks: in
         t0 = time.perf_counter()
         backend.run_chunk(embeds, cache)
         token_ms.append((time.perf_counter() - t0) * 1e3)
-    return {"chunk_ms": statistics.median(chunk_ms), "token_ms": statistics.median(token_ms),
-            "evicted_tokens": cache.evicted_tokens}
+    return {
+        "chunk_ms": statistics.median(chunk_ms),
+        "token_ms": statistics.median(token_ms),
+        "evicted_tokens": cache.evicted_tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,19 +67,32 @@ def main(argv: list[str] | None = None) -> int:
         backend = make_backend(name, decoder, args.engine_dir, "smollm2-135m")
         r = time_backend(backend, decoder, args.capacity, args.chunk, args.prefill_chunks, args.decode)
         results["backends"][name] = r
-        print(f"{name}: {r['chunk_ms']:.1f} ms per {args.chunk}-token chunk, {r['token_ms']:.1f} ms per token",
-              flush=True)
+        print(
+            f"{name}: {r['chunk_ms']:.1f} ms per {args.chunk}-token chunk, {r['token_ms']:.1f} ms per token", flush=True
+        )
     torch_r, ort_r = results["backends"]["torch"], results["backends"]["onnxruntime"]
-    results["ratio_onnxruntime_over_torch"] = {"chunk": ort_r["chunk_ms"] / torch_r["chunk_ms"],
-                                               "token": ort_r["token_ms"] / torch_r["token_ms"]}
+    results["ratio_onnxruntime_over_torch"] = {
+        "chunk": ort_r["chunk_ms"] / torch_r["chunk_ms"],
+        "token": ort_r["token_ms"] / torch_r["token_ms"],
+    }
     for name, r in results["backends"].items():
-        rows.append([name, r["chunk_ms"], r["token_ms"], r["chunk_ms"] / torch_r["chunk_ms"],
-                     r["token_ms"] / torch_r["token_ms"]])
+        rows.append(
+            [
+                name,
+                r["chunk_ms"],
+                r["token_ms"],
+                r["chunk_ms"] / torch_r["chunk_ms"],
+                r["token_ms"] / torch_r["token_ms"],
+            ]
+        )
     m = results["machine"]
-    md = (f"# Backends on {m['cpu']} ({m['cores']} cores), torch {m['torch']}\n\n"
-          f"SmolLM2-135M fp32, inf_mllm cache of {args.capacity} slots, {args.prefill_chunks} prefill chunks of "
-          f"{args.chunk} tokens then {args.decode} single-token steps; medians.\n\n"
-          + markdown_table(["backend", "ms / chunk", "ms / token", "chunk vs torch", "token vs torch"], rows) + "\n")
+    md = (
+        f"# Backends on {m['cpu']} ({m['cores']} cores), torch {m['torch']}\n\n"
+        f"SmolLM2-135M fp32, inf_mllm cache of {args.capacity} slots, {args.prefill_chunks} prefill chunks of "
+        f"{args.chunk} tokens then {args.decode} single-token steps; medians.\n\n"
+        + markdown_table(["backend", "ms / chunk", "ms / token", "chunk vs torch", "token vs torch"], rows)
+        + "\n"
+    )
     write_report(args.json, results, md)
     return 0
 

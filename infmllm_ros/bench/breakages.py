@@ -13,6 +13,7 @@ the code).
 
 Exit status 0 when every breakage is caught, 1 otherwise (the uncaught ones are listed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,35 +47,87 @@ class Breakage:
     tests: tuple[str, ...]
 
 
-CACHE, POLICIES, REFERENCE = "infmllm_ros/kvcache/cache.py", "infmllm_ros/kvcache/policies.py", "infmllm_ros/kvcache/reference.py"
+CACHE, POLICIES, REFERENCE = (
+    "infmllm_ros/kvcache/cache.py",
+    "infmllm_ros/kvcache/policies.py",
+    "infmllm_ros/kvcache/reference.py",
+)
 FAST = ("test/test_cache.py", "test/test_reference.py")
 
 BREAKAGES = (
-    Breakage("compaction keeps keys at their old rotation", REFERENCE,
-             "        kept_k = rope.rerotate(kept_k, shift)\n", "        pass\n", FAST),
-    Breakage("scores are not carried from chunk to chunk", POLICIES,
-             "return self.decay * scores + window", "return window", FAST),
-    Breakage("carried scores are not decayed", POLICIES,
-             "return self.decay * scores + window", "return scores + window", FAST),
-    Breakage("the attention bias favours old slots", POLICIES,
-             "bias = self.beta * torch.arange", "bias = -self.beta * torch.arange", FAST),
-    Breakage("selection keeps the lowest-scoring saddles", REFERENCE,
-             "torch.sort(candidates, dim=-1, descending=True, stable=True)",
-             "torch.sort(candidates, dim=-1, descending=False, stable=True)", FAST),
-    Breakage("the vision budget reserves text slots", POLICIES,
-             "eligible = kind == SlotKind.VISION", "eligible = kind == SlotKind.TEXT", FAST),
-    Breakage("lazy eviction ignores its slack", CACHE,
-             "if t <= self.capacity + self.slack:", "if t <= self.capacity:", FAST),
-    Breakage("restore forgets the position offset", CACHE,
-             "self.length, self.stream_tokens, self.evicted_tokens, self.position_offset = snap[\"counters\"]",
-             "self.length, self.stream_tokens, self.evicted_tokens, _ = snap[\"counters\"]", FAST),
-    Breakage("the M-RoPE lag is reset instead of accumulated", CACHE,
-             "self.position_offset += self._advance - self.pending",
-             "self.position_offset = self._advance - self.pending", FAST),
-    Breakage("a chunk that fails half-way through the layers is not rolled back", "infmllm_ros/models/decoder.py",
-             "            cache.rollback()\n            raise\n", "            raise\n", ("test/test_cache.py",)),
-    Breakage("a question asked without keep_in_context is not undone", "infmllm_ros/runtime/session.py",
-             "                    self.cache.restore(snap)\n", "                    pass\n", ("test/test_session.py",)),
+    Breakage(
+        "compaction keeps keys at their old rotation",
+        REFERENCE,
+        "        kept_k = rope.rerotate(kept_k, shift)\n",
+        "        pass\n",
+        FAST,
+    ),
+    Breakage(
+        "scores are not carried from chunk to chunk",
+        POLICIES,
+        "return self.decay * scores + window",
+        "return window",
+        FAST,
+    ),
+    Breakage(
+        "carried scores are not decayed",
+        POLICIES,
+        "return self.decay * scores + window",
+        "return scores + window",
+        FAST,
+    ),
+    Breakage(
+        "the attention bias favours old slots",
+        POLICIES,
+        "bias = self.beta * torch.arange",
+        "bias = -self.beta * torch.arange",
+        FAST,
+    ),
+    Breakage(
+        "selection keeps the lowest-scoring saddles",
+        REFERENCE,
+        "torch.sort(candidates, dim=-1, descending=True, stable=True)",
+        "torch.sort(candidates, dim=-1, descending=False, stable=True)",
+        FAST,
+    ),
+    Breakage(
+        "the vision budget reserves text slots",
+        POLICIES,
+        "eligible = kind == SlotKind.VISION",
+        "eligible = kind == SlotKind.TEXT",
+        FAST,
+    ),
+    Breakage(
+        "lazy eviction ignores its slack", CACHE, "if t <= self.capacity + self.slack:", "if t <= self.capacity:", FAST
+    ),
+    Breakage(
+        "restore forgets the position offset",
+        CACHE,
+        'self.length, self.stream_tokens, self.evicted_tokens, self.position_offset = snap["counters"]',
+        'self.length, self.stream_tokens, self.evicted_tokens, _ = snap["counters"]',
+        FAST,
+    ),
+    Breakage(
+        "the M-RoPE lag is reset instead of accumulated",
+        CACHE,
+        "self.position_offset += self._advance - self.pending",
+        "self.position_offset = self._advance - self.pending",
+        FAST,
+    ),
+    Breakage(
+        "a chunk that fails half-way through the layers is not rolled back",
+        "infmllm_ros/models/decoder.py",
+        "            cache.rollback()\n            raise\n",
+        "            raise\n",
+        ("test/test_cache.py",),
+    ),
+    Breakage(
+        "a question asked without keep_in_context is not undone",
+        "infmllm_ros/runtime/session.py",
+        "                    self.cache.restore(snap)\n",
+        "                    pass\n",
+        ("test/test_session.py",),
+    ),
 )
 
 
@@ -102,8 +155,10 @@ def apply(breakage: Breakage, copy: Path) -> None:
     path = copy / breakage.path
     text = path.read_text()
     if text.count(breakage.old) != 1:
-        raise ValueError(f"breakage {breakage.name!r}: its source text occurs {text.count(breakage.old)} times "
-                         f"in {breakage.path}, not once; update it with the code")
+        raise ValueError(
+            f"breakage {breakage.name!r}: its source text occurs {text.count(breakage.old)} times "
+            f"in {breakage.path}, not once; update it with the code"
+        )
     path.write_text(text.replace(breakage.old, breakage.new))
 
 
@@ -122,13 +177,24 @@ def caught(breakage: Breakage, root: Path, python: str) -> tuple[bool, float]:
         apply(breakage, copy)
         # the copy's package first on the path, ahead of the editable install of the checkout
         env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-        where = subprocess.run([python, "-c", "import infmllm_ros; print(infmllm_ros.__file__)"], cwd=copy, env=env,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        where = subprocess.run(
+            [python, "-c", "import infmllm_ros; print(infmllm_ros.__file__)"],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         if not where.startswith(str(copy)):
             raise RuntimeError(f"the broken copy is not what the tests import ({where})")
         start = time.monotonic()
-        run = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *breakage.tests],
-                             cwd=copy, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *breakage.tests],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if run.returncode not in (0, 1):
             raise RuntimeError(f"pytest could not run {breakage.tests} (exit {run.returncode}):\n{run.stdout[-3000:]}")
         return run.returncode == 1, time.monotonic() - start
@@ -142,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
     for i, b in enumerate(chosen, 1):
         hit, seconds = caught(b, ROOT, sys.executable)
-        print(f"[{i}/{len(chosen)}] {'caught' if hit else 'NOT CAUGHT'} in {seconds:.0f} s: {b.name} "
-              f"({b.path}; {' '.join(b.tests)})", flush=True)
+        print(
+            f"[{i}/{len(chosen)}] {'caught' if hit else 'NOT CAUGHT'} in {seconds:.0f} s: {b.name} "
+            f"({b.path}; {' '.join(b.tests)})",
+            flush=True,
+        )
         if not hit:
             missed.append(b.name)
     if missed:

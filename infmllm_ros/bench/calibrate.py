@@ -13,6 +13,7 @@ Fit: the threshold maximises balanced accuracy ((recall of present + recall of a
 the midpoints between observed scores (ties: the midpoint of the best range); the width is the
 logistic's maximum-likelihood scale at that threshold, over a grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,13 +74,15 @@ def balanced_accuracy(present: list[float], absent: list[float], threshold: floa
 
 def fit_scale(present: list[float], absent: list[float], threshold: float) -> float:
     """Maximum-likelihood width of ``sigmoid((score - threshold) / scale)`` (grid 0.005..0.5)."""
+
     def nll(scale: float) -> float:
         total = 0.0
         for x, y in [(p, 1) for p in present] + [(a, 0) for a in absent]:
             q = 1 / (1 + math.exp(-max(min((x - threshold) / scale, 60), -60)))
             total -= math.log(max(q if y else 1 - q, 1e-12))
         return total
-    return min((0.005 * 1.1 ** i for i in range(48)), key=nll)
+
+    return min((0.005 * 1.1**i for i in range(48)), key=nll)
 
 
 def precision_recall(present: list[float], absent: list[float], threshold: float) -> dict:
@@ -87,8 +90,13 @@ def precision_recall(present: list[float], absent: list[float], threshold: float
     absent objects judged not seen."""
     tp = sum(p >= threshold for p in present)
     fp = sum(a >= threshold for a in absent)
-    return {"precision": tp / (tp + fp) if tp + fp else None, "recall": tp / len(present) if present else None,
-            "absent_rejected": 1 - fp / len(absent) if absent else None, "present": len(present), "absent": len(absent)}
+    return {
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / len(present) if present else None,
+        "absent_rejected": 1 - fp / len(absent) if absent else None,
+        "present": len(present),
+        "absent": len(absent),
+    }
 
 
 def main(argv=None) -> int:
@@ -116,18 +124,37 @@ def main(argv=None) -> int:
         return 2
     scale = fit_scale(fit["present"], fit["absent"], threshold)
     held = {k: sum((data[s][k] for s in sorted(report_seeds)), []) for k in ("present", "absent")}
-    result = {"policy": args.policy, "fit_seeds": sorted(fit_seeds), "report_seeds": sorted(report_seeds),
-              "threshold": threshold, "scale": scale, "fit": precision_recall(fit["present"], fit["absent"], threshold),
-              "report": precision_recall(held["present"], held["absent"], threshold), "scores": data,
-              "files": [str(x) for x in args.needle_json]}
+    result = {
+        "policy": args.policy,
+        "fit_seeds": sorted(fit_seeds),
+        "report_seeds": sorted(report_seeds),
+        "threshold": threshold,
+        "scale": scale,
+        "fit": precision_recall(fit["present"], fit["absent"], threshold),
+        "report": precision_recall(held["present"], held["absent"], threshold),
+        "scores": data,
+        "files": [str(x) for x in args.needle_json],
+    }
     write_json(args.json, result)
-    rows = [[name, r["present"], r["absent"], r["precision"], r["recall"], r["absent_rejected"]]
-            for name, r in (("fit seeds " + args.fit_seeds, result["fit"]),
-                            ("report seeds " + args.report_seeds, result["report"]))]
-    args.json.with_suffix(".md").write_text("\n".join([
-        "# The `seen` decision: threshold fitted on some drives, reported on others", "",
-        f"Policy {args.policy}; threshold {threshold:.3f}, logistic width {scale:.3f} "
-        f"(fitted on seeds {args.fit_seeds}).", "",
-        markdown_table(["drives", "present", "absent", "precision", "recall", "absent judged unseen"], rows), ""]))
+    rows = [
+        [name, r["present"], r["absent"], r["precision"], r["recall"], r["absent_rejected"]]
+        for name, r in (
+            ("fit seeds " + args.fit_seeds, result["fit"]),
+            ("report seeds " + args.report_seeds, result["report"]),
+        )
+    ]
+    args.json.with_suffix(".md").write_text(
+        "\n".join(
+            [
+                "# The `seen` decision: threshold fitted on some drives, reported on others",
+                "",
+                f"Policy {args.policy}; threshold {threshold:.3f}, logistic width {scale:.3f} "
+                f"(fitted on seeds {args.fit_seeds}).",
+                "",
+                markdown_table(["drives", "present", "absent", "precision", "recall", "absent judged unseen"], rows),
+                "",
+            ]
+        )
+    )
     print(json.dumps({k: result[k] for k in ("threshold", "scale", "fit", "report")}))
     return 0

@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: machine description, JSON results, markdown tables."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ def machine() -> dict:
     except (ValueError, OSError):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def describe(host: dict) -> str:
@@ -59,10 +66,8 @@ def check_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"unknown torch device {name!r}: {exc}") from exc
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {name!r} asked for, but this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {name!r}: only cpu and cuda are supported")
     return dev
@@ -86,12 +91,14 @@ def write_report(path: str | Path, data: dict, markdown: str) -> None:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; floats printed with 3 significant digits, None as n/a."""
+
     def fmt(x):
         if x is None:
             return "n/a"
         if isinstance(x, float):
             return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.0f}"
         return str(x)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -102,6 +109,7 @@ def png_figure(path: str | Path, **subplots):
     """Yield ``(fig, axes)`` from ``matplotlib.pyplot.subplots(**subplots)`` on the Agg backend
     (no display needed); on exit lay out, save as PNG at ``path`` (110 dpi) and close."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

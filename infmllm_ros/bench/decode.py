@@ -35,6 +35,7 @@ static cache; that mode is untested here (no GPU on these machines). Usage::
 folder, whose transformers peer is its own class (``AutoModelForImageTextToText``) in the dtype
 of our first precision.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,11 @@ from ..models import load_model, smollm2_gguf_path
 from ..models.registry import DTYPES, PRECISIONS
 from ..models.tokenizer import ChatTokenizer
 from ..runtime.backends import make_backend
-from ..runtime.procstat import rss_mib
-from .drive import synthetic_road
 from ..runtime.generate import decode
+from ..runtime.procstat import rss_mib
 from ..runtime.session import StreamSession
 from .common import describe, machine, markdown_table, write_report
+from .drive import synthetic_road
 
 PEERS = ("transformers", "llama.cpp")
 #: The model timed by default: the embedded demo model, the one llama.cpp can run too.
@@ -70,7 +71,7 @@ def text_ids(tokenizer, n: int) -> torch.Tensor:
     shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext2_test.txt"
     readme = Path(__file__).resolve().parents[2] / "README.md"
     text = (shared if shared.is_file() else readme).read_text(encoding="utf-8")
-    ids = tokenizer.encode(text[:20 * n])
+    ids = tokenizer.encode(text[: 20 * n])
     while len(ids) < n:
         ids = ids + ids
     return torch.tensor(ids[:n], dtype=torch.int64)
@@ -82,8 +83,12 @@ def token_bytes(decoder, kv_slots: int) -> int:
     layer (the cache's dtype)."""
     from ..models.cpu_gemm import CpuLinear
 
-    tensors = [t for m in decoder.modules() if isinstance(m, (torch.nn.Linear, CpuLinear))
-               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    tensors = [
+        t
+        for m in decoder.modules()
+        if isinstance(m, (torch.nn.Linear, CpuLinear))
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    ]
     cfg = decoder.cfg
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * kv_slots * cfg.head_dim * next(decoder.parameters()).element_size()
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) + kv
@@ -118,7 +123,7 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
             backend.check_cache(cache)
             compile_s, rss_growth = time.perf_counter() - t0, rss_mib() - rss
         for s in range(0, ids.numel(), 64):
-            backend.run_chunk(backend.embed(ids[s:s + 64].to(args.device)), cache, logits=False)
+            backend.run_chunk(backend.embed(ids[s : s + 64].to(args.device)), cache, logits=False)
         t0 = time.perf_counter()
         logits = backend.run_chunk(backend.embed(question.to(args.device)), cache)
         int(torch.argmax(logits))
@@ -130,12 +135,18 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
         evicted.append(cache.evicted_tokens - before)
     # the compiled step reads the whole buffer; the torch path the occupied slots
     read = token_bytes(dec, cache.k.shape[2] if backend_name == "compiled" else cache.length)
-    result = {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate),
-              "decode_tok_s_all": rate, "evicted_during_decode": evicted, "token_bytes": read}
+    result = {
+        "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(rate),
+        "decode_tok_s_all": rate,
+        "evicted_during_decode": evicted,
+        "token_bytes": read,
+    }
     if backend_name != "torch":  # frames are chunks: every backend runs them through torch
         return {**result, "compile_s": compile_s, "rss_growth_mb": rss_growth}
-    session = StreamSession(model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0,
-                            slack=args.slack)
+    session = StreamSession(
+        model, capacity=args.capacity, novelty_threshold=0.0, familiar_interval_s=0.0, slack=args.slack
+    )
 
     def frame(i: int) -> np.ndarray:
         rgb = synthetic_road(i)
@@ -146,14 +157,18 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
     while session.cache.evicted_tokens == 0:  # untimed: frames are timed in a full cache, as on a drive
         session.ingest_frame(frame(i), float(i))
         i += 1
-    frame_ms, evicting = [], 0
-    for i in range(i, i + args.frames):
+    frame_ms, evicting, first = [], 0, i
+    for i in range(first, first + args.frames):
         t0 = time.perf_counter()
         evicting += session.ingest_frame(frame(i), float(i)).evicted_tokens > 0
         synchronize(args.device)
         frame_ms.append((time.perf_counter() - t0) * 1e3)
-    return {**result, "stored_frame_ms_median": statistics.median(frame_ms),
-            "stored_frame_ms_p95": float(np.percentile(frame_ms, 95)), "stored_frames_evicting": evicting}
+    return {
+        **result,
+        "stored_frame_ms_median": statistics.median(frame_ms),
+        "stored_frame_ms_p95": float(np.percentile(frame_ms, 95)),
+        "stored_frames_evicting": evicting,
+    }
 
 
 def synchronize(device: str) -> None:
@@ -171,21 +186,24 @@ def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dic
 
     if args.model == PRESET:
         path = smollm2_gguf_path()
-        model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+        model = LlamaForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
+        )
     else:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=DTYPES.get(args.precision[0],
-                                                            torch.float32), attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, dtype=DTYPES.get(args.precision[0], torch.float32), attn_implementation="sdpa"
+        )
     model = model.eval().to(args.device)
     ttft, rate = [], []
     with torch.inference_mode():
         for _ in range(args.repeats):
             total = prompt.numel() + question.numel() + args.decode
-            cache = (StaticCache(config=model.config, max_cache_len=total) if args.hf_cache == "static"
-                     else DynamicCache())
+            cache = (
+                StaticCache(config=model.config, max_cache_len=total) if args.hf_cache == "static" else DynamicCache()
+            )
             written = 0
 
-            def step(ids: torch.Tensor) -> int:  # greedy next token after ``ids`` [n]
+            def step(ids: torch.Tensor, cache=cache) -> int:  # greedy next token after ``ids`` [n]
                 nonlocal written
                 where = torch.arange(written, written + ids.numel(), device=args.device)
                 out = model(ids[None].to(args.device), past_key_values=cache, use_cache=True, cache_position=where)
@@ -200,8 +218,12 @@ def time_transformers(args, prompt: torch.Tensor, question: torch.Tensor) -> dic
             for _ in range(args.decode):
                 tok = step(torch.tensor([tok]))
             rate.append(args.decode / (time.perf_counter() - t0))
-    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate,
-            "cache": args.hf_cache}
+    return {
+        "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(rate),
+        "decode_tok_s_all": rate,
+        "cache": args.hf_cache,
+    }
 
 
 def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict | None:
@@ -209,12 +231,16 @@ def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict |
     try:
         import llama_cpp
     except ImportError:
-        print("infmllm-bench-decode: llama-cpp-python is not installed (make bench-decode installs it); "
-              "llama.cpp skipped", file=sys.stderr)
+        print(
+            "infmllm-bench-decode: llama-cpp-python is not installed (make bench-decode installs it); "
+            "llama.cpp skipped",
+            file=sys.stderr,
+        )
         return None
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(),
-                n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(smollm2_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(), n_batch=512, verbose=False
+    )
 
     def next_token() -> int:  # greedy over the last evaluated token's logits
         logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
@@ -233,8 +259,13 @@ def time_llama_cpp(args, prompt: torch.Tensor, question: torch.Tensor) -> dict |
             llm.eval([tok])
             tok = next_token()
         rate.append(args.decode / (time.perf_counter() - t0))
-    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(rate), "decode_tok_s_all": rate,
-            "version": llama_cpp.__version__, "weights": "Q4_1 (the GGUF as shipped)"}
+    return {
+        "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(rate),
+        "decode_tok_s_all": rate,
+        "version": llama_cpp.__version__,
+        "weights": "Q4_1 (the GGUF as shipped)",
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -247,17 +278,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode", type=int, default=64, help="tokens decoded per repeat")
     ap.add_argument("--frames", type=int, default=24, help="stored frames timed per precision (in a full cache)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats (medians reported)")
-    ap.add_argument("--precision", default="fp32,int8", help="comma list of our precisions (fp32, int8; a "
-                    "checkpoint also fp16, bf16)")
-    ap.add_argument("--backends", default=",".join(OUR_BACKENDS),
-                    help=f"comma list of our backends from {OUR_BACKENDS} (each with every precision)")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers from {PEERS} ('' for none; "
-                    "llama.cpp runs on the CPU only)")
-    ap.add_argument("--model", default=PRESET, help=f"{PRESET} (the GGUF preset) or a Hugging Face checkpoint "
-                    "folder of a supported VLM (random weights from infmllm-random-checkpoint time the same)")
+    ap.add_argument(
+        "--precision",
+        default="fp32,int8",
+        help="comma list of our precisions (fp32, int8; a checkpoint also fp16, bf16)",
+    )
+    ap.add_argument(
+        "--backends",
+        default=",".join(OUR_BACKENDS),
+        help=f"comma list of our backends from {OUR_BACKENDS} (each with every precision)",
+    )
+    ap.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"comma list of peers from {PEERS} ('' for none; llama.cpp runs on the CPU only)",
+    )
+    ap.add_argument(
+        "--model",
+        default=PRESET,
+        help=f"{PRESET} (the GGUF preset) or a Hugging Face checkpoint "
+        "folder of a supported VLM (random weights from infmllm-random-checkpoint time the same)",
+    )
     ap.add_argument("--device", default="cpu", help="torch device of ours and transformers (cpu, cuda, cuda:N)")
-    ap.add_argument("--hf-cache", choices=("dynamic", "static"), default=None,
-                    help="transformers' cache (default: dynamic on the CPU, static on CUDA)")
+    ap.add_argument(
+        "--hf-cache",
+        choices=("dynamic", "static"),
+        default=None,
+        help="transformers' cache (default: dynamic on the CPU, static on CUDA)",
+    )
     ap.add_argument("--json", required=True, help="results file (.json; a .md summary is written beside it)")
     args = ap.parse_args(argv)
     args.precision = [p for p in args.precision.split(",") if p]
@@ -269,11 +317,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model != PRESET and "llama.cpp" in args.peers:
         ap.error("--peers llama.cpp runs the preset's GGUF only; name the peers for a checkpoint")
     args.backends = [b for b in args.backends.split(",") if b]
-    bad = ([p for p in args.peers if p not in PEERS] + [p for p in args.precision if p not in PRECISIONS]
-           + [b for b in args.backends if b not in OUR_BACKENDS])
+    bad = (
+        [p for p in args.peers if p not in PEERS]
+        + [p for p in args.precision if p not in PRECISIONS]
+        + [b for b in args.backends if b not in OUR_BACKENDS]
+    )
     if bad or args.stream_tokens <= args.capacity or min(args.decode, args.repeats, args.frames) < 1:
-        ap.error(f"unknown peer/precision/backend {bad}" if bad else "need stream-tokens > capacity and decode, "
-                 "repeats, frames >= 1")
+        ap.error(
+            f"unknown peer/precision/backend {bad}"
+            if bad
+            else "need stream-tokens > capacity and decode, repeats, frames >= 1"
+        )
     return args
 
 
@@ -281,13 +335,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ..models import load_gguf
 
-    tokenizer = (load_gguf(smollm2_gguf_path())[1] if args.model == PRESET
-                 else ChatTokenizer.from_hf_dir(args.model))
+    tokenizer = load_gguf(smollm2_gguf_path())[1] if args.model == PRESET else ChatTokenizer.from_hf_dir(args.model)
     ids = text_ids(tokenizer, args.stream_tokens + args.question_tokens)
-    stream, question = ids[:args.stream_tokens], ids[args.stream_tokens:]
-    prompt = stream[-args.prompt_tokens:]
-    results = {"machine": machine(), "config": vars(args), "read_gb_s": read_rate_gb_s(args.device),
-               "ours": {}, "peers": {}}
+    stream, question = ids[: args.stream_tokens], ids[args.stream_tokens :]
+    prompt = stream[-args.prompt_tokens :]
+    results = {
+        "machine": machine(),
+        "config": vars(args),
+        "read_gb_s": read_rate_gb_s(args.device),
+        "ours": {},
+        "peers": {},
+    }
     for b in args.backends:
         for p in args.precision:
             key = p if b == "torch" else f"{p} {b}"
@@ -303,24 +361,63 @@ def main(argv=None) -> int:
         r = time_llama_cpp(args, prompt, question)
         if r is not None:
             results["peers"]["llama.cpp"] = r
-    results["ratios"] = {f"{p}/{peer}": {"decode": o["decode_tok_s"] / r["decode_tok_s"], "ttft": o["ttft_s"] / r["ttft_s"]}
-                         for p, o in results["ours"].items() for peer, r in results["peers"].items()}
-    rows = [[f"ours {p}", f"inf_mllm {args.capacity} slots, full, slack {args.slack}", o["decode_tok_s"],
-             o["token_bytes"] / 1e6, o["roofline_fraction"], o["ttft_s"], o.get("stored_frame_ms_median"),
-             o.get("stored_frame_ms_p95")] for p, o in results["ours"].items()]
-    rows += [[peer, f"full cache ({r.get('cache', 'llama.cpp')}), {args.prompt_tokens}-token prompt",
-              r["decode_tok_s"], None, None, r["ttft_s"], None, None] for peer, r in results["peers"].items()]
+    results["ratios"] = {
+        f"{p}/{peer}": {"decode": o["decode_tok_s"] / r["decode_tok_s"], "ttft": o["ttft_s"] / r["ttft_s"]}
+        for p, o in results["ours"].items()
+        for peer, r in results["peers"].items()
+    }
+    rows = [
+        [
+            f"ours {p}",
+            f"inf_mllm {args.capacity} slots, full, slack {args.slack}",
+            o["decode_tok_s"],
+            o["token_bytes"] / 1e6,
+            o["roofline_fraction"],
+            o["ttft_s"],
+            o.get("stored_frame_ms_median"),
+            o.get("stored_frame_ms_p95"),
+        ]
+        for p, o in results["ours"].items()
+    ]
+    rows += [
+        [
+            peer,
+            f"full cache ({r.get('cache', 'llama.cpp')}), {args.prompt_tokens}-token prompt",
+            r["decode_tok_s"],
+            None,
+            None,
+            r["ttft_s"],
+            None,
+            None,
+        ]
+        for peer, r in results["peers"].items()
+    ]
     ratio_rows = [[k, v["decode"], v["ttft"]] for k, v in results["ratios"].items()]
-    md = (f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
-          f"{'SmolLM2-135M-Instruct' if args.model == PRESET else args.model}, {args.question_tokens}-token "
-          f"question then {args.decode} greedy tokens, "
-          f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
-          f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
-          f"{args.device} read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode "
-          f"{' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n"
-          + markdown_table(["runtime", "cache", "decode tok/s", "MB read / token", "of read roofline", "TTFT s",
-                            "stored frame ms", "p95"], rows)
-          + "\n\n" + markdown_table(["ours / peer", "decode speed ratio", "TTFT ratio"], ratio_rows) + "\n")
+    md = (
+        f"# Decode, TTFT and stored frames: ours vs transformers and llama.cpp\n\n{describe(results['machine'])} "
+        f"{'SmolLM2-135M-Instruct' if args.model == PRESET else args.model}, {args.question_tokens}-token "
+        f"question then {args.decode} greedy tokens, "
+        f"medians of {args.repeats}; stored frames: {args.frames} frames with vision tokens into a cache that "
+        f"is already full (some of them evict). Read roofline: a token's weights and K/V bytes at the "
+        f"{args.device} read rate ({results['read_gb_s']:.1f} GB/s). Command: `infmllm-bench-decode "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`.\n\n"
+        + markdown_table(
+            [
+                "runtime",
+                "cache",
+                "decode tok/s",
+                "MB read / token",
+                "of read roofline",
+                "TTFT s",
+                "stored frame ms",
+                "p95",
+            ],
+            rows,
+        )
+        + "\n\n"
+        + markdown_table(["ours / peer", "decode speed ratio", "TTFT ratio"], ratio_rows)
+        + "\n"
+    )
     write_report(args.json, results, md)
     return 0
 

@@ -6,12 +6,13 @@ the clip as needed; an event replaces the sampled frame at its time. Events defa
 bundled in scikit-image's wheel; ``events_from_dir`` reads images named by label
 (``cat.jpg``, ``fire_truck.png``) with OpenCV.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,14 +45,21 @@ class Event:
         a 1-minute dashcam drive; the other phrasing named the cat)."""
         return f"Was there {with_article(self.label.replace('_', ' '))}? At what time?"
 
+
 #: Objects never shown in a drive, asked about to check that the answer is a clear no.
 ABSENT_OBJECTS = ("giraffe", "horse", "umbrella", "pizza", "bicycle", "dog")
 
 
 #: For each bundled event, an object like it that no drive shows: asked about to check that a
 #: near miss is a clear no ("No; the closest I saw was a domestic cat at t=60 s.").
-NEAR_MISS_OBJECTS = {"cat": "dog", "coffee": "teapot", "rocket": "airplane", "motorcycle": "tractor",
-                     "astronaut": "scuba diver", "camera": "telescope"}
+NEAR_MISS_OBJECTS = {
+    "cat": "dog",
+    "coffee": "teapot",
+    "rocket": "airplane",
+    "motorcycle": "tractor",
+    "astronaut": "scuba diver",
+    "camera": "telescope",
+}
 
 
 def absent_question(label: str) -> str:
@@ -63,9 +71,14 @@ def bundled_events() -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     """Real photos from scikit-image: label -> (uint8 RGB image, accepted words)."""
     from skimage import data
 
-    images = {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
-              "motorcycle": data.stereo_motorcycle()[0], "astronaut": data.astronaut(),
-              "camera": np.repeat(data.camera()[..., None], 3, axis=2)}
+    images = {
+        "cat": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "motorcycle": data.stereo_motorcycle()[0],
+        "astronaut": data.astronaut(),
+        "camera": np.repeat(data.camera()[..., None], 3, axis=2),
+    }
     return {k: (np.ascontiguousarray(v[..., :3]), BUNDLED_EVENT_WORDS[k]) for k, v in images.items()}
 
 
@@ -202,15 +215,19 @@ class Drive:
                     raise ValueError(f"event {label!r} has no image (known: {', '.join(sorted(self.events))})")
                 if not 0 <= t < self.minutes * 60:
                     raise ValueError(f"event {label!r} at {t} s is outside the {self.minutes}-minute drive")
-            self.schedule = sorted((Event(label, round(t * self.fps) / self.fps, self.events[label][1])
-                                    for label, t in self.at.items()), key=lambda e: e.time_s)
+            self.schedule = sorted(
+                (Event(label, round(t * self.fps) / self.fps, self.events[label][1]) for label, t in self.at.items()),
+                key=lambda e: e.time_s,
+            )
             return
         stride = max(1, int(20 * self.fps))  # frames between candidate event times (>= 20 s)
         candidates = int(self.n_frames * 0.9) // stride - 1  # slot 0 (the first frame) is not one
         unknown = [label for label in self.again if label not in self.events]
         if unknown or len(set(self.again)) != len(self.again):
-            raise ValueError(f"events shown again must be distinct events (known: {', '.join(sorted(self.events))}), "
-                             f"got {list(self.again)}")
+            raise ValueError(
+                f"events shown again must be distinct events (known: {', '.join(sorted(self.events))}), "
+                f"got {list(self.again)}"
+            )
         shown = len(self.events) + len(self.again)
         if shown > candidates:
             raise ValueError(f"{shown} events do not fit in a {self.minutes}-minute drive")
@@ -221,8 +238,10 @@ class Drive:
             free = np.setdiff1d(np.arange(1, candidates + 1), slots)
             later = rng.choice(free, len(self.again), replace=False)
             slots, order = np.concatenate([slots, later]), np.concatenate([order, list(self.again)])
-        self.schedule = sorted((Event(str(label), float(s * stride / self.fps), self.events[label][1])
-                                for s, label in zip(slots, order)), key=lambda e: e.time_s)
+        self.schedule = sorted(
+            (Event(str(label), float(s * stride / self.fps), self.events[label][1]) for s, label in zip(slots, order)),
+            key=lambda e: e.time_s,
+        )
 
     @property
     def n_frames(self) -> int:
@@ -239,9 +258,15 @@ class Drive:
 
     def manifest(self) -> dict:
         """Events with times, words and questions (JSON-ready)."""
-        return {"minutes": self.minutes, "fps": self.fps, "seed": self.seed,
-                "events": [{"label": e.label, "time_s": e.time_s, "words": list(e.words),
-                            "question": e.question} for e in self.schedule]}
+        return {
+            "minutes": self.minutes,
+            "fps": self.fps,
+            "seed": self.seed,
+            "events": [
+                {"label": e.label, "time_s": e.time_s, "words": list(e.words), "question": e.question}
+                for e in self.schedule
+            ],
+        }
 
 
 class OdometryTrack:
@@ -271,8 +296,11 @@ class OdometryTrack:
 
     def at(self, t: float) -> tuple[float, float, float]:
         """``(x, y, yaw)`` (metres, radians) at ``t`` seconds (linear between samples)."""
-        return (float(np.interp(t, self.t, self.x)), float(np.interp(t, self.t, self.y)),
-                float(np.interp(t, self.t, self.yaw)))
+        return (
+            float(np.interp(t, self.t, self.x)),
+            float(np.interp(t, self.t, self.y)),
+            float(np.interp(t, self.t, self.yaw)),
+        )
 
     def samples(self):
         """``(t, x, y, yaw)`` of every odometry message."""
@@ -307,8 +335,14 @@ def score_answer(answer: str, event: Event, tolerance_s: float = 10.0, seen_at_s
     errors = [abs(t - event.time_s) for t in answer_times(text)]
     timed = any(e <= tolerance_s for e in errors)
     recalled = seen_at_s is not None and abs(seen_at_s - event.time_s) <= tolerance_s
-    return {"named": named, "timed": timed, "time_error_s": min(errors) if errors else None, "recalled": recalled,
-            "correct": named and timed, "degenerate": repeats_ngram(answer)}
+    return {
+        "named": named,
+        "timed": timed,
+        "time_error_s": min(errors) if errors else None,
+        "recalled": recalled,
+        "correct": named and timed,
+        "degenerate": repeats_ngram(answer),
+    }
 
 
 def score_times(answer: str, times_s: list[float], tolerance_s: float = 10.0) -> dict:
@@ -345,7 +379,7 @@ def repeats_ngram(text: str, n: int = 4) -> bool:
     """Whether ``text`` holds the same ``n`` consecutive words twice (case and punctuation
     ignored): the mark of a looping answer."""
     words = re.findall(r"[a-z0-9']+", text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) < len(grams)
 
 
@@ -353,6 +387,9 @@ def names_unshown(answer: str, vocabulary: dict[str, tuple[str, ...]], shown: se
     """Whether ``answer`` names an object class of ``vocabulary`` (label -> words) that is not in
     ``shown`` (the drive's event labels) and does not deny it: a hallucination."""
     text = answer.lower()
-    named = any(any(re.search(rf"\b{re.escape(w)}", text) for w in words)
-                for label, words in vocabulary.items() if label not in shown)
+    named = any(
+        any(re.search(rf"\b{re.escape(w)}", text) for w in words)
+        for label, words in vocabulary.items()
+        if label not in shown
+    )
     return named and not is_clear_no(answer)

@@ -14,7 +14,8 @@ working tree, without a virtual environment, and writes everything under one fol
    each decoded token, max |diff|.
 3. ``stream_<shape>_h100.json/.md``: :mod:`.stream` at the Qwen2.5-VL-3B shape (4K / 16K / 32K
    slots) and the SmolVLM2-2.2B shape (4K / 8K / 15K: its trained context is 16K), fp16, random
-   weights, backends torch and compiled against transformers in the same run: ms per stored frame (vision, prefill, eviction), TTFT, decode tok/s, GPU memory;
+   weights, backends torch and compiled against transformers in the same run: ms per stored frame
+   (vision, prefill, eviction), TTFT, decode tok/s, GPU memory;
    plus the fraction of the HBM read roofline (bytes a decoded token reads: the decoder's weights
    and the full KV buffer, over the measured copy rate).
 4. ``gpu_check_h100.json``'s ``hour``: a time-compressed hour, 3600 frames at the 3B shape through
@@ -25,6 +26,7 @@ working tree, without a virtual environment, and writes everything under one fol
 rot): every step executes, no figure means anything. Each step is bounded (``--budget-s``, total
 seconds); a step that fails is recorded in ``summary.json`` and the next one runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +47,29 @@ from .decode import read_rate_gb_s, token_bytes
 
 #: What each run checks: the stream step's (shape, slot sizes), the shapes of the parity and hour
 #: steps, the hour's frames and cache, the frames timed per slot size, device and precision.
-REAL = {"stream": [("qwen2.5-vl-3b", [4096, 16384, 32768]),
-                   ("smolvlm2-2.2b", [4096, 8192, 15360])],  # its trained context is 16K tokens
-        "parity_shape": "qwen2.5-vl-3b", "hour_shape": "qwen2.5-vl-3b", "hour_frames": 3600, "hour_slots": 16384,
-        "frames": 4, "device": "cuda", "precision": "fp16"}
-DRY = {"stream": [("qwen2.5-vl-tiny", [512]), ("smolvlm2-tiny", [512])], "parity_shape": "qwen2.5-vl-tiny",
-       "hour_shape": "qwen2.5-vl-tiny", "hour_frames": 60, "hour_slots": 512, "frames": 1, "device": "cpu",
-       "precision": "fp32"}
+REAL = {
+    "stream": [
+        ("qwen2.5-vl-3b", [4096, 16384, 32768]),
+        ("smolvlm2-2.2b", [4096, 8192, 15360]),
+    ],  # its trained context is 16K tokens
+    "parity_shape": "qwen2.5-vl-3b",
+    "hour_shape": "qwen2.5-vl-3b",
+    "hour_frames": 3600,
+    "hour_slots": 16384,
+    "frames": 4,
+    "device": "cuda",
+    "precision": "fp16",
+}
+DRY = {
+    "stream": [("qwen2.5-vl-tiny", [512]), ("smolvlm2-tiny", [512])],
+    "parity_shape": "qwen2.5-vl-tiny",
+    "hour_shape": "qwen2.5-vl-tiny",
+    "hour_frames": 60,
+    "hour_slots": 512,
+    "frames": 1,
+    "device": "cpu",
+    "precision": "fp32",
+}
 NEEDED = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "cv2", "onnxruntime")
 CUDA_TESTS = ("test/test_cuda_parity.py", "test/test_cuda_compile.py", "test/test_compiled_backend.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +88,21 @@ def preflight(dry: bool) -> dict:
 def cuda_tests(out: Path, collect_only: bool = False) -> dict:
     """pytest over :data:`CUDA_TESTS`, its output in the log; ``collect_only`` (the dry run: on
     the CPU they skip, and ``make test`` runs them already) only collects them."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *(["--collect-only"] if collect_only else []), *CUDA_TESTS],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(["--collect-only"] if collect_only else []),
+            *CUDA_TESTS,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
     return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
 
@@ -87,8 +117,9 @@ def compiled_parity(model, device: torch.device, tokens: int = 24) -> dict:
     sessions = []
     for name in ("torch", "compiled"):
         backend = make_backend(name, model.decoder, progress=lambda line: print(line, file=sys.stderr))
-        s = StreamSession(model, capacity=1024, recent=256, novelty_threshold=0.0, familiar_interval_s=0.0,
-                          backend=backend)
+        s = StreamSession(
+            model, capacity=1024, recent=256, novelty_threshold=0.0, familiar_interval_s=0.0, backend=backend
+        )
         for i in range(4):
             s.ingest_frame(test_frame(i), float(i))
         sessions.append(s)
@@ -100,10 +131,15 @@ def compiled_parity(model, device: torch.device, tokens: int = 24) -> dict:
             worst = max(worst, float((logits[0] - logits[1]).abs().max()))
             ids = [int(x.argmax()) for x in logits]
             same &= ids[0] == ids[1]
-            logits = [s.backend.run_chunk(s.backend.embed(torch.tensor([ids[0]], device=device)), s.cache)
-                      for s in sessions]
-    return {"max_abs_logit_diff": worst, "greedy_tokens_identical": same, "tokens": tokens,
-            "backend_step": type(sessions[1].backend).__name__}
+            logits = [
+                s.backend.run_chunk(s.backend.embed(torch.tensor([ids[0]], device=device)), s.cache) for s in sessions
+            ]
+    return {
+        "max_abs_logit_diff": worst,
+        "greedy_tokens_identical": same,
+        "tokens": tokens,
+        "backend_step": type(sessions[1].backend).__name__,
+    }
 
 
 def add_roofline(data: dict, model, read_gb_s: float) -> None:
@@ -134,12 +170,15 @@ def hour(model, frames: int, slots: int, device: torch.device) -> dict:
         ms.append((time.perf_counter() - t0) * 1e3)
         mem.append(torch.cuda.memory_allocated() if device.type == "cuda" else 0)
     tenth = max(1, frames // 10)
-    parts = [(statistics.median(ms[i:i + tenth]), max(mem[i:i + tenth])) for i in range(0, frames, tenth)]
+    parts = [(statistics.median(ms[i : i + tenth]), max(mem[i : i + tenth])) for i in range(0, frames, tenth)]
     parts = parts[1:] or parts  # the first tenth warms up
-    return {"frames": frames, "tenths": [{"frame_ms": p[0], "memory_bytes": p[1]} for p in parts],
-            "time_spread": max(p[0] for p in parts) / min(p[0] for p in parts),
-            "memory_spread": (max(p[1] for p in parts) / min(p[1] for p in parts)) if parts[0][1] else 1.0,
-            "evicted_tokens": s.cache.evicted_tokens}
+    return {
+        "frames": frames,
+        "tenths": [{"frame_ms": p[0], "memory_bytes": p[1]} for p in parts],
+        "time_spread": max(p[0] for p in parts) / min(p[0] for p in parts),
+        "memory_spread": (max(p[1] for p in parts) / min(p[1] for p in parts)) if parts[0][1] else 1.0,
+        "evicted_tokens": s.cache.evicted_tokens,
+    }
 
 
 def main(argv=None) -> int:
@@ -195,22 +234,45 @@ def main(argv=None) -> int:
     read_gb_s = read_rate_gb_s(plan["device"], mib=1024 if device.type == "cuda" else 64)
     summary["read_gb_s"] = read_gb_s
     for shape, slots in plan["stream"]:
+
         def run_stream(shape=shape, slots=slots):
             path, model = model_of(shape)
             json_path = out / f"stream_{shape.replace('.', '_').replace('-', '_')}_{suffix}.json"
-            rc = stream.main(["--model", str(path), "--slots", *map(str, slots), "--frames", str(plan["frames"]),
-                              "--new-tokens", "32", "--device", plan["device"], "--precision", plan["precision"],
-                              "--backends", "torch", "compiled", "--json", str(json_path)])
+            rc = stream.main(
+                [
+                    "--model",
+                    str(path),
+                    "--slots",
+                    *map(str, slots),
+                    "--frames",
+                    str(plan["frames"]),
+                    "--new-tokens",
+                    "32",
+                    "--device",
+                    plan["device"],
+                    "--precision",
+                    plan["precision"],
+                    "--backends",
+                    "torch",
+                    "compiled",
+                    "--json",
+                    str(json_path),
+                ]
+            )
             data = json.loads(json_path.read_text())
             add_roofline(data, model, read_gb_s)
             json_path.write_text(json.dumps(data, indent=1))
             return {"returncode": rc, "file": json_path.name}
+
         step(f"stream {shape}", run_stream)
     step("hour", lambda: hour(model_of(plan["hour_shape"])[1], plan["hour_frames"], plan["hour_slots"], device))
     write_json(out / f"gpu_check_{suffix}.json", {**summary, "env": env})
     failed = [n for n, s in summary["steps"].items() if "error" in s]
-    print(f"gpu-check: {len(summary['steps']) - len(failed)} steps done, failed: {failed or 'none'} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"gpu-check: {len(summary['steps']) - len(failed)} steps done, failed: {failed or 'none'} "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

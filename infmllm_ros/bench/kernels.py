@@ -13,6 +13,7 @@ Usage (on a CUDA machine)::
 
     infmllm-bench-kernels --json bench/results/kernels_h100.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,9 @@ def copy_bytes_per_s(nbytes: int, device: torch.device) -> float:
     return 2 * nbytes / cuda_seconds(lambda: dst.copy_(src))
 
 
-def step_bytes(layers: int, kv_heads: int, head_dim: int, elem: int, length: int, budget: int,
-               queries: int) -> dict[str, int]:
+def step_bytes(
+    layers: int, kv_heads: int, head_dim: int, elem: int, length: int, budget: int, queries: int
+) -> dict[str, int]:
     """Bytes each kernel must move at least (reads + writes), per eviction step.
 
     window: K read twice (two passes) + queries + carried scores read and written.
@@ -82,26 +84,36 @@ def step_bytes(layers: int, kv_heads: int, head_dim: int, elem: int, length: int
     window = 2 * rows * length * head_dim * elem + queries * head_dim * elem * layers + 2 * rows * length * 4
     select = rows * length * 4 + rows * budget * 8
     compact = 2 * 2 * rows * budget * head_dim * elem + rows * budget * (8 + 2 * META_BYTES)
-    return {"window_scores": window, "saddle_select": select, "kv_compact": compact,
-            "step": window + select + compact}
+    return {"window_scores": window, "saddle_select": select, "kv_compact": compact, "step": window + select + compact}
 
 
-def bench_case(model: str, capacity: int, window: int, dtype: torch.dtype, device: torch.device,
-               copy_bw: float, beta: float = 1e-2, decay: float = 0.9) -> dict:
+def bench_case(
+    model: str,
+    capacity: int,
+    window: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    copy_bw: float,
+    beta: float = 1e-2,
+    decay: float = 0.9,
+) -> dict:
     """Time one eviction step of ``window`` tokens into a full cache of ``capacity`` slots."""
     layers, q_heads, kv_heads, head_dim = SHAPES[model]
     slots = length = capacity + window
     q_start, sinks, recent = capacity, 4, capacity // 4
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(layers, q_heads, window, head_dim, generator=g, device=device).to(dtype)
     k = torch.randn(layers, kv_heads, slots, head_dim, generator=g, device=device).to(dtype)
     v = torch.randn_like(k)
     scores = torch.rand(layers, kv_heads, slots, generator=g, device=device)
-    meta = (torch.arange(slots, device=device).repeat(layers, kv_heads, 1),
-            torch.zeros(layers, kv_heads, slots, dtype=torch.int8, device=device),
-            torch.zeros(layers, kv_heads, slots, dtype=torch.int32, device=device),
-            torch.zeros(layers, kv_heads, slots, dtype=torch.float64, device=device), scores)
+    meta = (
+        torch.arange(slots, device=device).repeat(layers, kv_heads, 1),
+        torch.zeros(layers, kv_heads, slots, dtype=torch.int8, device=device),
+        torch.zeros(layers, kv_heads, slots, dtype=torch.int32, device=device),
+        torch.zeros(layers, kv_heads, slots, dtype=torch.float64, device=device),
+        scores,
+    )
     rope = Rope(head_dim, 1e5)
     keep = reference.saddle_select(scores, sinks, recent, capacity)
 
@@ -115,10 +127,14 @@ def bench_case(model: str, capacity: int, window: int, dtype: torch.dtype, devic
 
     ops = {
         "window_scores": (ref_window, ours_window),
-        "saddle_select": (lambda: reference.saddle_select(scores, sinks, recent, capacity),
-                          lambda: kernels.saddle_select(scores, length, sinks, recent, capacity)),
-        "kv_compact": (lambda: reference.kv_compact(k, v, keep, rope, meta),
-                       lambda: kernels.kv_compact(k, v, keep, rope, meta)),
+        "saddle_select": (
+            lambda: reference.saddle_select(scores, sinks, recent, capacity),
+            lambda: kernels.saddle_select(scores, length, sinks, recent, capacity),
+        ),
+        "kv_compact": (
+            lambda: reference.kv_compact(k, v, keep, rope, meta),
+            lambda: kernels.kv_compact(k, v, keep, rope, meta),
+        ),
     }
 
     def ref_step():
@@ -130,15 +146,28 @@ def bench_case(model: str, capacity: int, window: int, dtype: torch.dtype, devic
         kernels.kv_compact(k, v, kernels.saddle_select(scores, length, sinks, recent, capacity), rope, meta)
 
     ops["step"] = (ref_step, ours_step)
-    nbytes = step_bytes(layers, kv_heads, head_dim, k.element_size(), length, capacity,
-                        q_heads * window)
-    out = {"model": model, "capacity": capacity, "window": window, "dtype": str(dtype).replace("torch.", ""),
-           "layers": layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    nbytes = step_bytes(layers, kv_heads, head_dim, k.element_size(), length, capacity, q_heads * window)
+    out = {
+        "model": model,
+        "capacity": capacity,
+        "window": window,
+        "dtype": str(dtype).replace("torch.", ""),
+        "layers": layers,
+        "q_heads": q_heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+    }
     for name, (ref_fn, our_fn) in ops.items():
         t_ref, t_call, t_gpu = cuda_seconds(ref_fn), cuda_seconds(our_fn), graph_seconds(our_fn)
-        out[name] = {"torch_ms": t_ref * 1e3, "kernel_call_ms": t_call * 1e3, "kernel_gpu_ms": t_gpu * 1e3,
-                     "speedup": t_ref / t_call, "bytes": nbytes[name], "kernel_gb_s": nbytes[name] / t_gpu / 1e9,
-                     "orin_estimate_ms": nbytes[name] / ORIN_BYTES_PER_S * 1e3}
+        out[name] = {
+            "torch_ms": t_ref * 1e3,
+            "kernel_call_ms": t_call * 1e3,
+            "kernel_gpu_ms": t_gpu * 1e3,
+            "speedup": t_ref / t_call,
+            "bytes": nbytes[name],
+            "kernel_gb_s": nbytes[name] / t_gpu / 1e9,
+            "orin_estimate_ms": nbytes[name] / ORIN_BYTES_PER_S * 1e3,
+        }
     out["kv_compact"]["fraction_of_copy"] = out["kv_compact"]["kernel_gb_s"] * 1e9 / copy_bw
     return out
 
@@ -146,27 +175,45 @@ def bench_case(model: str, capacity: int, window: int, dtype: torch.dtype, devic
 def report(results: dict) -> str:
     """Markdown summary of a :func:`main` run."""
     m = results["machine"]
-    lines = [f"# CUDA KV-cache kernels vs the torch reference ({m['gpu']})", "",
-             f"torch {m['torch']}, {results['loader']}; device-to-device copy "
-             f"{results['copy_gb_s']:.0f} GB/s (read + write). One eviction step of W={results['window']} "
-             "new tokens into a full cache, fp16 K/V, sinks 4, recent capacity/4, beta 1e-2, decay 0.9. "
-             "Times: median of 20 CUDA-event intervals. *torch* and *call* time a Python call of the "
-             "torch reference and of our kernels (launch overhead included, as the cache sees it); "
-             "*speedup* = torch / call. *GPU* times our kernels replayed from a CUDA graph (no host "
-             "overhead); GB/s = bytes the op must move / GPU time. Orin: bytes / 204.8 GB/s, a "
-             "memory-bound estimate (no Jetson was used).", ""]
+    lines = [
+        f"# CUDA KV-cache kernels vs the torch reference ({m['gpu']})",
+        "",
+        f"torch {m['torch']}, {results['loader']}; device-to-device copy "
+        f"{results['copy_gb_s']:.0f} GB/s (read + write). One eviction step of W={results['window']} "
+        "new tokens into a full cache, fp16 K/V, sinks 4, recent capacity/4, beta 1e-2, decay 0.9. "
+        "Times: median of 20 CUDA-event intervals. *torch* and *call* time a Python call of the "
+        "torch reference and of our kernels (launch overhead included, as the cache sees it); "
+        "*speedup* = torch / call. *GPU* times our kernels replayed from a CUDA graph (no host "
+        "overhead); GB/s = bytes the op must move / GPU time. Orin: bytes / 204.8 GB/s, a "
+        "memory-bound estimate (no Jetson was used).",
+        "",
+    ]
     header = ["model", "capacity", "op", "torch ms", "call ms", "speedup", "GPU ms", "GB/s", "Orin est. ms"]
     rows = []
     for r in results["cases"]:
         for op in ("window_scores", "saddle_select", "kv_compact", "step"):
             x = r[op]
-            rows.append([r["model"], r["capacity"], op, x["torch_ms"], x["kernel_call_ms"], x["speedup"],
-                         x["kernel_gpu_ms"], x["kernel_gb_s"], x["orin_estimate_ms"]])
+            rows.append(
+                [
+                    r["model"],
+                    r["capacity"],
+                    op,
+                    x["torch_ms"],
+                    x["kernel_call_ms"],
+                    x["speedup"],
+                    x["kernel_gpu_ms"],
+                    x["kernel_gb_s"],
+                    x["orin_estimate_ms"],
+                ]
+            )
     lines.append(markdown_table(header, rows))
     lines += ["", "kv_compact effective bandwidth (GPU time) as a fraction of the measured copy:", ""]
-    lines.append(markdown_table(["model", "capacity", "fraction of copy"],
-                                [[r["model"], r["capacity"], r["kv_compact"]["fraction_of_copy"]]
-                                 for r in results["cases"]]))
+    lines.append(
+        markdown_table(
+            ["model", "capacity", "fraction of copy"],
+            [[r["model"], r["capacity"], r["kv_compact"]["fraction_of_copy"]] for r in results["cases"]],
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -186,15 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown model shape(s) {unknown}; choose from {sorted(SHAPES)}")
     copy_bw = copy_bytes_per_s(256 * 2**20, device)
-    results = {"machine": machine(), "loader": kernels.loader(), "copy_gb_s": copy_bw / 1e9,
-               "window": args.window, "cases": []}
+    results = {
+        "machine": machine(),
+        "loader": kernels.loader(),
+        "copy_gb_s": copy_bw / 1e9,
+        "window": args.window,
+        "cases": [],
+    }
     for model in models:
         for capacity in (int(c) for c in args.capacities.split(",")):
             case = bench_case(model, capacity, args.window, torch.float16, device, copy_bw)
             results["cases"].append(case)
-            print(f"{model} capacity {capacity}: step {case['step']['kernel_call_ms']:.3f} ms vs torch "
-                  f"{case['step']['torch_ms']:.3f} ms ({case['step']['speedup']:.1f}x); kv_compact "
-                  f"{case['kv_compact']['fraction_of_copy']:.0%} of copy", flush=True)
+            print(
+                f"{model} capacity {capacity}: step {case['step']['kernel_call_ms']:.3f} ms vs torch "
+                f"{case['step']['torch_ms']:.3f} ms ({case['step']['speedup']:.1f}x); kv_compact "
+                f"{case['kv_compact']['fraction_of_copy']:.0%} of copy",
+                flush=True,
+            )
     write_report(args.json, results, report(results))
     return 0
 

@@ -18,6 +18,7 @@ process with the default (reliable) publisher QoS camera drivers use. It measure
 Writes JSON and a markdown table (machine, date, command). Results: bench/results/README.md,
 "Limits as shipped".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def shipped_parameters(path: Path = ROOT / "config" / "desktop.yaml") -> dict:
     from ..ros.params import flatten_parameters
 
     params = flatten_parameters(yaml.safe_load(path.read_text()))
-    params.update({"camera_topics": [FRONT, REAR], "camera_transports": ["compressed", "raw"],
-                   "camera_names": ["front", "rear"], "diagnostics_period_s": 0.5})
+    params.update(
+        {
+            "camera_topics": [FRONT, REAR],
+            "camera_transports": ["compressed", "raw"],
+            "camera_names": ["front", "rear"],
+            "diagnostics_period_s": 0.5,
+        }
+    )
     return params
 
 
@@ -82,9 +89,12 @@ def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
     else:
         for line in sys.stdin:
             i = int(line)
-            w, h, enc, c = ((3840, 2160, ("rgb8", "bgra8")[i % 2], 3 + i % 2) if frames == "4k"
-                            else (8000, 8000, "rgb8", 3))
-            msg = Image(height=h, width=w, encoding=enc, step=w * c, data=np.full(w * h * c, i % 251, np.uint8).tobytes())
+            w, h, enc, c = (
+                (3840, 2160, ("rgb8", "bgra8")[i % 2], 3 + i % 2) if frames == "4k" else (8000, 8000, "rgb8", 3)
+            )
+            msg = Image(
+                height=h, width=w, encoding=enc, step=w * c, data=np.full(w * h * c, i % 251, np.uint8).tobytes()
+            )
             msg.header.stamp = Time(sec=first_stamp(frames) + 10 * i)
             pub.publish(msg)
             sent += 1
@@ -103,8 +113,13 @@ def first_stamp(kind: str) -> int:
 
 def start_publisher(env: dict, frames: str, hz: float = 0.0, seconds: float = 0.0) -> subprocess.Popen:
     """:func:`publish` in its own process (its own GIL, as a camera driver is)."""
-    return subprocess.Popen([sys.executable, "-m", "infmllm_ros.bench.limits", "--publish", frames, str(hz),
-                             str(seconds)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "infmllm_ros.bench.limits", "--publish", frames, str(hz), str(seconds)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def memory_kib(pid: int) -> dict:
@@ -236,11 +251,19 @@ def flood(env: dict, front: Front, pid: int, hz: float, seconds: float) -> dict:
         return int(status1.get(key, 0)) - int(status0.get(key, 0))
 
     rear_not_ingested = delta("camera_rear_read") + delta("camera_rear_unread")
-    return {"flood_hz": hz, "flood_s": seconds, "rear_sent": sent, "rear_read": delta("camera_rear_read"),
-            "rear_unread": delta("camera_rear_unread"), "front_sent": len(outcomes),
-            "front_ingested": outcomes.count("ingested"), "front_outcomes": outcomes,
-            "latencies_s": latencies, "node_cpu_cores": (cpu1 - cpu0) / (t1 - t0),
-            "node_cpu_us_per_rear_frame": 1e6 * (cpu1 - cpu0) / max(1, rear_not_ingested)}
+    return {
+        "flood_hz": hz,
+        "flood_s": seconds,
+        "rear_sent": sent,
+        "rear_read": delta("camera_rear_read"),
+        "rear_unread": delta("camera_rear_unread"),
+        "front_sent": len(outcomes),
+        "front_ingested": outcomes.count("ingested"),
+        "front_outcomes": outcomes,
+        "latencies_s": latencies,
+        "node_cpu_cores": (cpu1 - cpu0) / (t1 - t0),
+        "node_cpu_us_per_rear_frame": 1e6 * (cpu1 - cpu0) / max(1, rear_not_ingested),
+    }
 
 
 @contextmanager
@@ -281,38 +304,63 @@ def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int) -> dict:
         flooded = flood(env, front, pid, flood_hz, flood_s)
         print(f"flood: {flooded}", flush=True)
     done = [x for x in flooded["latencies_s"] if x is not None]
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": "infmllm-bench-limits " + " ".join(sys.argv[1:]),
-              "config": "config/desktop.yaml as shipped; config/fastdds_loopback.xml",
-              "raw_4k": {"sent": frames_4k, "ingested": outcomes_4k.count("ingested"), "outcomes": outcomes_4k},
-              "oversized": {"pixels": 8000 * 8000, "bytes": 8000 * 8000 * 3, "outcome": oversized,
-                            "memory_before_kib": before, "memory_after_kib": after},
-              "idle_latency_s": idle, "flood": flooded,
-              "latency_ratio_median": statistics.median(done) / statistics.median(idle) if done else None,
-              "latency_ratio_max": max(done) / statistics.median(idle) if done else None}
-    rows = [["raw 4K frames (rgb8, bgra8) ingested", f"{result['raw_4k']['ingested']} / {frames_4k}"],
-            ["183 MiB raw frame", f"{oversized}; private RSS {(after['RssAnon'] - before['RssAnon']) / 1024:+.0f} MiB, "
-                                  f"shared-memory RSS {(after['RssShmem'] - before['RssShmem']) / 1024:+.0f} MiB, "
-                                  f"peak RSS {after['VmHWM'] / 1024:.0f} MiB"],
-            ["answer latency idle (median)", f"{statistics.median(idle):.2f} s"],
-            [f"answer latency, rear at {flood_hz:.0f} Hz (median / max)",
-             f"{statistics.median(done):.2f} / {max(done):.2f} s ({len(done)} of {len(flooded['latencies_s'])})"
-             if done else "none answered"],
-            ["front frames ingested during the flood", f"{flooded['front_ingested']} / {flooded['front_sent']}"],
-            ["rear frames sent / read / replaced unread",
-             f"{flooded['rear_sent']} / {flooded['rear_read']} / {flooded['rear_unread']}"],
-            ["node CPU during the flood (all of it: front ingest and answers included)",
-             f"{flooded['node_cpu_cores']:.2f} cores, "
-             f"{flooded['node_cpu_us_per_rear_frame']:.0f} us per rear frame not ingested"]]
-    markdown = (f"# Limits as shipped\n\n{describe(result['machine'])} {result['date']}, `{result['command']}`.\n\n"
-                + markdown_table(["what", "measured"], rows))
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "infmllm-bench-limits " + " ".join(sys.argv[1:]),
+        "config": "config/desktop.yaml as shipped; config/fastdds_loopback.xml",
+        "raw_4k": {"sent": frames_4k, "ingested": outcomes_4k.count("ingested"), "outcomes": outcomes_4k},
+        "oversized": {
+            "pixels": 8000 * 8000,
+            "bytes": 8000 * 8000 * 3,
+            "outcome": oversized,
+            "memory_before_kib": before,
+            "memory_after_kib": after,
+        },
+        "idle_latency_s": idle,
+        "flood": flooded,
+        "latency_ratio_median": statistics.median(done) / statistics.median(idle) if done else None,
+        "latency_ratio_max": max(done) / statistics.median(idle) if done else None,
+    }
+    rows = [
+        ["raw 4K frames (rgb8, bgra8) ingested", f"{result['raw_4k']['ingested']} / {frames_4k}"],
+        [
+            "183 MiB raw frame",
+            f"{oversized}; private RSS {(after['RssAnon'] - before['RssAnon']) / 1024:+.0f} MiB, "
+            f"shared-memory RSS {(after['RssShmem'] - before['RssShmem']) / 1024:+.0f} MiB, "
+            f"peak RSS {after['VmHWM'] / 1024:.0f} MiB",
+        ],
+        ["answer latency idle (median)", f"{statistics.median(idle):.2f} s"],
+        [
+            f"answer latency, rear at {flood_hz:.0f} Hz (median / max)",
+            f"{statistics.median(done):.2f} / {max(done):.2f} s ({len(done)} of {len(flooded['latencies_s'])})"
+            if done
+            else "none answered",
+        ],
+        ["front frames ingested during the flood", f"{flooded['front_ingested']} / {flooded['front_sent']}"],
+        [
+            "rear frames sent / read / replaced unread",
+            f"{flooded['rear_sent']} / {flooded['rear_read']} / {flooded['rear_unread']}",
+        ],
+        [
+            "node CPU during the flood (all of it: front ingest and answers included)",
+            f"{flooded['node_cpu_cores']:.2f} cores, "
+            f"{flooded['node_cpu_us_per_rear_frame']:.0f} us per rear frame not ingested",
+        ],
+    ]
+    markdown = (
+        f"# Limits as shipped\n\n{describe(result['machine'])} {result['date']}, `{result['command']}`.\n\n"
+        + markdown_table(["what", "measured"], rows)
+    )
     write_report(out, result, markdown)
     return result
 
 
 def main(argv=None) -> int:
     """Console entry point (0: ran; the figures are in the report)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", default="bench/results/limits_cpu.json", help="result JSON (markdown beside it)")
     p.add_argument("--flood-hz", type=float, default=500.0, help="rear camera rate during the flood")
     p.add_argument("--flood-s", type=float, default=60.0, help="seconds of flood")

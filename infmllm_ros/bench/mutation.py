@@ -23,6 +23,7 @@ mutmut's verdict for every mutant (``mutmut results --all true``) and the diff o
 change something and run here (without those four kinds and ``cuda``), and over those without
 ``message`` too. Writes JSON and markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ EQUIVALENT_HERE = ("device", "dtype", "sort", "spelling")
 
 def _same_without(pattern: re.Pattern, removed: str, added: str) -> bool:
     """Whether the two lines differ and are equal once ``pattern``'s matches are removed."""
+
     def strip(line: str) -> str:
         return pattern.sub("", line).replace(", )", ")").replace("(, ", "(")
+
     return removed != added and strip(removed) == strip(added)
 
 
@@ -66,8 +69,9 @@ def survivor_kind(removed: str, added: str, before: str = "") -> str:
     floats = [[x.lower() for x in _FLOAT.findall(line)] for line in (removed, added)]
     if floats[0] != floats[1]:
         return "other"  # a number changed, not a message
-    if removed != added and _FLOAT.sub(lambda m: m.group(0).lower(), removed) == \
-            _FLOAT.sub(lambda m: m.group(0).lower(), added):
+    if removed != added and _FLOAT.sub(lambda m: m.group(0).lower(), removed) == _FLOAT.sub(
+        lambda m: m.group(0).lower(), added
+    ):
         return "spelling"
     if _STRING.sub('""', removed) == _STRING.sub('""', added):
         return "message"
@@ -75,8 +79,9 @@ def survivor_kind(removed: str, added: str, before: str = "") -> str:
 
 
 def _mutmut(*args: str) -> str:
-    return subprocess.run([str(Path(sys.executable).with_name("mutmut")), *args], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("mutmut")), *args], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def diff_lines(name: str) -> tuple[str, str, str]:
@@ -107,8 +112,9 @@ def main(argv=None) -> int:
     survivors = []
     for name in sorted(n for n, v in verdicts.items() if v == "survived"):
         removed, added, before = diff_lines(name)
-        survivors.append({"mutant": name, "kind": survivor_kind(removed, added, before), "removed": removed,
-                          "added": added})
+        survivors.append(
+            {"mutant": name, "kind": survivor_kind(removed, added, before), "removed": removed, "added": added}
+        )
     counts = Counter(verdicts.values())
     kinds = Counter(s["kind"] for s in survivors)
     scored = counts["killed"] + counts["timeout"] + counts["survived"] + counts["no tests"]
@@ -119,31 +125,56 @@ def main(argv=None) -> int:
     def rate(total: int) -> float | None:
         return killed / total if total > 0 else None
 
-    data = {"machine": machine(), "command": "make mutation && python -m infmllm_ros.bench.mutation",
-            "verdicts": dict(counts), "survivor_kinds": dict(kinds),
-            "kill_rate": rate(scored),
-            "kill_rate_non_equivalent": rate(reachable),
-            "kill_rate_non_equivalent_behaviour": rate(reachable - kinds["message"]),
-            "survivors": survivors,
-            "no_tests": sorted(n for n, v in verdicts.items() if v == "no tests")}
+    data = {
+        "machine": machine(),
+        "command": "make mutation && python -m infmllm_ros.bench.mutation",
+        "verdicts": dict(counts),
+        "survivor_kinds": dict(kinds),
+        "kill_rate": rate(scored),
+        "kill_rate_non_equivalent": rate(reachable),
+        "kill_rate_non_equivalent_behaviour": rate(reachable - kinds["message"]),
+        "survivors": survivors,
+        "no_tests": sorted(n for n, v in verdicts.items() if v == "no tests"),
+    }
     per_file = Counter((s["mutant"].split(".")[2], s["kind"]) for s in survivors)
     files = sorted({f for f, _ in per_file})
     kind_names = ("cuda", *EQUIVALENT_HERE, "message", "other")
-    md = ["# Mutation testing of infmllm_ros/kvcache", "",
-          f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
-          markdown_table(["kill rate over", "mutants", "rate"], [
-              ["all checked", scored, f"{data['kill_rate']:.3f}"],
-              ["observable and runnable here (without cuda, device, dtype, sort, spelling)", reachable,
-               f"{data['kill_rate_non_equivalent']:.3f}"],
-              ["the same without message-only", reachable - kinds["message"],
-               f"{data['kill_rate_non_equivalent_behaviour']:.3f}"]]),
-          "", "Survivor kinds: the module docstring of infmllm_ros/bench/mutation.py.", "",
-          markdown_table(["file", *kind_names],
-                         [[f] + [per_file[(f, k)] for k in kind_names] for f in files]),
-          "", "## Every survivor", "",
-          markdown_table(["kind", "mutant", "line", "mutated to"],
-                         [[s["kind"], s["mutant"].split(".", 2)[2], _cell(s["removed"]), _cell(s["added"])]
-                          for s in sorted(survivors, key=lambda s: (kind_names.index(s["kind"]), s["mutant"]))])]
+    md = [
+        "# Mutation testing of infmllm_ros/kvcache",
+        "",
+        f"{sum(counts.values())} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+        "",
+        markdown_table(
+            ["kill rate over", "mutants", "rate"],
+            [
+                ["all checked", scored, f"{data['kill_rate']:.3f}"],
+                [
+                    "observable and runnable here (without cuda, device, dtype, sort, spelling)",
+                    reachable,
+                    f"{data['kill_rate_non_equivalent']:.3f}",
+                ],
+                [
+                    "the same without message-only",
+                    reachable - kinds["message"],
+                    f"{data['kill_rate_non_equivalent_behaviour']:.3f}",
+                ],
+            ],
+        ),
+        "",
+        "Survivor kinds: the module docstring of infmllm_ros/bench/mutation.py.",
+        "",
+        markdown_table(["file", *kind_names], [[f] + [per_file[(f, k)] for k in kind_names] for f in files]),
+        "",
+        "## Every survivor",
+        "",
+        markdown_table(
+            ["kind", "mutant", "line", "mutated to"],
+            [
+                [s["kind"], s["mutant"].split(".", 2)[2], _cell(s["removed"]), _cell(s["added"])]
+                for s in sorted(survivors, key=lambda s: (kind_names.index(s["kind"]), s["mutant"]))
+            ],
+        ),
+    ]
     write_report(args.json, data, "\n".join(md) + "\n")
     return 0
 

@@ -10,6 +10,7 @@ Each (policy, capacity, beta) run is an independent job; ``--jobs N`` runs N at 
 on ``cores / N`` threads. Finished runs are saved as they complete and ``--resume`` skips
 runs already in the JSON, so a long sweep can be stopped and continued.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def stream_nll(decoder: Decoder, ids: torch.Tensor, cache, chunk: int,
-               progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stream_nll(
+    decoder: Decoder, ids: torch.Tensor, cache, chunk: int, progress: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood of every token after the first, streaming ``ids`` in chunks.
 
     Args:
@@ -73,12 +75,15 @@ def stream_nll(decoder: Decoder, ids: torch.Tensor, cache, chunk: int,
         t0 = time.perf_counter()
         logits = decoder.logits(decoder(decoder.embed(ids[s:e]), cache))
         lp = torch.log_softmax(logits, dim=-1)
-        nll[s:e] = -lp.gather(1, ids[s + 1:e + 1, None])[:, 0].double().cpu().numpy()  # waits for a GPU
+        nll[s:e] = -lp.gather(1, ids[s + 1 : e + 1, None])[:, 0].double().cpu().numpy()  # waits for a GPU
         times.append(time.perf_counter() - t0)
         if progress and (c + 1) % step == 0:
             ppl = math.exp(nll[:e].mean())
-            print(f"[{progress}] {e}/{n - 1} tokens, ppl so far {ppl:.2f}, "
-                  f"{np.mean(times[-step:]) * 1e3:.0f} ms/chunk", file=sys.stderr, flush=True)
+            print(
+                f"[{progress}] {e}/{n - 1} tokens, ppl so far {ppl:.2f}, {np.mean(times[-step:]) * 1e3:.0f} ms/chunk",
+                file=sys.stderr,
+                flush=True,
+            )
     return nll, np.asarray(times)
 
 
@@ -114,15 +119,20 @@ def _init_worker(model_path: str, threads: int, device: str, precision: str = "f
 
 def _run_job(job: dict, ids: torch.Tensor, chunk: int, buckets: int) -> dict:
     decoder = _WORKER["decoder"]
-    policy = make_policy(job["policy"], sinks=job["sinks"], recent=job["recent"], beta=job["beta"],
-                         decay=job["decay"])
+    policy = make_policy(job["policy"], sinks=job["sinks"], recent=job["recent"], beta=job["beta"], decay=job["decay"])
     cache = decoder.new_cache(job["capacity"], chunk, policy, slack=job.get("slack", 0))
     t0 = time.perf_counter()
     nll, times = stream_nll(decoder, ids.to(cache.k.device), cache, chunk, progress=job["key"])
     out = dict(job)
     out.update(summarise(nll, times, job["capacity"], chunk, buckets))
-    out.update({"seconds": time.perf_counter() - t0, "kv_bytes": cache.nbytes,
-                "evicted_tokens_per_row": cache.evicted_tokens, "threads": torch.get_num_threads()})
+    out.update(
+        {
+            "seconds": time.perf_counter() - t0,
+            "kv_bytes": cache.nbytes,
+            "evicted_tokens_per_row": cache.evicted_tokens,
+            "threads": torch.get_num_threads(),
+        }
+    )
     return out
 
 
@@ -135,15 +145,20 @@ def _run_all(jobs: list[dict], ids: torch.Tensor, args, model_path: Path, thread
             yield _run_job(job, ids, args.chunk, args.buckets)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(model_path), threads, args.device, args.precision)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=args.jobs,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(str(model_path), threads, args.device, args.precision),
+    ) as pool:
         futures = [pool.submit(_run_job, j, ids, args.chunk, args.buckets) for j in jobs]
         for fut in as_completed(futures):
             yield fut.result()
 
 
-def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[int], chunk: int,
-                           repeats: int = 3, device: str = "cpu") -> dict:
+def hf_full_cache_chunk_ms(
+    model_path: Path, ids: torch.Tensor, contexts: list[int], chunk: int, repeats: int = 3, device: str = "cpu"
+) -> dict:
     """Per-chunk time (ms) of transformers' LlamaForCausalLM with a growing full DynamicCache.
 
     The cache is prefilled to each context length in 512-token pieces, then a ``chunk``-token
@@ -153,8 +168,11 @@ def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[i
     """
     from transformers import DynamicCache, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
-                                             dtype=torch.float32).eval().to(device)
+    model = (
+        LlamaForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+        .eval()
+        .to(device)
+    )
     ids = ids.to(device)
     sync = synchronizer(ids.device)
     cache = DynamicCache()
@@ -163,18 +181,17 @@ def hf_full_cache_chunk_ms(model_path: Path, ids: torch.Tensor, contexts: list[i
         for ctx in sorted(contexts):
             while done < ctx:
                 step = min(512, ctx - done)
-                model(ids[None, done:done + step], past_key_values=cache, use_cache=True)
+                model(ids[None, done : done + step], past_key_values=cache, use_cache=True)
                 done += step
             samples = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                model(ids[None, ctx:ctx + chunk], past_key_values=cache, use_cache=True)
+                model(ids[None, ctx : ctx + chunk], past_key_values=cache, use_cache=True)
                 sync()
                 samples.append(time.perf_counter() - t0)
                 cache.crop(-chunk)
             out[str(ctx)] = float(np.median(samples) * 1e3)
-            print(f"[transformers full cache] context {ctx}: {out[str(ctx)]:.0f} ms/chunk",
-                  file=sys.stderr, flush=True)
+            print(f"[transformers full cache] context {ctx}: {out[str(ctx)]:.0f} ms/chunk", file=sys.stderr, flush=True)
     return out
 
 
@@ -186,34 +203,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="infmllm-bench-ppl", description=__doc__.split("\n\n")[0])
     p.add_argument("--text", required=True, help="UTF-8 text file to stream")
     p.add_argument("--tokens", type=int, default=50_000, help="tokens to stream (default 50000)")
-    p.add_argument("--offset", type=int, default=0,
-                   help="skip this many tokens of the text first (tells the text's difficulty from "
-                        "the stream's age: stream the second half fresh)")
-    p.add_argument("--capacity", type=_csv(int), default=[128, 256, 512, 1024],
-                   help="comma list of KV capacities in tokens")
-    p.add_argument("--policy", type=_csv(str), default=["window", "streaming_llm", "h2o", "inf_mllm"],
-                   help=f"comma list of policies from {sorted(POLICIES)}")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many tokens of the text first (tells the text's difficulty from "
+        "the stream's age: stream the second half fresh)",
+    )
+    p.add_argument(
+        "--capacity", type=_csv(int), default=[128, 256, 512, 1024], help="comma list of KV capacities in tokens"
+    )
+    p.add_argument(
+        "--policy",
+        type=_csv(str),
+        default=["window", "streaming_llm", "h2o", "inf_mllm"],
+        help=f"comma list of policies from {sorted(POLICIES)}",
+    )
     p.add_argument("--chunk", type=int, default=32, help="tokens per chunk (default 32)")
     p.add_argument("--sinks", type=int, default=4, help="protected leading tokens (default 4)")
-    p.add_argument("--recent", type=int, default=None,
-                   help="protected recent tokens (default: capacity/4)")
-    p.add_argument("--beta", type=_csv(float), default=[DEFAULT_BETA],
-                   help="comma list of inf_mllm attention-bias slopes (logit per slot)")
-    p.add_argument("--decay", type=_csv(float), default=[DEFAULT_DECAY],
-                   help="comma list of inf_mllm score-carry decays (0 = retrieval window only)")
+    p.add_argument("--recent", type=int, default=None, help="protected recent tokens (default: capacity/4)")
+    p.add_argument(
+        "--beta",
+        type=_csv(float),
+        default=[DEFAULT_BETA],
+        help="comma list of inf_mllm attention-bias slopes (logit per slot)",
+    )
+    p.add_argument(
+        "--decay",
+        type=_csv(float),
+        default=[DEFAULT_DECAY],
+        help="comma list of inf_mllm score-carry decays (0 = retrieval window only)",
+    )
     p.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct wheel)")
-    p.add_argument("--slack", type=_csv(int), default=[0],
-                   help="comma list of lazy-eviction slacks (tokens past the capacity before an eviction)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="linear layers: fp32, or weight-only int8 (CPU; models/cpu_gemm.py)")
+    p.add_argument(
+        "--slack",
+        type=_csv(int),
+        default=[0],
+        help="comma list of lazy-eviction slacks (tokens past the capacity before an eviction)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="linear layers: fp32, or weight-only int8 (CPU; models/cpu_gemm.py)",
+    )
     p.add_argument("--buckets", type=int, default=10, help="stream-position buckets (default 10)")
-    p.add_argument("--hf-contexts", type=_csv(int), default=[2048, 4096, 8160],
-                   help="contexts for the transformers full-cache timing ('' to skip)")
+    p.add_argument(
+        "--hf-contexts",
+        type=_csv(int),
+        default=[2048, 4096, 8160],
+        help="contexts for the transformers full-cache timing ('' to skip)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
-    p.add_argument("--device", default="cpu", help="torch device of model and KV cache (default cpu; "
-                   "cuda uses the project's CUDA kernels for scoring and compaction)")
-    p.add_argument("--order", choices=["capacity", "policy"], default="capacity",
-                   help="job order (policy: all capacities of one policy before the next)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of model and KV cache (default cpu; "
+        "cuda uses the project's CUDA kernels for scoring and compaction)",
+    )
+    p.add_argument(
+        "--order",
+        choices=["capacity", "policy"],
+        default="capacity",
+        help="job order (policy: all capacities of one policy before the next)",
+    )
     p.add_argument("--json", required=True, help="output JSON (markdown and PNG written beside it)")
     p.add_argument("--resume", action="store_true", help="keep finished runs found in --json")
     return p.parse_args(argv)
@@ -231,12 +284,26 @@ def plan_jobs(args) -> list[dict]:
         for name in args.policy:
             variants = [(b, d) for b in args.beta for d in args.decay] if name == "inf_mllm" else [(0.0, 0.0)]
             for (beta, decay), slack in itertools.product(variants, args.slack):
-                make_policy(name, sinks=args.sinks, recent=recent, beta=beta,
-                            decay=decay).check_capacity(cap, args.chunk)
-                key = (f"{name}@{cap}" + (f",beta={beta:g},decay={decay:g}" if name == "inf_mllm" else "")
-                       + (f",slack={slack}" if slack else ""))
-                jobs.append({"key": key, "policy": name, "capacity": cap, "sinks": args.sinks,
-                             "recent": recent, "beta": beta, "decay": decay, "slack": slack})
+                make_policy(name, sinks=args.sinks, recent=recent, beta=beta, decay=decay).check_capacity(
+                    cap, args.chunk
+                )
+                key = (
+                    f"{name}@{cap}"
+                    + (f",beta={beta:g},decay={decay:g}" if name == "inf_mllm" else "")
+                    + (f",slack={slack}" if slack else "")
+                )
+                jobs.append(
+                    {
+                        "key": key,
+                        "policy": name,
+                        "capacity": cap,
+                        "sinks": args.sinks,
+                        "recent": recent,
+                        "beta": beta,
+                        "decay": decay,
+                        "slack": slack,
+                    }
+                )
     return jobs
 
 
@@ -250,24 +317,55 @@ def _label(run: dict) -> str:
 def report(data: dict, out: Path) -> None:
     """Write the markdown table and the log-PPL plot beside ``out`` (the JSON path)."""
     runs = sorted(data["runs"].values(), key=lambda r: (r["capacity"], r["key"]))
-    rows = [[r["capacity"], _label(r), r["ppl"], r["bucket_ppl"][1], r["bucket_ppl"][-1], r["last_over_second_decile"],
-             r["chunk_ms_median"], r["chunk_time_ratio_last_first"]] for r in runs]
+    rows = [
+        [
+            r["capacity"],
+            _label(r),
+            r["ppl"],
+            r["bucket_ppl"][1],
+            r["bucket_ppl"][-1],
+            r["last_over_second_decile"],
+            r["chunk_ms_median"],
+            r["chunk_time_ratio_last_first"],
+        ]
+        for r in runs
+    ]
     offset = data["config"].get("offset", 0)
-    md = [f"# Streaming perplexity ({data['config']['tokens']} tokens of {Path(data['config']['text']).name}"
-          + (f" from token {offset}" if offset else "") + ", "
-          f"chunk {data['config']['chunk']}, sinks {data['config']['sinks']})", "",
-          describe(data['machine']), "",
-          markdown_table(["capacity", "policy", "PPL", "PPL decile 2", "PPL decile 10", "d10/d2",
-                          "ms/chunk (median)", "ms/chunk last10%/first10%"], rows)]
+    md = [
+        f"# Streaming perplexity ({data['config']['tokens']} tokens of {Path(data['config']['text']).name}"
+        + (f" from token {offset}" if offset else "")
+        + ", "
+        f"chunk {data['config']['chunk']}, sinks {data['config']['sinks']})",
+        "",
+        describe(data["machine"]),
+        "",
+        markdown_table(
+            [
+                "capacity",
+                "policy",
+                "PPL",
+                "PPL decile 2",
+                "PPL decile 10",
+                "d10/d2",
+                "ms/chunk (median)",
+                "ms/chunk last10%/first10%",
+            ],
+            rows,
+        ),
+    ]
     hf = data.get("hf_full_cache_chunk_ms")
     if hf:
-        md += ["", "transformers full cache, ms per chunk at context (same machine, same run): "
-               + ", ".join(f"{k}: {v:.0f}" for k, v in hf.items())]
+        md += [
+            "",
+            "transformers full cache, ms per chunk at context (same machine, same run): "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in hf.items()),
+        ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
     caps = sorted({r["capacity"] for r in runs})
-    with png_figure(out.with_suffix(".png"), ncols=len(caps), figsize=(4.5 * len(caps), 3.6), squeeze=False,
-                    sharey=True) as (_, axes):
+    with png_figure(
+        out.with_suffix(".png"), ncols=len(caps), figsize=(4.5 * len(caps), 3.6), squeeze=False, sharey=True
+    ) as (_, axes):
         for ax, cap in zip(axes[0], caps):
             for r in (r for r in runs if r["capacity"] == cap):
                 edges = np.asarray(r["bucket_edges"])
@@ -297,16 +395,22 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"infmllm-bench-ppl: error: {exc}", file=sys.stderr)
         return 2
-    ids = torch.tensor(tokenizer.encode(text)[args.offset:args.offset + args.tokens], dtype=torch.int64)
+    ids = torch.tensor(tokenizer.encode(text)[args.offset : args.offset + args.tokens], dtype=torch.int64)
     if ids.numel() < 2 * args.chunk:
-        print(f"infmllm-bench-ppl: error: text has fewer than {2 * args.chunk} tokens after offset {args.offset}",
-              file=sys.stderr)
+        print(
+            f"infmllm-bench-ppl: error: text has fewer than {2 * args.chunk} tokens after offset {args.offset}",
+            file=sys.stderr,
+        )
         return 2
     if ids.numel() < args.tokens:
         print(f"infmllm-bench-ppl: note: text has only {ids.numel()} tokens", file=sys.stderr)
     out = Path(args.json)
-    data = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k not in ("json", "resume")},
-            "model": model_path.name, "runs": {}}
+    data = {
+        "machine": machine(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "resume")},
+        "model": model_path.name,
+        "runs": {},
+    }
     data["config"]["tokens"] = int(ids.numel())
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
@@ -317,19 +421,26 @@ def main(argv=None) -> int:
     if args.order == "policy":
         todo.sort(key=lambda j: args.policy.index(j["policy"]))
     threads = max(1, torch.get_num_threads() // max(1, args.jobs))
-    print(f"infmllm-bench-ppl: {len(todo)} runs of {ids.numel()} tokens, {args.jobs} at a time "
-          f"on {threads} thread(s) each", file=sys.stderr)
+    print(
+        f"infmllm-bench-ppl: {len(todo)} runs of {ids.numel()} tokens, {args.jobs} at a time "
+        f"on {threads} thread(s) each",
+        file=sys.stderr,
+    )
     for r in _run_all(todo, ids, args, model_path, threads):
         data["runs"][r["key"]] = r
         write_json(out, data)
         report(data, out)
-        print(f"done {r['key']}: ppl {r['ppl']:.2f}, d10/d2 {r['last_over_second_decile']:.3f}",
-              file=sys.stderr, flush=True)
+        print(
+            f"done {r['key']}: ppl {r['ppl']:.2f}, d10/d2 {r['last_over_second_decile']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.hf_contexts and "hf_full_cache_chunk_ms" not in data:
         torch.set_num_threads(threads)
         contexts = [c for c in args.hf_contexts if c + args.chunk <= ids.numel()]
-        data["hf_full_cache_chunk_ms"] = hf_full_cache_chunk_ms(model_path, ids, contexts, args.chunk,
-                                                                device=args.device)
+        data["hf_full_cache_chunk_ms"] = hf_full_cache_chunk_ms(
+            model_path, ids, contexts, args.chunk, device=args.device
+        )
         data["hf_threads"] = threads
     write_json(out, data)
     report(data, out)

@@ -10,6 +10,7 @@ same model, whose cache holds only the system prompt and the question. The compa
 what the bounded KV cache keeps against a memory that forgets nothing, and at what memory cost
 (:attr:`RetrievalSession.index_bytes` against the cache's bytes).
 """
+
 from __future__ import annotations
 
 import time
@@ -57,8 +58,9 @@ class RetrievalSession(StreamSession):
             self.frames_ingested += 1
             self.camera_stamps[camera] = self._last_stored_s[camera] = float(stamp_s)
             self.last_stamp_s = max(self.last_stamp_s, float(stamp_s))
-        return FrameResult(frame_id, 0, frame.label, (time.perf_counter() - t0) * 1e3, 0.0, 0, novelty, novel,
-                           stored=False)
+        return FrameResult(
+            frame_id, 0, frame.label, (time.perf_counter() - t0) * 1e3, 0.0, 0, novelty, novel, stored=False
+        )
 
     def _sightings(self, question_tokens: int) -> list[Sighting]:
         """Every labelled frame of the index, the classifier's most confident first."""

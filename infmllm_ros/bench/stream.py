@@ -8,7 +8,8 @@ For each cache size S (tokens), both sides first hold S tokens of stream (the sa
 repeated: one stored frame is a user turn with the tag, image markers and vision tokens):
 
 * ours: a :class:`StreamSession` with an ``inf_mllm`` cache of S slots, full, and no lazy-eviction
-  slack, so every new frame evicts (the worst case; with the default slack most frames do not); per frame: vision tower + projector (``vision_ms``), prefill of the frame chunk
+  slack, so every new frame evicts (the worst case; with the default slack most frames do not); per
+  frame: vision tower + projector (``vision_ms``), prefill of the frame chunk
   (``prefill_ms``) and the eviction (selection + compaction, ``evict_ms``);
 * transformers: the same checkpoint's ``*ForConditionalGeneration``, a ``DynamicCache`` holding
   the S tokens; per frame: ``get_image_features`` and the language model over the frame chunk
@@ -28,6 +29,7 @@ Speed does not depend on weight values, so ``--random-weights`` builds a checkpo
 named shape (:data:`.random_models.SHAPES`) with random weights; no download. Positions on the
 transformers side are 1-D (cost is what is measured, not answers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +56,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--no-peer", action="store_true", help="skip transformers (ours only)")
-    p.add_argument("--backends", nargs="+", default=["torch"], choices=("torch", "onnxruntime", "compiled"),
-                   help="our backends to measure")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch"],
+        choices=("torch", "onnxruntime", "compiled"),
+        help="our backends to measure",
+    )
     p.add_argument("--engine-dir", default=None, help="onnxruntime engines (default: a fresh temporary folder)")
-    p.add_argument("--onnxruntime-genai", action="store_true",
-                   help="also ONNX Runtime GenAI's model builder + runtime (Qwen2.5-VL text decoder)")
+    p.add_argument(
+        "--onnxruntime-genai",
+        action="store_true",
+        help="also ONNX Runtime GenAI's model builder + runtime (Qwen2.5-VL text decoder)",
+    )
     p.add_argument("--layers", type=int, default=None, help="with --random-weights: keep this many decoder layers")
     p.add_argument("--json", required=True, help="output JSON (a .md table is written beside it)")
     return p.parse_args(argv)
@@ -70,8 +80,15 @@ def test_frame(seed: int, size: int = 640) -> np.ndarray:
     return rng.integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8)
 
 
-def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.device, backend: str = "torch",
-             engine_dir: str | Path = "engines") -> dict:
+def run_ours(
+    model,
+    slots: int,
+    frames: int,
+    new_tokens: int,
+    device: torch.device,
+    backend: str = "torch",
+    engine_dir: str | Path = "engines",
+) -> dict:
     """Ingest and answer figures of our session with a full ``inf_mllm`` cache of ``slots`` on
     ``backend`` (``prepare_s``: exporting / compiling / loading its engines, the ones an earlier
     run left in ``engine_dir`` reused; ``engine_bytes``: the files of the engines it runs)."""
@@ -80,24 +97,43 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     from ..runtime.generate import decode
     from ..runtime.session import StreamSession
 
-    runner = make_backend(backend, model.decoder, engine_dir, model.name, lambda line: print(line, file=sys.stderr),
-                          model)
+    runner = make_backend(
+        backend, model.decoder, engine_dir, model.name, lambda line: print(line, file=sys.stderr), model
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    s = StreamSession(model, capacity=slots, policy="inf_mllm", recent=slots // 4, novelty_threshold=0.0,
-                      familiar_interval_s=0.0, slack=0, backend=runner)  # eager eviction: the worst case
+    s = StreamSession(
+        model,
+        capacity=slots,
+        policy="inf_mllm",
+        recent=slots // 4,
+        novelty_threshold=0.0,
+        familiar_interval_s=0.0,
+        slack=0,
+        backend=runner,
+    )  # eager eviction: the worst case
     prepare_s = time.perf_counter() - t0
-    engines = [e.path for e in (getattr(runner, "vision", None), getattr(runner, "embedding", None),
-                                getattr(runner, "step", None))
-               if hasattr(e, "path")]  # the engine files the run uses (and their external data)
+    engines = [
+        e.path
+        for e in (getattr(runner, "vision", None), getattr(runner, "embedding", None), getattr(runner, "step", None))
+        if hasattr(e, "path")
+    ]  # the engine files the run uses (and their external data)
     engine_bytes = sum(f.stat().st_size for e in engines for f in (e, e.with_name(e.name + ".data")) if f.is_file())
     enc = model.encode_frame(test_frame(0), runner.vision)
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
     embeds, kinds = s.chunk_embeds(chunk)
     while s.cache.length + len(chunk) <= slots:  # fill the stream with stored frames (no vision cost)
-        s.backend.run_chunk(embeds, s.cache, kinds, frame_id=0, stamp_s=0.0, logits=False, mrope=chunk.mrope,
-                            deepstack=chunk.deepstack_inputs())
+        s.backend.run_chunk(
+            embeds,
+            s.cache,
+            kinds,
+            frame_id=0,
+            stamp_s=0.0,
+            logits=False,
+            mrope=chunk.mrope,
+            deepstack=chunk.deepstack_inputs(),
+        )
     commit, evict_ms = s.cache.commit, []
 
     def timed_commit():
@@ -129,11 +165,18 @@ def run_ours(model, slots: int, frames: int, new_tokens: int, device: torch.devi
     sync()
     t2 = time.perf_counter()
     s.cache.restore(snap)
-    return {"vision_ms": statistics.median(r[0] for r in rows), "prefill_ms": statistics.median(r[1] for r in rows),
-            "evict_ms": statistics.median(r[2] for r in rows), "frame_tokens": rows[0][3],
-            "ttft_s": t1 - t0, "decode_tokens_per_s": (len(out) - 1) / (t2 - t1) if len(out) > 1 else 0.0,
-            "kv_bytes": s.cache.nbytes, "prepare_s": prepare_s, "engine_bytes": engine_bytes,
-            "gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return {
+        "vision_ms": statistics.median(r[0] for r in rows),
+        "prefill_ms": statistics.median(r[1] for r in rows),
+        "evict_ms": statistics.median(r[2] for r in rows),
+        "frame_tokens": rows[0][3],
+        "ttft_s": t1 - t0,
+        "decode_tokens_per_s": (len(out) - 1) / (t2 - t1) if len(out) > 1 else 0.0,
+        "kv_bytes": s.cache.nbytes,
+        "prepare_s": prepare_s,
+        "engine_bytes": engine_bytes,
+        "gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
 
 
 def run_onnxruntime_genai(path: Path, model, slots: int, new_tokens: int, out: Path) -> dict:
@@ -145,13 +188,28 @@ def run_onnxruntime_genai(path: Path, model, slots: int, new_tokens: int, out: P
     import onnxruntime_genai as og
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(path), "-o", str(out),
-                    "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(path),
+            "-o",
+            str(out),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+    )
     build_s = time.perf_counter() - t0
     og_model = og.Model(str(out))
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", model.encode_frame(test_frame(0)))
     ids = chunk.ids(model.image_token_id)
-    context = (ids * (slots // len(ids)))[:slots - len(ids) + 1]
+    context = (ids * (slots // len(ids)))[: slots - len(ids) + 1]
     q = model.tokenizer.encode(model.tokenizer.render_turn("user", "What did you see, and when?", True))
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=len(context) + len(q) + new_tokens + 1, do_sample=False)
@@ -164,12 +222,16 @@ def run_onnxruntime_genai(path: Path, model, slots: int, new_tokens: int, out: P
     for _ in range(new_tokens - 1):
         gen.generate_next_token()
     t2 = time.perf_counter()
-    return {"ttft_s": t1 - t0, "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1), "context_tokens": len(context),
-            "build_s": build_s, "engine_bytes": sum(f.stat().st_size for f in out.glob("*.onnx*"))}
+    return {
+        "ttft_s": t1 - t0,
+        "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1),
+        "context_tokens": len(context),
+        "build_s": build_s,
+        "engine_bytes": sum(f.stat().st_size for f in out.glob("*.onnx*")),
+    }
 
 
-def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int, device: torch.device,
-                     dtype) -> dict:
+def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int, device: torch.device, dtype) -> dict:
     """The same figures from transformers with a full ``DynamicCache`` of ``slots`` tokens."""
     sync = synchronizer(device)
     from transformers import AutoModelForImageTextToText, DynamicCache
@@ -182,7 +244,7 @@ def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int
     chunk = model.frame_chunk("<frame t=0.0s cam=front>", enc)
     ids = torch.tensor(chunk.ids(model.image_token_id), device=device)
     chunk_embeds = embed(ids)
-    chunk_embeds[len(chunk.before):len(chunk.before) + chunk.vision_tokens] = enc.embeds.to(device, dtype)
+    chunk_embeds[len(chunk.before) : len(chunk.before) + chunk.vision_tokens] = enc.embeds.to(device, dtype)
     cache = DynamicCache(config=lm.config)
     with torch.inference_mode():
         filled = 0
@@ -196,24 +258,28 @@ def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int
             t0 = time.perf_counter()
             if qwen:
                 px = model.processor(images=[rgb], return_tensors="pt")
-                feats = ref.model.get_image_features(px["pixel_values"].to(device, dtype),
-                                                     px["image_grid_thw"].to(device)).pooler_output[0]
+                feats = ref.model.get_image_features(
+                    px["pixel_values"].to(device, dtype), px["image_grid_thw"].to(device)
+                ).pooler_output[0]
             else:
                 px = model.processor(images=[[rgb]], return_tensors="pt")
-                feats = ref.model.get_image_features(px["pixel_values"].to(device, dtype),
-                                                     px["pixel_attention_mask"].to(device)).pooler_output[0]
+                feats = ref.model.get_image_features(
+                    px["pixel_values"].to(device, dtype), px["pixel_attention_mask"].to(device)
+                ).pooler_output[0]
             sync()
             t1 = time.perf_counter()
             x = chunk_embeds.clone()
-            x[len(chunk.before):len(chunk.before) + feats.shape[0]] = feats
+            x[len(chunk.before) : len(chunk.before) + feats.shape[0]] = feats
             lm(inputs_embeds=x[None], past_key_values=cache, use_cache=True)
             sync()
             t2 = time.perf_counter()
             cache.crop(filled - cache.get_seq_length())  # drop the frame again (a negative count)
             rows.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3))
         rows = rows[1:]
-        q = torch.tensor(model.tokenizer.encode(model.tokenizer.render_turn(
-            "user", "What did you see, and when?", True)), device=device)
+        q = torch.tensor(
+            model.tokenizer.encode(model.tokenizer.render_turn("user", "What did you see, and when?", True)),
+            device=device,
+        )
         sync()
         t0 = time.perf_counter()
         h = lm(inputs_embeds=embed(q)[None], past_key_values=cache, use_cache=True).last_hidden_state
@@ -226,21 +292,31 @@ def run_transformers(path: Path, model, slots: int, frames: int, new_tokens: int
         sync()
         t2 = time.perf_counter()
     kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * chunk_embeds.element_size()
-    return {"vision_ms": statistics.median(r[0] for r in rows), "prefill_ms": statistics.median(r[1] for r in rows),
-            "ttft_s": t1 - t0, "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1), "context_tokens": filled,
-            "kv_bytes_after": kv}
+    return {
+        "vision_ms": statistics.median(r[0] for r in rows),
+        "prefill_ms": statistics.median(r[1] for r in rows),
+        "ttft_s": t1 - t0,
+        "decode_tokens_per_s": (new_tokens - 1) / (t2 - t1),
+        "context_tokens": filled,
+        "kv_bytes_after": kv,
+    }
 
 
 def report(data: dict, out: Path) -> None:
     """Markdown table beside the JSON: a row per cache size and side."""
-    lines = [f"# Stream ingest and answer speed: {data['model']}", "",
-             f"{data['machine']} Date: {data['date']}. Command: `{data['command']}`.", "",
-             "Per frame (ms, median): vision tower + projector, prefill of the frame chunk, eviction; the "
-             "question's TTFT and greedy decode with the cache full. `vs torch`: ours-on-torch's time over this "
-             "row's (above 1: this row is faster). Engine files: bytes on disk and the seconds to export them.", "",
-             "| slots | side | frame tokens | vision | prefill | evict | frame ms | TTFT s | tok/s | frame vs torch | "
-             "decode vs torch | engines MiB | export s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Stream ingest and answer speed: {data['model']}",
+        "",
+        f"{data['machine']} Date: {data['date']}. Command: `{data['command']}`.",
+        "",
+        "Per frame (ms, median): vision tower + projector, prefill of the frame chunk, eviction; the "
+        "question's TTFT and greedy decode with the cache full. `vs torch`: ours-on-torch's time over this "
+        "row's (above 1: this row is faster). Engine files: bytes on disk and the seconds to export them.",
+        "",
+        "| slots | side | frame tokens | vision | prefill | evict | frame ms | TTFT s | tok/s | frame vs torch | "
+        "decode vs torch | engines MiB | export s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(x, fmt):
         return "-" if x is None else format(x, fmt)
@@ -259,7 +335,8 @@ def report(data: dict, out: Path) -> None:
                 f"{cell(o.get('prefill_ms'), '.0f')} | {cell(o.get('evict_ms'), '.1f')} | {cell(frame, '.0f')} | "
                 f"{o['ttft_s']:.2f} | {o['decode_tokens_per_s']:.1f} | {cell(vs_frame, '.2f')} | "
                 f"{cell(vs_decode, '.2f')} | {cell(mib and mib / 2**20, '.0f')} | "
-                f"{cell(o.get('prepare_s', o.get('build_s')) if mib else None, '.0f')} |")
+                f"{cell(o.get('prepare_s', o.get('build_s')) if mib else None, '.0f')} |"
+            )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -294,9 +371,15 @@ def main(argv=None) -> int:
         print(f"infmllm-bench-stream: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.json)
-    data = {"model": args.model, "family": model.family, "random_weights": args.random_weights,
-            "machine": describe(machine()), "date": time.strftime("%Y-%m-%d"),
-            "command": "infmllm-bench-stream " + " ".join(sys.argv[1:] if argv is None else argv), "runs": []}
+    data = {
+        "model": args.model,
+        "family": model.family,
+        "random_weights": args.random_weights,
+        "machine": describe(machine()),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "infmllm-bench-stream " + " ".join(sys.argv[1:] if argv is None else argv),
+        "runs": [],
+    }
     work = tempfile.TemporaryDirectory(prefix="infmllm-engines-")
     engine_dir = Path(args.engine_dir or work.name)
     for slots in args.slots:
@@ -304,19 +387,20 @@ def main(argv=None) -> int:
         for backend in args.backends:
             print(f"[{slots} slots] ours on {backend} ...", file=sys.stderr, flush=True)
             try:
-                run["ours"][backend] = run_ours(model, slots, args.frames, args.new_tokens, device, backend,
-                                                engine_dir)
+                run["ours"][backend] = run_ours(model, slots, args.frames, args.new_tokens, device, backend, engine_dir)
             except ValueError as exc:  # a cache too small for this model's prompt and frames
                 print(f"infmllm-bench-stream: error: {exc}", file=sys.stderr)
                 return 2
         if args.onnxruntime_genai:
             print(f"[{slots} slots] onnxruntime-genai ...", file=sys.stderr, flush=True)
-            run["onnxruntime_genai"] = run_onnxruntime_genai(path, model, slots, args.new_tokens,
-                                                             Path(work.name) / "genai")
+            run["onnxruntime_genai"] = run_onnxruntime_genai(
+                path, model, slots, args.new_tokens, Path(work.name) / "genai"
+            )
         if not args.no_peer:
             print(f"[{slots} slots] transformers ...", file=sys.stderr, flush=True)
-            run["transformers"] = run_transformers(path, model, slots, args.frames, args.new_tokens, device,
-                                                   DTYPES[args.precision])
+            run["transformers"] = run_transformers(
+                path, model, slots, args.frames, args.new_tokens, device, DTYPES[args.precision]
+            )
         data["runs"].append(run)
         out.write_text(json.dumps(data, indent=1))
         report(data, out)

@@ -13,6 +13,7 @@ and an entry per engine in ``OUT/manifest.json`` that the node's ``tensorrt`` ba
 window-score rule). Exit status 2 with the reason for a model that cannot be read, a bad
 setting, or TensorRT / CUDA / onnxruntime missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,28 @@ from ..kvcache.policies import MEMORY_BETA, PolicySettingError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m",
-                    help="model preset, GGUF file or Hugging Face checkpoint folder (as the node's `model`)")
-    ap.add_argument("--backend", default="tensorrt", choices=("onnxruntime", "tensorrt"),
-                    help="which runtime the engines are for (as the node's `backend`)")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model preset, GGUF file or Hugging Face checkpoint folder (as the node's `model`)",
+    )
+    ap.add_argument(
+        "--backend",
+        default="tensorrt",
+        choices=("onnxruntime", "tensorrt"),
+        help="which runtime the engines are for (as the node's `backend`)",
+    )
     ap.add_argument("--capacity", type=int, default=2048, help="KV-cache capacity (tokens), as cache.capacity")
     ap.add_argument("--max-chunk", type=int, default=64, help="largest chunk (tokens), as cache.max_chunk")
     ap.add_argument("--slack", type=int, default=DEFAULT_SLACK, help="lazy-eviction slack (tokens), as cache.slack")
     ap.add_argument("--policy", default="inf_mllm", choices=sorted(POLICIES), help="as cache.policy")
     ap.add_argument("--beta", type=float, default=MEMORY_BETA, help="as cache.beta")
-    ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
-                    help="TensorRT weight and KV dtype (onnxruntime graphs are fp32)")
+    ap.add_argument(
+        "--precision",
+        default="fp16",
+        choices=("fp16", "fp32"),
+        help="TensorRT weight and KV dtype (onnxruntime graphs are fp32)",
+    )
     ap.add_argument("--workspace-gib", type=float, default=2.0, help="builder workspace limit (GiB)")
     ap.add_argument("--out", default="engines", help="engine folder (the node's engine_dir)")
     args = ap.parse_args(argv)
@@ -78,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..runtime.backends import OnnxRuntimeBackend
 
         t0 = time.perf_counter()
-        OnnxRuntimeBackend(model.decoder, out, model.name, progress=lambda line: print(line, flush=True),
-                           model=model).check_cache(cache)
+        OnnxRuntimeBackend(
+            model.decoder, out, model.name, progress=lambda line: print(line, flush=True), model=model
+        ).check_cache(cache)
         print(f"engines for {model.name} ready in {out} ({time.perf_counter() - t0:.0f} s)")
         return 0
     return build_tensorrt(model, cache, out, args)
@@ -96,18 +109,27 @@ def build_tensorrt(model, cache: KVCache, out: Path, args: argparse.Namespace) -
 
     identity = StepIdentity.for_cache(model.name, model.decoder, cache, model)
     cfg = model.decoder.cfg
-    graphs = {"vision": (lambda p: ox.export_vision(model, p, identity), None),
-              "embed": (lambda p: ox.export_embedding(model.decoder, p, identity), embed_profile(args.max_chunk)),
-              "step": (lambda p: ox.export_decoder_step(model.decoder, p, identity),
-                       step_profile(cfg.hidden_size, args.max_chunk, cfg.deepstack_layers))}
+    graphs = {
+        "vision": (lambda p: ox.export_vision(model, p, identity), None),
+        "embed": (lambda p: ox.export_embedding(model.decoder, p, identity), embed_profile(args.max_chunk)),
+        "step": (
+            lambda p: ox.export_decoder_step(model.decoder, p, identity),
+            step_profile(cfg.hidden_size, args.max_chunk, cfg.deepstack_layers),
+        ),
+    }
     gpu = torch.cuda.get_device_name()
     for i, (kind, (export, profile)) in enumerate(graphs.items(), 1):
         onnx_path = out / f"{identity.stem(kind)}.onnx"
         print(f"[{i}/3] exporting the {kind} graph to {onnx_path}, then building its engine (minutes) ...", flush=True)
         export(onnx_path)
-        engine = build_engine(onnx_path, out / f"{identity.stem(kind)}.engine", profile=profile,
-                              fp16=args.precision == "fp16", workspace_bytes=int(args.workspace_gib * 2**30),
-                              timing_cache=out / "timing.cache")
+        engine = build_engine(
+            onnx_path,
+            out / f"{identity.stem(kind)}.engine",
+            profile=profile,
+            fp16=args.precision == "fp16",
+            workspace_bytes=int(args.workspace_gib * 2**30),
+            timing_cache=out / "timing.cache",
+        )
         add_to_manifest(out, engine_key(identity, kind, tensorrt.__version__, gpu), engine.name)
     print(f"wrote the engines of {model.name} and their entries in {out / 'manifest.json'}")
     return 0

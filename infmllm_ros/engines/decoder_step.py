@@ -19,6 +19,7 @@ rows (a frame chunk's vision tokens differ on h and w), a 1-D model by row 0. Th
 them from the cache (:meth:`KVCache.begin_chunk`: slot + position offset, plus the frame chunk's
 M-RoPE layout), so one graph serves text, frame chunks and decoded tokens of every family.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,9 +39,16 @@ def step_inputs(cfg: DecoderConfig) -> tuple[str, ...]:
     return INPUTS + ("deepstack",) if cfg.deepstack_layers else INPUTS
 
 
-def split_attention(q: torch.Tensor, k_stored: torch.Tensor, v_stored: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor, hidden: torch.Tensor, scale: float, keys_by_reduction: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_attention(
+    q: torch.Tensor,
+    k_stored: torch.Tensor,
+    v_stored: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hidden: torch.Tensor,
+    scale: float,
+    keys_by_reduction: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA attention of a chunk over a buffer's stored keys and the chunk's own keys, kept apart.
 
     Args:
@@ -125,23 +133,32 @@ class DecoderStep(nn.Module):
         self.normalise = bool(normalise)
         self.one_token = bool(one_token)
 
-    def forward(self, embeds: torch.Tensor, k_cache: torch.Tensor | Sequence[torch.Tensor],
-                v_cache: torch.Tensor | Sequence[torch.Tensor], length: torch.Tensor, positions: torch.Tensor,
-                deepstack: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        k_cache: torch.Tensor | Sequence[torch.Tensor],
+        v_cache: torch.Tensor | Sequence[torch.Tensor],
+        length: torch.Tensor,
+        positions: torch.Tensor,
+        deepstack: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dec = self.decoder
         (kv_heads, slots), n, dev = k_cache[0].shape[:2], embeds.shape[1], embeds.device
         start = length.reshape(())
         index = torch.arange(n, device=dev)
         chunk_slots = start + index
-        rope_cs = (dec.rope.cos_sin(positions[0], embeds.dtype) if dec.cfg.mrope_section is None
-                   else dec.rope.cos_sin_mrope(positions, embeds.dtype))
+        rope_cs = (
+            dec.rope.cos_sin(positions[0], embeds.dtype)
+            if dec.cfg.mrope_section is None
+            else dec.rope.cos_sin_mrope(positions, embeds.dtype)
+        )
         slot = torch.arange(slots, device=dev)
         hidden = torch.cat([(slot >= start)[None, :].expand(n, slots), index[None, :] > index[:, None]], dim=1)
         key_slots = torch.cat([slot, chunk_slots]).to(torch.float32)
         # queries that see each column: every one sees the stream, chunk token i is seen by n - i
         viewers = torch.cat([torch.full((slots,), n, device=dev), n - index]).to(torch.float32)
         write = chunk_slots.expand(kv_heads, n)
-        scale = dec.cfg.head_dim ** -0.5
+        scale = dec.cfg.head_dim**-0.5
         x = embeds[0]
         new_k, new_v, scores = [], [], []
         for i, layer in enumerate(dec.model.layers):

@@ -14,6 +14,7 @@ Each engine's key is the subset of :class:`StepIdentity`'s fields it depends on
 A runtime refuses an engine whose key differs from the one its model and cache need, naming
 the fields.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,15 @@ class StepIdentity:
     frame_tokens: int = 0
 
     @classmethod
-    def of(cls, model: str, decoder: Decoder, slots: int, max_chunk: int, policy: EvictionPolicy,
-           vlm: VisionLanguageModel | None = None) -> StepIdentity:
+    def of(
+        cls,
+        model: str,
+        decoder: Decoder,
+        slots: int,
+        max_chunk: int,
+        policy: EvictionPolicy,
+        vlm: VisionLanguageModel | None = None,
+    ) -> StepIdentity:
         """The identity of ``decoder``'s step for a cache of ``slots`` / ``max_chunk`` under ``policy``;
         with ``vlm`` (the model ``decoder`` belongs to), also its family, checkpoint and frame shape.
 
@@ -122,17 +130,32 @@ class StepIdentity:
         if vlm is not None:
             size = vlm.engine_frame_size
             example = vlm.vision_inputs(example_frame(size))
-            vision = dict(family=vlm.family, checkpoint=checkpoint_digest(vlm.checkpoint) if vlm.checkpoint else "",
-                          frame_size=f"{size[0]}x{size[1]}" if size else "any",
-                          vision_input=",".join("x".join(map(str, t.shape)) for t in example.pixels),
-                          frame_tokens=vlm.max_vision_tokens)
-        return cls(model=model, dtype=dtype, slots=slots, max_chunk=max_chunk, beta=float(rule[0]),
-                   normalise=bool(rule[1]), layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
-                   head_dim=cfg.head_dim, hidden=cfg.hidden_size, vocab=cfg.vocab_size, **vision)
+            vision = dict(
+                family=vlm.family,
+                checkpoint=checkpoint_digest(vlm.checkpoint) if vlm.checkpoint else "",
+                frame_size=f"{size[0]}x{size[1]}" if size else "any",
+                vision_input=",".join("x".join(map(str, t.shape)) for t in example.pixels),
+                frame_tokens=vlm.max_vision_tokens,
+            )
+        return cls(
+            model=model,
+            dtype=dtype,
+            slots=slots,
+            max_chunk=max_chunk,
+            beta=float(rule[0]),
+            normalise=bool(rule[1]),
+            layers=cfg.num_layers,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            hidden=cfg.hidden_size,
+            vocab=cfg.vocab_size,
+            **vision,
+        )
 
     @classmethod
-    def for_cache(cls, model: str, decoder: Decoder, cache: KVCache,
-                  vlm: VisionLanguageModel | None = None) -> StepIdentity:
+    def for_cache(
+        cls, model: str, decoder: Decoder, cache: KVCache, vlm: VisionLanguageModel | None = None
+    ) -> StepIdentity:
         """:meth:`of` with the slots, chunk and policy of ``cache``."""
         return cls.of(model, decoder, cache.k.shape[2], cache.max_chunk, cache.policy, vlm)
 
@@ -141,8 +164,7 @@ class StepIdentity:
         for ``beta``, so it round-trips exactly): its manifest key, compared field by field."""
         names = KIND_FIELDS[kind] or [f.name for f in fields(self)]
         values = asdict(self)
-        return {"kind": kind, **{k: repr(values[k]) if isinstance(values[k], float) else str(values[k])
-                                 for k in names}}
+        return {"kind": kind, **{k: repr(values[k]) if isinstance(values[k], float) else str(values[k]) for k in names}}
 
     def metadata(self, kind: str = "step") -> dict[str, str]:
         """:meth:`fields` under :data:`METADATA_PREFIX`, for an ONNX file's metadata properties."""
@@ -155,8 +177,10 @@ class StepIdentity:
             return f"{self.model}.{self.dtype}.vision.{self.frame_size}"
         if kind == "embed":
             return f"{self.model}.{self.dtype}.embed"
-        return (f"{self.model}.{self.dtype}.slots{self.slots}.chunk{self.max_chunk}.beta{self.beta:g}"
-                f".{'norm' if self.normalise else 'sum'}")
+        return (
+            f"{self.model}.{self.dtype}.slots{self.slots}.chunk{self.max_chunk}.beta{self.beta:g}"
+            f".{'norm' if self.normalise else 'sum'}"
+        )
 
 
 def example_frame(size: tuple[int, int] | None) -> np.ndarray:

@@ -15,6 +15,7 @@ metadata properties; a graph whose weights pass 2 GiB keeps them in ``<file>.dat
 (ONNX external data). onnxruntime checks every graph here against torch (``test/test_engine_families.py``);
 TensorRT builds the same files on the device (:mod:`.tensorrt_engine`).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -49,8 +50,14 @@ def example_inputs(decoder: Decoder, slots: int, n: int) -> tuple[torch.Tensor, 
     dtype = next(decoder.parameters()).dtype
     buf = torch.zeros(cfg.num_layers, cfg.num_kv_heads, slots, cfg.head_dim, dtype=dtype)
     deepstack = (torch.zeros(cfg.deepstack_layers, n, cfg.hidden_size, dtype=dtype),) if cfg.deepstack_layers else ()
-    return (torch.zeros(1, n, cfg.hidden_size, dtype=dtype), buf, buf.clone(), torch.zeros(1, dtype=torch.int64),
-            torch.arange(n).expand(3, n).contiguous(), *deepstack)
+    return (
+        torch.zeros(1, n, cfg.hidden_size, dtype=dtype),
+        buf,
+        buf.clone(),
+        torch.zeros(1, dtype=torch.int64),
+        torch.arange(n).expand(3, n).contiguous(),
+        *deepstack,
+    )
 
 
 def _save(proto: onnx.ModelProto, path: Path, metadata: dict[str, str], data_name: str | None) -> Path:
@@ -58,21 +65,36 @@ def _save(proto: onnx.ModelProto, path: Path, metadata: dict[str, str], data_nam
     ``data_name`` (default ``<path name>.data``) in the same folder."""
     proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in metadata.items())
     big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=data_name or f"{path.name}.data")
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=data_name or f"{path.name}.data",
+    )
     return path
 
 
-def _dynamo_export(module: torch.nn.Module, args: tuple, names: tuple[Sequence[str], Sequence[str]],
-                   dynamic_shapes: dict | None) -> onnx.ModelProto:
+def _dynamo_export(
+    module: torch.nn.Module, args: tuple, names: tuple[Sequence[str], Sequence[str]], dynamic_shapes: dict | None
+) -> onnx.ModelProto:
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=list(names[0]),
-                                    output_names=list(names[1]), dynamic_shapes=dynamic_shapes, verbose=False)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(names[0]),
+            output_names=list(names[1]),
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
     return program.model_proto
 
 
-def export_decoder_step(decoder: Decoder, path: str | Path, identity: StepIdentity,
-                        data_name: str | None = None) -> Path:
+def export_decoder_step(
+    decoder: Decoder, path: str | Path, identity: StepIdentity, data_name: str | None = None
+) -> Path:
     """Write the decoder step of ``decoder`` as one ONNX file, its identity in the metadata.
 
     Args:
@@ -96,11 +118,18 @@ def export_decoder_step(decoder: Decoder, path: str | Path, identity: StepIdenti
     step = DecoderStep(decoder, identity.beta, identity.normalise).eval()
     n = torch.export.Dim("n", min=1, max=max_chunk)
     names = step_inputs(decoder.cfg)
-    dynamic = {"embeds": {1: n}, "k_cache": None, "v_cache": None, "length": None, "positions": {1: n},
-               "deepstack": {1: n}}
+    dynamic = {
+        "embeds": {1: n},
+        "k_cache": None,
+        "v_cache": None,
+        "length": None,
+        "positions": {1: n},
+        "deepstack": {1: n},
+    }
     with dense_linears(decoder):  # the graph holds dense weights
-        proto = _dynamo_export(step, example_inputs(decoder, slots, min(2, max_chunk)), (names, OUTPUTS),
-                               {k: dynamic[k] for k in names})
+        proto = _dynamo_export(
+            step, example_inputs(decoder, slots, min(2, max_chunk)), (names, OUTPUTS), {k: dynamic[k] for k in names}
+        )
     return _save(proto, Path(path), identity.metadata("step"), data_name)
 
 
@@ -117,13 +146,15 @@ def export_embedding(decoder: Decoder, path: str | Path, identity: StepIdentity,
     """Write ``decoder``'s token-embedding lookup (``ids`` int64 ``[n]`` -> ``embeds`` ``[n, hidden]``,
     ``n`` dynamic up to the buffer's slots) as an ONNX file. Arguments as :func:`export_decoder_step`."""
     n = torch.export.Dim("n", min=1, max=max(2, identity.slots))
-    proto = _dynamo_export(_Embedding(decoder), (torch.zeros(2, dtype=torch.int64),), (("ids",), ("embeds",)),
-                           {"ids": {0: n}})
+    proto = _dynamo_export(
+        _Embedding(decoder), (torch.zeros(2, dtype=torch.int64),), (("ids",), ("embeds",)), {"ids": {0: n}}
+    )
     return _save(proto, Path(path), identity.metadata("embed"), data_name)
 
 
-def export_vision(model: VisionLanguageModel, path: str | Path, identity: StepIdentity,
-                  data_name: str | None = None) -> Path:
+def export_vision(
+    model: VisionLanguageModel, path: str | Path, identity: StepIdentity, data_name: str | None = None
+) -> Path:
     """Write ``model``'s vision tower and projector at its engine frame size
     (:attr:`VisionLanguageModel.engine_frame_size`) as an ONNX file: static inputs ``pixels0..``
     (the family processor's tensors for one frame), outputs ``vision0..`` (what the tower
@@ -145,8 +176,15 @@ def export_vision(model: VisionLanguageModel, path: str | Path, identity: StepId
         # into a folder of its own: over 2 GiB the tracer writes a data file per weight beside the graph
         with tempfile.TemporaryDirectory(dir=path.parent) as folder, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the grid loops it records as constants
-            torch.onnx.export(tower, inputs.pixels, f"{folder}/vision.onnx", dynamo=False, opset_version=OPSET,
-                              input_names=names[0], output_names=names[1])
+            torch.onnx.export(
+                tower,
+                inputs.pixels,
+                f"{folder}/vision.onnx",
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=names[0],
+                output_names=names[1],
+            )
             proto = onnx.load(f"{folder}/vision.onnx")
     return _save(proto, path, identity.metadata("vision"), data_name)
 
@@ -180,7 +218,9 @@ class OrtEngine:
         names = tuple(i.name for i in self.session.get_inputs())
         wanted = KIND_INPUTS.get(kind) or (tuple(f"pixels{i}" for i in range(len(names))),)
         if names not in wanted:
-            raise RuntimeError(f"{path} is not a {kind} engine: inputs {names}, expected {' or '.join(map(str, wanted))}")
+            raise RuntimeError(
+                f"{path} is not a {kind} engine: inputs {names}, expected {' or '.join(map(str, wanted))}"
+            )
         self.inputs = names
         self.path, self.kind = path, kind
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -189,11 +229,16 @@ class OrtEngine:
     def check(self, expected: StepIdentity) -> None:
         """Raise ValueError naming every field where this engine differs from ``expected`` (the
         identity of the model and cache it is meant to serve)."""
-        wrong = [f"{k}: engine {self.metadata.get(k, 'missing')}, wanted {v}"
-                 for k, v in expected.metadata(self.kind).items() if self.metadata.get(k) != v]
+        wrong = [
+            f"{k}: engine {self.metadata.get(k, 'missing')}, wanted {v}"
+            for k, v in expected.metadata(self.kind).items()
+            if self.metadata.get(k) != v
+        ]
         if wrong:
-            raise ValueError(f"{self.path} was built for another model or cache ({'; '.join(wrong)}); "
-                             "re-export it (infmllm-build-engines --backend onnxruntime)")
+            raise ValueError(
+                f"{self.path} was built for another model or cache ({'; '.join(wrong)}); "
+                "re-export it (infmllm-build-engines --backend onnxruntime)"
+            )
 
     def run(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The outputs for inputs in declaration order, as CPU torch tensors."""
@@ -206,13 +251,25 @@ class OrtDecoderStep(OrtEngine):
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__(path, "step", threads)
 
-    def __call__(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 length: int, positions: torch.Tensor, deepstack: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self,
+        embeds: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        length: int,
+        positions: torch.Tensor,
+        deepstack: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Same contract as :class:`DecoderStep` (``length`` as an int); CPU torch tensors out."""
         extra = (deepstack.numpy(),) if deepstack is not None else ()
-        return self.run(embeds.numpy(), k_cache.numpy(), v_cache.numpy(), np.array([length], dtype=np.int64),
-                        positions.numpy(), *extra)
+        return self.run(
+            embeds.numpy(),
+            k_cache.numpy(),
+            v_cache.numpy(),
+            np.array([length], dtype=np.int64),
+            positions.numpy(),
+            *extra,
+        )
 
 
 class OrtVision(OrtEngine):
@@ -241,4 +298,3 @@ class OrtEmbedding(OrtEngine):
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.run(ids.cpu().numpy())[0]
-

@@ -19,6 +19,7 @@ and the GPU test machines have no TensorRT wheel small enough to carry. On a Jet
   without a copy); :class:`TrtDecoderStep`, :class:`TrtVision`, :class:`TrtEmbedding` call it
   as their onnxruntime twins are called.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,19 +43,30 @@ def require_tensorrt() -> None:
     try:
         import tensorrt
     except ImportError as exc:
-        raise RuntimeError("TensorRT is not installed: the tensorrt backend needs a Jetson (JetPack 6) or a "
-                           "GPU machine with the tensorrt wheel; use backend torch or onnxruntime here") from exc
+        raise RuntimeError(
+            "TensorRT is not installed: the tensorrt backend needs a Jetson (JetPack 6) or a "
+            "GPU machine with the tensorrt wheel; use backend torch or onnxruntime here"
+        ) from exc
     if not hasattr(tensorrt, "Builder"):  # a stubs-only namespace package
-        raise RuntimeError("TensorRT is not installed (only type stubs are): the tensorrt backend needs a "
-                           "Jetson (JetPack 6) or a GPU machine with the tensorrt wheel")
+        raise RuntimeError(
+            "TensorRT is not installed (only type stubs are): the tensorrt backend needs a "
+            "Jetson (JetPack 6) or a GPU machine with the tensorrt wheel"
+        )
 
 
 #: Per dynamic input of a graph, its (min, opt, max) shapes.
 Profile = dict[str, tuple[tuple[int, ...], ...]]
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, *, profile: Profile | None = None,
-                 fp16: bool = True, workspace_bytes: int = 2 << 30, timing_cache: str | Path | None = None) -> Path:
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    *,
+    profile: Profile | None = None,
+    fp16: bool = True,
+    workspace_bytes: int = 2 << 30,
+    timing_cache: str | Path | None = None,
+) -> Path:
     """Build a serialized TensorRT engine from an exported graph.
 
     Args:
@@ -111,8 +123,10 @@ def step_profile(hidden: int, max_chunk: int, deepstack_layers: int = 0) -> Prof
     """The decoder step's profile: ``embeds`` ``[1, 1..max_chunk, hidden]``, ``positions``
     ``[3, 1..max_chunk]`` (and a DeepStack model's ``deepstack`` ``[layers, 1..max_chunk,
     hidden]``), optimised for ``max_chunk``."""
-    profile: Profile = {"embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
-                        "positions": ((3, 1), (3, max_chunk), (3, max_chunk))}
+    profile: Profile = {
+        "embeds": ((1, 1, hidden), (1, max_chunk, hidden), (1, max_chunk, hidden)),
+        "positions": ((3, 1), (3, max_chunk), (3, max_chunk)),
+    }
     if deepstack_layers:
         k = deepstack_layers
         profile["deepstack"] = ((k, 1, hidden), (k, max_chunk, hidden), (k, max_chunk, hidden))
@@ -174,10 +188,12 @@ def select_engine(engine_dir: str | Path, wanted: dict[str, str]) -> Path:
                 raise FileNotFoundError(f"engine {path} is in the manifest but missing")
             return path
     closest = min(entries, key=lambda e: sum(e.get(k) != v for k, v in wanted.items()))
-    diff = "; ".join(f"{k}: engine {closest.get(k, 'missing')}, wanted {v}" for k, v in wanted.items()
-                     if closest.get(k) != v)
-    raise ValueError(f"no engine in {engine_dir} matches this model and cache ({diff}); "
-                     "rebuild with infmllm-build-engines")
+    diff = "; ".join(
+        f"{k}: engine {closest.get(k, 'missing')}, wanted {v}" for k, v in wanted.items() if closest.get(k) != v
+    )
+    raise ValueError(
+        f"no engine in {engine_dir} matches this model and cache ({diff}); rebuild with infmllm-build-engines"
+    )
 
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
@@ -228,13 +244,16 @@ class TrtEngine:
         feeds = dict(zip(self.inputs, tensors))
         for name, t in feeds.items():
             if not t.is_cuda or t.dtype != self.dtypes[name] or not t.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous CUDA {self.dtypes[name]} tensor, "
-                                 f"got {t.dtype} on {t.device}")
+                raise ValueError(
+                    f"{name} must be a contiguous CUDA {self.dtypes[name]} tensor, got {t.dtype} on {t.device}"
+                )
             if not self.context.set_input_shape(name, tuple(t.shape)):
                 raise RuntimeError(f"TensorRT rejects {name} of shape {tuple(t.shape)} (outside the profile)")
         device = tensors[0].device
-        outputs = {n: torch.empty(self.context.get_tensor_shape(n)[:], dtype=self.dtypes[n], device=device)
-                   for n in self.outputs}  # Dims[:] is a tuple
+        outputs = {
+            n: torch.empty(self.context.get_tensor_shape(n)[:], dtype=self.dtypes[n], device=device)
+            for n in self.outputs
+        }  # Dims[:] is a tuple
         for name, t in {**feeds, **outputs}.items():
             self.context.set_tensor_address(name, t.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
@@ -251,10 +270,23 @@ class TrtDecoderStep(TrtEngine):
             raise RuntimeError(f"{engine_path} is not a decoder step engine: outputs {self.outputs}")
         self.outputs = list(OUTPUTS)
 
-    def __call__(self, embeds: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 length: int, positions: torch.Tensor, *deepstack: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.run(embeds, k_cache, v_cache, torch.tensor([length], dtype=torch.int64, device=k_cache.device),
-                        positions, *deepstack)
+    def __call__(
+        self,
+        embeds: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        length: int,
+        positions: torch.Tensor,
+        *deepstack: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        return self.run(
+            embeds,
+            k_cache,
+            v_cache,
+            torch.tensor([length], dtype=torch.int64, device=k_cache.device),
+            positions,
+            *deepstack,
+        )
 
 
 class TrtVision(TrtEngine):

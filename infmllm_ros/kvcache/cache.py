@@ -28,6 +28,7 @@ which is a 1-D rotation, :mod:`.rope`): afterwards every text token sits at its 
 keeps its 2-D layout from its first kept slot, and ``position_offset`` is 0 again. The lag is a
 property of the token, so rows that kept different tokens still agree on the newest ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,14 @@ from .rope import Rope
 from .slots import SlotKind
 
 
-def gqa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float, mask_from: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def gqa_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    mask_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped-query attention of a chunk over cached + chunk keys (softmax in fp32).
 
     Args:
@@ -115,9 +122,20 @@ class KVCache:
             :meth:`check_settings`.
     """
 
-    def __init__(self, *, layers: int, kv_heads: int, head_dim: int, capacity: int, max_chunk: int,
-                 policy: EvictionPolicy, rope: Rope | None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", slack: int = 0):
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        max_chunk: int,
+        policy: EvictionPolicy,
+        rope: Rope | None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        slack: int = 0,
+    ):
         if min(layers, kv_heads, head_dim) < 1:
             raise ValueError("layers, kv_heads and head_dim must be >= 1")
         self.check_settings(capacity, max_chunk, slack, policy)
@@ -126,7 +144,7 @@ class KVCache:
         self.slack = slack if policy.evicts else 0
         self.policy = policy
         self.rope = rope
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         slots = self.buffer_slots(capacity, max_chunk, slack, policy)
         shape = (layers, kv_heads, slots)
         self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
@@ -186,8 +204,14 @@ class KVCache:
         self.stream_tokens = 0
         self.evicted_tokens = 0
 
-    def begin_chunk(self, n: int, kind: SlotKind | torch.Tensor = SlotKind.TEXT, frame_id: int = -1,
-                    stamp_s: float = math.nan, mrope: torch.Tensor | None = None) -> torch.Tensor:
+    def begin_chunk(
+        self,
+        n: int,
+        kind: SlotKind | torch.Tensor = SlotKind.TEXT,
+        frame_id: int = -1,
+        stamp_s: float = math.nan,
+        mrope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Reserve slots for a chunk of ``n`` tokens and record their metadata.
 
         ``kind`` is one :class:`SlotKind` for the whole chunk, or int8 ``[n]`` per token (a
@@ -212,14 +236,17 @@ class KVCache:
             raise ValueError(f"chunk of {n} tokens is outside 1..max_chunk={self.max_chunk}")
         if isinstance(kind, torch.Tensor) and kind.shape != (n,):
             raise ValueError(f"per-token kinds must be [{n}], got {tuple(kind.shape)}")
-        if mrope is not None and (self.rope_lag is None or tuple(mrope.shape) != (3, n) or int(mrope.min()) < 0
-                                  or int(mrope.max()) >= n):
-            raise ValueError(f"mrope positions must be int [3, {n}] in 0..{n - 1} on an M-RoPE cache, "
-                             f"got {tuple(mrope.shape)}")
+        if mrope is not None and (
+            self.rope_lag is None or tuple(mrope.shape) != (3, n) or int(mrope.min()) < 0 or int(mrope.max()) >= n
+        ):
+            raise ValueError(
+                f"mrope positions must be int [3, {n}] in 0..{n - 1} on an M-RoPE cache, got {tuple(mrope.shape)}"
+            )
         if not self.policy.evicts and self.length + n > self.capacity:
             raise CacheFullError(
                 f"full KV cache of {self.capacity} tokens cannot take {n} more "
-                f"(holds {self.length}); use an evicting policy or a larger capacity")
+                f"(holds {self.length}); use an evicting policy or a larger capacity"
+            )
         s, e = self.length, self.length + n
         dev = self.k.device
         self.position[:, :, s:e] = torch.arange(self.stream_tokens, self.stream_tokens + n, device=dev)
@@ -248,7 +275,8 @@ class KVCache:
         t = mrope[0].to(device)
         index = torch.arange(n, device=device)
         first = torch.full((int(t.max()) + 1,), n, dtype=torch.int64, device=device).scatter_reduce(
-            0, t, index, reduce="amin")
+            0, t, index, reduce="amin"
+        )
         return t - first[t]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -288,10 +316,16 @@ class KVCache:
         n = self.pending
         s, t = self.length, self.length + n
         want = (*self.k.shape[:2], n, self.k.shape[3])
-        if tuple(k.shape) != want or tuple(v.shape) != want or scores.shape[:2] != self.k.shape[:2] \
-                or scores.shape[2] < t:
-            raise ValueError(f"engine outputs K {tuple(k.shape)}, V {tuple(v.shape)}, scores {tuple(scores.shape)} "
-                             f"do not fit the pending chunk (K/V {want}, scores >= {t} slots)")
+        if (
+            tuple(k.shape) != want
+            or tuple(v.shape) != want
+            or scores.shape[:2] != self.k.shape[:2]
+            or scores.shape[2] < t
+        ):
+            raise ValueError(
+                f"engine outputs K {tuple(k.shape)}, V {tuple(v.shape)}, scores {tuple(scores.shape)} "
+                f"do not fit the pending chunk (K/V {want}, scores >= {t} slots)"
+            )
         self.k[:, :, s:t] = k.to(self.k.device, self.k.dtype)
         self.v[:, :, s:t] = v.to(self.v.device, self.v.dtype)
         if self.scores is not None:
@@ -302,10 +336,21 @@ class KVCache:
         it computes, else the policy's torch rule from ``logits``."""
         hq, n, d = q.shape
         rule = self.policy.fused_rule
-        if (rule is not None and self._cuda_kernels and d in kernels.WINDOW_HEAD_DIMS
-                and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES):
-            kernels.window_scores(q[None].to(self.k.dtype).contiguous(), self.k[layer:layer + 1], t, s, self.scale,
-                                  *rule, out=self._window[layer:layer + 1])
+        if (
+            rule is not None
+            and self._cuda_kernels
+            and d in kernels.WINDOW_HEAD_DIMS
+            and hq // self.k.shape[1] * n <= kernels.WINDOW_MAX_QUERIES
+        ):
+            kernels.window_scores(
+                q[None].to(self.k.dtype).contiguous(),
+                self.k[layer : layer + 1],
+                t,
+                s,
+                self.scale,
+                *rule,
+                out=self._window[layer : layer + 1],
+            )
         else:
             self._window[layer, :, :t] = self.policy.window_scores(logits, self._tables)
 
@@ -320,25 +365,27 @@ class KVCache:
         Costs a copy of ``length`` slots of K/V (bytes: ``nbytes * length / slots``).
         """
         n = self.length
-        return {"tensors": [t[:, :, :n].clone() for t in self._state()],
-                "counters": (self.length, self.stream_tokens, self.evicted_tokens, self.position_offset)}
+        return {
+            "tensors": [t[:, :, :n].clone() for t in self._state()],
+            "counters": (self.length, self.stream_tokens, self.evicted_tokens, self.position_offset),
+        }
 
     def restore(self, snap: dict) -> None:
         """Return to a :meth:`snapshot` of this cache."""
         self.length, self.stream_tokens, self.evicted_tokens, self.position_offset = snap["counters"]
         for t, saved in zip(self._state(), snap["tensors"]):
-            t[:, :, :self.length] = saved
+            t[:, :, : self.length] = saved
         self.pending = 0
 
     def frames(self) -> tuple[list[int], list[float]]:
         """Frame ids with at least one token in any row, ascending, and their stamps (seconds)."""
-        ids = self.frame[:, :, :self.length]
+        ids = self.frame[:, :, : self.length]
         present = ids >= 0
         if not bool(present.any()):
             return [], []
         uniq, inverse = torch.unique(ids[present], return_inverse=True)
         stamps = torch.zeros(uniq.numel(), dtype=self.stamp.dtype, device=self.stamp.device)
-        stamps.scatter_(0, inverse, self.stamp[:, :, :self.length][present])  # one stamp per frame
+        stamps.scatter_(0, inverse, self.stamp[:, :, : self.length][present])  # one stamp per frame
         return uniq.tolist(), stamps.tolist()
 
     def rollback(self) -> None:

@@ -11,6 +11,7 @@ Status: compiled for sm_87 and sm_90 in CI (``test/test_cuda_compile.py``); pari
 torch reference (``test/test_cuda_parity.py``) runs where CUDA is present; figures from an
 H100 are in ``bench/results/kernels_h100.md``. Never run on a Jetson.
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,8 +74,7 @@ def check_compact_args(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, met
             raise ValueError(f"metadata must be contiguous {dt} {tuple(k.shape[:3])} on {k.device}")
 
 
-def check_window_args(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int,
-                      out: torch.Tensor | None) -> None:
+def check_window_args(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, out: torch.Tensor | None) -> None:
     """Validate :func:`window_scores` arguments (device-independent).
 
     Raises:
@@ -87,8 +87,10 @@ def check_window_args(q: torch.Tensor, k: torch.Tensor, length: int, q_start: in
     if k.dtype not in (torch.float16, torch.float32) or q.dtype != k.dtype:
         raise ValueError(f"q and K must both be float16 or float32, got {q.dtype} and {k.dtype}")
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q must be [layers, q_heads, W, head_dim] and K [layers, kv_heads, slots, head_dim], "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q must be [layers, q_heads, W, head_dim] and K [layers, kv_heads, slots, head_dim], "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if not (q.is_contiguous() and k.is_contiguous()) or q.device != k.device:
         raise ValueError("q and K must be contiguous and on one device")
     layers, q_heads, window, head_dim = q.shape
@@ -99,13 +101,16 @@ def check_window_args(q: torch.Tensor, k: torch.Tensor, length: int, q_start: in
     if q_heads % k.shape[1]:
         raise ValueError(f"{q_heads} query heads are not a multiple of {k.shape[1]} kv heads")
     if q_heads // k.shape[1] * window > WINDOW_MAX_QUERIES:
-        raise ValueError(f"{q_heads // k.shape[1]} query heads per kv head x W={window} exceed "
-                         f"{WINDOW_MAX_QUERIES} queries")
+        raise ValueError(
+            f"{q_heads // k.shape[1]} query heads per kv head x W={window} exceed {WINDOW_MAX_QUERIES} queries"
+        )
     if not (q_start >= 0 and window >= 1 and q_start + window <= length <= k.shape[2]):
-        raise ValueError(f"window at slots {q_start}..{q_start + window - 1} must lie inside length {length} "
-                         f"<= {k.shape[2]} slots")
-    if out is not None and (out.dtype != torch.float32 or out.shape != k.shape[:3] or not out.is_contiguous()
-                            or out.device != k.device):
+        raise ValueError(
+            f"window at slots {q_start}..{q_start + window - 1} must lie inside length {length} <= {k.shape[2]} slots"
+        )
+    if out is not None and (
+        out.dtype != torch.float32 or out.shape != k.shape[:3] or not out.is_contiguous() or out.device != k.device
+    ):
         raise ValueError(f"out must be contiguous float32 {tuple(k.shape[:3])} on {k.device}")
 
 
@@ -117,8 +122,9 @@ def check_select_args(scores: torch.Tensor, length: int, sinks: int, recent: int
             the slots, or counts with ``sinks + recent > budget`` or ``budget >= length``.
     """
     if scores.dtype != torch.float32 or scores.dim() != 3 or not scores.is_contiguous():
-        raise ValueError(f"scores must be contiguous float32 [layers, kv_heads, slots], got {scores.dtype} "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be contiguous float32 [layers, kv_heads, slots], got {scores.dtype} {tuple(scores.shape)}"
+        )
     if not 0 < length <= scores.shape[2]:
         raise ValueError(f"length {length} outside 1..{scores.shape[2]} slots")
     if min(sinks, recent) < 0 or sinks + recent > budget:
@@ -167,7 +173,7 @@ def loader() -> str:
     return _module()[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _function(name: str):
     """The compiled kernel ``name`` (looked up once)."""
     return _module()[1].get_function(name)
@@ -208,9 +214,17 @@ class _PyCudaStream:
         self.handle = handle
 
 
-def window_scores(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, scale: float,
-                  beta: float = 0.0, normalise: bool = True, out: torch.Tensor | None = None,
-                  decay: float = 0.0) -> torch.Tensor:
+def window_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    length: int,
+    q_start: int,
+    scale: float,
+    beta: float = 0.0,
+    normalise: bool = True,
+    out: torch.Tensor | None = None,
+    decay: float = 0.0,
+) -> torch.Tensor:
     """CUDA :func:`reference.window_scores` for all layers at once, with optional carry.
 
     fp16 with ``head_dim <= 128`` runs on tensor cores (WMMA, fp32 accumulation); fp32 and
@@ -246,12 +260,24 @@ def window_scores(q: torch.Tensor, k: torch.Tensor, length: int, q_start: int, s
     part = torch.empty(2, rows, queries, tiles, dtype=torch.float32, device=k.device)
     lse = torch.empty(rows, queries, dtype=torch.float32, device=k.device)
     suffix = "tc" if tensor_cores else "f16" if k.dtype == torch.float16 else "f32"
-    shape = [np.int32(kv_heads), np.int32(q_heads), np.int32(window), np.int32(slots), np.int32(head_dim),
-             np.int32(length), np.int32(q_start), np.float32(scale), np.float32(beta)]
+    shape = [
+        np.int32(kv_heads),
+        np.int32(q_heads),
+        np.int32(window),
+        np.int32(slots),
+        np.int32(head_dim),
+        np.int32(length),
+        np.int32(q_start),
+        np.float32(scale),
+        np.float32(beta),
+    ]
     _launch(f"window_partial_{suffix}", (rows, tiles), [q, k, part[0], part[1], *shape])
     _launch("window_lse", (rows,), [part[0], part[1], lse, np.int32(queries), np.int32(tiles)])
-    _launch(f"window_columns_{suffix}", (rows, tiles),
-            [q, k, lse, out, *shape, np.int32(bool(normalise)), np.float32(decay)])
+    _launch(
+        f"window_columns_{suffix}",
+        (rows, tiles),
+        [q, k, lse, out, *shape, np.int32(bool(normalise)), np.float32(decay)],
+    )
     return out
 
 
@@ -268,8 +294,19 @@ def saddle_select(scores: torch.Tensor, length: int, sinks: int, recent: int, bu
     check_select_args(scores, length, sinks, recent, budget)
     rows = scores.shape[0] * scores.shape[1]
     keep = torch.empty(*scores.shape[:2], budget, dtype=torch.int64, device=scores.device)
-    _launch("saddle_select_f32", (rows,), [scores, keep, np.int32(length), np.int32(scores.shape[2]),
-                                         np.int32(sinks), np.int32(recent), np.int32(budget)])
+    _launch(
+        "saddle_select_f32",
+        (rows,),
+        [
+            scores,
+            keep,
+            np.int32(length),
+            np.int32(scores.shape[2]),
+            np.int32(sinks),
+            np.int32(recent),
+            np.int32(budget),
+        ],
+    )
     return keep
 
 
@@ -278,8 +315,9 @@ def compact_tile_slots(head_dim: int, element_size: int) -> int:
     return min(THREADS, COMPACT_ITEMS * THREADS * (COMPACT_VEC_BYTES // element_size) // (head_dim // 2))
 
 
-def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope | None,
-               metadata: tuple[torch.Tensor, ...]) -> None:
+def kv_compact(
+    k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope | None, metadata: tuple[torch.Tensor, ...]
+) -> None:
     """CUDA :func:`reference.kv_compact`, in place.
 
     Parallel over (row, tile of output slots); in-place safety comes from per-tile "sources read"
@@ -308,6 +346,25 @@ def kv_compact(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, rope: Rope 
     # keep[b] - b <= slots - kept: the earlier tiles that may read a tile's destination slots.
     wait_tiles = -(-(slots - kept) // per_tile)
     name = "kv_compact_f16" if k.dtype == torch.float16 else "kv_compact_f32"
-    _launch(name, (blocks,), [k, v, k, v, keep, inv, *metadata[:4], scores, sync[:blocks], sync[blocks:],
-                              np.int32(kept), np.int32(slots), np.int32(head_dim), np.int32(rope is not None),
-                              np.int32(tiles), np.int32(wait_tiles)])
+    _launch(
+        name,
+        (blocks,),
+        [
+            k,
+            v,
+            k,
+            v,
+            keep,
+            inv,
+            *metadata[:4],
+            scores,
+            sync[:blocks],
+            sync[blocks:],
+            np.int32(kept),
+            np.int32(slots),
+            np.int32(head_dim),
+            np.int32(rope is not None),
+            np.int32(tiles),
+            np.int32(wait_tiles),
+        ],
+    )

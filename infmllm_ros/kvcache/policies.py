@@ -25,6 +25,7 @@ other saddle. This is our addition, not Inf-MLLM's (its saddles do not tell moda
 apart): on a camera stream most slots are frame-tag text, and without a reserve an event's
 few vision tokens leave most rows within minutes (bench/results/README.md, "Camera memory").
 """
+
 from __future__ import annotations
 
 import math
@@ -103,8 +104,10 @@ class EvictionPolicy:
             if value < 0:
                 raise PolicySettingError(setting, f"{setting} must be >= 0 tokens, got {value}")
         if vision_budget and not self.scores_slots:
-            raise PolicySettingError("vision_budget", f"policy {self.name} does not score slots, so it cannot "
-                                                      f"keep a vision budget; use h2o or inf_mllm")
+            raise PolicySettingError(
+                "vision_budget",
+                f"policy {self.name} does not score slots, so it cannot keep a vision budget; use h2o or inf_mllm",
+            )
         self.sinks = sinks
         self.recent = recent
         self.vision_budget = vision_budget
@@ -125,16 +128,27 @@ class EvictionPolicy:
         else ``capacity``) and for the vision budget (setting ``vision_budget``)."""
         sinks, recent = self.protected(0)  # what the policy protects whatever the budget
         if self.evicts and capacity < sinks + recent + max_chunk:
-            raise PolicySettingError("recent" if recent >= capacity else "capacity",
+            raise PolicySettingError(
+                "recent" if recent >= capacity else "capacity",
                 f"capacity {capacity} is smaller than sinks ({sinks}) + recent ({recent}) + chunk "
-                f"({max_chunk}) = {sinks + recent + max_chunk} tokens")
+                f"({max_chunk}) = {sinks + recent + max_chunk} tokens",
+            )
         if self.vision_budget and capacity < sinks + recent + self.vision_budget:
-            raise PolicySettingError("vision_budget",
+            raise PolicySettingError(
+                "vision_budget",
                 f"vision_budget {self.vision_budget} does not fit beside sinks ({sinks}) and recent ({recent}) "
-                f"in a capacity of {capacity} tokens")
+                f"in a capacity of {capacity} tokens",
+            )
 
-    def select(self, scores: torch.Tensor | None, rows: tuple[int, int], length: int, budget: int,
-               device: torch.device, kind: torch.Tensor | None = None) -> torch.Tensor:
+    def select(
+        self,
+        scores: torch.Tensor | None,
+        rows: tuple[int, int],
+        length: int,
+        budget: int,
+        device: torch.device,
+        kind: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Kept slots ``int64 [layers, kv_heads, budget]``, ascending.
 
         Args:
@@ -157,7 +171,7 @@ class EvictionPolicy:
                 raise ValueError("a vision budget needs the slot kinds")
             eligible = kind == SlotKind.VISION
             eligible[..., :sinks] = False
-            eligible[..., length - recent:] = False  # already kept
+            eligible[..., length - recent :] = False  # already kept
             scores = reserve_top(scores, eligible, self.vision_budget)
         if scores.is_cuda:
             return kernels.saddle_select(scores.contiguous(), length, sinks, recent, budget)
@@ -283,8 +297,9 @@ class InfMLLMPolicy(AttentionScorePolicy):
     normalise = True
     settings = ("beta", "decay")
 
-    def __init__(self, sinks: int, recent: int, vision_budget: int = 0, beta: float = DEFAULT_BETA,
-                 decay: float = DEFAULT_DECAY):
+    def __init__(
+        self, sinks: int, recent: int, vision_budget: int = 0, beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY
+    ):
         check_scoring(beta, decay)
         self.beta, self.decay = float(beta), float(decay)
         super().__init__(sinks, recent, vision_budget)
@@ -301,14 +316,21 @@ def check_scoring(beta: float, decay: float) -> None:
 
 POLICIES = {p.name: p for p in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, InfMLLMPolicy)}
 
+
 def scores_slots(name: str) -> bool:
     """Whether the policy called ``name`` scores slots, and so can keep a vision budget (False
     for unknown names, which :func:`make_policy` reports)."""
     return name in POLICIES and POLICIES[name].scores_slots
 
 
-def make_policy(name: str, sinks: int = 4, recent: int = 64, vision_budget: int = 0,
-                beta: float = DEFAULT_BETA, decay: float = DEFAULT_DECAY) -> EvictionPolicy:
+def make_policy(
+    name: str,
+    sinks: int = 4,
+    recent: int = 64,
+    vision_budget: int = 0,
+    beta: float = DEFAULT_BETA,
+    decay: float = DEFAULT_DECAY,
+) -> EvictionPolicy:
     """Build a policy by name (one of :data:`POLICIES`).
 
     ``beta`` and ``decay`` are checked whatever the policy (one rule for every caller) and passed

@@ -11,6 +11,7 @@ Three operations, each with the exact semantics the kernels in ``cuda/`` must re
 Buffer layout everywhere: ``[layers, kv_heads, slots, head_dim]``; a slot's RoPE position
 is its index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,7 @@ def window_scores(
     return column_scores(logits, q_start, beta, normalise)
 
 
-def column_scores(logits: torch.Tensor, q_start: int, beta: float = 0.0,
-                  normalise: bool = True) -> torch.Tensor:
+def column_scores(logits: torch.Tensor, q_start: int, beta: float = 0.0, normalise: bool = True) -> torch.Tensor:
     """:func:`window_scores` from precomputed scaled logits (no mask, no bias).
 
     Lets the cache reuse the logits of the model's own attention instead of a second QK^T.
@@ -100,8 +100,9 @@ def column_scores(logits: torch.Tensor, q_start: int, beta: float = 0.0,
     return col.mean(dim=1)
 
 
-def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, causal: torch.Tensor | None,
-                        viewers: torch.Tensor | None) -> torch.Tensor:
+def chunk_column_scores(
+    logits: torch.Tensor, slot_bias: torch.Tensor | None, causal: torch.Tensor | None, viewers: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`column_scores` of a chunk whose ``W`` queries are the last ``W`` of the ``T`` slots
     (``q_start = T - W``), with its per-call tables precomputed and the causal mask applied only to
     the chunk's own ``W x W`` corner, where it hides something: the same operations on the same
@@ -122,7 +123,7 @@ def chunk_column_scores(logits: torch.Tensor, slot_bias: torch.Tensor | None, ca
     if w > 1:
         if biased is logits:
             biased = logits.clone()
-        biased[..., t - w:].masked_fill_(causal[:w, :w], float("-inf"))
+        biased[..., t - w :].masked_fill_(causal[:w, :w], float("-inf"))
     col = torch.softmax(biased, dim=-1).sum(dim=2)
     if viewers is not None and w > 1:
         col = col / viewers

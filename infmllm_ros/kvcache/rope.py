@@ -21,6 +21,7 @@ takes h when ``i % 3 == 1`` and ``i < 3 * sections[1]``, w when ``i % 3 == 2`` a
 rotates every pair by ``d * inv_freq[i]``: the same 1-D re-rotation, so :meth:`Rope.rerotate`
 and the CUDA compaction kernel serve M-RoPE models unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,16 +48,19 @@ class Rope:
             have three parts summing to ``head_dim / 2``.
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None,
-                 interleaved: bool = False):
+    def __init__(
+        self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None, interleaved: bool = False
+    ):
         if head_dim % 2:
             raise ValueError(f"RoPE head_dim must be even, got {head_dim}")
         if theta <= 0:
             raise ValueError(f"RoPE theta must be positive, got {theta}")
-        if mrope_section is not None and (len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2
-                                          or min(mrope_section) < 0):
-            raise ValueError(f"mrope_section {mrope_section} must be three sizes summing to head_dim/2 = "
-                             f"{head_dim // 2}")
+        if mrope_section is not None and (
+            len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2 or min(mrope_section) < 0
+        ):
+            raise ValueError(
+                f"mrope_section {mrope_section} must be three sizes summing to head_dim/2 = {head_dim // 2}"
+            )
         self.mrope_section = tuple(mrope_section) if mrope_section is not None else None
         #: per frequency pair, the axis (0 t, 1 h, 2 w) its M-RoPE angle comes from
         self.mrope_axis = None
@@ -64,16 +68,15 @@ class Rope:
             pair = torch.arange(head_dim // 2)
             if interleaved:
                 sec = self.mrope_section
-                self.mrope_axis = torch.where((pair % 3 == 1) & (pair < 3 * sec[1]), 1,
-                                              torch.where((pair % 3 == 2) & (pair < 3 * sec[2]), 2, 0))
+                self.mrope_axis = torch.where(
+                    (pair % 3 == 1) & (pair < 3 * sec[1]), 1, torch.where((pair % 3 == 2) & (pair < 3 * sec[2]), 2, 0)
+                )
             else:
                 self.mrope_axis = torch.repeat_interleave(torch.arange(3), torch.tensor(self.mrope_section))
         self.head_dim = head_dim
         self.theta = float(theta)
         # fp32 inverse frequencies, computed as transformers' LlamaRotaryEmbedding does.
-        self.inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        )
+        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         self._inv_freq_by_device: dict[str, torch.Tensor] = {}
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:

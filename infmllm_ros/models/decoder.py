@@ -4,6 +4,7 @@ Module and parameter names follow transformers' ``LlamaForCausalLM`` / ``Qwen2Fo
 (``model.layers.N.self_attn.q_proj.weight`` ...), so Hugging Face state dicts load directly.
 One stream, no batch dimension: activations are ``[n, hidden]`` for a chunk of ``n`` tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Post-RoPE q ``[heads, n, d]``, k and v ``[kv_heads, n, d]`` of ``x`` ``[n, hidden]``."""
         n, d = x.shape[0], self.cfg.head_dim
         if self.qkv_proj is not None:
@@ -116,8 +118,7 @@ class Attention(nn.Module):
         """Attention output ``[heads, n, d]`` -> ``[n, hidden]`` through ``o_proj``."""
         return self.o_proj(attn.transpose(0, 1).reshape(attn.shape[1], -1))
 
-    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         return self.output(cache.attend(self.layer, *self.project(x, rope_cs)))
 
 
@@ -153,8 +154,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope_cs, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -184,8 +184,9 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.requires_grad_(False)  # inference only
 
-    def new_cache(self, capacity: int, max_chunk: int, policy: EvictionPolicy,
-                  dtype: torch.dtype | None = None, slack: int = 0) -> KVCache:
+    def new_cache(
+        self, capacity: int, max_chunk: int, policy: EvictionPolicy, dtype: torch.dtype | None = None, slack: int = 0
+    ) -> KVCache:
         """A KV cache shaped for this model (see :class:`KVCache` for the arguments and the
         errors it raises; ``slack``: tokens appended past ``capacity`` before an eviction).
 
@@ -197,11 +198,21 @@ class Decoder(nn.Module):
         if slots > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"capacity + slack + max_chunk = {slots} slots exceeds the model's trained context "
-                f"({self.cfg.max_position_embeddings} tokens)")
+                f"({self.cfg.max_position_embeddings} tokens)"
+            )
         p = next(self.parameters())
-        return KVCache(layers=self.cfg.num_layers, kv_heads=self.cfg.num_kv_heads,
-                       head_dim=self.cfg.head_dim, capacity=capacity, max_chunk=max_chunk,
-                       policy=policy, rope=self.rope, dtype=dtype or p.dtype, device=p.device, slack=slack)
+        return KVCache(
+            layers=self.cfg.num_layers,
+            kv_heads=self.cfg.num_kv_heads,
+            head_dim=self.cfg.head_dim,
+            capacity=capacity,
+            max_chunk=max_chunk,
+            policy=policy,
+            rope=self.rope,
+            dtype=dtype or p.dtype,
+            device=p.device,
+            slack=slack,
+        )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids int64 ``[n]`` -> input embeddings ``[n, hidden]``."""
@@ -212,9 +223,16 @@ class Decoder(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
-                frame_id: int = -1, stamp_s: float = math.nan, mrope: torch.Tensor | None = None,
-                deepstack: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache,
+        kind: SlotKind | torch.Tensor = SlotKind.TEXT,
+        frame_id: int = -1,
+        stamp_s: float = math.nan,
+        mrope: torch.Tensor | None = None,
+        deepstack: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run one chunk through the model and the cache (evicting if it overflows).
 
         Args:
@@ -244,8 +262,11 @@ class Decoder(nn.Module):
         positions = cache.begin_chunk(n, kind, frame_id, stamp_s, mrope)
         try:
             x = embeds
-            rope_cs = (self.rope.cos_sin(positions, embeds.dtype) if mrope is None else
-                       self.rope.cos_sin_mrope(positions[0] + mrope.to(positions.device), embeds.dtype))
+            rope_cs = (
+                self.rope.cos_sin(positions, embeds.dtype)
+                if mrope is None
+                else self.rope.cos_sin_mrope(positions[0] + mrope.to(positions.device), embeds.dtype)
+            )
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, rope_cs, cache)
                 if deepstack is not None and i < deepstack.shape[0]:

@@ -4,6 +4,7 @@ Everything installs from PyPI, so this is the model that runs anywhere (CI, a la
 run a real VLM family (:mod:`.qwen_vl`, :mod:`.smolvlm`). A new frame reads to the LM as
 ``<frame t=..> I see a`` + the top class name's token embeddings (:mod:`.vision`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,7 @@ class EmbeddedVLM(VisionLanguageModel):
     novel_text = " I see a"
 
     def __init__(self, decoder, tokenizer, name: str, vision: VisionEncoder, projector: LabelEmbeddingProjector):
-        super().__init__(decoder, tokenizer, name, max_vision_tokens=projector.name_embeds.shape[1] + vision.cells ** 2)
+        super().__init__(decoder, tokenizer, name, max_vision_tokens=projector.name_embeds.shape[1] + vision.cells**2)
         self.vision, self.projector = vision, projector
         self._concepts: dict[str, frozenset[str]] = {}
 
@@ -81,5 +82,6 @@ def load_embedded(gguf: str | Path, device: str = "cpu") -> EmbeddedVLM:
     vision = VisionEncoder()
     decoder.to(device)
     vision.to(device)
-    return EmbeddedVLM(decoder, tokenizer, path.stem, vision,
-                       LabelEmbeddingProjector(decoder, tokenizer, imagenet_names()))
+    return EmbeddedVLM(
+        decoder, tokenizer, path.stem, vision, LabelEmbeddingProjector(decoder, tokenizer, imagenet_names())
+    )

@@ -20,6 +20,7 @@ of :class:`VisionLanguageModel`. It brings
 The session owns the rest (tag text, novelty gate, cache, questions), so the same streaming
 runtime serves every family.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -104,7 +105,7 @@ class FrameChunk:
             return None
         layers, m, hidden = self.deepstack.shape
         full = self.deepstack.new_zeros(layers, len(self), hidden)
-        full[:, len(self.before):len(self.before) + m] = self.deepstack
+        full[:, len(self.before) : len(self.before) + m] = self.deepstack
         return full
 
     @property
@@ -220,8 +221,9 @@ class VisionLanguageModel:
             NotImplementedError: the family has no tower module (it overrides :meth:`encode_frame`
                 alone): it runs on the torch backend only.
         """
-        raise NotImplementedError(f"the {self.family} family has no vision tower to export as an engine; "
-                                  f"use backend torch")
+        raise NotImplementedError(
+            f"the {self.family} family has no vision tower to export as an engine; use backend torch"
+        )
 
     def frame_encoding(self, outputs: tuple[torch.Tensor, ...], inputs: VisionInputs) -> FrameEncoding:
         """The :class:`FrameEncoding` of the tower's ``outputs`` for a frame's ``inputs``: by default

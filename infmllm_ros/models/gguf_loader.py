@@ -5,6 +5,7 @@ LLaMA Q/K weights in GGUF are permuted for llama.cpp's interleaved RoPE; we undo
 permutation (llama.cpp ``convert_hf_to_gguf.py`` ``LlamaModel.permute``) to get the
 rotate-half layout of :mod:`infmllm_ros.kvcache.rope`. Qwen2 GGUF files are not permuted.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Text-only LLaMA / Qwen2 checkpoints load into a :class:`Decoder` here
 (:func:`load_hf_checkpoint`); the VLM families (:mod:`.qwen_vl`, :mod:`.smolvlm`) use the
 same pieces for their language model and hand the rest of the weights to their vision tower.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,17 +57,22 @@ def decoder_config(text: dict, attention_bias: bool = False, **extra) -> Decoder
     try:
         n_heads = text["num_attention_heads"]
         return DecoderConfig(
-            vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"], num_layers=text["num_hidden_layers"],
-            num_heads=n_heads, num_kv_heads=text.get("num_key_value_heads") or n_heads,
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=n_heads,
+            num_kv_heads=text.get("num_key_value_heads") or n_heads,
             head_dim=text.get("head_dim") or text["hidden_size"] // n_heads,
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             attention_bias=attention_bias or bool(text.get("attention_bias", False)),
             max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-            mrope_section=tuple(mrope) if mrope else None, mrope_interleaved=bool(rope.get("mrope_interleaved")),
-            **extra)
+            mrope_section=tuple(mrope) if mrope else None,
+            mrope_interleaved=bool(rope.get("mrope_interleaved")),
+            **extra,
+        )
     except KeyError as exc:
         raise ValueError(f"config has no {exc.args[0]!r}") from exc
 
@@ -121,7 +127,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def take_prefixed(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], rename: str = "") -> dict[str, torch.Tensor]:
+def take_prefixed(
+    state: dict[str, torch.Tensor], prefixes: tuple[str, ...], rename: str = ""
+) -> dict[str, torch.Tensor]:
     """Remove from ``state`` the tensors whose names start with one of ``prefixes`` (first match
     wins) and return them with that prefix replaced by ``rename``: checkpoints name the same part
     differently across transformers versions (``model.language_model.`` vs ``model.``)."""
@@ -129,7 +137,7 @@ def take_prefixed(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], ren
     for name in list(state):
         for prefix in prefixes:
             if name.startswith(prefix):
-                taken[rename + name[len(prefix):]] = state.pop(name)
+                taken[rename + name[len(prefix) :]] = state.pop(name)
                 break
     return taken
 
@@ -142,8 +150,11 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], w
             config (``what`` names the checkpoint part in the message).
     """
     own = module.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)}, config {tuple(own[k].shape)}"
-             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)}, config {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if wrong:
         raise ValueError(f"{what}: tensor shapes disagree with config.json: {'; '.join(wrong[:4])}")
     missing, unexpected = module.load_state_dict(state, strict=False)
@@ -160,15 +171,22 @@ def check_decoder_shapes(cfg: DecoderConfig, state: dict[str, torch.Tensor], wha
         ValueError: a tensor whose shape disagrees (named, with both shapes).
     """
     d = cfg.head_dim
-    want = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-            "model.layers.0.self_attn.q_proj.weight": (cfg.num_heads * d, cfg.hidden_size),
-            "model.layers.0.self_attn.k_proj.weight": (cfg.num_kv_heads * d, cfg.hidden_size),
-            "model.layers.0.mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size)}
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)}, config {shape}" for k, shape in want.items()
-             if k in state and tuple(state[k].shape) != shape]
+    want = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.layers.0.self_attn.q_proj.weight": (cfg.num_heads * d, cfg.hidden_size),
+        "model.layers.0.self_attn.k_proj.weight": (cfg.num_kv_heads * d, cfg.hidden_size),
+        "model.layers.0.mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+    }
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, config {shape}"
+        for k, shape in want.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
     if wrong:
-        raise ValueError(f"{what}: tensor shapes disagree with config.json (hidden_size, heads, vocab_size or "
-                         f"intermediate_size): {'; '.join(wrong)}")
+        raise ValueError(
+            f"{what}: tensor shapes disagree with config.json (hidden_size, heads, vocab_size or "
+            f"intermediate_size): {'; '.join(wrong)}"
+        )
 
 
 def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) -> Decoder:
@@ -185,8 +203,13 @@ def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) 
     return decoder.eval()
 
 
-def load_vlm_parts(path: Path, cfg: DecoderConfig, parts: dict[str, tuple[tuple[str, ...], Callable]],
-                   text_prefixes: tuple[str, ...], head_prefixes: tuple[str, ...] = ("lm_head.",)):
+def load_vlm_parts(
+    path: Path,
+    cfg: DecoderConfig,
+    parts: dict[str, tuple[tuple[str, ...], Callable]],
+    text_prefixes: tuple[str, ...],
+    head_prefixes: tuple[str, ...] = ("lm_head.",),
+):
     """A VLM checkpoint's language model and its vision modules, from one read of its weights.
 
     Args:
@@ -215,8 +238,7 @@ def load_vlm_parts(path: Path, cfg: DecoderConfig, parts: dict[str, tuple[tuple[
     return load_decoder(cfg, text_state, f"{path} (language model)"), modules, full_cfg
 
 
-def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32
-                       ) -> tuple[Decoder, ChatTokenizer | None]:
+def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Decoder, ChatTokenizer | None]:
     """Read a text-only HF checkpoint folder into a :class:`Decoder` (+ tokenizer when present).
 
     Args:

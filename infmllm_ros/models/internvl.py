@@ -12,6 +12,7 @@ decoder (cache, eviction, scoring) and the frame chunk.
 Frames are single tiles (``crop_to_patches=False``): InternVL's dynamic tiling would cost up to
 13x the tokens per frame. The frame time reaches the model as text, as for every family.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,9 +46,20 @@ class InternVL(VisionLanguageModel):
     image_open = "<img>"
     image_close = "</img>\n"
 
-    def __init__(self, decoder, tokenizer, name: str, vision_tower: torch.nn.Module, projector: torch.nn.Module,
-                 processor, image_token_id: int, downsample_ratio: float, feature_layer: int, drop_cls: bool,
-                 frame_tokens: int):
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        name: str,
+        vision_tower: torch.nn.Module,
+        projector: torch.nn.Module,
+        processor,
+        image_token_id: int,
+        downsample_ratio: float,
+        feature_layer: int,
+        drop_cls: bool,
+        frame_tokens: int,
+    ):
         super().__init__(decoder, tokenizer, name, max_vision_tokens=frame_tokens)
         self.tower = _Tower(vision_tower, projector, downsample_ratio, feature_layer, drop_cls)
         self.processor, self.image_token_id = processor, image_token_id
@@ -55,8 +67,7 @@ class InternVL(VisionLanguageModel):
     def vision_inputs(self, rgb: np.ndarray) -> VisionInputs:
         """The processor's one tile ``[1, 3, S, S]``."""
         pixels = self.processor(images=[rgb], crop_to_patches=False, return_tensors="pt")["pixel_values"]
-        return VisionInputs((pixels.to(self.device, next(self.tower.parameters()).dtype),),
-                            (1, self.max_vision_tokens))
+        return VisionInputs((pixels.to(self.device, next(self.tower.parameters()).dtype),), (1, self.max_vision_tokens))
 
     def vision_tower(self, inputs: VisionInputs) -> torch.nn.Module:
         """InternViT + pixel shuffle + projector (as transformers' ``InternVLModel.get_image_features``):
@@ -67,11 +78,17 @@ class InternVL(VisionLanguageModel):
 class _Tower(torch.nn.Module):
     """``forward(pixels [1, 3, S, S])`` -> vision tokens ``[(S/p * ratio)**2, hidden]``."""
 
-    def __init__(self, vision_tower: torch.nn.Module, projector: torch.nn.Module, ratio: float, layer: int,
-                 drop_cls: bool):
+    def __init__(
+        self, vision_tower: torch.nn.Module, projector: torch.nn.Module, ratio: float, layer: int, drop_cls: bool
+    ):
         super().__init__()
         self.vision_tower, self.projector, self.ratio, self.layer, self.drop_cls = (
-            vision_tower, projector, ratio, layer, drop_cls)
+            vision_tower,
+            projector,
+            ratio,
+            layer,
+            drop_cls,
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         from transformers.models.internvl.modeling_internvl import InternVLModel
@@ -100,11 +117,18 @@ def load_internvl(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     path = Path(path)
     hf, cfg = read_vlm_config(path, attention_bias=True)  # Qwen2: q/k/v biases
     decoder, parts, full_cfg = load_vlm_parts(
-        path, cfg, {"vision tower": (("model.vision_tower.", "vision_tower."),
-                                     lambda c: InternVLVisionModel._from_config(c.vision_config)),
-                    "projector": (("model.multi_modal_projector.", "multi_modal_projector."),
-                                  InternVLMultiModalProjector)},
-        ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+        path,
+        cfg,
+        {
+            "vision tower": (
+                ("model.vision_tower.", "vision_tower."),
+                lambda c: InternVLVisionModel._from_config(c.vision_config),
+            ),
+            "projector": (("model.multi_modal_projector.", "multi_modal_projector."), InternVLMultiModalProjector),
+        },
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    )
     tower, projector = parts["vision tower"], parts["projector"]
     vcfg = full_cfg.vision_config
     side = vcfg.image_size[0] // vcfg.patch_size[0]
@@ -114,7 +138,16 @@ def load_internvl(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
         raise ValueError(f"{path}/config.json: vision_feature_layer {layer!r}: one layer is supported")
     processor = GotOcr2ImageProcessorPil.from_pretrained(str(path), crop_to_patches=False)
     tokenizer = ChatTokenizer.from_hf_dir(path)
-    return InternVL(decoder.to(device, dtype), tokenizer, path.name, tower.to(device, dtype).eval(),
-                    projector.to(device, dtype).eval(), processor, int(hf["image_token_id"]),
-                    float(full_cfg.downsample_ratio), layer, full_cfg.vision_feature_select_strategy == "default",
-                    frame_tokens)
+    return InternVL(
+        decoder.to(device, dtype),
+        tokenizer,
+        path.name,
+        tower.to(device, dtype).eval(),
+        projector.to(device, dtype).eval(),
+        processor,
+        int(hf["image_token_id"]),
+        float(full_cfg.downsample_ratio),
+        layer,
+        full_cfg.vision_feature_select_strategy == "default",
+        frame_tokens,
+    )

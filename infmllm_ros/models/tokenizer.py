@@ -4,6 +4,7 @@ The byte-level BPE is built by `tokenizers` from the vocabulary and merges store
 file (``tokenizer.ggml.*``) or loaded from a Hugging Face ``tokenizer.json``; the chat template
 is the model's own Jinja template, rendered in a sandbox as transformers does.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def split_trailing_space(text: str) -> tuple[str, str]:
     """``text`` without its trailing spaces, and those spaces: a byte-level BPE attaches a space
     to the word after it (``" What"``), so text that follows is encoded with them."""
     core = text.rstrip(" ")
-    return core, text[len(core):]
+    return core, text[len(core) :]
 
 
 class ChatTokenizer:
@@ -36,8 +37,9 @@ class ChatTokenizer:
         ValueError: if a stop token is not in the vocabulary.
     """
 
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, eos_id: int,
-                 extra_stop: tuple[str, ...] = ("<|im_end|>",)):
+    def __init__(
+        self, tokenizer: Tokenizer, chat_template: str, eos_id: int, extra_stop: tuple[str, ...] = ("<|im_end|>",)
+    ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.eos_id = eos_id
@@ -50,8 +52,11 @@ class ChatTokenizer:
         # A copy that reads special-token strings as plain characters, for operator text.
         self._plain = Tokenizer.from_str(tokenizer.to_str())
         self._plain.encode_special_tokens = True
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-            chat_template) if chat_template else None
+        self._template = (
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
+            if chat_template
+            else None
+        )
         # VLM templates (SmolVLM's) iterate a message's content as typed parts; others take a string.
         self._content_parts = False
         if self._template is not None:
@@ -105,8 +110,12 @@ class ChatTokenizer:
             raise ValueError("this model has no chat template")
         if self._content_parts:
             messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token="", eos_token=self.tokenizer.id_to_token(self.eos_id))
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token="",
+            eos_token=self.tokenizer.id_to_token(self.eos_id),
+        )
 
     def render_turn(self, role: str, content: str, add_generation_prompt: bool = False) -> str:
         """Prompt text of one more turn in an ongoing chat (no default system prompt injected).
@@ -123,11 +132,18 @@ class ChatTokenizer:
         full = self.render_chat(head + [{"role": role, "content": content}], add_generation_prompt)
         if not full.startswith(prefix):
             raise ValueError("chat template does not render turns incrementally")
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     @classmethod
-    def from_bpe(cls, tokens: list[str], merges: list[str], token_types: list[int], eos_id: int,
-                 chat_template: str, pre: str = "gpt2") -> "ChatTokenizer":
+    def from_bpe(
+        cls,
+        tokens: list[str],
+        merges: list[str],
+        token_types: list[int],
+        eos_id: int,
+        chat_template: str,
+        pre: str = "gpt2",
+    ) -> ChatTokenizer:
         """Byte-level BPE from GGUF-style vocab/merges.
 
         Args:
@@ -149,7 +165,7 @@ class ChatTokenizer:
         return cls(tok, chat_template, eos_id)
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path, extra_stop: tuple[str, ...] = ("<|im_end|>",)) -> "ChatTokenizer":
+    def from_hf_dir(cls, path: str | Path, extra_stop: tuple[str, ...] = ("<|im_end|>",)) -> ChatTokenizer:
         """From a Hugging Face checkpoint folder: ``tokenizer.json``, the chat template (in
         ``tokenizer_config.json``, ``chat_template.jinja`` or ``chat_template.json``), and stop
         tokens from ``tokenizer_config.json``'s ``eos_token``, ``generation_config.json``'s

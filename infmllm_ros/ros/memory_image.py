@@ -5,6 +5,7 @@ last, each captioned with its stamp, camera and the KV slots it keeps (mean per 
 row), where the robot was when it has a pose; a novel frame's caption also names what the model
 saw. Drawn with OpenCV.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,11 @@ def mosaic(frames: list[MemoryFrame], columns: int = 8) -> np.ndarray:
     out = np.zeros((rows * (h + CAPTION_H), columns * w, 3), np.uint8)
     for i, f in enumerate(frames):
         y, x = (i // columns) * (h + CAPTION_H), (i % columns) * w
-        out[y:y + h, x:x + w] = f.thumbnail if f.thumbnail is not None else 96
+        out[y : y + h, x : x + w] = f.thumbnail if f.thumbnail is not None else 96
         where = f"({f.pose.x:.0f},{f.pose.y:.0f}) {f.pose.frame_id}"[:16] if f.pose is not None else ""
         lines = (f"t={f.stamp_s:.0f}s {f.camera}"[:16], f"{f.slots:.0f} KV slots", where, f.label[:16])
         for j, text in enumerate(lines):
-            cv2.putText(out, text, (x + 2, y + h + 11 + 12 * j), cv2.FONT_HERSHEY_PLAIN, 0.8, (255, 255, 255), 1,
-                        cv2.LINE_AA)
+            cv2.putText(
+                out, text, (x + 2, y + h + 11 + 12 * j), cv2.FONT_HERSHEY_PLAIN, 0.8, (255, 255, 255), 1, cv2.LINE_AA
+            )
     return out

@@ -12,7 +12,8 @@ Graph interface (names relative to the node's namespace unless absolute):
 * services ``~/save_memory``, ``~/load_memory`` (``infmllm_interfaces/srv/MemoryFile``) and
   ``~/reset_memory`` (``std_srvs/Trigger``);
 * publishes ``~/memory_image`` (``sensor_msgs/Image``, every ``memory_image_period_s``: the
-  frames still in the KV cache, :mod:`.memory_image`), ``~/answers`` (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
+  frames still in the KV cache, :mod:`.memory_image`), ``~/answers``
+  (``infmllm_interfaces/msg/Answer``), ``/diagnostics``
   (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``, and ``~/frames``
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
   ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
@@ -30,6 +31,7 @@ Limits (README, "Limits"): ``max_frame_pixels``, ``max_stamp_skew_s``, ``clock_r
 counted in ``/diagnostics``; questions and answers are logged cut to 80 characters unless
 ``log_full_text``.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,11 +53,11 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
-
-from infmllm_interfaces.msg import Answer
-from infmllm_interfaces.action import Ask as AskAction
-from infmllm_interfaces.srv import Ask, MemoryFile
 from std_srvs.srv import Trigger
+
+from infmllm_interfaces.action import Ask as AskAction
+from infmllm_interfaces.msg import Answer
+from infmllm_interfaces.srv import Ask, MemoryFile
 
 from ..models import load_model
 from ..runtime.file_safety import remove_stale_temps, resolve_inside, set_aside
@@ -133,8 +135,9 @@ class InfMLLMNode(LifecycleNode):
     def __init__(self, **node_kwargs):
         super().__init__("infmllm", **node_kwargs)
         for p in PARAMETERS:
-            self.declare_parameter(p.name, p.default, ParameterDescriptor(
-                description=p.description, read_only=not p.dynamic))
+            self.declare_parameter(
+                p.name, p.default, ParameterDescriptor(description=p.description, read_only=not p.dynamic)
+            )
         self.config = None
         self.model = self.session = self.worker = None
         self.configure_error = ""
@@ -149,25 +152,44 @@ class InfMLLMNode(LifecycleNode):
         self.memory_image_pub = self.create_publisher(Image, "~/memory_image", 1)
         self._ask_lock = threading.Lock()
         self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
-        self._ask_stats = {"answered": 0, "failed": 0, "refused_busy": 0, "refused_too_long": 0,
-                           "stopped_deadline": 0, "stopped_shutdown": 0, "stopped_cancelled": 0,
-                           "from_evidence": 0,
-                           "tokens_per_s": math.nan, "ttft_s": math.nan}
+        self._ask_stats = {
+            "answered": 0,
+            "failed": 0,
+            "refused_busy": 0,
+            "refused_too_long": 0,
+            "stopped_deadline": 0,
+            "stopped_shutdown": 0,
+            "stopped_cancelled": 0,
+            "from_evidence": 0,
+            "tokens_per_s": math.nan,
+            "ttft_s": math.nan,
+        }
         questions = ReentrantCallbackGroup()
         self.create_service(Ask, "ask", self._on_ask, callback_group=questions)
-        self._action = ActionServer(self, AskAction, "ask", self._on_ask_goal, callback_group=questions,
-                                    goal_callback=lambda goal: GoalResponse.ACCEPT,
-                                    cancel_callback=lambda goal: CancelResponse.ACCEPT)
+        self._action = ActionServer(
+            self,
+            AskAction,
+            "ask",
+            self._on_ask_goal,
+            callback_group=questions,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT,
+        )
         self._memory_group = MutuallyExclusiveCallbackGroup()
-        self.create_service(MemoryFile, "~/save_memory", self._memory_file_service(self._save_memory),
-                            callback_group=self._memory_group)
-        self.create_service(MemoryFile, "~/load_memory", self._memory_file_service(self._load_memory),
-                            callback_group=self._memory_group)
+        self.create_service(
+            MemoryFile, "~/save_memory", self._memory_file_service(self._save_memory), callback_group=self._memory_group
+        )
+        self.create_service(
+            MemoryFile, "~/load_memory", self._memory_file_service(self._load_memory), callback_group=self._memory_group
+        )
         self.create_service(Trigger, "~/reset_memory", self._on_reset_memory, callback_group=self._memory_group)
         self._last_diag = (time.monotonic(), 0)
         period = self.get_parameter("diagnostics_period_s").value
-        self.create_timer(period if isinstance(period, float) and 0 < period <= 3600 else 1.0,
-                          self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(
+            period if isinstance(period, float) and 0 < period <= 3600 else 1.0,
+            self._publish_diagnostics,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        )
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     @property
@@ -194,41 +216,59 @@ class InfMLLMNode(LifecycleNode):
         self.config, self.model, self.session, self.configure_error = cfg, model, session, ""
         self._memory_dir, self._memory_path = memory_dir, memory_path
         self._kv_bytes = session.cache.nbytes
-        log.info(f"model {model.name} ({model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
-                 f"KV cache {cfg.cache_capacity} tokens ({self._kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), "
-                 f"system prompt {session.cache.length} tokens")
-        self.worker = IngestWorker(session, cfg.sample_rate_hz, cfg.duplicate_threshold, on_done=self._frame_done,
-                                   log=log.warning, max_frame_pixels=cfg.max_frame_pixels,
-                                   clock_reset_s=cfg.clock_reset_s,
-                                   poses=PoseMatcher(cfg.pose_tolerance_s) if cfg.pose_topic else None)
+        log.info(
+            f"model {model.name} ({model.family} family) ready in {time.perf_counter() - t0:.1f} s; "
+            f"KV cache {cfg.cache_capacity} tokens ({self._kv_bytes / 2**20:.1f} MiB, {cfg.cache_policy}), "
+            f"system prompt {session.cache.length} tokens"
+        )
+        self.worker = IngestWorker(
+            session,
+            cfg.sample_rate_hz,
+            cfg.duplicate_threshold,
+            on_done=self._frame_done,
+            log=log.warning,
+            max_frame_pixels=cfg.max_frame_pixels,
+            clock_reset_s=cfg.clock_reset_s,
+            poses=PoseMatcher(cfg.pose_tolerance_s) if cfg.pose_topic else None,
+        )
         if memory_path is not None and memory_path.is_file():
             ok, message = self._load_memory(memory_path)
             (log.info if ok else log.warning)(message if ok else f"{message}; starting with empty memory")
         self.worker.start()
         if cfg.memory_save_period_s > 0:
-            self._memory_timer = self.create_timer(cfg.memory_save_period_s, self._save_periodically,
-                                                   callback_group=self._memory_group)
+            self._memory_timer = self.create_timer(
+                cfg.memory_save_period_s, self._save_periodically, callback_group=self._memory_group
+            )
         if cfg.memory_image_period_s > 0:
-            self._image_timer = self.create_timer(cfg.memory_image_period_s, self._publish_memory_image,
-                                                  callback_group=MutuallyExclusiveCallbackGroup())
+            self._image_timer = self.create_timer(
+                cfg.memory_image_period_s, self._publish_memory_image, callback_group=MutuallyExclusiveCallbackGroup()
+            )
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg, log = self.config, self.get_logger()
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.qos_depth,
-                         reliability=ReliabilityPolicy.BEST_EFFORT if cfg.qos_reliability == "best_effort"
-                         else ReliabilityPolicy.RELIABLE)
-        self._intake = CameraIntake(self, cfg.cameras, qos, self._on_image, cfg.max_camera_rate_hz,
-                                    cfg.max_frame_pixels)
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=cfg.qos_depth,
+            reliability=ReliabilityPolicy.BEST_EFFORT
+            if cfg.qos_reliability == "best_effort"
+            else ReliabilityPolicy.RELIABLE,
+        )
+        self._intake = CameraIntake(
+            self, cfg.cameras, qos, self._on_image, cfg.max_camera_rate_hz, cfg.max_frame_pixels
+        )
         for topic, (_, camera, compressed) in zip(self._intake.resolved_topics(), cfg.cameras):
             log.info(f"watching {topic} ({'CompressedImage' if compressed else 'Image'}) as cam={camera}")
         self._intake.start()
         if cfg.pose_topic:
             kind = cfg.pose_msg_type
-            self._pose_sub = self.create_subscription(message_class(kind), cfg.pose_topic,
-                                                      lambda msg: self._on_pose(msg, kind), 50)
-            log.info(f"poses from {self.resolve_topic_name(cfg.pose_topic)} ({kind}), matched to frames within "
-                     f"{cfg.pose_tolerance_s:g} s")
+            self._pose_sub = self.create_subscription(
+                message_class(kind), cfg.pose_topic, lambda msg: self._on_pose(msg, kind), 50
+            )
+            log.info(
+                f"poses from {self.resolve_topic_name(cfg.pose_topic)} ({kind}), matched to frames within "
+                f"{cfg.pose_tolerance_s:g} s"
+            )
         log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
         return super().on_activate(state)
 
@@ -262,9 +302,11 @@ class InfMLLMNode(LifecycleNode):
             ok, message = self._save_memory(self._memory_path)
             report(log, ok, message)
         s = self.worker.stats()
-        log.info(f"stream stopped: {s.outcomes['ingested']} frames ingested, "
-                 f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
-                 + ("" if stopped else "; ingest worker did not stop in time"))
+        log.info(
+            f"stream stopped: {s.outcomes['ingested']} frames ingested, "
+            f"{s.outcomes['dropped']} dropped, {s.outcomes['rejected']} rejected"
+            + ("" if stopped else "; ingest worker did not stop in time")
+        )
 
     # ---- cameras -------------------------------------------------------------------------
     def _stop_intake(self) -> None:
@@ -343,12 +385,15 @@ class InfMLLMNode(LifecycleNode):
         if refusal:
             return False, refusal
         return msg.stopped in ("", "deadline"), {
-            "": "", "deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; the text is partial",
+            "": "",
+            "deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; the text is partial",
             "shutdown": "shutting down: the answer was cut; the text is partial",
-            "cancelled": "cancelled: the answer was cut; the stream is as it was before the question"}[msg.stopped]
+            "cancelled": "cancelled: the answer was cut; the stream is as it was before the question",
+        }[msg.stopped]
 
-    def _answer(self, question: str, max_new_tokens: int, keep_in_context: bool, cancel=None,
-                on_token=None) -> tuple[Answer, str]:
+    def _answer(
+        self, question: str, max_new_tokens: int, keep_in_context: bool, cancel=None, on_token=None
+    ) -> tuple[Answer, str]:
         """Answer one question on the worker thread, one at a time: ``(the ~/answers message, "")``,
         or ``(a message with the question and latency only, the reason it was refused)``."""
         with self._serving_lock:
@@ -371,14 +416,15 @@ class InfMLLMNode(LifecycleNode):
         if self.session is None:
             return refuse(f"not configured (lifecycle state {self.lifecycle_state})")
         if not self._ask_lock.acquire(blocking=False):
-            return refuse("busy: another question is being answered; ask again when it returns",
-                          "refused_busy")
+            return refuse("busy: another question is being answered; ask again when it returns", "refused_busy")
         try:
             stats = self.worker.stats()
             if self.session.frames_ingested == 0:  # none since the start, a reset, or in the loaded memory
                 topics = ", ".join(self.resolve_topic_name(t) for t, _, _ in self.config.cameras)
-                return refuse(f"no camera frame has been ingested yet (watching {topics}; "
-                              f"{stats.received} received, {stats.outcomes['rejected']} rejected)")
+                return refuse(
+                    f"no camera frame has been ingested yet (watching {topics}; "
+                    f"{stats.received} received, {stats.outcomes['rejected']} rejected)"
+                )
             limit = max_new_tokens or self.config.max_new_tokens
             if limit > 1024:
                 return refuse(f"max_new_tokens={limit} is above the limit of 1024")
@@ -387,9 +433,11 @@ class InfMLLMNode(LifecycleNode):
             timeout = self.config.answer_timeout_s
             deadline = time.monotonic() + timeout if timeout > 0 else None
             try:
-                answer = self.worker.call(lambda: self.session.ask(
-                    question, limit, keep_in_context, deadline_s=deadline, cancel=cancel,
-                    on_token=on_token)).result()
+                answer = self.worker.call(
+                    lambda: self.session.ask(
+                        question, limit, keep_in_context, deadline_s=deadline, cancel=cancel, on_token=on_token
+                    )
+                ).result()
             except ValueError as exc:
                 return refuse(str(exc), "refused_too_long" if "max_question_tokens" in str(exc) else "failed")
             except Exception as exc:  # keep the node alive; the session restored its cache
@@ -408,26 +456,40 @@ class InfMLLMNode(LifecycleNode):
         self._ask_stats["ttft_s"] = answer.ttft_s
         msg = Answer(
             header=Header(stamp=self.get_clock().now().to_msg(), frame_id=self.get_name()),
-            question=question, answer=answer.text,
-            first_frame_stamp=to_time(origin + answer.first_frame_s), last_frame_stamp=to_time(origin + answer.last_frame_s),
-            frames_in_context=answer.frames_in_context, tokens_in_cache=answer.tokens_in_cache,
-            latency_s=time.perf_counter() - t0, sighting_stamps=[to_time(origin + s.stamp_s) for s in answer.sightings],
-            sighting_scores=[s.score for s in answer.sightings], sighting_cameras=[s.camera for s in answer.sightings],
+            question=question,
+            answer=answer.text,
+            first_frame_stamp=to_time(origin + answer.first_frame_s),
+            last_frame_stamp=to_time(origin + answer.last_frame_s),
+            frames_in_context=answer.frames_in_context,
+            tokens_in_cache=answer.tokens_in_cache,
+            latency_s=time.perf_counter() - t0,
+            sighting_stamps=[to_time(origin + s.stamp_s) for s in answer.sightings],
+            sighting_scores=[s.score for s in answer.sightings],
+            sighting_cameras=[s.camera for s in answer.sightings],
             sighting_poses=[to_pose_msg(s.pose) for s in answer.sightings],
             sighting_pose_known=[s.pose is not None for s in answer.sightings],
             pose_frame_id=next((s.pose.frame_id for s in answer.sightings if s.pose is not None), ""),
-            seen=answer.seen, confidence=answer.confidence, verdict=answer.verdict,
-            answer_source=answer.answer_source, evidence=answer.evidence, stopped=stopped)
+            seen=answer.seen,
+            confidence=answer.confidence,
+            verdict=answer.verdict,
+            answer_source=answer.answer_source,
+            evidence=answer.evidence,
+            stopped=stopped,
+        )
         if answer.answer_source == "evidence":
             self._ask_stats["from_evidence"] += 1
-            log.warning(f"/ask {self._loggable(question)}: the model's answer contradicted its evidence "
-                        f"({'; '.join(answer.problems)}); answered with the evidence sentence")
+            log.warning(
+                f"/ask {self._loggable(question)}: the model's answer contradicted its evidence "
+                f"({'; '.join(answer.problems)}); answered with the evidence sentence"
+            )
         self.answers_pub.publish(msg)
         seen = ", ".join(f"t={origin + s.stamp_s:.1f}s {s.camera} ({s.score:.2f})" for s in answer.sightings)
-        log.info(f"/ask {self._loggable(question)} -> {self._loggable(answer.text)} "
-                 f"({msg.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
-                 f"{answer.frames_in_context} frames in context; verdict {answer.verdict} "
-                 f"({answer.confidence:.2f}); best sightings: {seen or 'none'})")
+        log.info(
+            f"/ask {self._loggable(question)} -> {self._loggable(answer.text)} "
+            f"({msg.latency_s:.2f} s{', stopped: ' + stopped if stopped else ''}, "
+            f"{answer.frames_in_context} frames in context; verdict {answer.verdict} "
+            f"({answer.confidence:.2f}); best sightings: {seen or 'none'})"
+        )
         return msg, ""
 
     # ---- memory on disk --------------------------------------------------------------------
@@ -437,8 +499,10 @@ class InfMLLMNode(LifecycleNode):
             size = self.session.save_memory(path, extra={"origin_s": self.worker.stats().origin_s})
         except OSError as exc:
             return False, f"cannot save memory to {path}: {exc}"
-        return True, (f"saved {self.session.cache.length} KV slots, {self.session.frames_ingested} frames, "
-                      f"{size / 2**20:.1f} MiB to {path}")
+        return True, (
+            f"saved {self.session.cache.length} KV slots, {self.session.frames_ingested} frames, "
+            f"{size / 2**20:.1f} MiB to {path}"
+        )
 
     def _load_memory(self, path: Path) -> tuple[bool, str]:
         """Load the stream from ``path`` (call on the worker thread or before it starts). A refused
@@ -456,8 +520,7 @@ class InfMLLMNode(LifecycleNode):
             where = f"kept intact as {aside}" if aside else "kept as it was"
             return False, f"memory file refused: {exc}; {where}"
         self.worker.resume(extra.get("origin_s", math.nan))
-        return True, (f"loaded {self.session.cache.length} KV slots, {self.session.frames_ingested} frames "
-                      f"from {path}")
+        return True, (f"loaded {self.session.cache.length} KV slots, {self.session.frames_ingested} frames from {path}")
 
     def _memory_call(self, fn, response):
         """Run ``fn() -> (success, message)`` on the worker thread (between frames) into ``response``."""
@@ -474,6 +537,7 @@ class InfMLLMNode(LifecycleNode):
     def _memory_file_service(self, fn):
         """A ``MemoryFile`` service callback that runs ``fn(path) -> (success, message)`` on the
         worker; the request's path, or ``memory_file`` when it is ""."""
+
         def serve(request: MemoryFile.Request, response: MemoryFile.Response):
             if not request.path:
                 path = self._memory_path
@@ -490,19 +554,25 @@ class InfMLLMNode(LifecycleNode):
                 report(self.get_logger(), False, problem)
                 return response
             return self._memory_call(lambda: fn(path), response)
+
         return serve
 
     def _on_reset_memory(self, request: Trigger.Request, response: Trigger.Response):
         def reset():
             self.session.reset()
             return True, "memory reset: the KV cache holds the system prompt only"
+
         return self._memory_call(reset, response)
 
     def _save_periodically(self) -> None:
         try:
             self.worker.call(lambda: self._save_memory(self._memory_path)).add_done_callback(
-                lambda f: None if f.exception() is None and f.result()[0] else
-                self.get_logger().error(str(f.exception() or f.result()[1])))
+                lambda f: (
+                    None
+                    if f.exception() is None and f.result()[0]
+                    else self.get_logger().error(str(f.exception() or f.result()[1]))
+                )
+            )
         except RuntimeError:  # shutting down; the final save follows
             pass
 
@@ -535,9 +605,12 @@ class InfMLLMNode(LifecycleNode):
         """The node's health and figures as one ``DiagnosticStatus`` (also used by tests)."""
         if self.session is None:
             reason = f": {self.configure_error}" if self.configure_error else ""
-            return DiagnosticStatus(level=DiagnosticStatus.WARN, name=f"{self.get_fully_qualified_name()}: stream",
-                                    message=f"{self.lifecycle_state}{reason}",
-                                    values=[KeyValue(key="lifecycle_state", value=self.lifecycle_state)])
+            return DiagnosticStatus(
+                level=DiagnosticStatus.WARN,
+                name=f"{self.get_fully_qualified_name()}: stream",
+                message=f"{self.lifecycle_state}{reason}",
+                values=[KeyValue(key="lifecycle_state", value=self.lifecycle_state)],
+            )
         s = self.worker.stats()
         cache = self.session.cache
         now = time.monotonic()
@@ -546,20 +619,31 @@ class InfMLLMNode(LifecycleNode):
         rate = (ingested - count) / (now - then) if now > then else 0.0
         self._last_diag = (now, ingested)
         values = {
-            "frames_received": s.received, "frames_stored": s.stored,
+            "frames_received": s.received,
+            "frames_stored": s.stored,
             **{f"frames_{outcome}": s.outcomes[outcome] for outcome in OUTCOMES},
             "camera_clock_resets": s.clock_resets,
-            "poses_received": s.poses_received, "poses_refused": s.poses_refused,
+            "poses_received": s.poses_received,
+            "poses_refused": s.poses_refused,
             "frames_with_pose": s.frames_with_pose,
-            **{f"camera_{camera}_{what}": n for camera, counts in sorted(self.camera_counts().items())
-               for what, n in zip(("read", "unread"), counts)},
-            "ingest_rate_hz": f"{rate:.2f}", "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
-            "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}", "vision_ms_last": f"{s.last_vision_ms:.1f}",
+            **{
+                f"camera_{camera}_{what}": n
+                for camera, counts in sorted(self.camera_counts().items())
+                for what, n in zip(("read", "unread"), counts)
+            },
+            "ingest_rate_hz": f"{rate:.2f}",
+            "ingest_ms_last": f"{s.last_ingest_ms:.1f}",
+            "ingest_ms_mean": f"{s.mean_ingest_ms:.1f}",
+            "vision_ms_last": f"{s.last_vision_ms:.1f}",
             "prefill_ms_last": f"{s.last_prefill_ms:.1f}",
-            "kv_tokens": cache.length, "kv_capacity": cache.capacity,
-            "kv_fill": f"{cache.length / cache.capacity:.3f}", "kv_evicted_tokens": cache.evicted_tokens,
-            "kv_bytes": self._kv_bytes, "policy": self.config.cache_policy,
-            "asks_answered": self._ask_stats["answered"], "asks_failed": self._ask_stats["failed"],
+            "kv_tokens": cache.length,
+            "kv_capacity": cache.capacity,
+            "kv_fill": f"{cache.length / cache.capacity:.3f}",
+            "kv_evicted_tokens": cache.evicted_tokens,
+            "kv_bytes": self._kv_bytes,
+            "policy": self.config.cache_policy,
+            "asks_answered": self._ask_stats["answered"],
+            "asks_failed": self._ask_stats["failed"],
             "asks_refused_busy": self._ask_stats["refused_busy"],
             "asks_refused_too_long": self._ask_stats["refused_too_long"],
             "asks_stopped_deadline": self._ask_stats["stopped_deadline"],
@@ -568,7 +652,8 @@ class InfMLLMNode(LifecycleNode):
             "asks_answered_from_evidence": self._ask_stats["from_evidence"],
             "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
             "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
-            "rss_mib": f"{rss_mib():.1f}", "last_error": s.last_error.splitlines()[0] if s.last_error else "",
+            "rss_mib": f"{rss_mib():.1f}",
+            "last_error": s.last_error.splitlines()[0] if s.last_error else "",
             "lifecycle_state": self.lifecycle_state,
         }
         if self.lifecycle_state != "active":
@@ -579,9 +664,13 @@ class InfMLLMNode(LifecycleNode):
             level, message = DiagnosticStatus.WARN, f"streaming; last bad frame: {values['last_error']}"
         else:
             level, message = DiagnosticStatus.OK, f"streaming, {cache.length}/{cache.capacity} KV slots"
-        return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: stream",
-                                message=message, hardware_id=self.config.device,
-                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        return DiagnosticStatus(
+            level=level,
+            name=f"{self.get_fully_qualified_name()}: stream",
+            message=message,
+            hardware_id=self.config.device,
+            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
+        )
 
     def _publish_memory_image(self) -> None:
         session = self.session
@@ -589,12 +678,21 @@ class InfMLLMNode(LifecycleNode):
             return
         rgb = mosaic(session.memory_frames())
         h, w, _ = rgb.shape
-        self.memory_image_pub.publish(Image(header=Header(stamp=self.get_clock().now().to_msg(), frame_id="memory"),
-                                            height=h, width=w, encoding="rgb8", step=3 * w, data=rgb.tobytes()))
+        self.memory_image_pub.publish(
+            Image(
+                header=Header(stamp=self.get_clock().now().to_msg(), frame_id="memory"),
+                height=h,
+                width=w,
+                encoding="rgb8",
+                step=3 * w,
+                data=rgb.tobytes(),
+            )
+        )
 
     def _publish_diagnostics(self) -> None:
-        self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
-                                              status=[self.diagnostics()]))
+        self.diag_pub.publish(
+            DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[self.diagnostics()])
+        )
 
     def answering(self) -> bool:
         """True while an ``/ask`` callback has not returned (its reply is not yet handed over)."""

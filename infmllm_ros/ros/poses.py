@@ -5,14 +5,17 @@ header's stamp and frame id. A message that cannot be a robot's pose (NaN, infin
 1e6 m, a quaternion that is not unit, a malformed stamp) raises ValueError; the node counts it
 as ``poses_refused`` and keeps running.
 """
+
 from __future__ import annotations
 
 from ..runtime.pose import Pose
 from .stamps import stamp_problem, stamp_seconds
 
 #: ``pose_msg_type`` parameter value -> (message module, class name, path to its Pose).
-POSE_MESSAGES = {"odometry": ("nav_msgs.msg", "Odometry", ("pose", "pose")),
-                 "pose_stamped": ("geometry_msgs.msg", "PoseStamped", ("pose",))}
+POSE_MESSAGES = {
+    "odometry": ("nav_msgs.msg", "Odometry", ("pose", "pose")),
+    "pose_stamped": ("geometry_msgs.msg", "PoseStamped", ("pose",)),
+}
 
 
 def message_class(kind: str):
@@ -40,8 +43,9 @@ def to_pose(msg, kind: str) -> tuple[float, Pose]:
     for attr in POSE_MESSAGES[kind][2]:
         pose = getattr(pose, attr)
     p, q = pose.position, pose.orientation
-    return stamp_seconds(msg.header.stamp), Pose(float(p.x), float(p.y), float(p.z), float(q.x), float(q.y),
-                                                 float(q.z), float(q.w), msg.header.frame_id)
+    return stamp_seconds(msg.header.stamp), Pose(
+        float(p.x), float(p.y), float(p.z), float(q.x), float(q.y), float(q.z), float(q.w), msg.header.frame_id
+    )
 
 
 def to_pose_msg(pose: Pose | None):
@@ -51,5 +55,6 @@ def to_pose_msg(pose: Pose | None):
 
     if pose is None:
         return PoseMsg()
-    return PoseMsg(position=Point(x=pose.x, y=pose.y, z=pose.z),
-                   orientation=Quaternion(x=pose.qx, y=pose.qy, z=pose.qz, w=pose.qw))
+    return PoseMsg(
+        position=Point(x=pose.x, y=pose.y, z=pose.z), orientation=Quaternion(x=pose.qx, y=pose.qy, z=pose.qz, w=pose.qw)
+    )

@@ -1,4 +1,5 @@
 """ROS time <-> float seconds, and which header stamps a frame may carry."""
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,8 @@ def stamp_problem(stamp, now_s: float, max_skew_s: float) -> str:
         return f"negative stamp sec={stamp.sec}"
     ahead = stamp_seconds(stamp) - now_s
     if max_skew_s > 0 and now_s > 0 and ahead > max_skew_s:
-        return (f"stamp {stamp_seconds(stamp):.3f}s is {ahead:.1f}s ahead of the node clock ({now_s:.3f}s; "
-                f"max_stamp_skew_s={max_skew_s:g})")
+        return (
+            f"stamp {stamp_seconds(stamp):.3f}s is {ahead:.1f}s ahead of the node clock ({now_s:.3f}s; "
+            f"max_stamp_skew_s={max_skew_s:g})"
+        )
     return ""

@@ -27,25 +27,25 @@ clock has jumped back (a bag played in a loop, a simulator restart, a driver tha
 its boot clock to wall time): its order restarts from that frame (``clock_resets`` counts it) and
 memory is kept, so stamps in the stream repeat rather than the camera going blind.
 """
+
 from __future__ import annotations
 
 import math
 import threading
-from collections import deque
-from concurrent.futures import Future
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..runtime.pose import Pose, PoseMatcher
 from .images import FrameError, FrameTooLarge, frame_difference, thumbnail, to_rgb
 
 #: Every outcome of a frame (its ``~/frames`` suffix; each one counted on ``/diagnostics`` as
 #: ``frames_<outcome>``).
-OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "too_large", "bad_stamp", "late",
-            "failed")
+OUTCOMES = ("ingested", "sampled_out", "duplicate", "dropped", "rejected", "too_large", "bad_stamp", "late", "failed")
 #: Outcomes that are logged as warnings and kept as ``last_error``.
 BAD_OUTCOMES = ("rejected", "too_large", "bad_stamp", "late", "failed")
 
@@ -107,10 +107,17 @@ class IngestWorker:
     quote drive time ("t=312.0s"); the first ingested frame's ROS stamp is kept as the origin.
     """
 
-    def __init__(self, session, sample_rate_hz: float, duplicate_threshold: float,
-                 on_done: Callable[[PendingFrame, str, str], None] = lambda *a: None,
-                 log: Callable[[str], None] = print, max_frame_pixels: int = 4096 * 4096,
-                 clock_reset_s: float = 2.0, poses: PoseMatcher | None = None):
+    def __init__(
+        self,
+        session,
+        sample_rate_hz: float,
+        duplicate_threshold: float,
+        on_done: Callable[[PendingFrame, str, str], None] = lambda *a: None,
+        log: Callable[[str], None] = print,
+        max_frame_pixels: int = 4096 * 4096,
+        clock_reset_s: float = 2.0,
+        poses: PoseMatcher | None = None,
+    ):
         self.session, self.poses = session, poses
         self.max_frame_pixels, self.clock_reset_s = max_frame_pixels, clock_reset_s
         self.sample_rate_hz = sample_rate_hz
@@ -142,8 +149,13 @@ class IngestWorker:
     def stats(self) -> WorkerStats:
         """A consistent copy of the counters."""
         with self._cond:
-            snap = WorkerStats(**{**self._stats.__dict__, "outcomes": Counter(self._stats.outcomes),
-                                  "frames_with_pose": self.poses.matched if self.poses else 0})
+            snap = WorkerStats(
+                **{
+                    **self._stats.__dict__,
+                    "outcomes": Counter(self._stats.outcomes),
+                    "frames_with_pose": self.poses.matched if self.poses else 0,
+                }
+            )
         return snap
 
     def idle(self) -> bool:
@@ -240,8 +252,9 @@ class IngestWorker:
             self._busy = True
             return self._pending.pop(camera)
 
-    def _finish(self, frame: PendingFrame, outcome: str, detail: str = "", result=None, ms: float = 0.0,
-                taken: bool = True):
+    def _finish(
+        self, frame: PendingFrame, outcome: str, detail: str = "", result=None, ms: float = 0.0, taken: bool = True
+    ):
         with self._cond:
             if taken:
                 self._busy = False
@@ -273,8 +286,11 @@ class IngestWorker:
                 continue
             thumb = thumbnail(rgb)
             last = self._last_thumb.get(frame.camera)
-            if (self.duplicate_threshold > 0 and last is not None
-                    and frame_difference(thumb, last) < self.duplicate_threshold):
+            if (
+                self.duplicate_threshold > 0
+                and last is not None
+                and frame_difference(thumb, last) < self.duplicate_threshold
+            ):
                 self._finish(frame, "duplicate")
                 continue
             origin = self._stats.origin_s if not math.isnan(self._stats.origin_s) else frame.stamp_s
@@ -282,14 +298,17 @@ class IngestWorker:
             newest = self.session.camera_stamps.get(frame.camera, -math.inf)
             if t < newest:
                 if newest - t <= self.clock_reset_s:
-                    self._finish(frame, "late", f"older than camera {frame.camera!r}'s newest frame "
-                                 f"({origin + newest:.3f}s)")
+                    self._finish(
+                        frame, "late", f"older than camera {frame.camera!r}'s newest frame ({origin + newest:.3f}s)"
+                    )
                     continue
                 self.session.restart_camera(frame.camera)
                 with self._cond:
                     self._stats.clock_resets += 1
-                self._log(f"camera {frame.camera!r}: clock jumped back {newest - t:.3f}s (from {origin + newest:.3f}s "
-                          f"to {frame.stamp_s:.3f}s); its frame order restarts, memory is kept")
+                self._log(
+                    f"camera {frame.camera!r}: clock jumped back {newest - t:.3f}s (from {origin + newest:.3f}s "
+                    f"to {frame.stamp_s:.3f}s); its frame order restarts, memory is kept"
+                )
             try:
                 result = self.session.ingest_frame(rgb, t, frame.camera)
             except ValueError as exc:  # a frame the model cannot take (e.g. smaller than 8x8)

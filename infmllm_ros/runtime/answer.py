@@ -34,6 +34,7 @@ Rules, for every family:
   answer must say no; a time-window answer must name every object the list names) is replaced by
   the evidence sentence itself, and the answer says so (``answer_source``).
 """
+
 from __future__ import annotations
 
 import enum
@@ -55,7 +56,8 @@ DEFAULT_NEAR_RADIUS_M = 5.0
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Camera frames arrive as <frame t=SECONDS cam=NAME> "
-    "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
+    "followed by what the camera saw. Answer the operator briefly, naming what was seen and when."
+)
 
 # A time in a text: a clock (h:mm:ss or m:ss), "t=312", or a number with a unit (s, min).
 _CLOCK = re.compile(r"\b(?:(\d{1,2}):)?(\d{1,2}):(\d{2})(?:\.\d+)?\b")
@@ -68,13 +70,17 @@ _LAST = re.compile(r"\b(last|latest|most recent(ly)?)\b")
 _COUNT = re.compile(r"\bhow (many times|often)\b")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _UNIT = r"\s*(s|secs?|seconds?|min|mins|minutes?)?"
-_ASKED = re.compile(r"\b(?:was there|were there|is there|did you (?:ever )?see|have you (?:ever )?seen|"
-                    r"do you remember|you last see|you see)\s+(?:(?:a|an|any|the|some)\s+)?"
-                    r"([a-z][a-z' -]*?)(?=\s+(?:at|in|on|near|between|before|after|when|during|today|again)\b"
-                    r"|\s*[?.!,;]|$)")
+_ASKED = re.compile(
+    r"\b(?:was there|were there|is there|did you (?:ever )?see|have you (?:ever )?seen|"
+    r"do you remember|you last see|you see)\s+(?:(?:a|an|any|the|some)\s+)?"
+    r"([a-z][a-z' -]*?)(?=\s+(?:at|in|on|near|between|before|after|when|during|today|again)\b"
+    r"|\s*[?.!,;]|$)"
+)
 _ASKED_FIRST = re.compile(r"\b(?:what|which)\s+([a-z][a-z -]*?)\s+(?:did you|do you|have you|was there|were there)\b")
-_WINDOW = re.compile(rf"\bbetween\s+(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}\s+and\s+"
-                     rf"(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}")
+_WINDOW = re.compile(
+    rf"\bbetween\s+(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}\s+and\s+"
+    rf"(minute\s+|min\s+|t\s*=\s*)?{_NUMBER}{_UNIT}"
+)
 _PAIR = r"(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)"
 _NEAR = re.compile(rf"\bnear\s*\(?\s*{_PAIR}\s*\)?")
 # A position as answers state it: "(12.3, -4.1)".
@@ -126,7 +132,7 @@ def object_words(phrase: str) -> set[str]:
     for form in list(forms):
         for suffix in ("es", "s"):
             if form.endswith(suffix) and len(form) > len(suffix) + 2:
-                forms.add(form[:-len(suffix)])
+                forms.add(form[: -len(suffix)])
     return forms
 
 
@@ -140,7 +146,7 @@ def _names(text: str, words: list[str]) -> bool:
     return any(re.search(rf"\b{w}", text) for w in words)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     """Whether the question's object is in the frames in memory (``Ask.verdict``)."""
 
     SEEN = "seen"
@@ -243,8 +249,14 @@ class AnswerTemplate:
         return tuple(sorted(f"{lead}<{case}" for case in (word, word.capitalize(), word.upper()) for lead in ("", " ")))
 
     # ---- verdict -------------------------------------------------------------------------
-    def judge(self, question: str, sightings: list[Sighting], frames: dict[int, FrameNote], threshold: float,
-              concepts: Callable[[str], frozenset[str] | None]) -> tuple[Verdict, list[Sighting]]:
+    def judge(
+        self,
+        question: str,
+        sightings: list[Sighting],
+        frames: dict[int, FrameNote],
+        threshold: float,
+        concepts: Callable[[str], frozenset[str] | None],
+    ) -> tuple[Verdict, list[Sighting]]:
         """The verdict of ``question`` and its sightings reordered so that the evidence comes first
         (the module docstring's rule).
 
@@ -272,8 +284,10 @@ class AnswerTemplate:
         if not sightings:
             return []
         label = self._label(sightings[0], frames)
-        same = sorted((x for x in sightings if (self._label(x, frames) == label if label else x.score >= threshold)),
-                      key=lambda x: x.stamp_s)
+        same = sorted(
+            (x for x in sightings if (self._label(x, frames) == label if label else x.score >= threshold)),
+            key=lambda x: x.stamp_s,
+        )
         if sightings[0] not in same:
             same = sorted(same + [sightings[0]], key=lambda x: x.stamp_s)
         runs: list[Run] = []
@@ -285,9 +299,17 @@ class AnswerTemplate:
                 runs.append(Run(x.stamp_s, x.stamp_s, x))
         return runs
 
-    def evidence(self, question: str, found: Verdict, sightings: list[Sighting], frames: dict[int, FrameNote],
-                 threshold: float, max_sightings: int, several_cameras: bool,
-                 near_radius_m: float = DEFAULT_NEAR_RADIUS_M) -> Evidence:
+    def evidence(
+        self,
+        question: str,
+        found: Verdict,
+        sightings: list[Sighting],
+        frames: dict[int, FrameNote],
+        threshold: float,
+        max_sightings: int,
+        several_cameras: bool,
+        near_radius_m: float = DEFAULT_NEAR_RADIUS_M,
+    ) -> Evidence:
         """The :class:`Evidence` of a question.
 
         Args:
@@ -309,8 +331,16 @@ class AnswerTemplate:
         # only a question about an object is a yes-or-no one ("Describe the road." is not)
         return ev if asked_object(question) is not None else replace(ev, yes_no=False)
 
-    def _evidence(self, question: str, found: Verdict, sightings: list[Sighting], frames: dict[int, FrameNote],
-                  threshold: float, max_sightings: int, several_cameras: bool) -> Evidence:
+    def _evidence(
+        self,
+        question: str,
+        found: Verdict,
+        sightings: list[Sighting],
+        frames: dict[int, FrameNote],
+        threshold: float,
+        max_sightings: int,
+        several_cameras: bool,
+    ) -> Evidence:
         q = question.lower()
         window = _WINDOW.search(q)
         if window:
@@ -319,8 +349,9 @@ class AnswerTemplate:
             if not sightings or len(sightings) < 2:
                 return self._said(found, "no, no stored camera frame matches this question.")
             best = sightings[0]
-            return self._said(found, f"no, the closest I saw was {self._where(best, frames, several_cameras)}.",
-                              [best], frames)
+            return self._said(
+                found, f"no, the closest I saw was {self._where(best, frames, several_cameras)}.", [best], frames
+            )
         if found is Verdict.UNDECIDED:
             best = sightings[0]
             return self._said(found, f"I saw {self._where(best, frames, several_cameras)}.", [best], frames)
@@ -328,29 +359,44 @@ class AnswerTemplate:
         what = self._label(sightings[0], frames)
         thing = with_article(what) if what else "a matching frame"
         if _COUNT.search(q):
-            times = " and ".join(f"t={r.start_s:.0f} s" for r in runs[-self.max_runs:])
+            times = " and ".join(f"t={r.start_s:.0f} s" for r in runs[-self.max_runs :])
             count = "once" if len(runs) == 1 else f"{len(runs)} times"
-            return self._said(found, f"I saw {thing} {count}, at {times}.", [r.best for r in runs], frames,
-                              [r.start_s for r in runs[-self.max_runs:]])
+            return self._said(
+                found,
+                f"I saw {thing} {count}, at {times}.",
+                [r.best for r in runs],
+                frames,
+                [r.start_s for r in runs[-self.max_runs :]],
+            )
         if _LAST.search(q):
             last = runs[-1]
-            return self._said(found, f"I last saw {self._where(last.best, frames, several_cameras, last.start_s)}.",
-                              [last.best], frames, [last.start_s])
-        shown = runs[:self.max_runs]
+            return self._said(
+                found,
+                f"I last saw {self._where(last.best, frames, several_cameras, last.start_s)}.",
+                [last.best],
+                frames,
+                [last.start_s],
+            )
+        shown = runs[: self.max_runs]
         parts = [self._where(shown[0].best, frames, several_cameras, shown[0].start_s)]
         parts += [f"again at t={r.start_s:.0f} s{self._position(frames.get(r.best.frame_id))}" for r in shown[1:]]
         others = [x for x in sightings[1:] if x.score >= threshold and self._label(x, frames) != what]
-        parts += [self._where(x, frames, several_cameras) for x in others[:max_sightings - 1]]
-        said = [r.best for r in shown] + others[:max_sightings - 1]
-        return self._said(found, f"I saw {' and '.join(parts[:len(shown)])}"
-                          + "".join(f", {p}" for p in parts[len(shown):]) + ".", said, frames,
-                          [r.start_s for r in shown] + [x.stamp_s for x in others[:max_sightings - 1]])
+        parts += [self._where(x, frames, several_cameras) for x in others[: max_sightings - 1]]
+        said = [r.best for r in shown] + others[: max_sightings - 1]
+        return self._said(
+            found,
+            f"I saw {' and '.join(parts[: len(shown)])}" + "".join(f", {p}" for p in parts[len(shown) :]) + ".",
+            said,
+            frames,
+            [r.start_s for r in shown] + [x.stamp_s for x in others[: max_sightings - 1]],
+        )
 
     def _window(self, match: re.Match, frames: dict[int, FrameNote], several: bool) -> Evidence:
         """The frames in memory between the two times of a "between A and B" question."""
         (lead_a, a, unit_a, lead_b, b, unit_b) = match.groups()
         minutes = any(u and u.startswith("m") for u in (unit_a, unit_b)) or any(
-            lead and lead.startswith("min") for lead in (lead_a, lead_b))
+            lead and lead.startswith("min") for lead in (lead_a, lead_b)
+        )
         lo, hi = sorted(float(x) * (60.0 if minutes else 1.0) for x in (a, b))
         span = f"between t={lo:.0f} s and t={hi:.0f} s"
         notes = sorted(frames.values(), key=lambda n: n.stamp_s)
@@ -362,13 +408,15 @@ class AnswerTemplate:
             return self._listed(f"I remember no frame {span} ({held}).")
         named = [n for n in inside if n.label]
         if not named:
-            return self._listed(f"{span} I saw nothing new ({len(inside)} frames of the usual scene).",
-                                times=(inside[0].stamp_s,))
-        listed = named[:self.max_window_frames]
+            return self._listed(
+                f"{span} I saw nothing new ({len(inside)} frames of the usual scene).", times=(inside[0].stamp_s,)
+            )
+        listed = named[: self.max_window_frames]
         parts = [self._place(n.label, n.stamp_s, n.camera, several, self._position(n)) for n in listed]
         more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
-        return self._listed(f"{span} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed),
-                            tuple(n.stamp_s for n in listed))
+        return self._listed(
+            f"{span} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed), tuple(n.stamp_s for n in listed)
+        )
 
     def _near(self, x: float, y: float, radius_m: float, frames: dict[int, FrameNote], several: bool) -> Evidence:
         """The frames in memory whose pose lies within ``radius_m`` of ``(x, y)``, oldest first."""
@@ -379,15 +427,21 @@ class AnswerTemplate:
         inside = [n for n in located if n.pose.distance_to(x, y) <= radius_m]
         if not inside:
             closest = min(located, key=lambda n: n.pose.distance_to(x, y))
-            return self._listed(f"I remember no frame {where}; the closest was "
-                                f"{self._place(closest.label, closest.stamp_s, closest.camera, several, self._position(closest))}.",
-                                (closest.label,) if closest.label else (), (closest.stamp_s,))
+            return self._listed(
+                f"I remember no frame {where}; the closest was "
+                f"{self._place(closest.label, closest.stamp_s, closest.camera, several, self._position(closest))}.",
+                (closest.label,) if closest.label else (),
+                (closest.stamp_s,),
+            )
         named = [n for n in inside if n.label] or inside
-        listed = named[:self.max_window_frames]
+        listed = named[: self.max_window_frames]
         parts = [self._place(n.label, n.stamp_s, n.camera, several, self._position(n)) for n in listed]
         more = f" and {len(named) - len(listed)} more" if len(named) > len(listed) else ""
-        return self._listed(f"{where} I saw {', '.join(parts)}{more}.", tuple(n.label for n in listed if n.label),
-                            tuple(n.stamp_s for n in listed))
+        return self._listed(
+            f"{where} I saw {', '.join(parts)}{more}.",
+            tuple(n.label for n in listed if n.label),
+            tuple(n.stamp_s for n in listed),
+        )
 
     def _listed(self, statement: str, labels: tuple[str, ...] = (), times: tuple[float, ...] = ()) -> Evidence:
         """Evidence of a time-window question: a list, no yes or no (its verdict is "undecided")."""
@@ -399,14 +453,17 @@ class AnswerTemplate:
 
     @staticmethod
     def _place(label: str, stamp_s: float, camera: str, several: bool, position: str = "") -> str:
-        """"a domestic cat at t=60 s", with " (rear camera)" once the stream has several cameras,
+        """ "a domestic cat at t=60 s", with " (rear camera)" once the stream has several cameras,
         then ``position`` (:meth:`_position`)."""
-        return (f"{with_article(label) if label else 'a matching frame'} at t={stamp_s:.0f} s"
-                + (f" ({camera} camera)" if several and camera else "") + position)
+        return (
+            f"{with_article(label) if label else 'a matching frame'} at t={stamp_s:.0f} s"
+            + (f" ({camera} camera)" if several and camera else "")
+            + position
+        )
 
     @staticmethod
     def _position(note: FrameNote | None) -> str:
-        """", near (12.3, -4.1) in map" for a frame with a pose, ", position unknown" for one
+        """ ", near (12.3, -4.1) in map" for a frame with a pose, ", position unknown" for one
         without while the stream tracks poses, "" otherwise."""
         if note is None or not note.tracked:
             return ""
@@ -416,19 +473,38 @@ class AnswerTemplate:
         return f", near ({p.x:.1f}, {p.y:.1f})" + (f" in {p.frame_id}" if p.frame_id else "")
 
     def _where(self, x: Sighting, frames: dict[int, FrameNote], several: bool, stamp_s: float | None = None) -> str:
-        return self._place(self._label(x, frames), x.stamp_s if stamp_s is None else stamp_s, x.camera, several,
-                           self._position(frames.get(x.frame_id)))
+        return self._place(
+            self._label(x, frames),
+            x.stamp_s if stamp_s is None else stamp_s,
+            x.camera,
+            several,
+            self._position(frames.get(x.frame_id)),
+        )
 
     @staticmethod
-    def _stated(found: Verdict, statement: str, labels: tuple[str, ...], times_s: tuple[float, ...],
-                yes_no: bool) -> Evidence:
+    def _stated(
+        found: Verdict, statement: str, labels: tuple[str, ...], times_s: tuple[float, ...], yes_no: bool
+    ) -> Evidence:
         """Evidence whose memory line is "Memory: " + ``statement`` and whose sentence is the
         statement capitalised."""
-        return Evidence(found, f"Memory: {statement}", statement[0].upper() + statement[1:], labels, times_s, yes_no,
-                        places_in(statement))
+        return Evidence(
+            found,
+            f"Memory: {statement}",
+            statement[0].upper() + statement[1:],
+            labels,
+            times_s,
+            yes_no,
+            places_in(statement),
+        )
 
-    def _said(self, found: Verdict, statement: str, said: list[Sighting] = (), frames: dict[int, FrameNote] = None,
-              times: list[float] | None = None) -> Evidence:
+    def _said(
+        self,
+        found: Verdict,
+        statement: str,
+        said: list[Sighting] = (),
+        frames: dict[int, FrameNote] = None,
+        times: list[float] | None = None,
+    ) -> Evidence:
         """Evidence of a verdict (:meth:`_stated`) naming the labels and times of ``said``."""
         labels = tuple(dict.fromkeys(lab for x in said if (lab := self._label(x, frames or {}))))
         times_s = tuple(times if times is not None else [x.stamp_s for x in said])
@@ -452,9 +528,14 @@ class AnswerTemplate:
         wrong = [t for t in stated if all(abs(t - e) > self.time_tolerance_s for e in evidence.times_s)]
         if wrong:
             problems.append(f"states t={wrong[0]:.0f} s, which the evidence does not")
-        named = sorted(lab for lab in vocabulary if lab and lab not in evidence.labels
-                       and re.search(rf"\b{re.escape(lab.lower())}\b", lower)
-                       and not any(lab.lower() in e.lower() for e in evidence.labels))
+        named = sorted(
+            lab
+            for lab in vocabulary
+            if lab
+            and lab not in evidence.labels
+            and re.search(rf"\b{re.escape(lab.lower())}\b", lower)
+            and not any(lab.lower() in e.lower() for e in evidence.labels)
+        )
         if named:
             problems.append(f"names {named[0]!r}, which the evidence does not")
         if not evidence.yes_no:  # a list (a time window): every object it names must be named
@@ -474,7 +555,9 @@ class AnswerTemplate:
             words = [w for lab in evidence.labels for w in _label_words(lab)]
             if words and not _names(lower, words):
                 problems.append(f"does not name {evidence.labels[0]!r}, what the evidence saw")
-            if evidence.times_s and not any(abs(t - e) <= self.time_tolerance_s for t in stated for e in evidence.times_s):
+            if evidence.times_s and not any(
+                abs(t - e) <= self.time_tolerance_s for t in stated for e in evidence.times_s
+            ):
                 problems.append("states none of the evidence's times")
         elif not denies:
             problems.append("does not say no, as the evidence does")
@@ -498,7 +581,8 @@ class EmbeddedAnswerTemplate(AnswerTemplate):
 
     system_prompt = (
         "You are the visual memory of a robot car. Camera frames arrive as <frame t=SECONDS cam=NAME> "
-        "followed by what the camera saw. Answer the operator briefly, naming what was seen and when.")
+        "followed by what the camera saw. Answer the operator briefly, naming what was seen and when."
+    )
 
 
 #: Model family (``VisionLanguageModel.family``) -> its template class; other families get

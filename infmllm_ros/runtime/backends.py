@@ -15,6 +15,7 @@ and gets the last position's logits back; it does not care which backend runs:
 
 Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..kvcache import KVCache, SlotKind
 from ..engines.decoder_step import rope_positions, step_inputs
 from ..engines.identity import StepIdentity
+from ..kvcache import KVCache, SlotKind
 from ..models import Decoder
 from ..models.family import VisionLanguageModel, VisionRunner
 from .file_safety import replace_atomically, set_aside
@@ -58,9 +59,17 @@ class Backend:
     def check_cache(self, cache: KVCache) -> None:
         """Raise ValueError if this backend cannot serve ``cache`` (nothing to check for torch)."""
 
-    def run_chunk(self, embeds: torch.Tensor, cache: KVCache, kind: SlotKind | torch.Tensor = SlotKind.TEXT,
-                  frame_id: int = -1, stamp_s: float = math.nan, logits: bool = True,
-                  mrope: torch.Tensor | None = None, deepstack: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run_chunk(
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache,
+        kind: SlotKind | torch.Tensor = SlotKind.TEXT,
+        frame_id: int = -1,
+        stamp_s: float = math.nan,
+        logits: bool = True,
+        mrope: torch.Tensor | None = None,
+        deepstack: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Append ``embeds`` ``[n, hidden]`` to the stream; fp32 logits ``[vocab]`` of its last token.
 
         ``kind``, ``frame_id``, ``stamp_s``: slot metadata (see :meth:`KVCache.begin_chunk`).
@@ -82,8 +91,9 @@ class TorchBackend(Backend):
     name = "torch"
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
-                  deepstack=None):
+    def run_chunk(
+        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
+    ):
         hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s, mrope, deepstack)
         return self.decoder.logits(hidden[-1:])[0] if logits else None
 
@@ -108,24 +118,29 @@ class EngineBackend(Backend):
         return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     @torch.inference_mode()
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
-                  deepstack=None):
+    def run_chunk(
+        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
+    ):
         if self.step is None:
             raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
         if mrope is not None and self.decoder.cfg.mrope_section is None:
             raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
         cfg, n, dev = self.decoder.cfg, embeds.shape[0], self.io_device
         if cfg.deepstack_layers:  # the graph always takes it: zeros for a chunk without vision tokens
-            deepstack = (embeds.new_zeros(cfg.deepstack_layers, n, cfg.hidden_size) if deepstack is None
-                         else deepstack)
+            deepstack = embeds.new_zeros(cfg.deepstack_layers, n, cfg.hidden_size) if deepstack is None else deepstack
             extra = (deepstack.to(dev, embeds.dtype),)
         else:
             extra = ()
         slot_positions = cache.begin_chunk(n, kind, frame_id, stamp_s, mrope)
         try:
-            logits, new_k, new_v, scores = self.step(embeds[None].to(dev), cache.k.to(dev), cache.v.to(dev),
-                                                     cache.length, rope_positions(slot_positions, mrope).to(dev),
-                                                     *extra)
+            logits, new_k, new_v, scores = self.step(
+                embeds[None].to(dev),
+                cache.k.to(dev),
+                cache.v.to(dev),
+                cache.length,
+                rope_positions(slot_positions, mrope).to(dev),
+                *extra,
+            )
             cache.store_chunk(new_k, new_v, scores)
         except BaseException:
             cache.rollback()
@@ -155,8 +170,14 @@ class OnnxRuntimeBackend(EngineBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str,
-                 progress: Callable[[str], None] = print, model: VisionLanguageModel | None = None):
+    def __init__(
+        self,
+        decoder: Decoder,
+        engine_dir: str | Path,
+        model_name: str,
+        progress: Callable[[str], None] = print,
+        model: VisionLanguageModel | None = None,
+    ):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.progress, self.model = Path(engine_dir), model_name, progress, model
 
@@ -189,12 +210,21 @@ class OnnxRuntimeBackend(EngineBackend):
         expected = StepIdentity.for_cache(self.model_name, self.decoder, cache, self.model)
         model = self.model
         if model is not None:  # vision first: a family without a tower module is refused before any export
-            self.vision = self._engine(ox.OrtVision, expected, "vision",
-                                       lambda tmp, data: ox.export_vision(model, tmp, expected, data))
-            self.embedding = self._engine(ox.OrtEmbedding, expected, "embed",
-                                          lambda tmp, data: ox.export_embedding(self.decoder, tmp, expected, data))
-        self.step = self._engine(ox.OrtDecoderStep, expected, "step",
-                                 lambda tmp, data: ox.export_decoder_step(self.decoder, tmp, expected, data))
+            self.vision = self._engine(
+                ox.OrtVision, expected, "vision", lambda tmp, data: ox.export_vision(model, tmp, expected, data)
+            )
+            self.embedding = self._engine(
+                ox.OrtEmbedding,
+                expected,
+                "embed",
+                lambda tmp, data: ox.export_embedding(self.decoder, tmp, expected, data),
+            )
+        self.step = self._engine(
+            ox.OrtDecoderStep,
+            expected,
+            "step",
+            lambda tmp, data: ox.export_decoder_step(self.decoder, tmp, expected, data),
+        )
 
     def _engine(self, runner, expected: StepIdentity, kind: str, export: Callable[[Path, str], object]):
         path = self.engine_path(expected, kind)
@@ -235,8 +265,9 @@ class TensorRTBackend(EngineBackend):
     name = "tensorrt"
     io_device = "cuda"
 
-    def __init__(self, decoder: Decoder, engine_dir: str | Path, model_name: str,
-                 model: VisionLanguageModel | None = None):
+    def __init__(
+        self, decoder: Decoder, engine_dir: str | Path, model_name: str, model: VisionLanguageModel | None = None
+    ):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.model = Path(engine_dir), model_name, model
 
@@ -258,8 +289,9 @@ class TensorRTBackend(EngineBackend):
         gpu = torch.cuda.get_device_name(cache.k.device)
 
         def select(kind: str) -> Path:
-            return trt_engine.select_engine(self.engine_dir, trt_engine.engine_key(identity, kind, tensorrt.__version__,
-                                                                                   gpu))
+            return trt_engine.select_engine(
+                self.engine_dir, trt_engine.engine_key(identity, kind, tensorrt.__version__, gpu)
+            )
 
         self.step = trt_engine.TrtDecoderStep(select("step"), step_inputs(self.decoder.cfg))
         if self.model is not None:
@@ -278,8 +310,10 @@ DROPPED_MODULE_GUARDS = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT", "TYPE_MATCH", "
 def _module_guards(entries) -> list[bool]:
     """``torch.compile``'s ``guard_filter_fn``: False for the guards of :data:`DROPPED_MODULE_GUARDS`
     on module attributes."""
-    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in DROPPED_MODULE_GUARDS)
-            for e in entries]
+    return [
+        not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in DROPPED_MODULE_GUARDS)
+        for e in entries
+    ]
 
 
 class CompiledBackend(EngineBackend):
@@ -329,8 +363,14 @@ class CompiledBackend(EngineBackend):
         silenced (``autotune_num_choices_displayed``)."""
         if device.type == "cuda":
             return {"triton.cudagraphs": True}
-        return {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        return {
+            "freezing": True,
+            "cpp_wrapper": True,
+            "max_autotune": True,
+            "max_autotune_gemm_backends": "CPP,ATEN",
+            "autotune_num_choices_displayed": 0,
+            "max_autotune_report_choices_stats": False,
+        }
 
     def check_cache(self, cache: KVCache) -> None:
         """Compile the step for ``cache``'s buffer and scoring rule, and run it once.
@@ -365,33 +405,49 @@ class CompiledBackend(EngineBackend):
             # buffer itself, marked static.
             layers = (k, v) if k.is_cuda else (k.unbind(0), v.unbind(0))
             with inductor_config.patch(options), torch.inference_mode():
-                out = compiled(embeds.clone(), *layers, torch.tensor([length], device=k.device), positions.clone(),
-                               *(d.clone() for d in deepstack))
+                out = compiled(
+                    embeds.clone(),
+                    *layers,
+                    torch.tensor([length], device=k.device),
+                    positions.clone(),
+                    *(d.clone() for d in deepstack),
+                )
             # a CUDA graph's outputs are overwritten by its next replay
             return tuple(t.clone() for t in out) if k.is_cuda else out
 
-        self.progress(f"compiling the decode step for {identity.slots} KV slots (once per process; a few minutes "
-                      f"on a small CPU, seconds with Inductor's cache warm) ...")
+        self.progress(
+            f"compiling the decode step for {identity.slots} KV slots (once per process; a few minutes "
+            f"on a small CPU, seconds with Inductor's cache warm) ..."
+        )
         try:
             dev, cfg = cache.k.device, self.decoder.cfg
             embeds = self.embed(torch.zeros(1, dtype=torch.int64, device=dev))
             deepstack = (embeds.new_zeros(cfg.deepstack_layers, 1, cfg.hidden_size),) if cfg.deepstack_layers else ()
             run(embeds[None], cache.k, cache.v, 0, torch.zeros(3, 1, dtype=torch.int64, device=dev), *deepstack)
         except Exception as exc:  # Inductor's errors: no C++ compiler (CPU) or Triton (CUDA), a failed build
-            raise RuntimeError(f"torch.compile could not build the decode step ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it needs "
-                               f"a C++ compiler on the CPU, Triton on CUDA; backend torch runs without") from exc
+            raise RuntimeError(
+                f"torch.compile could not build the decode step ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); it needs "
+                f"a C++ compiler on the CPU, Triton on CUDA; backend torch runs without"
+            ) from exc
         self.step, self.compiled_for, self.io_device = run, identity, cache.k.device
 
-    def run_chunk(self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None,
-                  deepstack=None):
+    def run_chunk(
+        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
+    ):
         if embeds.shape[0] > 1 or mrope is not None or deepstack is not None:
             return self.eager.run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope, deepstack)
         return super().run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
 
 
-def make_backend(name: str, decoder: Decoder, engine_dir: str | Path = "engines", model_name: str = "model",
-                 progress: Callable[[str], None] = print, model: VisionLanguageModel | None = None) -> Backend:
+def make_backend(
+    name: str,
+    decoder: Decoder,
+    engine_dir: str | Path = "engines",
+    model_name: str = "model",
+    progress: Callable[[str], None] = print,
+    model: VisionLanguageModel | None = None,
+) -> Backend:
     """Backend ``name`` (one of :data:`BACKENDS`) for ``decoder``; an engine backend given
     ``model`` (the VLM ``decoder`` belongs to) runs its vision and embedding engines too.
 

@@ -12,14 +12,15 @@
 * **Confinement** (:func:`resolve_inside`): a path taken from the ROS graph (which has no
   authentication) must resolve, symlinks followed, inside one folder.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 #: ``.<name>.<mkstemp's 8 characters>.tmp``: the temporary files :func:`replace_atomically` writes.
 TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")

@@ -21,6 +21,7 @@ far), not the whole stream: frames enter as embeddings, and the stream's tag tex
 design. A stream holds hours of context, so "the prompt" of ``transformers.generate`` is the
 turn here; with the same ids as a ``generate`` prompt the two choose the same tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,12 +85,14 @@ def process_logits(logits: torch.Tensor, history: list[int], sampling: Sampling)
         out[ids] = torch.where(seen < 0, seen * sampling.repetition_penalty, seen / sampling.repetition_penalty)
     n = sampling.no_repeat_ngram_size
     if n and len(history) >= n:
-        prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
-        banned = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == prefix}
+        prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
+        banned = {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i : i + n - 1]) == prefix}
         if banned:
             out[torch.tensor(sorted(banned), device=out.device)] = -math.inf
     for seq in sampling.bad_words_ids:
-        if len(seq) == 1 or (len(history) >= len(seq) - 1 and tuple(history[len(history) - len(seq) + 1:]) == seq[:-1]):
+        if len(seq) == 1 or (
+            len(history) >= len(seq) - 1 and tuple(history[len(history) - len(seq) + 1 :]) == seq[:-1]
+        ):
             out[seq[-1]] = -math.inf
     return out
 
@@ -110,10 +113,18 @@ def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 @torch.inference_mode()
-def decode(backend: Backend, cache: KVCache, last_logits: torch.Tensor, max_new_tokens: int,
-           stop_ids: frozenset[int] = frozenset(), sampling: Sampling = GREEDY, history: list[int] | None = None,
-           stop_after: Callable[[list[int]], bool] | None = None, close_id: int | None = None,
-           kind: SlotKind = SlotKind.TEXT) -> list[int]:
+def decode(
+    backend: Backend,
+    cache: KVCache,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+    sampling: Sampling = GREEDY,
+    history: list[int] | None = None,
+    stop_after: Callable[[list[int]], bool] | None = None,
+    close_id: int | None = None,
+    kind: SlotKind = SlotKind.TEXT,
+) -> list[int]:
     """Generate one token per chunk, each appended to the cache.
 
     Args:

@@ -14,6 +14,7 @@ session's is refused with the fields that differ; a file cut short or not ours i
 set-aside name, :func:`.file_safety.set_aside`). A save never replaces a file it could not read
 as a memory file of the same stream: that file may be the only copy of another memory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,11 +37,20 @@ def identity(session) -> dict:
     """What must match for a memory file to be loaded into ``session`` (JSON-ready)."""
     cache = session.cache
     layers, kv_heads, _, head_dim = cache.k.shape
-    return {"format": FORMAT_VERSION, "model": session.model.name, "family": session.model.family,
-            "kv_dtype": str(cache.k.dtype).removeprefix("torch."), "layers": layers, "kv_heads": kv_heads,
-            "head_dim": head_dim, "capacity": cache.capacity, "slack": cache.slack, "max_chunk": cache.max_chunk,
-            "policy": cache.policy.name,
-            "system_prompt": hashlib.sha256(json.dumps(session._system_ids).encode()).hexdigest()[:16]}
+    return {
+        "format": FORMAT_VERSION,
+        "model": session.model.name,
+        "family": session.model.family,
+        "kv_dtype": str(cache.k.dtype).removeprefix("torch."),
+        "layers": layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "capacity": cache.capacity,
+        "slack": cache.slack,
+        "max_chunk": cache.max_chunk,
+        "policy": cache.policy.name,
+        "system_prompt": hashlib.sha256(json.dumps(session._system_ids).encode()).hexdigest()[:16],
+    }
 
 
 class MemoryFileRefused(ValueError):
@@ -71,8 +81,11 @@ def _read_meta(path: Path, tensors: bool) -> tuple[dict, dict]:
         if not isinstance(meta, dict):
             raise TypeError("metadata is not a JSON object")
     except Exception as exc:  # noqa: BLE001 - safetensors and json raise several types for a bad file
-        raise MemoryFileRefused(path, "unreadable", f"cannot read memory file {path}: {type(exc).__name__}: {exc} "
-                                "(cut short, or not written by save_memory)") from None
+        raise MemoryFileRefused(
+            path,
+            "unreadable",
+            f"cannot read memory file {path}: {type(exc).__name__}: {exc} (cut short, or not written by save_memory)",
+        ) from None
     return meta, out
 
 
@@ -83,7 +96,9 @@ def _check_identity(session, path: Path, meta: dict) -> None:
     have = meta.get("identity", {})
     differ = [f"{k}: {have.get(k)!r} != {v!r}" for k, v in want.items() if have.get(k) != v]
     if differ:
-        raise MemoryFileRefused(path, "other-stream", f"memory file {path} is from another stream ({'; '.join(differ)})")
+        raise MemoryFileRefused(
+            path, "other-stream", f"memory file {path} is from another stream ({'; '.join(differ)})"
+        )
 
 
 def _finite(x: float) -> float | None:
@@ -115,15 +130,24 @@ def save_memory(session, path: str | Path, extra: dict | None = None) -> int:
         snap = cache.snapshot()
         names = [n for n in CACHE_TENSORS if getattr(cache, n) is not None]
         tensors = {f"cache.{n}": t.contiguous().cpu() for n, t in zip(names, snap["tensors"])}
-        for i, (camera, bg) in enumerate(session.scene._background.items()):
+        for i, bg in enumerate(session.scene._background.values()):
             tensors[f"scene.{i}"] = bg.contiguous().cpu()
         length, stream_tokens, evicted, offset = snap["counters"]
-        state = {"length": length, "stream_tokens": stream_tokens, "evicted_tokens": evicted,
-                 "position_offset": offset, "frames_ingested": session.frames_ingested,
-                 "last_stamp_s": _finite(session.last_stamp_s), "camera_stamps": session.camera_stamps,
-                 "last_stored_s": session._last_stored_s, "scene_cameras": list(session.scene._background),
-                 "frame_info": {str(f): [camera, label, pose.to_list() if pose else None]
-                                for f, (camera, label, pose) in session._frame_info.items()}}
+        state = {
+            "length": length,
+            "stream_tokens": stream_tokens,
+            "evicted_tokens": evicted,
+            "position_offset": offset,
+            "frames_ingested": session.frames_ingested,
+            "last_stamp_s": _finite(session.last_stamp_s),
+            "camera_stamps": session.camera_stamps,
+            "last_stored_s": session._last_stored_s,
+            "scene_cameras": list(session.scene._background),
+            "frame_info": {
+                str(f): [camera, label, pose.to_list() if pose else None]
+                for f, (camera, label, pose) in session._frame_info.items()
+            },
+        }
     meta = {"identity": identity(session), "state": state, "extra": extra or {}}
     blob = save(tensors, metadata={"infmllm": json.dumps(meta)})
     replace_atomically(path, lambda tmp: tmp.write_bytes(blob))
@@ -152,15 +176,20 @@ def load_memory(session, path: str | Path) -> dict:
         saved = [tensors[f"cache.{n}"] for n in names]
         fits = all(t.shape[:2] == getattr(cache, n).shape[:2] and t.shape[2] == length for n, t in zip(names, saved))
         # [camera, label, pose or None]; a file written before poses has [camera, label]
-        frame_info = {int(f): (v[0], v[1], Pose.from_list(v[2] if len(v) > 2 else None))
-                      for f, v in state["frame_info"].items()}
+        frame_info = {
+            int(f): (v[0], v[1], Pose.from_list(v[2] if len(v) > 2 else None)) for f, v in state["frame_info"].items()
+        }
     except (KeyError, TypeError, IndexError, ValueError):
         fits = False
     if not fits:
         raise MemoryFileRefused(path, "bad-tensors", f"memory file {path} has tensors that do not fit its own header")
     with session._lock:
-        cache.restore({"tensors": [t.to(getattr(cache, n).device) for n, t in zip(names, saved)],
-                       "counters": (length, state["stream_tokens"], state["evicted_tokens"], state["position_offset"])})
+        cache.restore(
+            {
+                "tensors": [t.to(getattr(cache, n).device) for n, t in zip(names, saved)],
+                "counters": (length, state["stream_tokens"], state["evicted_tokens"], state["position_offset"]),
+            }
+        )
         session.frames_ingested = state["frames_ingested"]
         last = state["last_stamp_s"]
         session.last_stamp_s = -math.inf if last is None else last

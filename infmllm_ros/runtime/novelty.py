@@ -1,4 +1,5 @@
 """The novelty gate: which camera frames show something new and earn their vision tokens."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ keeps the poses of the last ``horizon_s`` seconds and the frames still waiting f
 pose, both bounded, and gives each frame the pose nearest its stamp as soon as it knows it.
 No rclpy here: the node converts messages to :class:`Pose` (:mod:`infmllm_ros.ros.poses`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -45,9 +46,8 @@ class Pose:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
             raise ValueError(f"pose has a NaN or infinite field: {numbers}")
         if max(abs(self.x), abs(self.y), abs(self.z)) > MAX_COORDINATE_M:
-            raise ValueError(f"pose position ({self.x:g}, {self.y:g}, {self.z:g}) m is beyond "
-                             f"{MAX_COORDINATE_M:g} m")
-        norm = math.sqrt(self.qx ** 2 + self.qy ** 2 + self.qz ** 2 + self.qw ** 2)
+            raise ValueError(f"pose position ({self.x:g}, {self.y:g}, {self.z:g}) m is beyond {MAX_COORDINATE_M:g} m")
+        norm = math.sqrt(self.qx**2 + self.qy**2 + self.qz**2 + self.qw**2)
         if abs(norm - 1.0) > QUATERNION_TOLERANCE:
             raise ValueError(f"pose orientation is not a unit quaternion (norm {norm:.4f})")
 

@@ -1,4 +1,5 @@
 """Process memory figures for reports and ``/diagnostics``."""
+
 from __future__ import annotations
 
 import ctypes

@@ -12,6 +12,7 @@ head), minus that token's mean over the frames in context (so tokens like "a" or
 every frame alike count for nothing); the frame's score is the largest over question tokens.
 Only what the eviction policy kept can be found: an evicted frame has no slots to match.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ def with_article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" and noun else "a ") + noun
 
 
-def judge(sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: float = SEEN_SCALE
-          ) -> tuple[bool, float]:
+def judge(
+    sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: float = SEEN_SCALE
+) -> tuple[bool, float]:
     """``(seen, confidence)`` for a question from its sightings (best first).
 
     ``confidence = 1 / (1 + exp(-(best_score - threshold) / scale))`` in (0, 1), 0 without any
@@ -87,8 +89,7 @@ def judge(sightings: list[Sighting], threshold: float = SEEN_THRESHOLD, scale: f
     return confidence >= 0.5, confidence
 
 
-def find_sightings(cache: KVCache, query_tokens: int, layer: int,
-                   top: int = 3) -> list[Sighting]:
+def find_sightings(cache: KVCache, query_tokens: int, layer: int, top: int = 3) -> list[Sighting]:
     """The frames in ``cache`` that best match its newest ``query_tokens`` tokens (a question).
 
     Args:
@@ -114,16 +115,16 @@ def find_sightings(cache: KVCache, query_tokens: int, layer: int,
         raise ValueError(f"top must be >= 1, got {top}")
     end = cache.length
     start = end - query_tokens
-    vision = cache.kind[layer, :, :start] == SlotKind.VISION          # [kv_heads, S]
+    vision = cache.kind[layer, :, :start] == SlotKind.VISION  # [kv_heads, S]
     if not bool(vision.any()):
         return []
     frames, slot_frame = torch.unique(cache.frame[layer, :, :start][vision], return_inverse=True)
     values = torch.nn.functional.normalize(cache.v[layer, :, :start].float(), dim=-1)
     query = torch.nn.functional.normalize(cache.v[layer, :, start:end].float(), dim=-1)
-    sim = torch.einsum("hnd,hsd->nhs", query, values)[:, vision]         # [n, vision slots]
+    sim = torch.einsum("hnd,hsd->nhs", query, values)[:, vision]  # [n, vision slots]
     per_frame = torch.full((query_tokens, frames.numel()), -2.0, device=sim.device)
     per_frame.scatter_reduce_(1, slot_frame.expand(query_tokens, -1), sim, reduce="amax")
-    score = (per_frame - per_frame.mean(1, keepdim=True)).amax(0)     # [frames]
+    score = (per_frame - per_frame.mean(1, keepdim=True)).amax(0)  # [frames]
     best = score.argsort(descending=True)[:top]
     stamps = torch.zeros(frames.numel(), dtype=cache.stamp.dtype, device=cache.stamp.device)
     stamps.scatter_(0, slot_frame, cache.stamp[layer, :, :start][vision])

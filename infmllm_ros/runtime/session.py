@@ -13,6 +13,7 @@ questions take one lock around the cache, so one ingest thread and one ask threa
 session; the vision encoder runs outside the lock, so ingest of the next frame overlaps decoding
 only in its vision part.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,14 +30,14 @@ import torch
 from ..kvcache import SlotKind, make_policy
 from ..kvcache.policies import DEFAULT_SLACK, MEMORY_BETA, MEMORY_DECAY, MEMORY_VISION_BUDGET, scores_slots
 from ..models.family import FrameChunk, FrameEncoding, VisionLanguageModel
-from ..models.vision import check_rgb
 from ..models.tokenizer import split_trailing_space
+from ..models.vision import check_rgb
+from .answer import DEFAULT_NEAR_RADIUS_M, AnswerTemplate, FrameNote, Verdict, template_for
 from .backends import Backend, TorchBackend, make_backend
 from .generate import Sampling, decode
 from .memory_file import load_memory, save_memory
 from .novelty import SceneNovelty
 from .pose import Pose
-from .answer import DEFAULT_NEAR_RADIUS_M, AnswerTemplate, FrameNote, Verdict, template_for
 from .recall import SEEN_THRESHOLD, Sighting, default_recall_layer, find_sightings, judge
 
 #: Seconds between stored familiar frames ("Nothing new.") of a camera. Storing every familiar
@@ -190,23 +191,40 @@ class StreamSession:
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are
-            sinks by default, so they count against the capacity), ``sinks`` outside 1..its length, a backend built for another
+            sinks by default, so they count against the capacity), ``sinks`` outside 1..its length,
+            a backend built for another
             model or cache size, a novelty setting, a negative ``familiar_interval_s`` or
             ``recall_layer`` out of range; a vision budget for an unscored policy or one that
             does not fit the capacity.
     """
 
-    def __init__(self, model: VisionLanguageModel, capacity: int = 1024, policy: str = "inf_mllm",
-                 recent: int = 256, beta: float = MEMORY_BETA, decay: float = MEMORY_DECAY,
-                 max_chunk: int | None = None, system_prompt: str | None = None, sinks: int | None = None,
-                 backend: Backend | None = None, novelty_threshold: float | None = None,
-                 background_decay: float = 0.7, recall_layer: int | None = None,
-                 vision_budget: int | None = None, familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
-                 sampling: Sampling = DEFAULT_SAMPLING, sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
-                 evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS, seen_threshold: float = SEEN_THRESHOLD,
-                 max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS, slack: int = DEFAULT_SLACK,
-                 template: AnswerTemplate | None = None, track_positions: bool = False,
-                 near_radius_m: float = DEFAULT_NEAR_RADIUS_M):
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        capacity: int = 1024,
+        policy: str = "inf_mllm",
+        recent: int = 256,
+        beta: float = MEMORY_BETA,
+        decay: float = MEMORY_DECAY,
+        max_chunk: int | None = None,
+        system_prompt: str | None = None,
+        sinks: int | None = None,
+        backend: Backend | None = None,
+        novelty_threshold: float | None = None,
+        background_decay: float = 0.7,
+        recall_layer: int | None = None,
+        vision_budget: int | None = None,
+        familiar_interval_s: float = DEFAULT_FAMILIAR_INTERVAL_S,
+        sampling: Sampling = DEFAULT_SAMPLING,
+        sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS,
+        evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS,
+        seen_threshold: float = SEEN_THRESHOLD,
+        max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS,
+        slack: int = DEFAULT_SLACK,
+        template: AnswerTemplate | None = None,
+        track_positions: bool = False,
+        near_radius_m: float = DEFAULT_NEAR_RADIUS_M,
+    ):
         decoder, tokenizer = model.decoder, model.tokenizer
         if max_chunk is None:
             max_chunk = max(64, model.max_vision_tokens + 48)
@@ -220,8 +238,10 @@ class StreamSession:
         if not familiar_interval_s >= 0:
             raise ValueError(f"familiar_interval_s must be >= 0 seconds, got {familiar_interval_s}")
         if sentence_stop_words < 0 or evidence_sightings < 0:
-            raise ValueError(f"sentence_stop_words ({sentence_stop_words}) and evidence_sightings "
-                             f"({evidence_sightings}) must be >= 0")
+            raise ValueError(
+                f"sentence_stop_words ({sentence_stop_words}) and evidence_sightings "
+                f"({evidence_sightings}) must be >= 0"
+            )
         if not math.isfinite(seen_threshold):
             raise ValueError(f"seen_threshold must be finite, got {seen_threshold}")
         if max_question_tokens < 1:
@@ -238,8 +258,9 @@ class StreamSession:
         self.scene = SceneNovelty(novelty_threshold, background_decay, model.novelty_metric)
         self.backend = backend or TorchBackend(decoder)
         self.template = template or template_for(model.family)
-        system_text = tokenizer.render_chat([{"role": "system", "content": system_prompt or self.template.system_prompt}],
-                                            add_generation_prompt=False)
+        system_text = tokenizer.render_chat(
+            [{"role": "system", "content": system_prompt or self.template.system_prompt}], add_generation_prompt=False
+        )
         self._system_ids = tokenizer.encode(system_text)
         self._tag_ban = tuple(sorted({tuple(tokenizer.encode(text)) for text in self.template.banned_openings()}))
         if sinks is None:
@@ -269,20 +290,22 @@ class StreamSession:
             self._prune_at = THUMBNAIL_PRUNE_EVERY
             self._prefill(self._system_ids, SlotKind.SINK, logits=False)
 
-    def _prefill(self, ids: list[int], kind: SlotKind = SlotKind.TEXT, logits: bool = True
-                 ) -> tuple[torch.Tensor | None, int]:
+    def _prefill(
+        self, ids: list[int], kind: SlotKind = SlotKind.TEXT, logits: bool = True
+    ) -> tuple[torch.Tensor | None, int]:
         """Run ``ids`` through the cache in chunks of ``max_chunk``: (fp32 logits ``[vocab]`` of
         the last token or None, tokens in the last chunk). Call with the lock held."""
         step = self.cache.max_chunk
         for s in range(0, len(ids), step):
-            last = self.backend.run_chunk(self._embed_ids(ids[s:s + step]), self.cache, kind, logits=logits)
+            last = self.backend.run_chunk(self._embed_ids(ids[s : s + step]), self.cache, kind, logits=logits)
         return last, len(ids) - s
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.backend.embed(torch.tensor(ids, dtype=torch.int64, device=self.cache.k.device))
 
-    def ingest_frame(self, rgb: np.ndarray, stamp_s: float, camera: str = "front",
-                     pose: Pose | None = None) -> FrameResult:
+    def ingest_frame(
+        self, rgb: np.ndarray, stamp_s: float, camera: str = "front", pose: Pose | None = None
+    ) -> FrameResult:
         """Append one frame (tag + vision tokens) and run the eviction policy; a familiar frame
         within ``familiar_interval_s`` of its camera's last stored one only updates the scene.
 
@@ -305,8 +328,10 @@ class StreamSession:
         if store:
             chunk = self.model.frame_chunk(self.template.frame_tag(stamp_s, camera), frame if novel else None)
             if len(chunk) > self.cache.max_chunk:
-                raise ValueError(f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
-                                 f"raise max_chunk or lower the frame's vision tokens")
+                raise ValueError(
+                    f"a frame chunk of {len(chunk)} tokens exceeds max_chunk={self.cache.max_chunk}; "
+                    f"raise max_chunk or lower the frame's vision tokens"
+                )
             embeds, kinds = self.chunk_embeds(chunk)
             thumb = cv2.resize(check_rgb(rgb), THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA)
         t1 = time.perf_counter()
@@ -315,8 +340,16 @@ class StreamSession:
             before = self.cache.evicted_tokens
             frame_id = self.frames_ingested
             if store:
-                self.backend.run_chunk(embeds, self.cache, kinds, frame_id=frame_id, stamp_s=float(stamp_s),
-                                       logits=False, mrope=chunk.mrope, deepstack=chunk.deepstack_inputs())
+                self.backend.run_chunk(
+                    embeds,
+                    self.cache,
+                    kinds,
+                    frame_id=frame_id,
+                    stamp_s=float(stamp_s),
+                    logits=False,
+                    mrope=chunk.mrope,
+                    deepstack=chunk.deepstack_inputs(),
+                )
                 self._last_stored_s[camera] = float(stamp_s)
                 self._frame_info[frame_id] = (camera, frame.label if novel else "", pose)
                 self._thumbs[frame_id] = thumb
@@ -331,8 +364,17 @@ class StreamSession:
             self.last_stamp_s = max(self.last_stamp_s, float(stamp_s))
             evicted = self.cache.evicted_tokens - before
         t2 = time.perf_counter()
-        return FrameResult(frame_id, embeds.shape[0] if store else 0, frame.label,
-                           (t1 - t0) * 1e3, (t2 - t1) * 1e3, evicted, novelty, novel, store)
+        return FrameResult(
+            frame_id,
+            embeds.shape[0] if store else 0,
+            frame.label,
+            (t1 - t0) * 1e3,
+            (t2 - t1) * 1e3,
+            evicted,
+            novelty,
+            novel,
+            store,
+        )
 
     def _look(self, rgb: np.ndarray, stamp_s: float, camera: str) -> tuple[str, FrameEncoding, float, bool]:
         """Check a frame's stamp and camera, encode it and gauge its novelty (nothing is stored):
@@ -351,13 +393,15 @@ class StreamSession:
         """The frames that still hold slots in the KV cache, oldest first, with their thumbnails
         (what ``~/memory_image`` shows)."""
         with self._lock:
-            ids = self.cache.frame[:, :, :self.cache.length]
+            ids = self.cache.frame[:, :, : self.cache.length]
             rows = ids.shape[0] * ids.shape[1]
             frames, stamps = self.cache.frames()
             counts = torch.bincount(ids[ids >= 0].long().flatten()) if frames else torch.zeros(0)
             info = {f: self._frame_info.get(f, UNKNOWN_FRAME) for f in frames}
-            return [MemoryFrame(f, s, info[f][0], info[f][1], float(counts[f]) / rows, self._thumbs.get(f), info[f][2])
-                    for f, s in zip(frames, stamps)]
+            return [
+                MemoryFrame(f, s, info[f][0], info[f][1], float(counts[f]) / rows, self._thumbs.get(f), info[f][2])
+                for f, s in zip(frames, stamps)
+            ]
 
     def set_frame_pose(self, frame_id: int, pose: Pose) -> bool:
         """Give a stored frame the robot's pose (a pose that arrived after the frame, or a nearer
@@ -390,12 +434,19 @@ class StreamSession:
             parts.append(self._embed_ids(chunk.after))
         embeds = torch.cat(parts)
         kinds = torch.full((embeds.shape[0],), int(SlotKind.TEXT), dtype=torch.int8, device=embeds.device)
-        kinds[len(chunk.before):len(chunk.before) + chunk.vision_tokens] = int(SlotKind.VISION)
+        kinds[len(chunk.before) : len(chunk.before) + chunk.vision_tokens] = int(SlotKind.VISION)
         return embeds, kinds
 
-    def ask(self, question: str, max_new_tokens: int = 48, keep_in_context: bool = True,
-            sampling: Sampling | None = None, deadline_s: float | None = None,
-            cancel: threading.Event | None = None, on_token: Callable[[list[int]], None] | None = None) -> Answer:
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = 48,
+        keep_in_context: bool = True,
+        sampling: Sampling | None = None,
+        deadline_s: float | None = None,
+        cancel: threading.Event | None = None,
+        on_token: Callable[[list[int]], None] | None = None,
+    ) -> Answer:
         """Answer ``question`` from what is in the cache, evidence first.
 
         The question is prefilled as a user turn; the frames in the cache that match it are
@@ -443,8 +494,9 @@ class StreamSession:
         head, lead, newline, tail = self.question_turn()
         question_ids = self.operator_ids(question, lead)
         if len(question_ids) > self.max_question_tokens:
-            raise ValueError(f"question is {len(question_ids)} tokens; the limit is {self.max_question_tokens} "
-                             "(max_question_tokens)")
+            raise ValueError(
+                f"question is {len(question_ids)} tokens; the limit is {self.max_question_tokens} (max_question_tokens)"
+            )
         label, label_lead = split_trailing_space(self.template.question_label)
         short = 0 < len(question.split()) <= self.sentence_stop_words
         stopped = []
@@ -467,22 +519,46 @@ class StreamSession:
                 # The question's last chunk is the newest slots, which every policy keeps.
                 sightings = self._sightings(newest)
                 notes = self._frame_notes()
-                found, sightings = self.template.judge(question, sightings, notes, self.seen_threshold,
-                                                       self.model.label_concepts)
+                found, sightings = self.template.judge(
+                    question, sightings, notes, self.seen_threshold, self.model.label_concepts
+                )
                 _, confidence = judge(sightings, self.seen_threshold)
-                evidence = self.template.evidence(question, found, sightings, notes, self.seen_threshold,
-                                                  self.evidence_sightings, len(self._last_stored_s) > 1,
-                                                  self.near_radius_m)
+                evidence = self.template.evidence(
+                    question,
+                    found,
+                    sightings,
+                    notes,
+                    self.seen_threshold,
+                    self.evidence_sightings,
+                    len(self._last_stored_s) > 1,
+                    self.near_radius_m,
+                )
                 # The question again after the memory line, labelled: the turn ends on what to answer.
-                again = (self.tokenizer.encode(evidence.line) + newline + self.tokenizer.encode(label)
-                         + self.operator_ids(question, label_lead)) if evidence.line else []
+                again = (
+                    (
+                        self.tokenizer.encode(evidence.line)
+                        + newline
+                        + self.tokenizer.encode(label)
+                        + self.operator_ids(question, label_lead)
+                    )
+                    if evidence.line
+                    else []
+                )
                 last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
                 sampling = sampling or self.sampling
                 sampling = replace(sampling, bad_words_ids=sampling.bad_words_ids + self._tag_ban)
-                out = decode(self.backend, self.cache, last, max_new_tokens, self.tokenizer.stop_ids,
-                             sampling, stop_after=stop_after,
-                             close_id=self.tokenizer.turn_end_id, kind=SlotKind.DIALOGUE)
+                out = decode(
+                    self.backend,
+                    self.cache,
+                    last,
+                    max_new_tokens,
+                    self.tokenizer.stop_ids,
+                    sampling,
+                    stop_after=stop_after,
+                    close_id=self.tokenizer.turn_end_id,
+                    kind=SlotKind.DIALOGUE,
+                )
                 t2 = time.perf_counter()
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
@@ -497,13 +573,26 @@ class StreamSession:
         text, source, problems = self.tokenizer.decode(out).strip(), "model", []
         if not stopped:  # a partial answer says so with `stopped`; a complete one must agree with its evidence
             text, source, problems = self.template.settle(text, evidence, {n.label for n in notes.values()})
-        return Answer(text=text, latency_s=t2 - t0, ttft_s=t1 - t0,
-                      decode_tokens_per_s=rate, new_tokens=len(out), tokens_in_cache=length,
-                      frames_in_context=len(frames), first_frame_s=stamps[0] if stamps else math.nan,
-                      last_frame_s=stamps[-1] if stamps else math.nan, sightings=tuple(sightings[:3]),
-                      token_ids=tuple(out), seen=evidence.verdict is Verdict.SEEN, confidence=confidence,
-                      evidence=evidence.line, stopped=stopped[0] if stopped else "", verdict=evidence.verdict.value,
-                      answer_source=source, problems=tuple(problems))
+        return Answer(
+            text=text,
+            latency_s=t2 - t0,
+            ttft_s=t1 - t0,
+            decode_tokens_per_s=rate,
+            new_tokens=len(out),
+            tokens_in_cache=length,
+            frames_in_context=len(frames),
+            first_frame_s=stamps[0] if stamps else math.nan,
+            last_frame_s=stamps[-1] if stamps else math.nan,
+            sightings=tuple(sightings[:3]),
+            token_ids=tuple(out),
+            seen=evidence.verdict is Verdict.SEEN,
+            confidence=confidence,
+            evidence=evidence.line,
+            stopped=stopped[0] if stopped else "",
+            verdict=evidence.verdict.value,
+            answer_source=source,
+            problems=tuple(problems),
+        )
 
     def save_memory(self, path: str | Path, extra: dict | None = None) -> int:
         """Write the stream's memory to ``path`` atomically (:func:`.memory_file.save_memory`);
@@ -546,8 +635,10 @@ class StreamSession:
     def _frame_notes(self) -> dict[int, FrameNote]:
         """The frames in the cache by id, with camera and label (call under the lock)."""
         frames, stamps = self.cache.frames()
-        return {f: FrameNote(f, s, *self._frame_info.get(f, UNKNOWN_FRAME), self.track_positions)
-                for f, s in zip(frames, stamps)}
+        return {
+            f: FrameNote(f, s, *self._frame_info.get(f, UNKNOWN_FRAME), self.track_positions)
+            for f, s in zip(frames, stamps)
+        }
 
     def _sentence_end(self, out: list[int]) -> bool:
         """Whether the answer so far ends a sentence: ``.``, ``!`` or ``?`` after at least two
@@ -556,8 +647,13 @@ class StreamSession:
         return len(out) >= 2 and text.endswith((".", "!", "?")) and not (text[-1] == "." and text[-2:-1].isdigit())
 
 
-def open_session(model: VisionLanguageModel, backend: str = "torch", engine_dir: str | Path = "engines",
-                 progress: Callable[[str], None] = print, **kwargs) -> StreamSession:
+def open_session(
+    model: VisionLanguageModel,
+    backend: str = "torch",
+    engine_dir: str | Path = "engines",
+    progress: Callable[[str], None] = print,
+    **kwargs,
+) -> StreamSession:
     """A new stream over ``model``'s weights on ``backend`` (:data:`~.backends.BACKENDS`);
     ``kwargs`` go to :class:`StreamSession`. One model can serve many sessions.
 

@@ -6,6 +6,7 @@ action instead and prints the answer as it is decoded (Ctrl-C cancels it; the st
 it was before the question). Exit status 0 on an answer, 1 on a refusal (``success=false``), a
 cancel or a timeout, 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ from ..ros.interface import ANSWER_FIELDS
 from ..ros.stamps import stamp_seconds
 
 
-def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
-             keep_in_context: bool = False, timeout_s: float = 120.0):
+def call_ask(
+    node: Node,
+    service: str,
+    question: str,
+    max_new_tokens: int = 0,
+    keep_in_context: bool = False,
+    timeout_s: float = 120.0,
+):
     """Call ``service`` from ``node`` (which an executor spins on another thread) and wait.
 
     Returns:
@@ -41,8 +48,9 @@ def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
         if not client.wait_for_service(timeout_sec=timeout_s):
             return None
         done = threading.Event()
-        future = client.call_async(Ask.Request(question=question, max_new_tokens=max_new_tokens,
-                                               keep_in_context=keep_in_context))
+        future = client.call_async(
+            Ask.Request(question=question, max_new_tokens=max_new_tokens, keep_in_context=keep_in_context)
+        )
         future.add_done_callback(lambda _: done.set())
         done.wait(max(0.0, deadline - time.monotonic()))
         return future.result() if future.done() else None
@@ -54,9 +62,17 @@ def call_ask(node: Node, service: str, question: str, max_new_tokens: int = 0,
 RESULT_RETRY_S = 2.0
 
 
-def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, keep_in_context: bool = False,
-               timeout_s: float = 120.0, on_feedback=lambda feedback: None, cancel: threading.Event | None = None,
-               client: ActionClient | None = None):
+def stream_ask(
+    node: Node,
+    action: str,
+    question: str,
+    max_new_tokens: int = 0,
+    keep_in_context: bool = False,
+    timeout_s: float = 120.0,
+    on_feedback=lambda feedback: None,
+    cancel: threading.Event | None = None,
+    client: ActionClient | None = None,
+):
     """Send an ``Ask`` action goal from ``node`` (spun on another thread) and wait for its result.
 
     ``on_feedback`` gets each ``Ask.Feedback`` (the text so far); setting ``cancel`` cancels the
@@ -72,9 +88,10 @@ def stream_ask(node: Node, action: str, question: str, max_new_tokens: int = 0, 
     try:
         if not client.wait_for_server(timeout_sec=timeout_s):
             return None
-        sent = client.send_goal_async(AskAction.Goal(question=question, max_new_tokens=max_new_tokens,
-                                                     keep_in_context=keep_in_context),
-                                      feedback_callback=lambda m: on_feedback(m.feedback))
+        sent = client.send_goal_async(
+            AskAction.Goal(question=question, max_new_tokens=max_new_tokens, keep_in_context=keep_in_context),
+            feedback_callback=lambda m: on_feedback(m.feedback),
+        )
         while not sent.done() and time.monotonic() < deadline:
             time.sleep(0.01)
         handle = sent.result() if sent.done() else None
@@ -104,18 +121,30 @@ def format_response(response) -> str:
     if not response.success:
         return f"refused: {response.message}" + (f"\n(partial answer: {response.answer})" if response.answer else "")
     first, last = stamp_seconds(response.first_frame_stamp), stamp_seconds(response.last_frame_stamp)
-    seen = ", ".join(f"{stamp_seconds(t):.1f}" + (f" {c}" if c else "") + f" (match {s:.2f})"
-                     for t, s, c in zip(response.sighting_stamps, response.sighting_scores,
-                                        list(response.sighting_cameras) or [""] * len(response.sighting_scores)))
-    return (f"{response.answer}\n" + (f"-- {response.message}\n" if response.stopped else "") +
-            f"-- {response.verdict or ('seen' if response.seen else 'not seen')} (confidence {response.confidence:.2f}); "
-            f"{response.evidence or 'no memory line'}"
-            + (" (the model's text contradicted it: answered with the evidence)"
-               if response.answer_source == "evidence" else "") + "\n"
-            f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"
-            f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
-            f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "
-            f"{response.latency_s:.2f} s")
+    seen = ", ".join(
+        f"{stamp_seconds(t):.1f}" + (f" {c}" if c else "") + f" (match {s:.2f})"
+        for t, s, c in zip(
+            response.sighting_stamps,
+            response.sighting_scores,
+            list(response.sighting_cameras) or [""] * len(response.sighting_scores),
+        )
+    )
+    return (
+        f"{response.answer}\n"
+        + (f"-- {response.message}\n" if response.stopped else "")
+        + f"-- {response.verdict or ('seen' if response.seen else 'not seen')} (confidence {response.confidence:.2f}); "
+        f"{response.evidence or 'no memory line'}"
+        + (
+            " (the model's text contradicted it: answered with the evidence)"
+            if response.answer_source == "evidence"
+            else ""
+        )
+        + "\n"
+        f"-- seen at stamps: {seen or 'no frame with vision tokens in context'}\n"
+        f"-- {response.frames_in_context} frames in context spanning {last - first:.1f} s "
+        f"(stamps {first:.1f} .. {last:.1f}), {response.tokens_in_cache} KV tokens, "
+        f"{response.latency_s:.2f} s"
+    )
 
 
 def main(argv=None) -> int:
@@ -126,8 +155,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the node's default")
     parser.add_argument("--keep", action="store_true", help="keep the Q/A in the stream's context")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
-    parser.add_argument("--stream", action="store_true",
-                        help="ask through the action and print the answer as it is decoded (Ctrl-C cancels)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="ask through the action and print the answer as it is decoded (Ctrl-C cancels)",
+    )
     args = parser.parse_args(argv)
     if not args.question.strip():
         parser.error("question is empty")
@@ -142,12 +174,17 @@ def main(argv=None) -> int:
             printed = [0]
 
             def show(feedback):
-                print(feedback.text[printed[0]:], end="", flush=True)
+                print(feedback.text[printed[0] :], end="", flush=True)
                 printed[0] = len(feedback.text)
 
             cancel, box = threading.Event(), []
-            asking = threading.Thread(target=lambda: box.append(stream_ask(
-                node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout, show, cancel)))
+            asking = threading.Thread(
+                target=lambda: box.append(
+                    stream_ask(
+                        node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout, show, cancel
+                    )
+                )
+            )
             asking.start()
             try:
                 while asking.is_alive():
@@ -157,9 +194,15 @@ def main(argv=None) -> int:
                 asking.join(args.timeout)
             print()
             result = box[0] if box else None
-            response = None if result is None else SimpleNamespace(
-                success=result.success, message=result.message,
-                **{name: getattr(result.answer, name) for name in ANSWER_FIELDS})
+            response = (
+                None
+                if result is None
+                else SimpleNamespace(
+                    success=result.success,
+                    message=result.message,
+                    **{name: getattr(result.answer, name) for name in ANSWER_FIELDS},
+                )
+            )
         else:
             response = call_ask(node, args.service, args.question, args.max_new_tokens, args.keep, args.timeout)
     finally:

@@ -10,20 +10,31 @@ reproducible. Beside the bag directory ``OUT``: ``OUT.manifest.json`` (events, t
 words, bag figures) and ``OUT.questions.yaml`` (the :mod:`infmllm_ros.tools.replay` script: one
 question per event, asked after the last frame, with where it was shown).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 import yaml
 
-from ..bench.drive import (ABSENT_OBJECTS, Drive, LoopedClip, OdometryTrack, absent_question, bundled_events,
-                           events_from_dir, synthetic_road, video_frames, window_minutes)
+from ..bench.drive import (
+    ABSENT_OBJECTS,
+    Drive,
+    LoopedClip,
+    OdometryTrack,
+    absent_question,
+    bundled_events,
+    events_from_dir,
+    synthetic_road,
+    video_frames,
+    window_minutes,
+)
 
 TYPESTORE_NAME = "ros2_kilted"
 DEFAULT_START_STAMP = 1_700_000_000.0  # a fixed epoch: bags made twice are identical
@@ -36,8 +47,9 @@ def typestore():
     return get_typestore(Stores(TYPESTORE_NAME))
 
 
-def image_message(store, rgb: np.ndarray, stamp_s: float, frame_id: str, fmt: str, encoding: str = "rgb8",
-                  jpeg_quality: int = 85):
+def image_message(
+    store, rgb: np.ndarray, stamp_s: float, frame_id: str, fmt: str, encoding: str = "rgb8", jpeg_quality: int = 85
+):
     """Build a rosbags ``sensor_msgs`` message for ``rgb`` (uint8 ``[H, W, 3]``).
 
     Args:
@@ -54,10 +66,10 @@ def image_message(store, rgb: np.ndarray, stamp_s: float, frame_id: str, fmt: st
     sec = int(stamp_s)
     header = types["std_msgs/msg/Header"](
         stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((stamp_s - sec) * 1e9))),
-        frame_id=frame_id)
+        frame_id=frame_id,
+    )
     if fmt == "compressed":
-        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                                [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
         msgtype = "sensor_msgs/msg/CompressedImage"
@@ -71,8 +83,15 @@ def image_message(store, rgb: np.ndarray, stamp_s: float, frame_id: str, fmt: st
     pixels = np.ascontiguousarray(pixels)
     step = pixels.shape[1] * (1 if pixels.ndim == 2 else 3)
     msgtype = "sensor_msgs/msg/Image"
-    return types[msgtype](header=header, height=pixels.shape[0], width=pixels.shape[1], encoding=encoding,
-                          is_bigendian=0, step=step, data=pixels.reshape(-1)), msgtype
+    return types[msgtype](
+        header=header,
+        height=pixels.shape[0],
+        width=pixels.shape[1],
+        encoding=encoding,
+        is_bigendian=0,
+        step=step,
+        data=pixels.reshape(-1),
+    ), msgtype
 
 
 def odometry_message(store, t_s: float, x: float, y: float, yaw: float, frame_id: str = "odom"):
@@ -81,22 +100,31 @@ def odometry_message(store, t_s: float, x: float, y: float, yaw: float, frame_id
     types = store.types
     sec = int(t_s)
     header = types["std_msgs/msg/Header"](
-        stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t_s - sec) * 1e9))), frame_id=frame_id)
+        stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t_s - sec) * 1e9))), frame_id=frame_id
+    )
     pose = types["geometry_msgs/msg/Pose"](
         position=types["geometry_msgs/msg/Point"](x=x, y=y, z=0.0),
-        orientation=types["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=float(np.sin(yaw / 2)),
-                                                          w=float(np.cos(yaw / 2))))
+        orientation=types["geometry_msgs/msg/Quaternion"](
+            x=0.0, y=0.0, z=float(np.sin(yaw / 2)), w=float(np.cos(yaw / 2))
+        ),
+    )
     vector = types["geometry_msgs/msg/Vector3"]
     return types["nav_msgs/msg/Odometry"](
-        header=header, child_frame_id="base_link",
+        header=header,
+        child_frame_id="base_link",
         pose=types["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
         twist=types["geometry_msgs/msg/TwistWithCovariance"](
-            twist=types["geometry_msgs/msg/Twist"](linear=vector(x=0.0, y=0.0, z=0.0), angular=vector(x=0.0, y=0.0, z=0.0)),
-            covariance=np.zeros(36)))
+            twist=types["geometry_msgs/msg/Twist"](
+                linear=vector(x=0.0, y=0.0, z=0.0), angular=vector(x=0.0, y=0.0, z=0.0)
+            ),
+            covariance=np.zeros(36),
+        ),
+    )
 
 
-def background_source(videos: list[str], images: list[str], fps: float, image_hold_s: float
-                      ) -> Callable[[float], np.ndarray]:
+def background_source(
+    videos: list[str], images: list[str], fps: float, image_hold_s: float
+) -> Callable[[float], np.ndarray]:
     """t (seconds) -> RGB background: the videos one after another and each still image held
     ``image_hold_s`` seconds, looped; the drawn :func:`synthetic_road` when both lists are empty.
 
@@ -116,9 +144,20 @@ def background_source(videos: list[str], images: list[str], fps: float, image_ho
     return LoopedClip(frames, fps)
 
 
-def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, storage: str, size: tuple[int, int],
-              start_stamp: float, frame_id: str = "camera_front", progress: Callable[[str], None] = print,
-              track: OdometryTrack | None = None, odom_topic: str = "/odom") -> dict:
+def write_bag(
+    out: Path,
+    drive: Drive,
+    topic: str,
+    fmt: str,
+    encoding: str,
+    storage: str,
+    size: tuple[int, int],
+    start_stamp: float,
+    frame_id: str = "camera_front",
+    progress: Callable[[str], None] = print,
+    track: OdometryTrack | None = None,
+    odom_topic: str = "/odom",
+) -> dict:
     """Write every frame of ``drive`` to a new rosbag2 at ``out`` (which must not exist).
 
     Args:
@@ -151,8 +190,11 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
             nonlocal pending
             while pending is not None and pending[0] <= until_s:
                 t_odom = start_stamp + pending[0]
-                writer.write(odom, int(round(t_odom * 1e9)), store.serialize_cdr(
-                    odometry_message(store, t_odom, *pending[1:]), "nav_msgs/msg/Odometry"))
+                writer.write(
+                    odom,
+                    int(round(t_odom * 1e9)),
+                    store.serialize_cdr(odometry_message(store, t_odom, *pending[1:]), "nav_msgs/msg/Odometry"),
+                )
                 pending = next(odometry, None)
 
         for i, (t, rgb, label) in enumerate(drive.frames()):
@@ -163,11 +205,20 @@ def write_bag(out: Path, drive: Drive, topic: str, fmt: str, encoding: str, stor
                 connection = writer.add_connection(topic, msgtype, typestore=store)
             writer.write(connection, int(round((start_stamp + t) * 1e9)), store.serialize_cdr(msg, msgtype))
             if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
-                progress(f"  {i + 1}/{n} frames ({(i + 1) / n:.0%})" + (f", event {label} at {t:.0f} s" if label else ""))
+                progress(
+                    f"  {i + 1}/{n} frames ({(i + 1) / n:.0%})" + (f", event {label} at {t:.0f} s" if label else "")
+                )
         write_odometry(n / drive.fps)
-    return {"frames": n, "duration_s": n / drive.fps, "topic": topic, "msgtype": msgtype, "storage": storage,
-            "start_stamp": start_stamp, "bytes": sum(f.stat().st_size for f in out.iterdir()),
-            **({"odom_topic": odom_topic, "odom_rate_hz": track.rate_hz} if track else {})}
+    return {
+        "frames": n,
+        "duration_s": n / drive.fps,
+        "topic": topic,
+        "msgtype": msgtype,
+        "storage": storage,
+        "start_stamp": start_stamp,
+        "bytes": sum(f.stat().st_size for f in out.iterdir()),
+        **({"odom_topic": odom_topic, "odom_rate_hz": track.rate_hz} if track else {}),
+    }
 
 
 def questions_for(drive: Drive, track: OdometryTrack | None = None) -> list[dict]:
@@ -183,15 +234,32 @@ def questions_for(drive: Drive, track: OdometryTrack | None = None) -> list[dict
     questions = []
     for label, ts in times.items():
         e = next(x for x in drive.schedule if x.label == label)
-        questions.append({"at_s": end, "question": e.question, "expect_words": list(e.words), "expect_time_s": ts[0],
-                          "label": label, **({"expect_times_s": ts} if len(ts) > 1 else {}),
-                          **({"expect_positions": [list(track.at(t)[:2]) for t in ts]} if track else {})})
+        questions.append(
+            {
+                "at_s": end,
+                "question": e.question,
+                "expect_words": list(e.words),
+                "expect_time_s": ts[0],
+                "label": label,
+                **({"expect_times_s": ts} if len(ts) > 1 else {}),
+                **({"expect_positions": [list(track.at(t)[:2]) for t in ts]} if track else {}),
+            }
+        )
     a, b = window_minutes(drive.minutes)
     inside = {e.label: list(e.words) for e in drive.schedule if 60 * a <= e.time_s <= 60 * b}
-    questions.append({"at_s": end, "question": f"What did you see between minute {a} and minute {b}?",
-                      "window_s": [60.0 * a, 60.0 * b], "expect_words_by_label": inside})
-    return questions + [{"at_s": end, "question": absent_question(label), "label": label, "absent": True}
-                        for label in ABSENT_OBJECTS if label not in drive.events]
+    questions.append(
+        {
+            "at_s": end,
+            "question": f"What did you see between minute {a} and minute {b}?",
+            "window_s": [60.0 * a, 60.0 * b],
+            "expect_words_by_label": inside,
+        }
+    )
+    return questions + [
+        {"at_s": end, "question": absent_question(label), "label": label, "absent": True}
+        for label in ABSENT_OBJECTS
+        if label not in drive.events
+    ]
 
 
 def _event_time(text: str) -> tuple[str, float]:
@@ -209,8 +277,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], help="background still image (repeatable)")
     p.add_argument("--image-hold", type=float, default=10.0, help="seconds each still is shown (default 10)")
     p.add_argument("--events", help="folder of event images named by label (default: scikit-image photos)")
-    p.add_argument("--event", action="append", type=_event_time, default=[],
-                   help="LABEL@SECONDS: place an event by hand (repeatable; default: seeded times)")
+    p.add_argument(
+        "--event",
+        action="append",
+        type=_event_time,
+        default=[],
+        help="LABEL@SECONDS: place an event by hand (repeatable; default: seeded times)",
+    )
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--fps", type=float, default=1.0, help="frames per second in the bag (default 1)")
     p.add_argument("--width", type=int, default=640)
@@ -220,8 +293,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     p.add_argument("--topic", default="/camera/front/image_raw/compressed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--again", action="append", default=[], metavar="LABEL",
-                   help="show this event a second time, at a seeded time (repeatable)")
+    p.add_argument(
+        "--again",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="show this event a second time, at a seeded time (repeatable)",
+    )
     p.add_argument("--start-stamp", type=float, default=DEFAULT_START_STAMP, help="header stamp of the first frame (s)")
     p.add_argument("--odom-topic", default="/odom", help="nav_msgs/Odometry topic of the synthetic track")
     p.add_argument("--odom-rate", type=float, default=20.0, help="odometry messages per second (0: no odometry)")
@@ -242,21 +320,37 @@ def main(argv=None) -> int:
         if args.odom_rate < 0:
             raise ValueError(f"--odom-rate must be >= 0 Hz, got {args.odom_rate}")
         track = OdometryTrack(args.minutes * 60, args.odom_rate, args.seed) if args.odom_rate > 0 else None
-        print(f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}"
-              + (f", odometry at {args.odom_rate:g} Hz on {args.odom_topic}" if track else ""))
-        info = write_bag(out, drive, args.topic, args.format, args.encoding, args.storage,
-                         (args.width, args.height), args.start_stamp, track=track, odom_topic=args.odom_topic)
+        print(
+            f"writing {drive.n_frames} frames ({args.minutes:g} min at {args.fps:g} fps) to {out}"
+            + (f", odometry at {args.odom_rate:g} Hz on {args.odom_topic}" if track else "")
+        )
+        info = write_bag(
+            out,
+            drive,
+            args.topic,
+            args.format,
+            args.encoding,
+            args.storage,
+            (args.width, args.height),
+            args.start_stamp,
+            track=track,
+            odom_topic=args.odom_topic,
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"infmllm-make-bag: {exc}", file=sys.stderr)
         return 2
-    manifest = {**drive.manifest(), "bag": {**info, "path": str(out)},
-                "background": {"videos": args.video, "images": args.image}}
+    manifest = {
+        **drive.manifest(),
+        "bag": {**info, "path": str(out)},
+        "background": {"videos": args.video, "images": args.image},
+    }
     if track is not None:
         for e in manifest["events"]:
             e["position"] = list(track.at(e["time_s"])[:2])
     Path(f"{out}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    Path(f"{out}.questions.yaml").write_text(yaml.safe_dump({"questions": questions_for(drive, track)},
-                                                            sort_keys=False))
+    Path(f"{out}.questions.yaml").write_text(
+        yaml.safe_dump({"questions": questions_for(drive, track)}, sort_keys=False)
+    )
     print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB), {out}.manifest.json, {out}.questions.yaml")
     return 0
 

@@ -12,6 +12,7 @@
 All traffic stays on loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, random domain).
 Exit status: 0 when every step ran (the answers' correctness is in the report), 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=1.0, help="frames per second in the bag (default 1)")
     p.add_argument("--video", help=f"background video (default {DASHCAM} when present; '' for the drawn road)")
     p.add_argument("--params", default=str(DESKTOP), help="node parameter YAML (default config/desktop.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a node parameter, YAML value (e.g. cache.capacity=512)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a node parameter, YAML value (e.g. cache.capacity=512)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -55,12 +61,28 @@ def main(argv=None) -> int:
         video = str(DASHCAM) if DASHCAM.is_file() else None
     else:
         video = args.video or None
-    print(f"[1/4] drive bag: {args.minutes:g} min at {args.fps:g} fps, background "
-          f"{video or 'drawn road (no ../shared/data here)'}", flush=True)
+    print(
+        f"[1/4] drive bag: {args.minutes:g} min at {args.fps:g} fps, background "
+        f"{video or 'drawn road (no ../shared/data here)'}",
+        flush=True,
+    )
     bag = out / "drive"
-    made = run_tool("infmllm-make-bag", [bag, "--minutes", args.minutes, "--fps", args.fps, "--seed", args.seed,
-                                         "--again", "cat",
-                                         *(["--video", video] if video else [])], env)
+    made = run_tool(
+        "infmllm-make-bag",
+        [
+            bag,
+            "--minutes",
+            args.minutes,
+            "--fps",
+            args.fps,
+            "--seed",
+            args.seed,
+            "--again",
+            "cat",
+            *(["--video", video] if video else []),
+        ],
+        env,
+    )
     print(made.stdout[-2000:], made.stderr[-2000:], sep="", flush=True)
     if made.returncode:
         return 1
@@ -91,14 +113,16 @@ def main(argv=None) -> int:
     print(report.with_suffix(".md").read_text())
     events = [a for a in rep["answers"] if "correct" in a.get("score", {})]
     absent = [a for a in rep["answers"] if "absent_correct" in a.get("score", {})]
-    print(f"events named with the right time (+-10 s): {sum(a['score']['correct'] for a in events)}/{len(events)}; "
-          f"absent objects answered no: {sum(a['score']['absent_correct'] for a in absent)}/{len(absent)}; "
-          f"degenerate answers: {rep['degenerate']}; repeated event with both times: {rep['repeated_all_timed']}; "
-          f"time window listed: {rep['window_correct']}; answers from the model / replaced by their evidence: "
-          f"{rep['answers_from_model']} / {rep['answers_from_evidence']}; median position error "
-          f"{rep.get('position_error_m_median')} m, events without a position {rep.get('positions_unknown')}, "
-          f"answers stating a position {rep.get('answers_stating_position')}; report: {report} "
-          f"(and {report.with_suffix('.md')})")
+    print(
+        f"events named with the right time (+-10 s): {sum(a['score']['correct'] for a in events)}/{len(events)}; "
+        f"absent objects answered no: {sum(a['score']['absent_correct'] for a in absent)}/{len(absent)}; "
+        f"degenerate answers: {rep['degenerate']}; repeated event with both times: {rep['repeated_all_timed']}; "
+        f"time window listed: {rep['window_correct']}; answers from the model / replaced by their evidence: "
+        f"{rep['answers_from_model']} / {rep['answers_from_evidence']}; median position error "
+        f"{rep.get('position_error_m_median')} m, events without a position {rep.get('positions_unknown')}, "
+        f"answers stating a position {rep.get('answers_stating_position')}; report: {report} "
+        f"(and {report.with_suffix('.md')})"
+    )
     return 0 if status == 0 else 1
 
 

@@ -2,6 +2,7 @@
 discovery, a random domain, the shipped loopback Fast DDS profile (shared memory for the data,
 UDP bound to 127.0.0.1), a node process that is waited for and stopped like Ctrl-C. Used by
 ``infmllm-demo`` and the integration tests."""
+
 import os
 import random
 import signal
@@ -14,15 +15,21 @@ import yaml
 
 BIN = Path(sys.executable).parent
 # config/ in a source checkout; share/infmllm_ros/config once installed by colcon.
-PROFILE_CANDIDATES = (Path(__file__).resolve().parents[2] / "config" / "fastdds_loopback.xml",
-                      Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "fastdds_loopback.xml")
+PROFILE_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "config" / "fastdds_loopback.xml",
+    Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "fastdds_loopback.xml",
+)
 
 
 def ros_env() -> dict:
     """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID in 1..101, the
     loopback Fast DDS profile when it is found."""
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(random.randint(1, 101)),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_DOMAIN_ID=str(random.randint(1, 101)),
+        PYTHONUNBUFFERED="1",
+    )
     profile = next((p for p in PROFILE_CANDIDATES if p.is_file()), None)
     if profile is not None:
         env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
@@ -49,8 +56,12 @@ def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0, rea
     params_file = tmp / "params.yaml"
     params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": nested}}))
     log_path = tmp / "node.log"
-    proc = subprocess.Popen([str(BIN / "infmllm-node"), "--ros-args", "--params-file", str(params_file)],
-                            env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "infmllm-node"), "--ros-args", "--params-file", str(params_file)],
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready in log_path.read_text():
@@ -77,5 +88,6 @@ def stop_node(proc, timeout_s: float = 30.0) -> int:
 
 def run_tool(name: str, args: list, env: dict, timeout_s: float = 600.0) -> subprocess.CompletedProcess:
     """Run one of the project's console scripts from the venv."""
-    return subprocess.run([str(BIN / name), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run(
+        [str(BIN / name), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
