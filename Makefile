@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench-ppl bench-drive bench-decode mutation mutation-ci gpu-check clean
+.PHONY: venv test test-fast lint colcon-check demo bench-ppl bench-drive bench-decode mutation mutation-ci gpu-check clean
 
 # Real text for the demo: the shared WikiText-2 file when present, else this README.
 DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md)
@@ -31,6 +31,23 @@ $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_ven
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff's formatter and linter (ruff.toml); `ruff format .` and `ruff check --fix .` mend most.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+# The robot's build: both packages with colcon (PyPI wheels, into the venv; the ROS wheels in the
+# venv are the underlay), then the install space's node started once, asked one question over
+# loopback DDS and stopped with SIGINT (infmllm_ros/tools/install_check.py). ~1 minute.
+COLCON := colcon-core==0.21.3 colcon-ros==0.5.0 colcon-cmake==0.2.30 colcon-python-setup-py==0.2.9 \
+          colcon-library-path==0.2.1 colcon-recursive-crawl==0.2.3 colcon-pkg-config==0.1.0 \
+          colcon-package-information==0.4.1 distlib==0.4.4
+UNDERLAY := PATH=$(abspath $(VENV))/bin:$$PATH AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV))
+colcon-check: $(STAMP)
+	$(PIP) install -q --no-deps $(COLCON)
+	$(UNDERLAY) colcon build --base-paths . interfaces
+	$(UNDERLAY) sh -c '. install/setup.sh && python -m infmllm_ros.tools.install_check --install install'
 
 # The streaming perplexity benchmark (long: see bench/results/README.md).
 bench-ppl: $(STAMP)

@@ -36,9 +36,17 @@ def ros_env() -> dict:
     return env
 
 
-def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0, ready: str = "ready: /ask"):
-    """Start ``infmllm-node`` with ``params`` (dotted names, written to ``tmp/params.yaml``) and
-    wait for the log line holding ``ready`` (log in ``tmp/node.log``).
+def start_node(
+    tmp: Path,
+    env: dict,
+    params: dict,
+    timeout_s: float = 180.0,
+    ready: str = "ready: /ask",
+    executable: Path = BIN / "infmllm-node",
+):
+    """Start ``executable`` (the venv's ``infmllm-node``, or an install space's ``infmllm_node``)
+    with ``params`` (dotted names, written to ``tmp/params.yaml``) and wait for the log line
+    holding ``ready`` (log in ``tmp/node.log``).
 
     Returns:
         ``(process, log_path)``.
@@ -57,7 +65,7 @@ def start_node(tmp: Path, env: dict, params: dict, timeout_s: float = 180.0, rea
     params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": nested}}))
     log_path = tmp / "node.log"
     proc = subprocess.Popen(
-        [str(BIN / "infmllm-node"), "--ros-args", "--params-file", str(params_file)],
+        [str(executable), "--ros-args", "--params-file", str(params_file)],
         env=env,
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
