@@ -39,7 +39,7 @@ def test_tokens_decoded_through_the_compiled_step_keep_the_torch_paths_cache(wei
     WEIGHTS[weights](dec)
     caches = [dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2), slack=4) for _ in range(2)]
     eager, compiled = TorchBackend(dec), CompiledBackend(dec, **QUIET)
-    compiled.check_cache(caches[1])
+    compiled.load_engines(caches[1])
     g = torch.Generator().manual_seed(5)
     for n in CHUNKS + (1,) * 30:  # prefill chunks (the torch path in both) and single decoded tokens
         embeds = dec.embed(torch.randint(0, dec.cfg.vocab_size, (n,), generator=g))
@@ -70,7 +70,7 @@ def test_two_models_of_one_shape_each_decode_with_their_own_weights(compile_once
                 embeds, dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
             )
             backend = CompiledBackend(dec, **QUIET)
-            backend.check_cache(cache)
+            backend.load_engines(cache)
             torch.testing.assert_close(backend.run_chunk(embeds, cache), want, atol=1e-5, rtol=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_the_compiled_backend_refuses_a_score_rule_without_a_graph():
         fused_rule = None
 
     with pytest.raises(ValueError, match="has no engine graph"):
-        make_backend("compiled", dec).check_cache(dec.new_cache(40, 8, Unfused(4, 8)))
+        make_backend("compiled", dec).load_engines(dec.new_cache(40, 8, Unfused(4, 8)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")
@@ -120,7 +120,7 @@ def test_the_cuda_graph_of_the_step_gives_the_eager_steps_logits(compile_once):
     dec = tiny_decoder().cuda()
     cache = dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2), slack=4)
     backend = CompiledBackend(dec, **QUIET)
-    backend.check_cache(cache)
+    backend.load_engines(cache)
     step = DecoderStep(dec, 1e-2, True)
     g = torch.Generator().manual_seed(7)
     for n in CHUNKS + (1,) * 20:
@@ -145,4 +145,4 @@ def test_a_step_that_cannot_be_compiled_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda step, **kw: no_compiler)
     with pytest.raises(RuntimeError, match="could not build the decode step.*g\\+\\+.*backend torch"):
-        CompiledBackend(dec, **QUIET).check_cache(dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8)))
+        CompiledBackend(dec, **QUIET).load_engines(dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8)))

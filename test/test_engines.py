@@ -89,7 +89,7 @@ def smollm2_engines(smollm2, tmp_path_factory):
     dec, tok = smollm2
     engines = tmp_path_factory.mktemp("engines")
     backend = OnnxRuntimeBackend(dec, engines, "smollm2")
-    backend.check_cache(dec.new_cache(CAPACITY, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)))
+    backend.load_engines(dec.new_cache(CAPACITY, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)))
     return dec, tok, engines
 
 
@@ -151,7 +151,7 @@ def test_a_stale_or_corrupt_step_is_set_aside_intact_and_exported_again(smollm2_
     want = backend.engine_path(StepIdentity.for_cache("tiny", tiny, cache))
     for stale, reason in ((path.read_bytes(), "other-identity"), (b"\x08\x07 cut short", "unloadable")):
         want.write_bytes(stale)  # under the right name: a step of another model, then a broken file
-        backend.check_cache(cache)
+        backend.load_engines(cache)
         (aside,) = tmp_path.glob(f"{want.name}.refused-{reason}-*")
         assert aside.read_bytes() == stale and f"set aside as {aside}" in " ".join(lines)
         aside.unlink()
@@ -233,14 +233,14 @@ def test_an_engine_backend_stores_the_same_cache_as_the_torch_path():
     class TorchStepBackend(EngineBackend):
         name = "torch-step"
 
-        def check_cache(self, cache):
+        def load_engines(self, cache):
             step = DecoderStep(self.decoder, *cache.policy.fused_rule)
             self.step = lambda e, k, v, length, positions: step(e, k, v, torch.tensor([length]), positions)
 
     dec = tiny_decoder()
     caches = [dec.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)) for _ in range(2)]
     backends = (TorchBackend(dec), TorchStepBackend(dec))
-    backends[1].check_cache(caches[1])
+    backends[1].load_engines(caches[1])
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n in CHUNKS:

@@ -1,5 +1,6 @@
 """Image decoding, parameter validation and the ingest worker, without a ROS graph."""
 
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -300,3 +301,51 @@ def test_questions_run_on_the_worker_thread_before_pending_frames():
     assert order == [("frame", 1.0), ("ask", "infmllm-ingest"), ("frame", 2.0)]
     with pytest.raises(RuntimeError, match="stopped"):
         w.call(lambda: None)
+
+
+def test_a_new_parameter_is_one_table_row_with_its_field_rule_and_session_setting(monkeypatch):
+    """The parameter module with one row added (as a developer would) gives the row a config
+    field, its default, its rule and its session keyword, with no other edit."""
+    import types
+    from dataclasses import fields
+    from pathlib import Path
+
+    import infmllm_ros.ros.params as params
+
+    row = 'Param("example_budget", 3, "an example", check=Range(1, 5), session="example_budget", none_when=1),\n'
+    source = Path(params.__file__).read_text().replace("PARAMETERS = (\n", "PARAMETERS = (\n    " + row, 1)
+    grown = types.ModuleType("infmllm_ros.ros.params_grown")
+    grown.__package__ = "infmllm_ros.ros"
+    monkeypatch.setitem(sys.modules, grown.__name__, grown)  # dataclasses look their module up
+    exec(compile(source, "params_grown.py", "exec"), grown.__dict__)
+    assert {f.name for f in fields(grown.NodeConfig)} == {f.name for f in fields(params.NodeConfig)} | {
+        "example_budget"
+    }
+    assert grown.validate({}).example_budget == 3
+    assert grown.validate({"example_budget": 4}).session_kwargs()["example_budget"] == 4
+    assert grown.validate({"example_budget": 1}).session_kwargs()["example_budget"] is None  # the session's own
+    with pytest.raises(ValueError, match=r"parameter example_budget=9: must be in \[1, 5\]"):
+        grown.validate({"example_budget": 9})
+
+
+def test_every_parameter_row_reaches_the_config_and_each_session_row_the_session():
+    from dataclasses import fields
+
+    from infmllm_ros.ros.params import PARAMETERS, NodeConfig
+    from infmllm_ros.runtime.session import AnswerSettings
+
+    assert [f.name for f in fields(NodeConfig)] == [p.attr for p in PARAMETERS]
+    cfg = validate({"answer.seen_threshold": 0.42, "max_question_tokens": 77, "answer.top_p": 0.5})
+    kwargs = cfg.session_kwargs()
+    for p in PARAMETERS:
+        if p.session and "." not in p.session:
+            assert p.session in kwargs, p.name
+    assert cfg.answer_settings == AnswerSettings(
+        sampling=cfg.sampling,
+        sentence_stop_words=16,
+        evidence_sightings=1,
+        seen_threshold=0.42,
+        max_question_tokens=77,
+        near_radius_m=5.0,
+    )
+    assert cfg.sampling.top_p == 0.5 and kwargs["seen_threshold"] == 0.42

@@ -301,7 +301,10 @@ def test_answers_are_decoded_with_the_frame_tag_opening_banned(parts, monkeypatc
     s.ask("What did you see?", max_new_tokens=3)
     banned = {parts.tokenizer.decode(list(seq)) for seq in used[0].bad_words_ids}
     assert banned == {"<frame", " <frame", "<Frame", " <Frame", "<FRAME", " <FRAME"}
-    assert used[0].repetition_penalty == s.sampling.repetition_penalty and s.sampling.bad_words_ids == ()
+    assert (
+        used[0].repetition_penalty == s.answer_settings.sampling.repetition_penalty
+        and s.answer_settings.sampling.bad_words_ids == ()
+    )
 
 
 def test_a_question_kept_in_context_cannot_plant_a_memory(parts):

@@ -102,7 +102,7 @@ def test_clear_errors_where_tensorrt_is_absent(tmp_path, capsys):
 
     dec = tiny_decoder()
     with pytest.raises(RuntimeError, match="TensorRT is not installed"):  # what the node reports at start
-        make_backend("tensorrt", dec, tmp_path).check_cache(dec.new_cache(40, 8, make_policy("inf_mllm", recent=8)))
+        make_backend("tensorrt", dec, tmp_path).load_engines(dec.new_cache(40, 8, make_policy("inf_mllm", recent=8)))
     assert build.main(["--out", str(tmp_path)]) == 2
     assert "TensorRT is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing exported when the build cannot happen

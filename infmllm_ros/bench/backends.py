@@ -28,7 +28,7 @@ from .common import machine, markdown_table, write_report
 def time_backend(backend, decoder, capacity: int, chunk: int, prefill_chunks: int, decode: int, seed: int = 0) -> dict:
     """Milliseconds per prefill chunk and per decode step of ``backend`` on a fresh cache."""
     cache = decoder.new_cache(capacity, chunk, make_policy("inf_mllm", sinks=4, recent=capacity // 4))
-    backend.check_cache(cache)
+    backend.load_engines(cache)
     g = torch.Generator().manual_seed(seed)
     vocab = decoder.cfg.vocab_size
     chunk_ms, token_ms = [], []

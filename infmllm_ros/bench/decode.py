@@ -109,7 +109,7 @@ def read_rate_gb_s(device: str = "cpu", mib: int = 512, repeats: int = 5) -> flo
 def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, question: torch.Tensor) -> dict:
     """TTFT (s), decode tok/s and (torch backend) stored-frame ms of our runtime at ``precision``
     on ``backend_name`` (``torch`` or ``compiled``), medians; ``compile_s``: the compiled
-    backend's first :meth:`check_cache` (compiling the step), ``rss_growth_mb``: what it added."""
+    backend's first :meth:`load_engines` (compiling the step), ``rss_growth_mb``: what it added."""
     model = load_model(args.model, args.device, precision)
     dec = model.decoder
     backend = make_backend(backend_name, dec)
@@ -120,7 +120,7 @@ def time_ours(precision: str, backend_name: str, args, ids: torch.Tensor, questi
         cache = dec.new_cache(args.capacity, 64, policy, slack=args.slack)
         if compile_s is None:
             rss, t0 = rss_mib(), time.perf_counter()
-            backend.check_cache(cache)
+            backend.load_engines(cache)
             compile_s, rss_growth = time.perf_counter() - t0, rss_mib() - rss
         for s in range(0, ids.numel(), 64):
             backend.run_chunk(backend.embed(ids[s : s + 64].to(args.device)), cache, logits=False)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         OnnxRuntimeBackend(
             model.decoder, out, model.name, progress=lambda line: print(line, flush=True), model=model
-        ).check_cache(cache)
+        ).load_engines(cache)
         print(f"engines for {model.name} ready in {out} ({time.perf_counter() - t0:.0f} s)")
         return 0
     return build_tensorrt(model, cache, out, args)

@@ -64,7 +64,7 @@ from ..runtime.file_safety import remove_stale_temps, resolve_inside, set_aside
 from ..runtime.memory_file import MemoryFileRefused
 from ..runtime.pose import PoseMatcher
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
-from ..runtime.session import open_session
+from ..runtime.session import QuestionTooLong, Stopped, open_session
 from .intake import CameraIntake
 from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
@@ -72,6 +72,19 @@ from .params import PARAMETERS, validate
 from .poses import message_class, to_pose, to_pose_msg
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, OUTCOMES, IngestWorker, PendingFrame
+
+#: /ask outcomes counted since the node started: counter -> its key in ``/diagnostics``. A cut
+#: answer is counted under its :class:`~infmllm_ros.runtime.session.Stopped` reason.
+ASK_COUNTERS = {
+    "answered": "asks_answered",
+    "failed": "asks_failed",
+    "refused_busy": "asks_refused_busy",
+    "refused_too_long": "asks_refused_too_long",
+    Stopped.DEADLINE: "asks_stopped_deadline",
+    Stopped.SHUTDOWN: "asks_stopped_shutdown",
+    Stopped.CANCELLED: "asks_cancelled",
+    "from_evidence": "asks_answered_from_evidence",
+}
 
 
 class AnyEvent:
@@ -152,18 +165,8 @@ class InfMLLMNode(LifecycleNode):
         self.memory_image_pub = self.create_publisher(Image, "~/memory_image", 1)
         self._ask_lock = threading.Lock()
         self._serving, self._serving_lock = 0, threading.Lock()  # /ask callbacks not yet returned
-        self._ask_stats = {
-            "answered": 0,
-            "failed": 0,
-            "refused_busy": 0,
-            "refused_too_long": 0,
-            "stopped_deadline": 0,
-            "stopped_shutdown": 0,
-            "stopped_cancelled": 0,
-            "from_evidence": 0,
-            "tokens_per_s": math.nan,
-            "ttft_s": math.nan,
-        }
+        self._ask_counts = dict.fromkeys(ASK_COUNTERS, 0)
+        self._answer_speed = (math.nan, math.nan)  # the last answer's decode tokens/s and TTFT (s)
         questions = ReentrantCallbackGroup()
         self.create_service(Ask, "ask", self._on_ask, callback_group=questions)
         self._action = ActionServer(
@@ -372,7 +375,7 @@ class InfMLLMNode(LifecycleNode):
 
         msg, refusal = self._answer(goal.question, goal.max_new_tokens, goal.keep_in_context, cancel, on_token)
         success, message = self._outcome(msg, refusal)
-        if msg.stopped == "cancelled":
+        if msg.stopped == Stopped.CANCELLED:
             goal_handle.canceled()
         elif success:
             goal_handle.succeed()
@@ -384,12 +387,12 @@ class InfMLLMNode(LifecycleNode):
         """``(success, message)`` of an answer from :meth:`_answer`."""
         if refusal:
             return False, refusal
-        return msg.stopped in ("", "deadline"), {
-            "": "",
-            "deadline": f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; the text is partial",
-            "shutdown": "shutting down: the answer was cut; the text is partial",
-            "cancelled": "cancelled: the answer was cut; the stream is as it was before the question",
-        }[msg.stopped]
+        return msg.stopped in (Stopped.NONE, Stopped.DEADLINE), {
+            Stopped.NONE: "",
+            Stopped.DEADLINE: f"answer cut at answer.timeout_s={self.config.answer_timeout_s:g} s; the text is partial",
+            Stopped.SHUTDOWN: "shutting down: the answer was cut; the text is partial",
+            Stopped.CANCELLED: "cancelled: the answer was cut; the stream is as it was before the question",
+        }[Stopped(msg.stopped)]
 
     def _answer(
         self, question: str, max_new_tokens: int, keep_in_context: bool, cancel=None, on_token=None
@@ -409,7 +412,7 @@ class InfMLLMNode(LifecycleNode):
         log = self.get_logger()
 
         def refuse(message: str, counter: str = "failed") -> tuple[Answer, str]:
-            self._ask_stats[counter] += 1
+            self._ask_counts[counter] += 1
             log.warning(f"/ask {self._loggable(question)} refused: {message}")
             return Answer(question=question, latency_s=time.perf_counter() - t0), message
 
@@ -426,8 +429,6 @@ class InfMLLMNode(LifecycleNode):
                     f"{stats.received} received, {stats.outcomes['rejected']} rejected)"
                 )
             limit = max_new_tokens or self.config.max_new_tokens
-            if limit > 1024:
-                return refuse(f"max_new_tokens={limit} is above the limit of 1024")
             if self.stopping.is_set():
                 return refuse("shutting down")
             timeout = self.config.answer_timeout_s
@@ -438,8 +439,10 @@ class InfMLLMNode(LifecycleNode):
                         question, limit, keep_in_context, deadline_s=deadline, cancel=cancel, on_token=on_token
                     )
                 ).result()
+            except QuestionTooLong as exc:
+                return refuse(str(exc), "refused_too_long")
             except ValueError as exc:
-                return refuse(str(exc), "refused_too_long" if "max_question_tokens" in str(exc) else "failed")
+                return refuse(str(exc))
             except Exception as exc:  # keep the node alive; the session restored its cache
                 log.error(traceback.format_exc())
                 return refuse(f"internal error while answering: {type(exc).__name__}: {exc}")
@@ -447,13 +450,12 @@ class InfMLLMNode(LifecycleNode):
             self._ask_lock.release()
         origin = stats.origin_s
         stopped = answer.stopped
-        if stopped == "cancelled" and self.stopping.is_set():
-            stopped = "shutdown"
+        if stopped == Stopped.CANCELLED and self.stopping.is_set():
+            stopped = Stopped.SHUTDOWN
         if stopped:
-            self._ask_stats[f"stopped_{stopped}"] += 1
-        self._ask_stats["answered"] += 1
-        self._ask_stats["tokens_per_s"] = answer.decode_tokens_per_s
-        self._ask_stats["ttft_s"] = answer.ttft_s
+            self._ask_counts[stopped] += 1
+        self._ask_counts["answered"] += 1
+        self._answer_speed = (answer.decode_tokens_per_s, answer.ttft_s)
         msg = Answer(
             header=Header(stamp=self.get_clock().now().to_msg(), frame_id=self.get_name()),
             question=question,
@@ -477,7 +479,7 @@ class InfMLLMNode(LifecycleNode):
             stopped=stopped,
         )
         if answer.answer_source == "evidence":
-            self._ask_stats["from_evidence"] += 1
+            self._ask_counts["from_evidence"] += 1
             log.warning(
                 f"/ask {self._loggable(question)}: the model's answer contradicted its evidence "
                 f"({'; '.join(answer.problems)}); answered with the evidence sentence"
@@ -597,8 +599,7 @@ class InfMLLMNode(LifecycleNode):
         self.worker.max_frame_pixels, self.worker.clock_reset_s = checked.max_frame_pixels, checked.clock_reset_s
         if self._intake is not None:
             self._intake.set_max_pixels(checked.max_frame_pixels)
-        for name, value in checked.answer_kwargs().items():  # read by the next answer
-            setattr(self.session, name, value)
+        self.session.answer_settings = checked.answer_settings  # read by the next answer
         return SetParametersResult(successful=True)
 
     def diagnostics(self) -> DiagnosticStatus:
@@ -642,16 +643,9 @@ class InfMLLMNode(LifecycleNode):
             "kv_evicted_tokens": cache.evicted_tokens,
             "kv_bytes": self._kv_bytes,
             "policy": self.config.cache_policy,
-            "asks_answered": self._ask_stats["answered"],
-            "asks_failed": self._ask_stats["failed"],
-            "asks_refused_busy": self._ask_stats["refused_busy"],
-            "asks_refused_too_long": self._ask_stats["refused_too_long"],
-            "asks_stopped_deadline": self._ask_stats["stopped_deadline"],
-            "asks_stopped_shutdown": self._ask_stats["stopped_shutdown"],
-            "asks_cancelled": self._ask_stats["stopped_cancelled"],
-            "asks_answered_from_evidence": self._ask_stats["from_evidence"],
-            "decode_tokens_per_s": f"{self._ask_stats['tokens_per_s']:.1f}",
-            "ttft_s": f"{self._ask_stats['ttft_s']:.3f}",
+            **{key: self._ask_counts[counter] for counter, key in ASK_COUNTERS.items()},
+            "decode_tokens_per_s": f"{self._answer_speed[0]:.1f}",
+            "ttft_s": f"{self._answer_speed[1]:.3f}",
             "rss_mib": f"{rss_mib():.1f}",
             "last_error": s.last_error.splitlines()[0] if s.last_error else "",
             "lifecycle_state": self.lifecycle_state,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,18 @@ from ..models import Decoder
 from ..models.family import VisionLanguageModel, VisionRunner
 from .file_safety import replace_atomically, set_aside
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "compiled")
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a chunk is beside its embeddings: slot metadata ``kind``, ``frame_id``, ``stamp_s``
+    (:meth:`KVCache.begin_chunk`), a vision chunk's int64 ``[3, n]`` M-RoPE positions and a
+    DeepStack model's ``[layers, n, hidden]`` features (:meth:`Decoder.forward`)."""
+
+    kind: SlotKind | torch.Tensor = SlotKind.TEXT
+    frame_id: int = -1
+    stamp_s: float = math.nan
+    mrope: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
 
 
 class Backend:
@@ -52,12 +64,31 @@ class Backend:
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
 
+    @classmethod
+    def open(
+        cls,
+        decoder: Decoder,
+        engine_dir: str | Path,
+        model_name: str,
+        progress: Callable[[str], None],
+        model: VisionLanguageModel | None,
+    ) -> Backend:
+        """This backend for ``decoder`` with the settings :func:`make_backend` passes every
+        backend (each takes the ones it uses; the base takes the decoder alone)."""
+        return cls(decoder)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids int64 ``[n]`` -> input embeddings ``[n, hidden]``."""
         return self.decoder.embed(ids)
 
-    def check_cache(self, cache: KVCache) -> None:
-        """Raise ValueError if this backend cannot serve ``cache`` (nothing to check for torch)."""
+    def load_engines(self, cache: KVCache) -> None:
+        """Make the engines that serve ``cache`` ready: find or export the ONNX engines, load the
+        TensorRT engines, compile the decoder step (each a backend's own; minutes when an export
+        or a compile runs, with a progress line). Nothing for torch.
+
+        Raises:
+            ValueError: this backend cannot serve ``cache`` (each backend names why).
+        """
 
     def run_chunk(
         self,
@@ -82,6 +113,10 @@ class Backend:
         Raises:
             ValueError / CacheFullError: as :meth:`KVCache.begin_chunk`; the cache is unchanged.
         """
+        return self._run(embeds, cache, ChunkInfo(kind, frame_id, stamp_s, mrope, deepstack), logits)
+
+    def _run(self, embeds: torch.Tensor, cache: KVCache, chunk: ChunkInfo, logits: bool) -> torch.Tensor | None:
+        """:meth:`run_chunk`, each backend's own."""
         raise NotImplementedError
 
 
@@ -91,10 +126,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     @torch.inference_mode()
-    def run_chunk(
-        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
-    ):
-        hidden = self.decoder(embeds, cache, kind, frame_id, stamp_s, mrope, deepstack)
+    def _run(self, embeds: torch.Tensor, cache: KVCache, chunk: ChunkInfo, logits: bool) -> torch.Tensor | None:
+        hidden = self.decoder(embeds, cache, chunk.kind, chunk.frame_id, chunk.stamp_s, chunk.mrope, chunk.deepstack)
         return self.decoder.logits(hidden[-1:])[0] if logits else None
 
 
@@ -102,7 +135,7 @@ class EngineBackend(Backend):
     """A backend whose step is an engine taking the cache's buffers as inputs (onnxruntime,
     TensorRT): the cache stores the chunk's K/V and window scores it returns, then evicts.
 
-    Subclasses set ``self.step`` in :meth:`check_cache` (and ``self.embedding`` when the
+    Subclasses set ``self.step`` in :meth:`load_engines` (and ``self.embedding`` when the
     embedding lookup is an engine too) and name the device the engine's tensors live on
     (``io_device``).
     """
@@ -118,11 +151,10 @@ class EngineBackend(Backend):
         return super().embed(ids) if self.embedding is None else self.embedding(ids)
 
     @torch.inference_mode()
-    def run_chunk(
-        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
-    ):
+    def _run(self, embeds: torch.Tensor, cache: KVCache, chunk: ChunkInfo, logits: bool) -> torch.Tensor | None:
+        mrope, deepstack = chunk.mrope, chunk.deepstack
         if self.step is None:
-            raise RuntimeError(f"{type(self).__name__}.check_cache(cache) must run before the first chunk")
+            raise RuntimeError(f"{type(self).__name__}.load_engines(cache) must run before the first chunk")
         if mrope is not None and self.decoder.cfg.mrope_section is None:
             raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
         cfg, n, dev = self.decoder.cfg, embeds.shape[0], self.io_device
@@ -131,7 +163,7 @@ class EngineBackend(Backend):
             extra = (deepstack.to(dev, embeds.dtype),)
         else:
             extra = ()
-        slot_positions = cache.begin_chunk(n, kind, frame_id, stamp_s, mrope)
+        slot_positions = cache.begin_chunk(n, chunk.kind, chunk.frame_id, chunk.stamp_s, mrope)
         try:
             logits, new_k, new_v, scores = self.step(
                 embeds[None].to(dev),
@@ -155,7 +187,7 @@ class OnnxRuntimeBackend(EngineBackend):
     onnxruntime.
 
     Each engine is built for one model, frame size, buffer size and scoring rule (its
-    :class:`~infmllm_ros.engines.identity.StepIdentity` key); :meth:`check_cache` finds it in
+    :class:`~infmllm_ros.engines.identity.StepIdentity` key); :meth:`load_engines` finds it in
     ``engine_dir`` under the identity's file name (exporting it first when absent: minutes for a
     135M model on 2 cores) and refuses a file whose recorded identity differs.
 
@@ -181,11 +213,15 @@ class OnnxRuntimeBackend(EngineBackend):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.progress, self.model = Path(engine_dir), model_name, progress, model
 
+    @classmethod
+    def open(cls, decoder, engine_dir, model_name, progress, model) -> Backend:
+        return cls(decoder, engine_dir, model_name, progress, model)
+
     def engine_path(self, identity: StepIdentity, kind: str = "step") -> Path:
         """The file of engine ``kind`` (``step``, ``vision``, ``embed``) for ``identity``."""
         return self.engine_dir / f"{identity.stem(kind)}.onnx"
 
-    def check_cache(self, cache: KVCache) -> None:
+    def load_engines(self, cache: KVCache) -> None:
         """Find or export each engine for ``cache`` and check it.
 
         An engine under the identity's file name that onnxruntime cannot load, or that was built
@@ -271,7 +307,11 @@ class TensorRTBackend(EngineBackend):
         super().__init__(decoder)
         self.engine_dir, self.model_name, self.model = Path(engine_dir), model_name, model
 
-    def check_cache(self, cache: KVCache) -> None:
+    @classmethod
+    def open(cls, decoder, engine_dir, model_name, progress, model) -> Backend:
+        return cls(decoder, engine_dir, model_name, model)
+
+    def load_engines(self, cache: KVCache) -> None:
         """Load the engines built for this model, cache, TensorRT version and GPU.
 
         Raises:
@@ -330,7 +370,7 @@ class CompiledBackend(EngineBackend):
     captured in a CUDA graph (``mode="reduce-overhead"``) over the cache's fixed buffers.
     Compiling takes minutes on a small CPU (:meth:`options`: each product is autotuned), once per
     process and cache shape (Inductor's on-disk cache shortens later starts to seconds);
-    :meth:`check_cache` does it, with a progress line. Speed and
+    :meth:`load_engines` does it, with a progress line. Speed and
     compile time: ``bench/results/README.md``, "Ingest and decode cost".
 
     Args:
@@ -345,6 +385,10 @@ class CompiledBackend(EngineBackend):
         self.progress = progress
         self.eager = TorchBackend(decoder)
         self.compiled_for: StepIdentity | None = None
+
+    @classmethod
+    def open(cls, decoder, engine_dir, model_name, progress, model) -> Backend:
+        return cls(decoder, progress)
 
     @staticmethod
     def options(device: torch.device) -> dict:
@@ -372,7 +416,7 @@ class CompiledBackend(EngineBackend):
             "max_autotune_report_choices_stats": False,
         }
 
-    def check_cache(self, cache: KVCache) -> None:
+    def load_engines(self, cache: KVCache) -> None:
         """Compile the step for ``cache``'s buffer and scoring rule, and run it once.
 
         Raises:
@@ -432,12 +476,10 @@ class CompiledBackend(EngineBackend):
             ) from exc
         self.step, self.compiled_for, self.io_device = run, identity, cache.k.device
 
-    def run_chunk(
-        self, embeds, cache, kind=SlotKind.TEXT, frame_id=-1, stamp_s=math.nan, logits=True, mrope=None, deepstack=None
-    ):
-        if embeds.shape[0] > 1 or mrope is not None or deepstack is not None:
-            return self.eager.run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope, deepstack)
-        return super().run_chunk(embeds, cache, kind, frame_id, stamp_s, logits, mrope)
+    def _run(self, embeds: torch.Tensor, cache: KVCache, chunk: ChunkInfo, logits: bool) -> torch.Tensor | None:
+        if embeds.shape[0] > 1 or chunk.mrope is not None or chunk.deepstack is not None:
+            return self.eager._run(embeds, cache, chunk, logits)
+        return super()._run(embeds, cache, chunk, logits)
 
 
 def make_backend(
@@ -454,12 +496,13 @@ def make_backend(
     Raises:
         ValueError: an unknown name (the message lists the known ones).
     """
-    if name == "torch":
-        return TorchBackend(decoder)
-    if name == "onnxruntime":
-        return OnnxRuntimeBackend(decoder, engine_dir, model_name, progress, model)
-    if name == "tensorrt":
-        return TensorRTBackend(decoder, engine_dir, model_name, model)
-    if name == "compiled":
-        return CompiledBackend(decoder, progress)
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if name in BACKENDS:
+        return BACKENDS[name].open(decoder, engine_dir, model_name, progress, model)
+    raise ValueError(f"unknown backend {name!r}; choose one of {tuple(BACKENDS)}")
+
+
+#: Backend name (the ``backend`` parameter) -> class, as :data:`~infmllm_ros.kvcache.POLICIES`
+#: and :data:`~infmllm_ros.models.registry.FAMILIES` are for policies and model families.
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (TorchBackend, OnnxRuntimeBackend, TensorRTBackend, CompiledBackend)
+}

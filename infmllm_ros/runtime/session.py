@@ -16,6 +16,7 @@ only in its vision part.
 
 from __future__ import annotations
 
+import enum
 import math
 import threading
 import time
@@ -61,6 +62,8 @@ DEFAULT_EVIDENCE_SIGHTINGS = 1
 
 #: Longest question taken, in tokens (about 200 English words).
 DEFAULT_MAX_QUESTION_TOKENS = 256
+#: Most tokens one answer may generate (the node's ``max_new_tokens`` and ``Ask.max_new_tokens``).
+MAX_NEW_TOKENS_LIMIT = 1024
 #: The per-frame record (camera, label, pose) of a frame the session has none of.
 UNKNOWN_FRAME = ("", "", None)
 
@@ -106,6 +109,59 @@ class FrameResult:
     stored: bool = True
 
 
+class QuestionTooLong(ValueError):
+    """A question over :attr:`AnswerSettings.max_question_tokens` tokens, refused before any work."""
+
+
+class Stopped(enum.StrEnum):
+    """Why an answer ended before its end of turn (``Answer.stopped``, and the ROS ``Answer``'s
+    ``stopped`` field). ``""``: it did not; the text is whole."""
+
+    NONE = ""
+    DEADLINE = "deadline"  # the deadline passed; the text is partial
+    CANCELLED = "cancelled"  # the caller cancelled; the stream is as it was before the question
+    SHUTDOWN = "shutdown"  # the node's own cancel at SIGINT (set by the node, never the session)
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How answers are shaped, replaced whole while the stream runs (``ros2 param set answer.*``).
+
+    Attributes:
+        sampling: default decoding (:class:`.generate.Sampling`).
+        sentence_stop_words: a question of at most this many words is answered up to the end of
+            the first sentence (0: off).
+        evidence_sightings: most sightings rendered into the answer prompt (0: no evidence line).
+        seen_threshold: best-sighting score at which an object counts as seen.
+        max_question_tokens: longest question taken (tokens); a longer one is refused before any
+            work (it would hold the model while it prefills and stay in context).
+        near_radius_m: radius (metres) of "What did you see near (x, y)?".
+
+    Raises:
+        ValueError: a value outside its range (the message names it).
+    """
+
+    sampling: Sampling = DEFAULT_SAMPLING
+    sentence_stop_words: int = DEFAULT_SENTENCE_STOP_WORDS
+    evidence_sightings: int = DEFAULT_EVIDENCE_SIGHTINGS
+    seen_threshold: float = SEEN_THRESHOLD
+    max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS
+    near_radius_m: float = DEFAULT_NEAR_RADIUS_M
+
+    def __post_init__(self):
+        if self.sentence_stop_words < 0 or self.evidence_sightings < 0:
+            raise ValueError(
+                f"sentence_stop_words ({self.sentence_stop_words}) and evidence_sightings "
+                f"({self.evidence_sightings}) must be >= 0"
+            )
+        if not math.isfinite(self.seen_threshold):
+            raise ValueError(f"seen_threshold must be finite, got {self.seen_threshold}")
+        if self.max_question_tokens < 1:
+            raise ValueError(f"max_question_tokens must be >= 1, got {self.max_question_tokens}")
+        if not (math.isfinite(self.near_radius_m) and self.near_radius_m > 0):
+            raise ValueError(f"near_radius_m must be a finite number of metres > 0, got {self.near_radius_m}")
+
+
 @dataclass(frozen=True)
 class Answer:
     """An answer and the state it was answered from.
@@ -147,7 +203,7 @@ class Answer:
     seen: bool = False
     confidence: float = 0.0
     evidence: str = ""
-    stopped: str = ""
+    stopped: Stopped = Stopped.NONE
     verdict: str = Verdict.NOT_SEEN.value
     answer_source: str = "model"
     problems: tuple[str, ...] = ()
@@ -237,21 +293,10 @@ class StreamSession:
             raise ValueError(f"recall_layer {recall_layer} out of range for a {layers}-layer model")
         if not familiar_interval_s >= 0:
             raise ValueError(f"familiar_interval_s must be >= 0 seconds, got {familiar_interval_s}")
-        if sentence_stop_words < 0 or evidence_sightings < 0:
-            raise ValueError(
-                f"sentence_stop_words ({sentence_stop_words}) and evidence_sightings "
-                f"({evidence_sightings}) must be >= 0"
-            )
-        if not math.isfinite(seen_threshold):
-            raise ValueError(f"seen_threshold must be finite, got {seen_threshold}")
-        if max_question_tokens < 1:
-            raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens}")
-        if not (math.isfinite(near_radius_m) and near_radius_m > 0):
-            raise ValueError(f"near_radius_m must be a finite number of metres > 0, got {near_radius_m}")
-        self.track_positions, self.near_radius_m = bool(track_positions), float(near_radius_m)
-        self.max_question_tokens = max_question_tokens
-        self.sampling, self.sentence_stop_words = sampling, sentence_stop_words
-        self.evidence_sightings, self.seen_threshold = evidence_sightings, seen_threshold
+        self.answer_settings = AnswerSettings(
+            sampling, sentence_stop_words, evidence_sightings, seen_threshold, max_question_tokens, float(near_radius_m)
+        )
+        self.track_positions = bool(track_positions)
         self.familiar_interval_s = float(familiar_interval_s)
         self.recall_layer = recall_layer
         self.model, self.tokenizer = model, tokenizer
@@ -271,7 +316,7 @@ class StreamSession:
             vision_budget = MEMORY_VISION_BUDGET if scores_slots(policy) else 0
         pol = make_policy(policy, sinks=sinks, recent=recent, beta=beta, decay=decay, vision_budget=vision_budget)
         self.cache = decoder.new_cache(capacity, max_chunk, pol, slack=slack)
-        self.backend.check_cache(self.cache)
+        self.backend.load_engines(self.cache)
         self._lock = threading.Lock()
         self.reset()
 
@@ -484,30 +529,33 @@ class StreamSession:
                 (on this thread; for streaming partial answers).
 
         Raises:
-            ValueError: empty question, a question over ``max_question_tokens`` tokens,
-                ``max_new_tokens < 1``. The stream is unchanged.
+            ValueError: empty question, a question over ``max_question_tokens`` tokens
+                (:class:`QuestionTooLong`),
+                ``max_new_tokens`` outside 1..:data:`MAX_NEW_TOKENS_LIMIT`. The stream is unchanged.
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is outside 1..{MAX_NEW_TOKENS_LIMIT}")
+        settings = self.answer_settings  # one answer, one set of settings, whatever is set meanwhile
         head, lead, newline, tail = self.question_turn()
         question_ids = self.operator_ids(question, lead)
-        if len(question_ids) > self.max_question_tokens:
-            raise ValueError(
-                f"question is {len(question_ids)} tokens; the limit is {self.max_question_tokens} (max_question_tokens)"
+        if len(question_ids) > settings.max_question_tokens:
+            raise QuestionTooLong(
+                f"question is {len(question_ids)} tokens; the limit is {settings.max_question_tokens} "
+                "(max_question_tokens)"
             )
         label, label_lead = split_trailing_space(self.template.question_label)
-        short = 0 < len(question.split()) <= self.sentence_stop_words
-        stopped = []
+        short = 0 < len(question.split()) <= settings.sentence_stop_words
+        stopped: list[Stopped] = []
 
         def stop_after(out: list[int]) -> bool:
             if on_token is not None:
                 on_token(out)
             if cancel is not None and cancel.is_set():
-                stopped.append("cancelled")
+                stopped.append(Stopped.CANCELLED)
             elif deadline_s is not None and time.monotonic() >= deadline_s:
-                stopped.append("deadline")
+                stopped.append(Stopped.DEADLINE)
             return bool(stopped) or (short and self._sentence_end(out))
 
         t0 = time.perf_counter()
@@ -520,18 +568,18 @@ class StreamSession:
                 sightings = self._sightings(newest)
                 notes = self._frame_notes()
                 found, sightings = self.template.judge(
-                    question, sightings, notes, self.seen_threshold, self.model.label_concepts
+                    question, sightings, notes, settings.seen_threshold, self.model.label_concepts
                 )
-                _, confidence = judge(sightings, self.seen_threshold)
+                _, confidence = judge(sightings, settings.seen_threshold)
                 evidence = self.template.evidence(
                     question,
                     found,
                     sightings,
                     notes,
-                    self.seen_threshold,
-                    self.evidence_sightings,
+                    settings.seen_threshold,
+                    settings.evidence_sightings,
                     len(self._last_stored_s) > 1,
-                    self.near_radius_m,
+                    settings.near_radius_m,
                 )
                 # The question again after the memory line, labelled: the turn ends on what to answer.
                 again = (
@@ -546,7 +594,7 @@ class StreamSession:
                 )
                 last, _ = self._prefill(again + tail, SlotKind.DIALOGUE)
                 t1 = time.perf_counter()
-                sampling = sampling or self.sampling
+                sampling = sampling or settings.sampling
                 sampling = replace(sampling, bad_words_ids=sampling.bad_words_ids + self._tag_ban)
                 out = decode(
                     self.backend,
@@ -564,9 +612,9 @@ class StreamSession:
                 length = self.cache.length
                 done = True
             finally:
-                if snap is not None and (not done or not keep_in_context or stopped == ["cancelled"]):
+                if snap is not None and (not done or not keep_in_context or stopped == [Stopped.CANCELLED]):
                     self.cache.restore(snap)
-            if stopped == ["cancelled"]:  # the stream is as it was before the question
+            if stopped == [Stopped.CANCELLED]:  # the stream is as it was before the question
                 frames, stamps = self.cache.frames()
                 length = self.cache.length
         rate = (len(out) - 1) / (t2 - t1) if len(out) > 1 and t2 > t1 else 0.0
@@ -588,7 +636,7 @@ class StreamSession:
             seen=evidence.verdict is Verdict.SEEN,
             confidence=confidence,
             evidence=evidence.line,
-            stopped=stopped[0] if stopped else "",
+            stopped=stopped[0] if stopped else Stopped.NONE,
             verdict=evidence.verdict.value,
             answer_source=source,
             problems=tuple(problems),

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=BACKENDS,
+        choices=tuple(BACKENDS),
         help="inference backend, as the node's `backend` (onnxruntime: every family's engines, exported "
         "into --engine-dir on first use)",
     )
