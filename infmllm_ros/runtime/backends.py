@@ -5,15 +5,18 @@ and gets the last position's logits back; it does not care which backend runs:
 
 * ``torch``: :class:`~infmllm_ros.models.Decoder` attending through the
   :class:`~infmllm_ros.kvcache.KVCache` layer by layer (the reference).
-* ``onnxruntime``: the exported decoder step (:mod:`infmllm_ros.engines.onnx_export`) takes
-  the cache's K/V buffers as inputs; the cache stores the chunk's K/V and window scores it
-  returns and evicts as usual.
-* ``tensorrt``: the same step as a TensorRT engine on CUDA (Jetson); untested here.
-* ``compiled``: the same step compiled by ``torch.compile`` (Inductor) for decoded tokens, a
+* ``onnxruntime``: the model's three exported engines (:mod:`infmllm_ros.engines.onnx_export`):
+  the vision tower, the embedding lookup and the decoder step, which takes the cache's K/V
+  buffers as inputs; the cache stores the chunk's K/V and window scores it returns and evicts as
+  usual.
+* ``tensorrt``: the same three engines built by TensorRT, on CUDA (Jetson); untested here.
+* ``compiled``: the decoder step compiled by ``torch.compile`` (Inductor) for decoded tokens, a
   CUDA graph of it on a GPU (that path untested here: no GPU on these machines; its test skips
-  with the reason); chunks of two or more tokens run the ``torch`` path.
+  with the reason); chunks of two or more tokens run the ``torch`` path, as do the vision tower
+  and the embedding lookup.
 
-Embedding lookup stays in torch for both (frames arrive as embeddings from the projector).
+:data:`BACKENDS` names them; each is one class, and :meth:`Backend.load_engines` is where one
+exports, loads or compiles what it runs (minutes, with a progress line).
 """
 
 from __future__ import annotations
