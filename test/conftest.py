@@ -24,6 +24,21 @@ def _tree_changes() -> set[str] | None:
     return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
 
 
+def pytest_configure(config):
+    """On a pytest-xdist worker (``make test`` runs two): its own slice of ROS domain ids, so two
+    workers' graphs never meet, and its share of the cores for torch here and in the processes
+    it starts (two workers at two threads each on two cores run slower than at one)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2:
+        return
+    size = 101 // count
+    lo = 1 + int(worker.removeprefix("gw")) * size
+    os.environ["INFMLLM_ROS_DOMAINS"] = f"{lo}-{lo + size - 1}"
+    threads = str(max(1, (os.cpu_count() or 1) // count))
+    os.environ["OMP_NUM_THREADS"] = threads
+    torch.set_num_threads(int(threads))
+
+
 def pytest_sessionstart(session):
     session.config.stash_tree = _tree_changes()
 

@@ -58,7 +58,9 @@ def test_raw_4k_rgb8_and_bgra8_frames_arrive_at_the_shipped_best_effort_qos(ship
 def test_a_183_mib_raw_frame_is_filtered_out_before_it_is_sent(shipped):
     env, pid, front = shipped
     before = memory_kib(pid)
-    assert raw_frames(env, front, "oversized", 1) == [None]  # never reaches the node's callback
+    # never reaches the node's callback: a frame the node takes is reported within a second or
+    # two (a 4K frame, above), so 15 s after its publisher has sent it, it is not coming
+    assert raw_frames(env, front, "oversized", 1, wait_s=15.0) == [None]
     after = memory_kib(pid)
     assert after["RssAnon"] + after["RssShmem"] - before["RssAnon"] - before["RssShmem"] < 50 * 1024
     assert front.send_front() == "ingested"

@@ -213,9 +213,10 @@ class Front:
         rclpy.try_shutdown()
 
 
-def raw_frames(env: dict, front: Front, kind: str, count: int) -> list[str | None]:
+def raw_frames(env: dict, front: Front, kind: str, count: int, wait_s: float = 60.0) -> list[str | None]:
     """Publish ``count`` raw frames of ``kind`` (``4k`` or ``oversized``) on the rear camera, one
-    at a time, each waited for (60 s); their outcomes (None: never reported)."""
+    at a time, each waited for (``wait_s`` seconds after its publisher has sent it); their
+    outcomes (None: never reported)."""
     pub = start_publisher(env, kind)
     outcomes = []
     try:
@@ -223,7 +224,7 @@ def raw_frames(env: dict, front: Front, kind: str, count: int) -> list[str | Non
             pub.stdin.write(f"{i}\n")
             pub.stdin.flush()
             pub.stdout.readline()
-            outcomes.append(front.wait_report("rear", first_stamp(kind) + 10 * i, 60.0))
+            outcomes.append(front.wait_report("rear", first_stamp(kind) + 10 * i, wait_s))
     finally:
         pub.stdin.close()
         pub.wait(30)

@@ -161,6 +161,7 @@ class EngineBackend(Backend):
         if mrope is not None and self.decoder.cfg.mrope_section is None:
             raise ValueError("3-D (t, h, w) positions given to a 1-D RoPE model")
         cfg, n, dev = self.decoder.cfg, embeds.shape[0], self.io_device
+        extra: tuple[torch.Tensor, ...]
         if cfg.deepstack_layers:  # the graph always takes it: zeros for a chunk without vision tokens
             deepstack = embeds.new_zeros(cfg.deepstack_layers, n, cfg.hidden_size) if deepstack is None else deepstack
             extra = (deepstack.to(dev, embeds.dtype),)
@@ -168,7 +169,7 @@ class EngineBackend(Backend):
             extra = ()
         slot_positions = cache.begin_chunk(n, chunk.kind, chunk.frame_id, chunk.stamp_s, mrope)
         try:
-            logits, new_k, new_v, scores = self.step(
+            last, new_k, new_v, scores = self.step(
                 embeds[None].to(dev),
                 cache.k.to(dev),
                 cache.v.to(dev),
@@ -181,7 +182,7 @@ class EngineBackend(Backend):
             cache.rollback()
             raise
         cache.commit()
-        return logits[0].float().to(embeds.device)
+        return last[0].float().to(embeds.device)
 
 
 class OnnxRuntimeBackend(EngineBackend):

@@ -21,13 +21,27 @@ PROFILE_CANDIDATES = (
 )
 
 
+def domain_ids() -> range:
+    """The ``ROS_DOMAIN_ID`` values :func:`ros_env` draws from: 1..101, or the slice
+    ``INFMLLM_ROS_DOMAINS="LO-HI"`` names (a test run on several workers gives each its own, so
+    their graphs never meet).
+
+    Raises:
+        ValueError: a slice that is not ``LO-HI`` inside 1..101.
+    """
+    lo, _, hi = os.environ.get("INFMLLM_ROS_DOMAINS", "1-101").partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 101):
+        raise ValueError(f"INFMLLM_ROS_DOMAINS={os.environ['INFMLLM_ROS_DOMAINS']!r}: give LO-HI inside 1-101")
+    return range(int(lo), int(hi) + 1)
+
+
 def ros_env() -> dict:
-    """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID in 1..101, the
-    loopback Fast DDS profile when it is found."""
+    """Environment for a ROS process: LOCALHOST discovery, a random ROS_DOMAIN_ID of
+    :func:`domain_ids`, the loopback Fast DDS profile when it is found."""
     env = dict(
         os.environ,
         ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(random.randint(1, 101)),
+        ROS_DOMAIN_ID=str(random.choice(domain_ids())),
         PYTHONUNBUFFERED="1",
     )
     profile = next((p for p in PROFILE_CANDIDATES if p.is_file()), None)
