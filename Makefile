@@ -29,10 +29,12 @@ $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_ven
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-# Two pytest-xdist workers, a test file each at a time (module fixtures are built once); each
-# worker gets its own ROS domain ids and one core's torch threads (test/conftest.py).
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once), the
+# longest files first; each worker gets its own ROS domain ids and one core's torch threads
+# (test/conftest.py).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q $(XDIST)
 
 # The edit-test loop of the core (under 2 minutes): the KV cache and its reference maths, recall,
 # poses, the model families against transformers, the session and answers, the parameter table;
@@ -40,7 +42,7 @@ test: $(STAMP)
 FAST_TESTS := test_cache test_reference test_recall test_pose test_models test_vlm_families test_session \
               test_answer test_ros_frames test_file_safety test_package_manifest test_layout
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(FAST_TESTS:%=test/%.py)
+	$(PY) -m pytest -q $(XDIST) $(FAST_TESTS:%=test/%.py)
 
 # ruff's formatter and linter (ruff.toml); `ruff format .` and `ruff check --fix .` mend most.
 lint: $(STAMP)

@@ -129,17 +129,17 @@ def test_broken_poses_are_refused_and_counted_and_the_node_goes_on(posed):
 
 
 def test_poses_at_200_hz_keep_the_nodes_memory_flat(posed):
-    """A minute of 200 Hz odometry in real time (12,000 poses) after a first 15 s, longer than the
-    matcher's 10 s horizon: the node takes 95% or more of them (keep-last queues may drop a few when
-    the test machine is busy) and its RSS stays within 5% of what it was after the first 15 s. Ten
-    minutes at 200 Hz through the matcher alone: ``test_pose.py``."""
+    """Half a minute of 200 Hz odometry in real time (6,000 poses) after a first 15 s, each longer
+    than the matcher's 10 s horizon: the node takes 95% or more of them (keep-last queues may drop
+    a few when the test machine is busy) and its RSS stays within 5% of what it was after the
+    first 15 s. Ten minutes at 200 Hz through the matcher alone: ``test_pose.py``."""
     g, _ = posed
     start, rate = T0 + 100, 200
     publish_odometry(g, [odometry(start + i / rate, 0.01 * i, 0.0) for i in range(rate * 15)], per_s=rate)
     first = g.status_when(lambda s: int(s["poses_received"]) >= rate * 15, timeout_s=30)
     rss0, received0 = float(first["rss_mib"]), int(first["poses_received"])
-    sent = rate * 60
+    sent = rate * 30
     publish_odometry(g, [odometry(start + 15 + i / rate, 0.01 * i, 0.0) for i in range(sent)], per_s=rate)
-    status = g.status_when(lambda s: int(s["poses_received"]) >= received0 + sent, timeout_s=30)
+    status = g.status_when(lambda s: int(s["poses_received"]) >= received0 + 0.95 * sent, timeout_s=30)
     assert int(status["poses_received"]) >= received0 + 0.95 * sent, (received0, status["poses_received"])
     assert float(status["rss_mib"]) <= 1.05 * rss0, (rss0, status["rss_mib"])

@@ -232,18 +232,13 @@ class StreamSession:
             frame). Novel frames are always stored.
         recall_layer: decoder layer whose values find the sightings of a question (negative
             counts from the top; None: :func:`.recall.default_recall_layer`).
-        sampling: default decoding of answers (:class:`.generate.Sampling`).
-        sentence_stop_words: a question of at most this many words is answered up to the end of
-            the first sentence (0: off).
-        evidence_sightings: most sightings rendered into the answer prompt (0: no evidence line).
-        seen_threshold: best-sighting score at which an object counts as seen.
-        max_question_tokens: longest question taken (tokens); a longer one is refused before any
-            work (it would hold the model while it prefills and stay in context).
+        sampling, sentence_stop_words, evidence_sightings, seen_threshold, max_question_tokens,
+            near_radius_m: how answers are shaped, held as :attr:`answer_settings`
+            (:class:`AnswerSettings` says what each is; replace it whole to change them).
         template: how questions are put and answers checked (:mod:`.answer`; None: the family's,
             :func:`.answer.template_for`).
         track_positions: frames are given the robot's pose (:meth:`ingest_frame`'s ``pose``,
             :meth:`set_frame_pose`), so an answer states where, or that the position is unknown.
-        near_radius_m: radius (metres) of "What did you see near (x, y)?".
 
     Raises:
         ValueError: bad sizes or policy (see :class:`KVCache`; the system prompt's tokens are

@@ -93,39 +93,42 @@ def ask_once(env: dict, timeout_s: float) -> str:
         rclpy.try_shutdown()
 
 
+def check(install: Path, timeout_s: float) -> str:
+    """Every step of the module docstring; the node's answer.
+
+    Raises:
+        RuntimeError: the step that failed (with the node's log once it has started).
+    """
+    node_exe = install / "infmllm_ros" / "lib" / "infmllm_ros" / "infmllm_node"
+    for module in ("infmllm_ros", "infmllm_interfaces"):
+        print(f"{module}: {installed_from(install, module)}")
+    if not node_exe.is_file():
+        raise RuntimeError(f"{node_exe} is missing: colcon did not install the node")
+    env = ros_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        params = {"camera_topics": [TOPIC], "qos_reliability": "reliable", "novelty_threshold": 0.0}
+        proc, log = start_node(Path(tmp), env, params, timeout_s=timeout_s, executable=node_exe)
+        try:
+            answer = ask_once(env, timeout_s)
+        except RuntimeError as exc:
+            stop_node(proc)
+            raise RuntimeError(f"{exc}\n{log.read_text()}") from exc
+        status = stop_node(proc)
+        if status != 0:
+            raise RuntimeError(f"the node exited {status} on SIGINT\n{log.read_text()}")
+    return f"{node_exe} answered {answer!r} and exited 0 on SIGINT"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--install", type=Path, default=Path("install"), help="the colcon install space")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds for each step")
     args = ap.parse_args(argv)
-    node_exe = args.install / "infmllm_ros" / "lib" / "infmllm_ros" / "infmllm_node"
     try:
-        for module in ("infmllm_ros", "infmllm_interfaces"):
-            print(f"{module}: {installed_from(args.install, module)}")
-        if not node_exe.is_file():
-            raise RuntimeError(f"{node_exe} is missing: colcon did not install the node")
+        print(f"install check passed: {check(args.install, args.timeout)}")
     except RuntimeError as exc:
         print(f"install check failed: {exc}", file=sys.stderr)
         return 1
-    env = ros_env()
-    with tempfile.TemporaryDirectory() as tmp:
-        params = {"camera_topics": [TOPIC], "qos_reliability": "reliable", "novelty_threshold": 0.0}
-        try:
-            proc, log = start_node(Path(tmp), env, params, timeout_s=args.timeout, executable=node_exe)
-        except RuntimeError as exc:
-            print(f"install check failed: {exc}", file=sys.stderr)
-            return 1
-        try:
-            answer = ask_once(env, args.timeout)
-        except RuntimeError as exc:
-            stop_node(proc)
-            print(f"install check failed: {exc}\n{log.read_text()}", file=sys.stderr)
-            return 1
-        status = stop_node(proc)
-        if status != 0:
-            print(f"install check failed: the node exited {status} on SIGINT\n{log.read_text()}", file=sys.stderr)
-            return 1
-    print(f"install check passed: {node_exe} answered {answer!r} and exited 0 on SIGINT")
     return 0
 
 
