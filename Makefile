@@ -59,7 +59,7 @@ UNDERLAY := PATH=$(abspath $(VENV))/bin:$$PATH AMENT_PREFIX_PATH=$(abspath $(VEN
 colcon-check: $(STAMP)
 	$(PIP) install -q --no-deps $(COLCON)
 	$(UNDERLAY) colcon build --base-paths . interfaces
-	$(UNDERLAY) sh -c '. install/setup.sh && python -m infmllm_ros.tools.install_check --install install'
+	$(UNDERLAY) sh -c '. install/setup.sh && python -P -m infmllm_ros.tools.install_check --install install'
 
 # The streaming perplexity benchmark (long: see bench/results/README.md).
 bench-ppl: $(STAMP)

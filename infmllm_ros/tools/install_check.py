@@ -2,9 +2,10 @@
 camera frame, ask one question on ``/ask``, stop the node with SIGINT and require exit status 0.
 
 Run it with the install space sourced (``. install/setup.sh``), so that ``infmllm_ros`` and
-``infmllm_interfaces`` are imported from the install space and not from a source checkout::
+``infmllm_interfaces`` are imported from the install space and not from a source checkout
+(``-P``: the current folder, perhaps the checkout, is not put on the module path)::
 
-    python -m infmllm_ros.tools.install_check --install install
+    python -P -m infmllm_ros.tools.install_check --install install
 
 Exits 0 when every step passes, 1 naming the step that failed (the node's log is printed).
 The node runs the embedded demo model with loopback-only discovery in a random domain
