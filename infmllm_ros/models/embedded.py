@@ -1,7 +1,7 @@
 """The embedded demo family: EfficientNet-Lite0 + label-embedding projector + SmolLM2-135M (GGUF).
 
 Everything installs from PyPI, so this is the model that runs anywhere (CI, a laptop); robots
-run a real VLM family (:mod:`.qwen_vl`, :mod:`.smolvlm`). A new frame reads to the LM as
+run a real VLM family (:mod:`.qwen_vl`, :mod:`.smolvlm`, :mod:`.internvl`). A new frame reads to the LM as
 ``<frame t=..> I see a`` + the top class name's token embeddings (:mod:`.vision`).
 """
 

@@ -1,7 +1,7 @@
 """Read Hugging Face checkpoint folders (``config.json`` + ``*.safetensors`` + ``tokenizer.json``).
 
 Text-only LLaMA / Qwen2 checkpoints load into a :class:`Decoder` here
-(:func:`load_hf_checkpoint`); the VLM families (:mod:`.qwen_vl`, :mod:`.smolvlm`) use the
+(:func:`load_hf_checkpoint`); the VLM families (:mod:`.qwen_vl`, :mod:`.smolvlm`, :mod:`.internvl`) use the
 same pieces for their language model and hand the rest of the weights to their vision tower.
 """
 
