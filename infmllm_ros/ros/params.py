@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 
 from ..kvcache import KVCache
@@ -122,7 +122,7 @@ class Param:
     dynamic: bool = False
     check: Callable[[object], str] | None = None
     session: str = ""
-    none_when: object = field(default=_KEEP)
+    none_when: object = _KEEP
 
     @property
     def attr(self) -> str:
@@ -558,7 +558,13 @@ class _Derived:
     @property
     def sampling(self) -> Sampling:
         """The answers' decoding: the rows whose ``session`` is ``sampling.<field>``."""
-        return Sampling(**{p.session[9:]: self._to_session(p) for p in PARAMETERS if p.session.startswith("sampling.")})
+        return Sampling(
+            **{
+                p.session.removeprefix("sampling."): self._to_session(p)
+                for p in PARAMETERS
+                if p.session.startswith("sampling.")
+            }
+        )
 
     @property
     def answer_settings(self) -> AnswerSettings:

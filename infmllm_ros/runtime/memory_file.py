@@ -54,7 +54,7 @@ def identity(session) -> dict:
 
 
 class MemoryFileRefused(ValueError):
-    """A memory file that cannot be loaded into this session; the file is unchanged.
+    """A memory file that cannot be loaded into this stream; the file is unchanged.
 
     Attributes:
         path: the file. reason: a slug for its set-aside name: ``unreadable`` (cut short, or
