@@ -6,6 +6,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import cv2
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
@@ -108,6 +109,28 @@ class Graph:
 
 def header(sec, nanosec=0):
     return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id="cam")
+
+
+def jpeg(rgb, sec, nanosec=0) -> CompressedImage:
+    """An RGB ``uint8 [h, w, 3]`` frame as a JPEG ``CompressedImage`` stamped ``sec``.``nanosec``."""
+    return CompressedImage(
+        header=header(sec, nanosec),
+        format="jpeg",
+        data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes(),
+    )
+
+
+def one_camera(topic: str, overrides: dict | None = None) -> dict:
+    """Node parameters of the single-camera DDS tests: a JPEG camera on ``topic`` over reliable
+    keep-last-5 QoS, 512 KV slots with 128 recent; ``overrides`` (dotted names) added last."""
+    return {
+        "camera_topics": [topic],
+        "qos_reliability": "reliable",
+        "qos_depth": 5,
+        "cache.capacity": 512,
+        "cache.recent": 128,
+        **(overrides or {}),
+    }
 
 
 @contextmanager

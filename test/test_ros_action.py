@@ -12,7 +12,7 @@ from sensor_msgs.msg import CompressedImage
 
 from infmllm_ros.tools.ask import stream_ask
 from infmllm_ros.tools.processes import ros_env, run_tool, start_node, stop_node
-from ros_graph import Graph, header
+from ros_graph import Graph, header, one_camera
 
 TOPIC = "/actiontest/front/image_raw/compressed"
 
@@ -25,18 +25,16 @@ def system(tmp_path_factory):
     proc, log = start_node(
         tmp,
         env,
-        {
-            "camera_topics": [TOPIC],
-            "qos_reliability": "reliable",
-            "qos_depth": 5,
-            "cache.capacity": 512,
-            "cache.recent": 128,
-            "answer.repetition_penalty": 1.0,
-            "answer.no_repeat_ngram_size": 0,
-            "answer.sentence_stop_words": 0,
-            "diagnostics_period_s": 0.5,
-            "memory_image_period_s": 0.5,
-        },
+        one_camera(
+            TOPIC,
+            {
+                "answer.repetition_penalty": 1.0,
+                "answer.no_repeat_ngram_size": 0,
+                "answer.sentence_stop_words": 0,
+                "diagnostics_period_s": 0.5,
+                "memory_image_period_s": 0.5,
+            },
+        ),
     )
     graph = Graph(env, {"camera": (CompressedImage, TOPIC)})
     frame = cv2.imencode(".jpg", np.full((120, 160, 3), 80, np.uint8))[1].tobytes()

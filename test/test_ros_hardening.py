@@ -17,7 +17,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import stop_node
-from ros_graph import header, two_camera_node
+from ros_graph import header, jpeg, two_camera_node
 
 FRONT, REAR = "/harden/front/image_raw/compressed", "/harden/rear/image_raw"
 T0 = 1_700_000_000  # the drive's stamps: in the past, as a replayed bag's are
@@ -30,14 +30,6 @@ def system(tmp_path_factory):
     graph.close()
     if proc.poll() is None:
         stop_node(proc)
-
-
-def jpeg(rgb, sec, nanosec=0):
-    return CompressedImage(
-        header=header(sec, nanosec),
-        format="jpeg",
-        data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes(),
-    )
 
 
 def raw(rgb, sec):

@@ -14,7 +14,7 @@ from sensor_msgs.msg import CompressedImage
 
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import start_node, stop_node
-from ros_graph import camera_graph, header
+from ros_graph import camera_graph, header, one_camera
 
 TOPIC = "/lifecycletest/front/image_raw/compressed"
 WAITING = "waiting for a lifecycle manager"
@@ -66,16 +66,7 @@ def test_transitions_in_order_keep_memory_while_inactive_and_free_it_at_cleanup(
     proc, log = start_node(
         tmp_path,
         env,
-        {
-            "autostart": False,
-            "camera_topics": [TOPIC],
-            "qos_reliability": "reliable",
-            "qos_depth": 5,
-            "cache.capacity": 512,
-            "cache.recent": 128,
-            "max_new_tokens": 8,
-            "diagnostics_period_s": 0.5,
-        },
+        one_camera(TOPIC, {"autostart": False, "max_new_tokens": 8, "diagnostics_period_s": 0.5}),
         ready=WAITING,
     )
     try:

@@ -6,7 +6,6 @@ short is refused at start and the node runs with empty memory, saying so."""
 import signal
 import time
 
-import cv2
 import numpy as np
 import pytest
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
@@ -16,34 +15,20 @@ from std_srvs.srv import Trigger
 from infmllm_interfaces.srv import MemoryFile
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import start_node, stop_node
-from ros_graph import camera_graph, header
+from ros_graph import camera_graph, jpeg, one_camera
 
 TOPIC = "/memtest/front/image_raw/compressed"
 T0 = 1_700_000_000
 QUESTION = "Was there a cat? At what time?"
 
 
-def jpeg(rgb, sec):
-    return CompressedImage(
-        header=header(sec), format="jpeg", data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
-    )
-
-
 def node(tmp, env, memory_file, **params):
     return start_node(
         tmp,
         env,
-        {
-            "camera_topics": [TOPIC],
-            "qos_reliability": "reliable",
-            "qos_depth": 5,
-            "cache.capacity": 512,
-            "cache.recent": 128,
-            "max_new_tokens": 16,
-            "memory_file": str(memory_file),
-            "diagnostics_period_s": 0.5,
-            **params,
-        },
+        one_camera(
+            TOPIC, {"max_new_tokens": 16, "memory_file": str(memory_file), "diagnostics_period_s": 0.5, **params}
+        ),
     )
 
 

@@ -5,7 +5,6 @@ memory flat."""
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
@@ -16,16 +15,10 @@ from std_msgs.msg import Header
 
 from infmllm_ros.tools.ask import call_ask
 from infmllm_ros.tools.processes import ros_env, start_node, stop_node
-from ros_graph import Graph, header
+from ros_graph import Graph, jpeg, one_camera
 
 TOPIC, ODOM = "/posetest/front/image_raw/compressed", "/posetest/odom"
 T0 = 1_700_000_000
-
-
-def jpeg(rgb, sec):
-    return CompressedImage(
-        header=header(sec), format="jpeg", data=cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
-    )
 
 
 def odometry(t: float, x: float, y: float, qw: float = 1.0) -> Odometry:
@@ -42,17 +35,9 @@ def posed(tmp_path_factory):
     proc, _ = start_node(
         tmp,
         env,
-        {
-            "camera_topics": [TOPIC],
-            "qos_reliability": "reliable",
-            "qos_depth": 5,
-            "cache.capacity": 512,
-            "cache.recent": 128,
-            "max_new_tokens": 16,
-            "pose_topic": ODOM,
-            "pose_tolerance_s": 0.2,
-            "diagnostics_period_s": 0.5,
-        },
+        one_camera(
+            TOPIC, {"max_new_tokens": 16, "pose_topic": ODOM, "pose_tolerance_s": 0.2, "diagnostics_period_s": 0.5}
+        ),
     )
     g = Graph(env, {"camera": (CompressedImage, TOPIC), "odom": (Odometry, ODOM)})
     try:
