@@ -42,7 +42,7 @@ def generate_launch_description():
             DeclareLaunchArgument(
                 "fastdds_profile",
                 default_value=os.path.join(share, "config", "fastdds_shm.xml"),
-                description="Fast DDS profile (64 MiB shared-memory segment: raw 4K frames)",
+                description="Fast DDS profile of the node (shared-memory transport for raw frames, 16 MiB segment)",
             ),
             SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
             LifecycleNode(

@@ -5,7 +5,7 @@ does not run ROS launch. It imports the launch file with minimal stand-in module
 what the file asks for, then checks that against the real project: the package name in
 package.xml, the console script in setup.py, the parameter file against the node's declared
 parameters (and their validation), the remapping against the configured topics, and the Fast DDS
-profile. On a robot, `ros2 launch infmllm_ros orin.launch.py` runs the same file for real.
+profiles. On a robot, `ros2 launch infmllm_ros orin.launch.py` runs the same file for real.
 """
 
 import ast
@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from infmllm_ros.ros.params import PARAMETERS, flatten_parameters, validate
+from infmllm_ros.ros.shared_memory import MIB, segment_sizes, with_segment_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,33 +119,32 @@ def test_remapped_camera_topic_is_one_the_node_subscribes(launched):
     assert resolve(node["namespace"], args) == ""
 
 
-def shm_segments(profile: Path) -> list[int]:
-    ns = {"d": "http://www.eprosima.com"}
-    return [
-        int(t.findtext("d:segment_size", namespaces=ns))
-        for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
-        if t.findtext("d:type", namespaces=ns) == "SHM"
-    ]
-
-
-def test_fastdds_profile_is_a_shared_memory_profile_that_holds_a_raw_4k_frame(launched):
+def test_fastdds_profiles_give_the_node_a_segment_that_fits_a_containers_shm_and_cameras_one_for_4k(launched):
     args, _, env = launched
-    (segment,) = shm_segments(Path(resolve(env["FASTDDS_DEFAULT_PROFILES_FILE"], args)))
-    assert segment >= 3840 * 2160 * 4  # bgra8
+    node_profile = Path(resolve(env["FASTDDS_DEFAULT_PROFILES_FILE"], args))
+    (node_segment,) = segment_sizes(node_profile)
+    assert node_segment + 8 * MIB <= 64_000_000  # docker's default /dev/shm, with room for the ports
+    (camera_segment,) = segment_sizes(node_profile.with_name("fastdds_shm_camera.xml"))
+    assert camera_segment >= 2 * 3840 * 2160 * 4  # a bgra8 4K frame's fragments in flight, twice
 
 
-def test_the_test_profile_binds_udp_to_loopback_only():
+def test_the_test_profile_binds_udp_to_loopback_only(tmp_path):
     from infmllm_ros.tools.processes import ros_env
 
     profile = Path(ros_env()["FASTDDS_DEFAULT_PROFILES_FILE"])
     ns = {"d": "http://www.eprosima.com"}
-    udp = [
-        t
-        for t in ET.parse(profile).getroot().iter("{http://www.eprosima.com}transport_descriptor")
-        if t.findtext("d:type", namespaces=ns) == "UDPv4"
-    ]
-    assert udp and all([a.text for a in t.iter("{http://www.eprosima.com}address")] == ["127.0.0.1"] for t in udp)
-    assert shm_segments(profile)[0] >= 3840 * 2160 * 4
+
+    def udp_addresses(path: Path) -> list[list[str]]:
+        return [
+            [a.text for a in t.iter("{http://www.eprosima.com}address")]
+            for t in ET.parse(path).getroot().iter("{http://www.eprosima.com}transport_descriptor")
+            if t.findtext("d:type", namespaces=ns) == "UDPv4"
+        ]
+
+    assert udp_addresses(profile) == [["127.0.0.1"]]
+    assert segment_sizes(profile) == segment_sizes(ROOT / "config" / "fastdds_shm.xml")
+    camera = with_segment_size(profile, 64 * MIB, tmp_path / "camera.xml")
+    assert segment_sizes(camera) == [64 * MIB] and udp_addresses(camera) == [["127.0.0.1"]]
 
 
 @pytest.mark.parametrize("name", ["orin.yaml", "desktop.yaml"])
@@ -195,3 +195,42 @@ def test_every_receiving_udp_socket_of_the_loopback_profile_is_bound_to_127_0_0_
     others = [(a, p) for a, p in sockets if a != "127.0.0.1"]
     low, _ = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
     assert len(others) <= 2 and all(p >= low for _, p in others), sockets
+
+
+SHARED_MEMORY = """
+import rclpy
+from infmllm_ros.ros.shared_memory import transport_status
+rclpy.init()
+node = rclpy.create_node("shm_probe")
+print(transport_status())
+"""
+
+
+def test_a_participant_says_whether_it_got_its_shared_memory_segment(tmp_path):
+    """Under the loopback profile a process gets its segment; with the shared-memory transport
+    left out (as when its segment does not fit in /dev/shm) it runs over UDP only, and
+    :func:`transport_status` says so, how much /dev/shm is free and what to do."""
+    import subprocess
+    import sys
+
+    from infmllm_ros.tools.processes import ros_env
+
+    env = ros_env()
+    profile = Path(env["FASTDDS_DEFAULT_PROFILES_FILE"])
+
+    def status(profile: Path) -> str:
+        run_env = dict(env, FASTDDS_DEFAULT_PROFILES_FILE=str(profile))
+        out = subprocess.run([sys.executable, "-c", SHARED_MEMORY], env=run_env, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert status(profile) == "on"
+    tree = ET.parse(profile)
+    for transports in tree.getroot().iter("{http://www.eprosima.com}userTransports"):
+        for t in list(transports):
+            if t.text == "shm":
+                transports.remove(t)
+    ET.register_namespace("", "http://www.eprosima.com")
+    tree.write(tmp_path / "udp_only.xml")
+    off = status(tmp_path / "udp_only.xml")
+    assert off.startswith("off: no Fast DDS shared-memory segment (/dev/shm has ")
+    assert "the profile asks for 16 MiB" in off and "--shm-size" in off

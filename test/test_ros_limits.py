@@ -10,6 +10,7 @@ surplus is counted per camera in ``/diagnostics``.
 
 import re
 import statistics
+import time
 
 import pytest
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
@@ -52,6 +53,11 @@ def shipped():
 
 def test_raw_4k_rgb8_and_bgra8_frames_arrive_at_the_shipped_best_effort_qos(shipped):
     env, _, front = shipped
+    # without its shared-memory segment the node can only lose them: say why at once
+    deadline = time.monotonic() + 10
+    while "dds_shared_memory" not in front.status and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert front.status.get("dds_shared_memory") == "on"
     assert raw_frames(env, front, "4k", 10) == ["ingested"] * 10
 
 

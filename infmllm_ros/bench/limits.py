@@ -216,18 +216,35 @@ class Front:
 def raw_frames(env: dict, front: Front, kind: str, count: int, wait_s: float = 60.0) -> list[str | None]:
     """Publish ``count`` raw frames of ``kind`` (``4k`` or ``oversized``) on the rear camera, one
     at a time, each waited for (``wait_s`` seconds after its publisher has sent it); their
-    outcomes (None: never reported)."""
-    pub = start_publisher(env, kind)
+    outcomes (None: never reported). The publisher is a raw camera driver: ``env``'s Fast DDS
+    profile with the segment of ``config/fastdds_shm_camera.xml``.
+
+    Raises:
+        RuntimeError: the publisher exited before it had sent them all.
+    """
+    from ..ros.shared_memory import segment_sizes, with_segment_size
+
     outcomes = []
-    try:
-        for i in range(count):
-            pub.stdin.write(f"{i}\n")
-            pub.stdin.flush()
-            pub.stdout.readline()
-            outcomes.append(front.wait_report("rear", first_stamp(kind) + 10 * i, wait_s))
-    finally:
-        pub.stdin.close()
-        pub.wait(30)
+    with tempfile.TemporaryDirectory(prefix="camera-") as tmp:
+        profile = env.get("FASTDDS_DEFAULT_PROFILES_FILE")
+        if profile:
+            (size,) = segment_sizes(ROOT / "config" / "fastdds_shm_camera.xml")
+            camera_profile = with_segment_size(Path(profile), size, Path(tmp) / "camera.xml")
+            env = dict(env, FASTDDS_DEFAULT_PROFILES_FILE=str(camera_profile))
+        pub = start_publisher(env, kind)
+        try:
+            for i in range(count):
+                pub.stdin.write(f"{i}\n")
+                pub.stdin.flush()
+                line = pub.stdout.readline()
+                while line and not line.startswith("published"):  # Fast DDS logs to stdout
+                    line = pub.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the {kind} publisher exited with {pub.wait(30)} before frame {i}")
+                outcomes.append(front.wait_report("rear", first_stamp(kind) + 10 * i, wait_s))
+        finally:
+            pub.stdin.close()
+            pub.wait(30)
     return outcomes
 
 

@@ -70,6 +70,7 @@ from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, validate
 from .poses import message_class, to_pose, to_pose_msg
+from .shared_memory import transport_status
 from .stamps import stamp_problem, stamp_seconds, to_time
 from .worker import BAD_OUTCOMES, OUTCOMES, IngestWorker, PendingFrame
 
@@ -158,6 +159,9 @@ class InfMLLMNode(LifecycleNode):
         self._pose_sub = None
         self._camera_counts: dict[str, tuple[int, int]] = {}
         self._memory_dir = self._memory_path = None
+        self.shared_memory = transport_status()  # this process's participant has just started
+        if self.shared_memory.startswith("off"):
+            self.get_logger().warning(f"DDS shared memory {self.shared_memory}")
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: the answer in flight stops
         self.frames_pub = self.create_publisher(Header, "~/frames", 50)
         self.answers_pub = self.create_publisher(Answer, "~/answers", 10)
@@ -647,6 +651,7 @@ class InfMLLMNode(LifecycleNode):
             "decode_tokens_per_s": f"{self._answer_speed[0]:.1f}",
             "ttft_s": f"{self._answer_speed[1]:.3f}",
             "rss_mib": f"{rss_mib():.1f}",
+            "dds_shared_memory": self.shared_memory,
             "last_error": s.last_error.splitlines()[0] if s.last_error else "",
             "lifecycle_state": self.lifecycle_state,
         }
