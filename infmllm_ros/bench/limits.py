@@ -64,13 +64,17 @@ def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
     """Publisher process: ``frames`` ``tiny`` (8x8 rgb8 at ``hz`` for ``seconds``), or ``4k`` /
     ``oversized`` (one raw frame each time a line arrives on stdin, stamped by the line's number;
     ``4k`` alternates rgb8 and bgra8). Default publisher QoS (reliable, depth 10). Prints
-    ``sent N``."""
+    ``shared memory <status>`` first (:func:`~infmllm_ros.ros.shared_memory.transport_status`),
+    then ``published I`` for each raw frame and ``sent N`` at the end."""
     import rclpy
     from builtin_interfaces.msg import Time
     from sensor_msgs.msg import Image
 
+    from ..ros.shared_memory import transport_status
+
     rclpy.init()
     node = rclpy.create_node("limits_publisher")
+    print(f"shared memory {transport_status()}", flush=True)
     pub = node.create_publisher(Image, topic, 10)
     deadline = time.monotonic() + 30
     while pub.get_subscription_count() == 0 and time.monotonic() < deadline:  # the node has matched
@@ -220,7 +224,8 @@ def raw_frames(env: dict, front: Front, kind: str, count: int, wait_s: float = 6
     profile with the segment of ``config/fastdds_shm_camera.xml``.
 
     Raises:
-        RuntimeError: the publisher exited before it had sent them all.
+        RuntimeError: the publisher got no shared-memory segment, or exited before it had sent
+            them all.
     """
     from ..ros.shared_memory import segment_sizes, with_segment_size
 
@@ -233,19 +238,28 @@ def raw_frames(env: dict, front: Front, kind: str, count: int, wait_s: float = 6
             env = dict(env, FASTDDS_DEFAULT_PROFILES_FILE=str(camera_profile))
         pub = start_publisher(env, kind)
         try:
+            shared_memory = _next_line(pub, "shared memory ")
+            if shared_memory != "on":  # its frames could only be lost: say why now
+                raise RuntimeError(f"the {kind} camera publisher's shared memory: {shared_memory}")
             for i in range(count):
                 pub.stdin.write(f"{i}\n")
                 pub.stdin.flush()
-                line = pub.stdout.readline()
-                while line and not line.startswith("published"):  # Fast DDS logs to stdout
-                    line = pub.stdout.readline()
-                if not line:
+                if _next_line(pub, "published ") is None:
                     raise RuntimeError(f"the {kind} publisher exited with {pub.wait(30)} before frame {i}")
                 outcomes.append(front.wait_report("rear", first_stamp(kind) + 10 * i, wait_s))
         finally:
             pub.stdin.close()
             pub.wait(30)
     return outcomes
+
+
+def _next_line(proc: subprocess.Popen, prefix: str) -> str | None:
+    """The rest of ``proc``'s next stdout line that starts with ``prefix`` (Fast DDS logs to the
+    same stdout); None once it has exited."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    return None
 
 
 def flood(env: dict, front: Front, pid: int, hz: float, seconds: float) -> dict:
