@@ -74,12 +74,15 @@ def test_a_183_mib_raw_frame_is_filtered_out_before_it_is_sent(shipped):
 
 def test_a_flooding_camera_neither_slows_answers_nor_starves_the_other_camera(shipped):
     env, pid, front = shipped
-    idle = statistics.median([front.ask() for _ in range(3)])
+    before = statistics.median([front.ask() for _ in range(3)])
     result = flood(env, front, pid, hz=500.0, seconds=16.0)
     assert None not in result["latencies_s"]
+    # An answer's time follows its length, which follows what memory holds (the front camera shows
+    # a cat every 5 s): idle is timed before and after the flood, and the longer one is the bar.
     # 1.5-2x idle as shipped (bench/results/README.md, "Limits as shipped"); before the intake had
     # its own paced thread, 56x
-    assert statistics.median(result["latencies_s"]) <= 3 * idle, (idle, result["latencies_s"])
+    idle = max(before, statistics.median([front.ask() for _ in range(3)]))
+    assert statistics.median(result["latencies_s"]) <= 3 * idle, (before, idle, result["latencies_s"])
     assert result["front_ingested"] == result["front_sent"] >= 10, result["front_outcomes"]
     assert result["rear_unread"] > result["rear_sent"] / 2 and result["rear_read"] < 25 * 16
     assert front.status["camera_front_unread"] == "0"
