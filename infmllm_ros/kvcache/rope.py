@@ -64,19 +64,26 @@ class Rope:
         self.mrope_section = tuple(mrope_section) if mrope_section is not None else None
         #: per frequency pair, the axis (0 t, 1 h, 2 w) its M-RoPE angle comes from
         self.mrope_axis = None
+        # the tables are made on the CPU whatever the default device, so that a decoder built on
+        # the meta device (weights assigned after) keeps real ones
+        cpu = torch.device("cpu")
         if self.mrope_section is not None:
-            pair = torch.arange(head_dim // 2)
+            pair = torch.arange(head_dim // 2, device=cpu)
             if interleaved:
                 sec = self.mrope_section
                 self.mrope_axis = torch.where(
                     (pair % 3 == 1) & (pair < 3 * sec[1]), 1, torch.where((pair % 3 == 2) & (pair < 3 * sec[2]), 2, 0)
                 )
             else:
-                self.mrope_axis = torch.repeat_interleave(torch.arange(3), torch.tensor(self.mrope_section))
+                self.mrope_axis = torch.repeat_interleave(
+                    torch.arange(3, device=cpu), torch.tensor(self.mrope_section, device=cpu)
+                )
         self.head_dim = head_dim
         self.theta = float(theta)
         # fp32 inverse frequencies, computed as transformers' LlamaRotaryEmbedding does.
-        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).float() / head_dim)
+        )
         self._inv_freq_by_device: dict[str, torch.Tensor] = {}
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .decoder import Decoder, DecoderConfig
+from .hf_loader import load_decoder
 from .tokenizer import ChatTokenizer
 
 _LAYER_NAMES = {
@@ -105,13 +106,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Dec
             state[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = torch.from_numpy(w.copy())
         elif t.name in _GLOBAL_NAMES:
             state[_GLOBAL_NAMES[t.name]] = torch.from_numpy(w.copy())
-    decoder = Decoder(cfg)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
-    decoder.to(dtype).eval()
+    decoder = load_decoder(cfg, state, str(path)).to(dtype)
     tokenizer = ChatTokenizer.from_bpe(
         tokens=tokens,
         merges=list(_field(reader, "tokenizer.ggml.merges", [])),

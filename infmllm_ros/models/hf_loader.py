@@ -142,8 +142,9 @@ def take_prefixed(
     return taken
 
 
-def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``module.load_state_dict(state)`` with errors that name the tensors.
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """``module.load_state_dict(state, assign=assign)`` with errors that name the tensors
+    (``assign``: the module, built on the meta device, takes ``state``'s tensors as they are).
 
     Raises:
         ValueError: missing or unexpected tensors, or a tensor whose shape disagrees with the
@@ -156,8 +157,11 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         if k in own and own[k].shape != v.shape
     ]
     if wrong:
-        raise ValueError(f"{what}: tensor shapes disagree with config.json: {'; '.join(wrong[:4])}")
-    missing, unexpected = module.load_state_dict(state, strict=False)
+        raise ValueError(
+            f"{what}: tensor shapes disagree with the config (config.json, or the GGUF metadata): "
+            f"{'; '.join(wrong[:4])}"
+        )
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=assign)
     if missing or unexpected:
         raise ValueError(f"{what}: missing tensors {missing[:8]}, unexpected {unexpected[:8]}")
 
@@ -184,8 +188,8 @@ def check_decoder_shapes(cfg: DecoderConfig, state: dict[str, torch.Tensor], wha
     ]
     if wrong:
         raise ValueError(
-            f"{what}: tensor shapes disagree with config.json (hidden_size, heads, vocab_size or "
-            f"intermediate_size): {'; '.join(wrong)}"
+            f"{what}: tensor shapes disagree with the config (config.json, or the GGUF metadata): hidden_size, "
+            f"heads, vocab_size or intermediate_size: {'; '.join(wrong)}"
         )
 
 
@@ -196,11 +200,14 @@ def load_decoder(cfg: DecoderConfig, state: dict[str, torch.Tensor], what: str) 
         ValueError: see :func:`check_decoder_shapes` and :func:`load_module_state`.
     """
     check_decoder_shapes(cfg, state, what)
-    decoder = Decoder(cfg)
+    with torch.device("meta"):  # no random weights allocated and initialised before the real ones
+        decoder = Decoder(cfg)
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    load_module_state(decoder, state, what)
-    return decoder.eval()
+    load_module_state(decoder, state, what, assign=True)
+    if cfg.tie_word_embeddings:  # assignment gave the head a parameter of its own: one again
+        decoder.lm_head.weight = decoder.model.embed_tokens.weight
+    return decoder.requires_grad_(False).eval()
 
 
 def load_vlm_parts(
