@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from infmllm_ros.ros.params import PARAMETERS, flatten_parameters, validate
-from infmllm_ros.ros.shared_memory import MIB, segment_sizes, with_segment_size
+from infmllm_ros.ros.shared_memory import FASTDDS, MIB, segment_sizes, with_segment_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,12 @@ def test_the_test_profile_binds_udp_to_loopback_only(tmp_path):
     from infmllm_ros.tools.processes import ros_env
 
     profile = Path(ros_env()["FASTDDS_DEFAULT_PROFILES_FILE"])
-    ns = {"d": "http://www.eprosima.com"}
 
     def udp_addresses(path: Path) -> list[list[str]]:
         return [
-            [a.text for a in t.iter("{http://www.eprosima.com}address")]
-            for t in ET.parse(path).getroot().iter("{http://www.eprosima.com}transport_descriptor")
-            if t.findtext("d:type", namespaces=ns) == "UDPv4"
+            [a.text for a in t.iter(f"{FASTDDS}address")]
+            for t in ET.parse(path).getroot().iter(f"{FASTDDS}transport_descriptor")
+            if t.findtext(f"{FASTDDS}type") == "UDPv4"
         ]
 
     assert udp_addresses(profile) == [["127.0.0.1"]]
@@ -225,11 +224,11 @@ def test_a_participant_says_whether_it_got_its_shared_memory_segment(tmp_path):
 
     assert status(profile) == "on"
     tree = ET.parse(profile)
-    for transports in tree.getroot().iter("{http://www.eprosima.com}userTransports"):
+    for transports in tree.getroot().iter(f"{FASTDDS}userTransports"):
         for t in list(transports):
             if t.text == "shm":
                 transports.remove(t)
-    ET.register_namespace("", "http://www.eprosima.com")
+    ET.register_namespace("", FASTDDS[1:-1])
     tree.write(tmp_path / "udp_only.xml")
     off = status(tmp_path / "udp_only.xml")
     assert off.startswith("off: no Fast DDS shared-memory segment (/dev/shm has ")
