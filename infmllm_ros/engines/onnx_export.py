@@ -18,9 +18,10 @@ TensorRT builds the same files on the device (:mod:`.tensorrt_engine`).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,10 +76,35 @@ def _save(proto: onnx.ModelProto, path: Path, metadata: dict[str, str], data_nam
     return path
 
 
+@contextlib.contextmanager
+def _without_slices_split() -> Iterator[None]:
+    """Leave onnxscript's ``SlicesSplit`` rewrite out of the exporter's optimizer while inside.
+
+    The rule turns two Slices of one tensor into a Split; it is a two-output pattern, matched by
+    trying pairs of Slice nodes, and a step graph has one pair per layer and more (SmolLM2-135M:
+    241 Slices). It took 8 s of each of the optimizer's two rewrite passes there (half of the
+    export) and rewrote nothing in any engine of any family here: the graphs are the same with it
+    and without (``test/test_engines.py``). Every other rule runs as ``torch.onnx.export`` runs
+    it. Where onnxscript keeps its rules elsewhere, nothing is changed and the export is slower.
+    """
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if r is not slice_split_rule)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def _dynamo_export(
     module: torch.nn.Module, args: tuple, names: tuple[Sequence[str], Sequence[str]], dynamic_shapes: dict | None
 ) -> onnx.ModelProto:
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _without_slices_split():
         program = torch.onnx.export(
             module,
             args,
@@ -195,7 +221,11 @@ class OrtEngine:
     Args:
         path: ``.onnx`` file from one of this module's exports.
         kind: ``step``, ``vision`` or ``embed`` (the inputs it must have).
-        threads: intra-op threads (0 = onnxruntime's default).
+        threads: intra-op threads; default torch's (``torch.get_num_threads()``, set by
+            ``torch.set_num_threads`` or ``OMP_NUM_THREADS``), so that one setting governs both CPU
+            backends. onnxruntime's own default is every physical core, its workers spinning
+            between runs: on a CPU shared with other work (two test workers on two cores) that
+            doubled the CPU time of a SmolLM2 stream at the same wall time.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -203,14 +233,14 @@ class OrtEngine:
             ``kind``); the message names the file.
     """
 
-    def __init__(self, path: str | Path, kind: str, threads: int = 0):
+    def __init__(self, path: str | Path, kind: str, threads: int | None = None):
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX {kind} engine not found: {path}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -248,7 +278,7 @@ class OrtEngine:
 class OrtDecoderStep(OrtEngine):
     """The decoder step on onnxruntime, called like :class:`~.decoder_step.DecoderStep`."""
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__(path, "step", threads)
 
     def __call__(
@@ -281,7 +311,7 @@ class OrtVision(OrtEngine):
             None when the family's processor fixes the pixel shape.
     """
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__(path, "vision", threads)
         size = self.metadata.get("infmllm.frame_size", "any")
         self.frame_size = tuple(int(x) for x in size.split("x")) if "x" in size else None
@@ -293,7 +323,7 @@ class OrtVision(OrtEngine):
 class OrtEmbedding(OrtEngine):
     """The token-embedding lookup on onnxruntime: ids int64 ``[n]`` -> ``[n, hidden]``."""
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__(path, "embed", threads)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
