@@ -12,14 +12,27 @@ once per module into a temporary folder; the torch path is the reference:
   row of the tiny models. onnxruntime sums in another order than torch (its MatMul and Softmax
   kernels), so scores differ in the last bits; on SmolLM2-135M's 30 layers that flips a few
   near-ties, and the test bounds how many slots differ.
+
+SmolLM2-135M's step also goes through a stream of prefill chunks and decode steps against the
+cache path (``test_engines.compare_stream``), and a session that evicts answers the same on both
+backends.
 """
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_cache import tiny_decoder
+from test_engines import compare_stream
 
 from infmllm_ros.bench.random_models import build_random_checkpoint
+from infmllm_ros.engines.identity import StepIdentity
+from infmllm_ros.engines.onnx_export import OrtDecoderStep
+from infmllm_ros.kvcache import make_policy
+from infmllm_ros.kvcache.policies import MEMORY_BETA
 from infmllm_ros.models import load_model
+from infmllm_ros.runtime.backends import OnnxRuntimeBackend
 from infmllm_ros.runtime.generate import Sampling
 from infmllm_ros.runtime.session import open_session
 
@@ -46,20 +59,29 @@ def engine_frame(model, seed: int) -> np.ndarray:
     return frame(seed, h, w)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    """(name, model, engine folder, progress lines) with the family's engines exported."""
-    name = request.param
-    source = (
-        "smollm2-135m"
-        if name == "embedded"
-        else str(build_random_checkpoint(name, tmp_path_factory.mktemp(name), seed=1))
-    )
-    model = load_model(source)
+def exported(name: str, model, tmp_path_factory):
+    """(name, model, engine folder, progress lines) with the model's three engines exported."""
     engines = tmp_path_factory.mktemp(f"{name}-engines")
     lines: list[str] = []
     open_session(model, "onnxruntime", engines, progress=lines.append, **CACHE)
     return name, model, engines, lines
+
+
+@pytest.fixture(scope="module")
+def embedded_engines(tmp_path_factory):
+    """The embedded demo, exported once for the module: its ``family`` parameter and the
+    SmolLM2-only tests below share it (an export of SmolLM2-135M takes half a minute)."""
+    return exported("embedded", load_model("smollm2-135m"), tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, model, engine folder, progress lines) with the family's engines exported."""
+    name = request.param
+    if name == "embedded":
+        return request.getfixturevalue("embedded_engines")
+    checkpoint = build_random_checkpoint(name, tmp_path_factory.mktemp(name), seed=1)
+    return exported(name, load_model(str(checkpoint)), tmp_path_factory)
 
 
 def twin_sessions(family, **kw):
@@ -177,6 +199,69 @@ def test_frames_of_another_size_are_resized_to_the_engine_frame(family):
 
         resized = cv2.resize(small, vision.frame_size, interpolation=cv2.INTER_AREA)
         assert torch.equal(encoded.embeds, model.encode_frame(resized, vision).embeds)
+
+
+def step_engine(family) -> Path:
+    """The family's decoder-step engine file."""
+    (path,) = family[2].glob("*.slots*.onnx")
+    return path
+
+
+def test_onnxruntime_matches_torch_on_the_embedded_model(embedded_engines):
+    """SmolLM2-135M (fp32): prefill chunks up to ``max_chunk``, single-token decode, the cache
+    filled past eviction; logits, the chunk's K/V and the window scores."""
+    model = embedded_engines[1]
+    chunks = (128, 64, 1, 1, 17, 128, 1, 64, 64, 1, 128)
+    run_step = OrtDecoderStep(step_engine(embedded_engines))
+    worst = compare_stream(model.decoder, run_step, CACHE["capacity"], CACHE["max_chunk"], chunks, beta=MEMORY_BETA)
+    assert max(worst.values()) < 1e-3, worst
+
+
+def test_session_answers_the_same_on_onnxruntime(embedded_engines):
+    """The multimodal sanity photos among road frames, every frame stored: the cache evicts, and
+    the embedded demo's answers are the same on both backends."""
+    from infmllm_ros.bench.drive import bundled_events, synthetic_road
+
+    photos = [image for image, _ in bundled_events().values()]
+    answers = []
+    for s in twin_sessions(embedded_engines, familiar_interval_s=0.0):
+        texts = []
+        for i, photo in enumerate(photos):
+            for j in range(3):
+                s.ingest_frame(synthetic_road(4 * i + j), float(4 * i + j))
+            s.ingest_frame(photo, 4.0 * i + 3)
+            texts.append(s.ask("What did you see?", max_new_tokens=16, keep_in_context=False).text)
+        answers.append(texts)
+        assert s.cache.evicted_tokens > 0  # the full-cache regime
+    assert answers[0] == answers[1]
+
+
+def test_a_stale_or_corrupt_step_is_set_aside_intact_and_exported_again(embedded_engines, tmp_path):
+    _, model, _, _ = embedded_engines
+    path = step_engine(embedded_engines)
+    slots, max_chunk = CACHE["capacity"] + CACHE["max_chunk"], CACHE["max_chunk"]
+    h2o = StepIdentity.of(model.name, model.decoder, slots + 64, max_chunk, make_policy("h2o"))
+    with pytest.raises(
+        ValueError,
+        match="infmllm.slots: engine 528, wanted 592; infmllm.beta: engine 0.001, "
+        "wanted 0.0; infmllm.normalise: engine True, wanted False",
+    ):
+        OrtDecoderStep(path).check(h2o)
+    tiny = tiny_decoder()
+    lines = []
+    backend = OnnxRuntimeBackend(tiny, tmp_path, "tiny", progress=lines.append)
+    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+    want = backend.engine_path(StepIdentity.for_cache("tiny", tiny, cache))
+    for stale, reason in ((path.read_bytes(), "other-identity"), (b"\x08\x07 cut short", "unloadable")):
+        want.write_bytes(stale)  # under the right name: a step of another model, then a broken file
+        backend.load_engines(cache)
+        (aside,) = tmp_path.glob(f"{want.name}.refused-{reason}-*")
+        assert aside.read_bytes() == stale and f"set aside as {aside}" in " ".join(lines)
+        aside.unlink()
+        OrtDecoderStep(want).check(StepIdentity.for_cache("tiny", tiny, cache))  # the fresh export serves
+    assert sorted(p.name for p in tmp_path.iterdir()) == [want.name]  # no temporary file left
+    with pytest.raises(ValueError, match="outside 1..max_chunk=8"):  # a chunk longer than the profile
+        cache.begin_chunk(9)
 
 
 @pytest.fixture(scope="module")

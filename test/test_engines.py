@@ -1,5 +1,6 @@
-"""The exportable decoder step: torch step == cache path, onnxruntime == torch, and the session
-gives the same answers on the onnxruntime backend as on torch.
+"""The exportable decoder step: torch step == cache path, onnxruntime == torch on a tiny model,
+a stale or cut-short step set aside and exported again, the step's identity, and onnxruntime's
+thread count. SmolLM2-135M on onnxruntime: ``test_engine_families.py``.
 
 A stream of prefill chunks and single-token decodes runs through the cache path (Decoder +
 KVCache, evicting); before each chunk the step gets the same buffers and length. Everything
@@ -14,14 +15,14 @@ from infmllm_ros.engines.decoder_step import DecoderStep
 from infmllm_ros.engines.identity import StepIdentity
 from infmllm_ros.engines.onnx_export import OrtDecoderStep, export_decoder_step
 from infmllm_ros.kvcache import make_policy
-from infmllm_ros.runtime.backends import OnnxRuntimeBackend, make_backend
 
 CHUNKS = (8, 3, 1, 8, 8, 1, 8, 8, 5, 1, 1, 8)  # prefill chunks and decode steps; evicts past 40
 
 
-def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0):
-    """Max |diff| per output between ``run_step(embeds, k, v, length, positions)`` and the cache path."""
-    cache = decoder.new_cache(capacity, max_chunk, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
+def compare_stream(decoder, run_step, capacity, max_chunk, chunks, seed=0, beta=1e-2):
+    """Max |diff| per output between ``run_step(embeds, k, v, length, positions)`` and the cache path
+    (an ``inf_mllm`` cache of ``beta``, the step's)."""
+    cache = decoder.new_cache(capacity, max_chunk, make_policy("inf_mllm", sinks=4, recent=8, beta=beta))
     g = torch.Generator().manual_seed(seed)
     worst = {"logits": 0.0, "new_k": 0.0, "new_v": 0.0, "scores": 0.0}
     evicted = 0
@@ -67,6 +68,43 @@ def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
     assert max(worst.values()) < 1e-4, worst
 
 
+def test_the_export_leaves_out_only_onnxscripts_slice_pair_rule_and_writes_the_same_graph(tmp_path, monkeypatch):
+    """The exporter's optimizer without ``SlicesSplit`` (half of SmolLM2's export time, and it
+    rewrites nothing here): every other rule kept, the rule set restored after, the same bytes."""
+    import contextlib
+
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    from infmllm_ros.engines import onnx_export
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    with onnx_export._without_slices_split():
+        inside = rewriter._DEFAULT_REWRITE_RULES
+    assert (
+        slice_split_rule in rules and set(rules) - set(inside) == {slice_split_rule} and len(inside) == len(rules) - 1
+    )
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+    dec = tiny_decoder()
+    ident = StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2))
+    without = export_decoder_step(dec, tmp_path / "without.onnx", ident).read_bytes()
+    monkeypatch.setattr(onnx_export, "_without_slices_split", contextlib.nullcontext)
+    assert export_decoder_step(dec, tmp_path / "full.onnx", ident).read_bytes() == without
+
+
+def test_onnxruntime_runs_on_torchs_threads_unless_told_otherwise(tmp_path):
+    dec = tiny_decoder()
+    path = export_decoder_step(dec, tmp_path / "step.onnx", StepIdentity.of("tiny", dec, 48, 8, make_policy("h2o")))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert OrtDecoderStep(path).session.get_session_options().intra_op_num_threads == threads
+        assert OrtDecoderStep(path, threads=3).session.get_session_options().intra_op_num_threads == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_torch_backend_without_logits_streams_the_same_cache():
     from infmllm_ros.runtime.backends import TorchBackend
 
@@ -78,87 +116,6 @@ def test_torch_backend_without_logits_streams_the_same_cache():
         assert backend.run_chunk(embeds, caches[0]).shape == (dec.cfg.vocab_size,)
         assert backend.run_chunk(embeds, caches[1], logits=False) is None  # a frame: no LM head
     assert caches[0].evicted_tokens > 0 and torch.equal(caches[0].k, caches[1].k)
-
-
-CAPACITY, MAX_CHUNK = 256, 64  # one export of SmolLM2 serves the parity and the session tests
-
-
-@pytest.fixture(scope="module")
-def smollm2_engines(smollm2, tmp_path_factory):
-    """(decoder, tokenizer, engine dir holding SmolLM2's step for a 256 + 64 slot inf_mllm cache)."""
-    dec, tok = smollm2
-    engines = tmp_path_factory.mktemp("engines")
-    backend = OnnxRuntimeBackend(dec, engines, "smollm2")
-    backend.load_engines(dec.new_cache(CAPACITY, MAX_CHUNK, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2)))
-    return dec, tok, engines
-
-
-def test_onnxruntime_matches_torch_on_the_embedded_model(smollm2_engines):
-    """SmolLM2-135M (fp32): prefill chunks, single-token decode, cache fills up to eviction."""
-    dec, _, engines = smollm2_engines
-    (path,) = engines.glob("*.onnx")
-    worst = compare_stream(dec, OrtDecoderStep(path), CAPACITY, MAX_CHUNK, (64, 64, 1, 1, 17, 64, 1, 64, 64, 1, 64))
-    assert max(worst.values()) < 1e-3, worst
-
-
-def test_session_answers_the_same_on_onnxruntime(smollm2_engines):
-    """The multimodal sanity photos among road frames: identical answers from both backends."""
-    from infmllm_ros.bench.drive import bundled_events, synthetic_road
-    from infmllm_ros.models.embedded import EmbeddedVLM
-    from infmllm_ros.models.vision import LabelEmbeddingProjector, VisionEncoder, imagenet_names
-    from infmllm_ros.runtime.session import StreamSession
-
-    dec, tok, engines = smollm2_engines
-    model = EmbeddedVLM(dec, tok, "smollm2", VisionEncoder(), LabelEmbeddingProjector(dec, tok, imagenet_names()))
-    photos = [image for image, _ in bundled_events().values()]
-    answers = {}
-    for name in ("torch", "onnxruntime"):  # tensorrt: test_tensorrt.py (no TensorRT here)
-        runner = make_backend(name, dec, engines, "smollm2")
-        s = StreamSession(
-            model,
-            capacity=CAPACITY,
-            max_chunk=MAX_CHUNK,
-            recent=64,
-            beta=1e-2,
-            backend=runner,  # the fixture's engine (beta is baked into the graph)
-            slack=0,  # and its buffer: eager eviction, so this short stream evicts
-            familiar_interval_s=0.0,
-        )  # every road frame stored: the cache must evict
-        texts = []
-        for i, photo in enumerate(photos):
-            s.ingest_frame(synthetic_road(2 * i), float(2 * i))
-            s.ingest_frame(photo, 2.0 * i + 1)
-            texts.append(s.ask("What did you see?", max_new_tokens=16, keep_in_context=False).text)
-        answers[name] = texts
-        assert s.cache.evicted_tokens > 0  # the full-cache regime
-    assert answers["onnxruntime"] == answers["torch"]
-
-
-def test_a_stale_or_corrupt_step_is_set_aside_intact_and_exported_again(smollm2_engines, tmp_path):
-    dec, _, engines = smollm2_engines
-    (path,) = engines.glob("*.onnx")
-    h2o = StepIdentity.of("smollm2", dec, CAPACITY + 64 + MAX_CHUNK, MAX_CHUNK, make_policy("h2o"))
-    with pytest.raises(
-        ValueError,
-        match="infmllm.slots: engine 320, wanted 384; infmllm.beta: engine 0.01, "
-        "wanted 0.0; infmllm.normalise: engine True, wanted False",
-    ):
-        OrtDecoderStep(path).check(h2o)
-    tiny = tiny_decoder()
-    lines = []
-    backend = OnnxRuntimeBackend(tiny, tmp_path, "tiny", progress=lines.append)
-    cache = tiny.new_cache(40, 8, make_policy("inf_mllm", sinks=4, recent=8, beta=1e-2))
-    want = backend.engine_path(StepIdentity.for_cache("tiny", tiny, cache))
-    for stale, reason in ((path.read_bytes(), "other-identity"), (b"\x08\x07 cut short", "unloadable")):
-        want.write_bytes(stale)  # under the right name: a step of another model, then a broken file
-        backend.load_engines(cache)
-        (aside,) = tmp_path.glob(f"{want.name}.refused-{reason}-*")
-        assert aside.read_bytes() == stale and f"set aside as {aside}" in " ".join(lines)
-        aside.unlink()
-        OrtDecoderStep(want).check(StepIdentity.for_cache("tiny", tiny, cache))  # the fresh export serves
-    assert sorted(p.name for p in tmp_path.iterdir()) == [want.name]  # no temporary file left
-    with pytest.raises(ValueError, match="outside 1..max_chunk=8"):  # a chunk longer than the profile
-        cache.begin_chunk(9)
 
 
 def test_a_step_identity_follows_the_policy_rule_and_names_the_file():
