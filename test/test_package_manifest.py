@@ -40,6 +40,7 @@ ROSDEP_KEYS = {
     "jinja2": "python3-jinja2",
     "torch": "python3-torch",
     "onnx": "python3-onnx",
+    "onnxscript": "python3-onnxscript-pip",
     "transformers": "python3-transformers-pip",
     "tokenizers": "python3-tokenizers-pip",
     "safetensors": "python3-safetensors-pip",
