@@ -41,6 +41,26 @@ def test_gguf_loader_errors(tmp_path):
         load_gguf(bad)
 
 
+def test_the_gguf_reader_reads_the_fields_and_tensors_of_ggufs_own_reader():
+    """The loader's reader parses metadata over a plain view of the mapping (faster): every field
+    and tensor of SmolLM2's file as ``gguf.GGUFReader`` reads them, the tensors still mapped."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from infmllm_ros.models import smollm2_gguf_path
+    from infmllm_ros.models.gguf_loader import _Reader
+
+    ours, theirs = _Reader(smollm2_gguf_path()), GGUFReader(smollm2_gguf_path())
+    assert list(ours.fields) == list(theirs.fields) and len(theirs.fields["tokenizer.ggml.tokens"].data) == 49152
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, t.data_offset) for t in theirs.tensors
+    ]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+    assert isinstance(ours.data, np.memmap) and isinstance(ours.tensors[0].data, np.memmap)
+
+
 def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
     dec, tok = smollm2
     ids = tok.encode(
