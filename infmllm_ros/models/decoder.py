@@ -162,7 +162,10 @@ class DecoderLayer(nn.Module):
 class _Body(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        on_meta = torch.empty(0).is_meta  # built to take a checkpoint's tensors (hf_loader.load_decoder)
+        # no random init there: torch's normal_ on the meta device imports torch._dynamo (1.3 s)
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(shape)) if on_meta else nn.Embedding(*shape)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
