@@ -44,16 +44,18 @@ def pytest_configure(config):
 #: start at once and the short ones fill the gaps.
 LONGEST_FILES = (
     "test_engine_families.py",
-    "test_ros_poses.py",
     "test_ros_drive.py",
-    "test_engines.py",
-    "test_compiled_backend.py",
     "test_ros_limits.py",
-    "test_memory_file.py",
-    "test_ros_memory.py",
-    "test_bench_needle.py",
-    "test_models.py",
+    "test_ros_poses.py",
+    "test_compiled_backend.py",
     "test_session.py",
+    "test_ros_memory.py",
+    "test_models.py",
+    "test_bench_needle.py",
+    "test_ros_hardening.py",
+    "test_ros_vlm.py",
+    "test_ros_node.py",
+    "test_memory_file.py",
 )
 
 
