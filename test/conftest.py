@@ -27,7 +27,9 @@ def _tree_changes() -> set[str] | None:
 def pytest_configure(config):
     """On a pytest-xdist worker (``make test`` runs two): its own slice of ROS domain ids, so two
     workers' graphs never meet, and its share of the cores for torch here and in the processes
-    it starts (two workers at two threads each on two cores run slower than at one)."""
+    it starts (two workers at two threads each on two cores run slower than at one), Inductor's
+    compile workers included: a cold compile of the compiled backend otherwise ran g++ on every
+    core and starved the other worker's timing-bound ROS tests."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker is None or count < 2:
         return
@@ -35,8 +37,11 @@ def pytest_configure(config):
     lo = 1 + int(worker.removeprefix("gw")) * size
     os.environ["INFMLLM_ROS_DOMAINS"] = f"{lo}-{lo + size - 1}"
     threads = str(max(1, (os.cpu_count() or 1) // count))
-    os.environ["OMP_NUM_THREADS"] = threads
+    os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = threads
     torch.set_num_threads(int(threads))
+    from torch._inductor import config as inductor_config
+
+    inductor_config.compile_threads = int(threads)
 
 
 #: Test files by the minutes they take on 2 cores, longest first (the rest follow in their own
