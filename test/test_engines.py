@@ -59,16 +59,24 @@ def test_step_matches_the_cache_path(one_token):
     assert max(worst.values()) < 1e-5, worst
 
 
-def test_onnxruntime_matches_torch_on_a_tiny_model(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_step(tmp_path_factory):
+    """(tiny decoder, step identity, its exported step) for a 40 + 8 slot inf_mllm cache: one
+    export serves the module."""
     dec = tiny_decoder()
-    path = export_decoder_step(
-        dec, tmp_path / "step.onnx", StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2))
-    )
+    ident = StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2))
+    return dec, ident, export_decoder_step(dec, tmp_path_factory.mktemp("tiny-step") / "step.onnx", ident)
+
+
+def test_onnxruntime_matches_torch_on_a_tiny_model(tiny_step):
+    dec, _, path = tiny_step
     worst = compare_stream(dec, OrtDecoderStep(path), 40, 8, CHUNKS)
     assert max(worst.values()) < 1e-4, worst
 
 
-def test_the_export_leaves_out_only_onnxscripts_slice_pair_rule_and_writes_the_same_graph(tmp_path, monkeypatch):
+def test_the_export_leaves_out_only_onnxscripts_slice_pair_rule_and_writes_the_same_graph(
+    tiny_step, tmp_path, monkeypatch
+):
     """The exporter's optimizer without ``SlicesSplit`` (half of SmolLM2's export time, and it
     rewrites nothing here): every other rule kept, the rule set restored after, the same bytes."""
     import contextlib
@@ -85,16 +93,13 @@ def test_the_export_leaves_out_only_onnxscripts_slice_pair_rule_and_writes_the_s
         slice_split_rule in rules and set(rules) - set(inside) == {slice_split_rule} and len(inside) == len(rules) - 1
     )
     assert rewriter._DEFAULT_REWRITE_RULES is rules
-    dec = tiny_decoder()
-    ident = StepIdentity.of("tiny", dec, 48, 8, make_policy("inf_mllm", beta=1e-2))
-    without = export_decoder_step(dec, tmp_path / "without.onnx", ident).read_bytes()
+    dec, ident, without = tiny_step  # exported without the rule
     monkeypatch.setattr(onnx_export, "_without_slices_split", contextlib.nullcontext)
-    assert export_decoder_step(dec, tmp_path / "full.onnx", ident).read_bytes() == without
+    assert export_decoder_step(dec, tmp_path / "full.onnx", ident).read_bytes() == without.read_bytes()
 
 
-def test_onnxruntime_runs_on_torchs_threads_unless_told_otherwise(tmp_path):
-    dec = tiny_decoder()
-    path = export_decoder_step(dec, tmp_path / "step.onnx", StepIdentity.of("tiny", dec, 48, 8, make_policy("h2o")))
+def test_onnxruntime_runs_on_torchs_threads_unless_told_otherwise(tiny_step):
+    _, _, path = tiny_step
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
