@@ -163,8 +163,9 @@ class _Body(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         shape = (cfg.vocab_size, cfg.hidden_size)
-        on_meta = torch.empty(0).is_meta  # built to take a checkpoint's tensors (hf_loader.load_decoder)
-        # no random init there: torch's normal_ on the meta device imports torch._dynamo (1.3 s)
+        # On the meta device the decoder is built to take a checkpoint's tensors (hf_loader.load_decoder):
+        # no random init there, as torch's normal_ on the meta device imports torch._dynamo (1.3 s).
+        on_meta = torch.get_default_device().type == "meta"
         self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(shape)) if on_meta else nn.Embedding(*shape)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
