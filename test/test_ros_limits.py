@@ -58,7 +58,19 @@ def test_raw_4k_rgb8_and_bgra8_frames_arrive_at_the_shipped_best_effort_qos(ship
     while "dds_shared_memory" not in front.status and time.monotonic() < deadline:
         time.sleep(0.1)
     assert front.status.get("dds_shared_memory") == "on"
-    assert raw_frames(env, front, "4k", 10) == ["ingested"] * 10
+    before = dict(front.status)
+    outcomes = raw_frames(env, front, "4k", 10, wait_s=15.0)
+    # Best effort sends a frame once: one lost on the way stays lost. Alone, 10 of 10 arrive
+    # (bench/results/README.md, "Limits as shipped"); on a loaded 2-core CI machine 7 of 10 did.
+    # What this guards against lost all or all but one: no shared-memory segment (0 of 10), the
+    # transport's default port queue (1 of 10). The node's counters say whether a lost frame
+    # reached its subscription at all.
+    reached = {
+        key: int(front.status.get(key, 0)) - int(before.get(key, 0))
+        for key in ("camera_rear_read", "camera_rear_unread")
+    }
+    assert set(outcomes) <= {"ingested", None}, outcomes
+    assert outcomes.count("ingested") > len(outcomes) / 2, (outcomes, reached)
 
 
 def test_a_183_mib_raw_frame_is_filtered_out_before_it_is_sent(shipped):
