@@ -1,5 +1,6 @@
 """Image decoding, parameter validation and the ingest worker, without a ROS graph."""
 
+import re
 import sys
 import threading
 import time
@@ -132,9 +133,18 @@ def test_parameters_are_validated_with_the_name_in_the_message():
         ({"cache.beta": float("nan")}, "cache.beta"),
         ({"cache.beta": -0.1, "cache.policy": "h2o"}, "cache.beta"),
         ({"camera_transports": ["raw", "jpeg"], "camera_topics": ["a", "b"]}, "camera_transports"),
+        ({"cache.capacity": "big"}, "cache.capacity='big': must be an integer"),
+        ({"cache.capacity": 1024.0}, "cache.capacity=1024.0: must be an integer"),
+        ({"qos_depth": True}, "qos_depth=True: must be an integer"),
+        ({"sample_rate_hz": "2"}, "sample_rate_hz='2': must be a number"),
+        ({"autostart": 1}, "autostart=1: must be true or false"),
+        ({"model": 3}, "model=3: must be a string"),
+        ({"camera_topics": "/front/image_raw"}, "camera_topics='/front/image_raw': must be a list of strings"),
     ]:
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=re.escape(name)):
             validate(bad)
+    rate = validate({"max_camera_rate_hz": 5}).max_camera_rate_hz  # YAML's 5 for 5.0
+    assert type(rate) is float and rate == 5.0
     two = validate(
         {
             "camera_topics": ["/a/image_raw", "/rear/image_raw/compressed"],

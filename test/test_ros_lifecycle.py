@@ -10,6 +10,8 @@ import pytest
 import rclpy  # noqa: F401  (installed by make test: a broken ROS install fails the suite)
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import GetParameters, SetParameters
 from sensor_msgs.msg import CompressedImage
 
 from infmllm_ros.tools.ask import call_ask
@@ -57,6 +59,33 @@ def test_a_bad_model_fails_configure_with_the_reason_and_the_process_stays_up(gr
         assert "configure failed" in log.read_text() and "missing.gguf" in log.read_text()
         refused = call_ask(g.node, "/ask", "What did you see?", 4)
         assert not refused.success and "not configured" in refused.message
+    finally:
+        assert stop_node(proc) == 0
+
+
+def test_a_parameter_given_with_the_wrong_type_is_refused_by_name_and_the_process_stays_up(graph, tmp_path):
+    env, g = graph
+    given = {"sample_rate_hz": "fast", "cache.capacity": "big", "max_camera_rate_hz": 0}  # doubles, an int
+    proc, log = start_node(tmp_path, env, {"autostart": False, "camera_topics": [TOPIC], **given}, ready=WAITING)
+    try:
+        assert not transition(g, Transition.TRANSITION_CONFIGURE)
+        assert state(g) == "unconfigured" and proc.poll() is None
+        assert "parameter sample_rate_hz='fast': must be a number (a double)" in log.read_text()
+        (rate,) = g.call(
+            GetParameters, "/infmllm/get_parameters", GetParameters.Request(names=["max_camera_rate_hz"])
+        ).values
+        assert (rate.type, rate.double_value) == (ParameterType.PARAMETER_DOUBLE, 0.0)  # an integer is that double
+        fixed = Parameter(
+            name="sample_rate_hz", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=2.0)
+        )
+        assert (
+            g.call(SetParameters, "/infmllm/set_parameters", SetParameters.Request(parameters=[fixed]))
+            .results[0]
+            .successful
+        )
+        assert not transition(g, Transition.TRANSITION_CONFIGURE)  # the read-only one is still refused
+        assert "configure failed: parameter cache.capacity='big': must be an integer" in log.read_text()
+        assert state(g) == "unconfigured" and proc.poll() is None
     finally:
         assert stop_node(proc) == 0
 

@@ -47,6 +47,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -68,7 +69,7 @@ from ..runtime.session import QuestionTooLong, Stopped, open_session
 from .intake import CameraIntake
 from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
-from .params import PARAMETERS, validate
+from .params import PARAMETERS, Param, type_problem, validate
 from .poses import message_class, to_pose, to_pose_msg
 from .shared_memory import transport_status
 from .stamps import stamp_problem, stamp_seconds, to_time
@@ -148,10 +149,9 @@ class InfMLLMNode(LifecycleNode):
 
     def __init__(self, **node_kwargs):
         super().__init__("infmllm", **node_kwargs)
+        self._wrong_types: dict[str, object] = {}  # name -> a given value of another type
         for p in PARAMETERS:
-            self.declare_parameter(
-                p.name, p.default, ParameterDescriptor(description=p.description, read_only=not p.dynamic)
-            )
+            self._declare(p)
         self.config = None
         self.model = self.session = self.worker = None
         self.configure_error = ""
@@ -199,6 +199,27 @@ class InfMLLMNode(LifecycleNode):
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
+    def _declare(self, p: Param) -> None:
+        """Declare ``p`` with its descriptor and the value given for it (parameter file,
+        ``--ros-args -p``). A given value of another type would make rclpy raise here and end the
+        process: an integer given for a double is declared as that double, anything else is
+        declared as the default and kept aside, and configure refuses it by name."""
+        descriptor = ParameterDescriptor(description=p.description, read_only=not p.dynamic)
+        try:
+            self.declare_parameter(p.name, p.default, descriptor)
+        except InvalidParameterTypeException:
+            given = self._parameter_overrides[p.name].value  # rclpy keeps the given values here
+            if problem := type_problem(p, given):
+                self._wrong_types[p.name] = given
+                self.get_logger().error(f"parameter {p.name}={given!r}: {problem}; configure refuses it")
+                self.declare_parameter(p.name, p.default, descriptor, ignore_override=True)
+            else:
+                self.declare_parameter(p.name, float(given), descriptor, ignore_override=True)
+
+    def _parameter_values(self) -> dict:
+        """Every parameter's declared value by name."""
+        return {p.name: self.get_parameter(p.name).value for p in PARAMETERS}
+
     @property
     def lifecycle_state(self) -> str:
         """The lifecycle state's label ("unconfigured", "inactive", "active", "finalized", ...)."""
@@ -208,7 +229,7 @@ class InfMLLMNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
         try:
-            cfg = validate({p.name: self.get_parameter(p.name).value for p in PARAMETERS})
+            cfg = validate({**self._parameter_values(), **self._wrong_types})
             memory_dir, memory_path, stale = open_memory_folder(cfg)
             for tmp in stale:
                 log.warning(f"removed {tmp}, the temporary file of a save that was interrupted")
@@ -592,9 +613,11 @@ class InfMLLMNode(LifecycleNode):
     def _on_set_parameters(self, params) -> SetParametersResult:
         values = {p.name: p.value for p in params}
         try:
-            checked = validate({**{p.name: self.get_parameter(p.name).value for p in PARAMETERS}, **values})
+            checked = validate({**self._parameter_values(), **values})
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
+        for name in values:
+            self._wrong_types.pop(name, None)
         if self.worker is None:  # unconfigured: configure reads the parameters
             return SetParametersResult(successful=True)
         self.config = checked

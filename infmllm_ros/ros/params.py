@@ -632,9 +632,34 @@ def camera_name_from_topic(topic: str) -> str:
     return parts[-1] if parts else "camera"
 
 
+def type_problem(p: Param, value) -> str:
+    """``""`` when ``value`` has the ROS type of ``p``'s default, else what it must be. An integer
+    is taken for a double (``10`` for ``10.0``, as YAML writes it); a bool is never a number."""
+    default = p.default
+    if isinstance(default, list):
+        ok = isinstance(value, list | tuple) and all(isinstance(x, str) for x in value)
+        return "" if ok else "must be a list of strings"
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, float):
+        ok, need = isinstance(value, int | float), "must be a number (a double)"
+    elif isinstance(default, int):
+        ok, need = isinstance(value, int), "must be an integer"
+    else:
+        ok, need = isinstance(value, str), "must be a string"
+    return "" if ok and not isinstance(value, bool) else need
+
+
+def _as_field(p: Param, value):
+    """A checked value as its :class:`NodeConfig` field holds it (lists as tuples, doubles as float)."""
+    if isinstance(p.default, list):
+        return tuple(value)
+    return float(value) if isinstance(p.default, float) else value
+
+
 def validate(values: dict) -> NodeConfig:
     """Check raw parameter values (ROS names -> values; a missing name takes its default): each
-    row's rule, then :data:`COUPLED`. Returns a :class:`NodeConfig`.
+    row's type (:func:`type_problem`) and rule, then :data:`COUPLED`. Returns a :class:`NodeConfig`.
 
     Raises:
         ValueError: the first problem found, naming the parameter and what it must be.
@@ -645,9 +670,9 @@ def validate(values: dict) -> NodeConfig:
         raise ValueError(f"parameter {name}={v[name]!r}: {problem}")
 
     for p in PARAMETERS:
-        if p.check is not None and (problem := p.check(v[p.name])):
+        if problem := type_problem(p, v[p.name]) or (p.check(v[p.name]) if p.check is not None else ""):
             refuse(p.name, problem)
     for rule in COUPLED:
         if found := rule(v):
             refuse(*found)
-    return NodeConfig(**{p.attr: tuple(v[p.name]) if isinstance(p.default, list) else v[p.name] for p in PARAMETERS})
+    return NodeConfig(**{p.attr: _as_field(p, v[p.name]) for p in PARAMETERS})
