@@ -149,7 +149,7 @@ class Front:
     def __init__(self):
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from sensor_msgs.msg import CompressedImage
         from std_msgs.msg import Header
 
@@ -160,7 +160,7 @@ class Front:
         self.status: dict = {}
         self.node.create_subscription(Header, "/infmllm/frames", self._on_report, 1000)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_status, 10)
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
