@@ -66,9 +66,60 @@ def size_filter(max_pixels: int) -> ContentFilterOptions:
     return ContentFilterOptions(filter_expression=" OR ".join(bands), expression_parameters=params)
 
 
-class CameraIntake:
-    """Camera subscriptions on their own node (``<parent>_cameras``, same namespace and context)
-    and thread.
+class SubscriberThread:
+    """Subscriptions on a node of their own (``<parent>_<suffix>``, same namespace and context),
+    served by a single-threaded executor on a thread of their own, out of the parent's
+    ``MultiThreadedExecutor``: rclpy's multi-threaded executor hands each message to its thread
+    pool as a task and, until a pool thread starts it, yields that task again, holding the GIL
+    (ros2/rclpy#1452), which at sensor rates starves the model's worker.
+
+    Subclasses add their subscriptions to :attr:`node`; :meth:`_run` spins until :meth:`stop`.
+    """
+
+    def __init__(self, parent, suffix: str):
+        self.node = rclpy.create_node(
+            f"{parent.get_name()}_{suffix}",
+            namespace=parent.get_namespace(),
+            context=parent.context,
+            start_parameter_services=False,
+            enable_rosout=False,
+        )
+        self._executor = SingleThreadedExecutor(context=parent.context)
+        self._executor.add_node(self.node)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"infmllm-{suffix}", daemon=True)
+
+    def start(self) -> None:
+        """Start reading."""
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop reading (the message in hand is handed over first) and destroy the subscriptions
+        and the node."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._executor.shutdown()
+        self.node.destroy_node()
+
+    def _spin_once(self) -> bool:
+        """Serve what is ready, waiting up to :data:`POLL_S`; False once stopping or shut down."""
+        try:
+            self._executor.spin_once(timeout_sec=POLL_S)
+        except Exception:  # the context is shutting down
+            if self._stop.is_set() or not self.node.context.ok():
+                return False
+            raise
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self._spin_once():
+            pass
+
+
+class CameraIntake(SubscriberThread):
+    """Camera subscriptions on their own node (``<parent>_cameras``) and thread, read at a
+    bounded rate.
 
     Args:
         parent: the node the cameras belong to (its context, namespace and name).
@@ -92,13 +143,7 @@ class CameraIntake:
         max_rate_hz: float,
         max_pixels: int,
     ):
-        self.node = rclpy.create_node(
-            f"{parent.get_name()}_cameras",
-            namespace=parent.get_namespace(),
-            context=parent.context,
-            start_parameter_services=False,
-            enable_rosout=False,
-        )
+        super().__init__(parent, "cameras")
         self._on_frame = on_frame
         self._period_s = 1.0 / (max_rate_hz * len(cameras)) if max_rate_hz > 0 else 0.0
         self._lock = threading.Lock()
@@ -116,23 +161,6 @@ class CameraIntake:
                     content_filter_options=None if compressed else size_filter(max_pixels),
                 )
             )
-        self._executor = SingleThreadedExecutor(context=parent.context)
-        self._executor.add_node(self.node)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="infmllm-cameras", daemon=True)
-
-    def start(self) -> None:
-        """Start reading."""
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop reading (the message in hand is handed over first) and destroy the subscriptions
-        and the intake node."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        self._executor.shutdown()
-        self.node.destroy_node()
 
     def set_max_pixels(self, max_pixels: int) -> None:
         """Apply a new pixel limit to the raw cameras' size filters."""
@@ -166,11 +194,22 @@ class CameraIntake:
     def _run(self) -> None:
         while not self._stop.is_set():
             before = sum(self._read.values())
-            try:
-                self._executor.spin_once(timeout_sec=POLL_S)
-            except Exception:  # the context is shutting down
-                if self._stop.is_set() or not self.node.context.ok():
-                    return
-                raise
+            if not self._spin_once():
+                return
             if self._period_s and sum(self._read.values()) != before:
                 self._stop.wait(self._period_s)
+
+
+class PoseIntake(SubscriberThread):
+    """The robot's pose topic on its own node (``<parent>_poses``) and thread: odometry comes at
+    20-200 Hz and each message is handed to ``on_pose`` (on this thread) as it arrives.
+
+    Args:
+        parent: the node the poses belong to.
+        topic: the pose topic. msg_type: its message class. depth: the reliable keep-last queue.
+        on_pose: called with each message.
+    """
+
+    def __init__(self, parent, topic: str, msg_type, on_pose: Callable[[Any], None], depth: int = 50):
+        super().__init__(parent, "poses")
+        self.subscription = self.node.create_subscription(msg_type, topic, on_pose, depth)

@@ -18,7 +18,8 @@ Graph interface (names relative to the node's namespace unless absolute):
   (``std_msgs/Header``, one per received frame once handled: stamp = the frame's stamp,
   ``frame_id`` = ``camera:outcome``; replay tools pace themselves on it).
 
-Threads: a :class:`MultiThreadedExecutor` runs callbacks on a spinning thread; one
+Threads: a :class:`MultiThreadedExecutor` runs the services, the action and the timers; the
+cameras and the pose topic are read on threads of their own (:mod:`.intake`); one
 :class:`IngestWorker` thread runs the model: ingest, and each ``/ask`` handed to it ahead of
 pending frames (the service callback waits for it; frames keep arriving meanwhile and the newest
 is kept). The main thread waits for SIGINT/SIGTERM; then an answer being decoded stops at its
@@ -66,7 +67,7 @@ from ..runtime.memory_file import MemoryFileRefused
 from ..runtime.pose import PoseMatcher
 from ..runtime.procstat import limit_malloc_arenas, rss_mib
 from ..runtime.session import QuestionTooLong, Stopped, open_session
-from .intake import CameraIntake
+from .intake import CameraIntake, PoseIntake
 from .interface import ANSWER_FIELDS
 from .memory_image import mosaic
 from .params import PARAMETERS, Param, type_problem, validate
@@ -156,7 +157,7 @@ class InfMLLMNode(LifecycleNode):
         self.model = self.session = self.worker = None
         self.configure_error = ""
         self._intake, self._memory_timer, self._image_timer = None, None, None
-        self._pose_sub = None
+        self._poses: PoseIntake | None = None
         self._camera_counts: dict[str, tuple[int, int]] = {}
         self._memory_dir = self._memory_path = None
         self.shared_memory = transport_status()  # this process's participant has just started
@@ -290,11 +291,10 @@ class InfMLLMNode(LifecycleNode):
         self._intake.start()
         if cfg.pose_topic:
             kind = cfg.pose_msg_type
-            self._pose_sub = self.create_subscription(
-                message_class(kind), cfg.pose_topic, lambda msg: self._on_pose(msg, kind), 50
-            )
+            self._poses = PoseIntake(self, cfg.pose_topic, message_class(kind), lambda msg: self._on_pose(msg, kind))
+            self._poses.start()
             log.info(
-                f"poses from {self.resolve_topic_name(cfg.pose_topic)} ({kind}), matched to frames within "
+                f"poses from {self._poses.subscription.topic_name} ({kind}), matched to frames within "
                 f"{cfg.pose_tolerance_s:g} s"
             )
         log.info(f"ready: /ask at {self.resolve_service_name('ask')}")
@@ -339,9 +339,9 @@ class InfMLLMNode(LifecycleNode):
     # ---- cameras -------------------------------------------------------------------------
     def _stop_intake(self) -> None:
         """Unsubscribe the cameras and the pose topic; their counts stay in ``/diagnostics``."""
-        if self._pose_sub is not None:
-            self.destroy_subscription(self._pose_sub)
-            self._pose_sub = None
+        if self._poses is not None:
+            self._poses.stop()
+            self._poses = None
         if self._intake is not None:
             self._intake.stop()
             self._camera_counts = self.camera_counts()  # this intake's counts join the earlier ones
