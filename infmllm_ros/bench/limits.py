@@ -14,6 +14,9 @@ process with the default (reliable) publisher QoS camera drivers use. It measure
    the front camera sends one frame a second and an operator asks a question every two seconds:
    answer latency against the same questions asked idle, front frames ingested, rear frames read
    and replaced unread (``/diagnostics``), and the node's CPU time per rear frame not ingested.
+4. **Odometry** (``nav_msgs/Odometry`` on :data:`POSES`, the node's ``pose_topic``) from its own
+   process at ``--pose-hz`` for ``--pose-s`` seconds: poses the node received and its CPU time
+   per pose.
 
 Writes JSON and a markdown table (machine, date, command). Results: bench/results/README.md,
 "Limits as shipped".
@@ -38,14 +41,14 @@ import yaml
 from .common import describe, machine, markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
-FRONT, REAR = "/limits/front/image_raw/compressed", "/limits/rear/image_raw"
+FRONT, REAR, POSES = "/limits/front/image_raw/compressed", "/limits/rear/image_raw", "/limits/odom"
 T0 = 1_700_000_000
 QUESTION = "Was there a cat?"
 
 
 def shipped_parameters(path: Path = ROOT / "config" / "desktop.yaml") -> dict:
     """The node's parameters from a shipped YAML file, cameras replaced by :data:`FRONT` (JPEG)
-    and :data:`REAR` (raw); QoS, rates and limits as shipped."""
+    and :data:`REAR` (raw), odometry on :data:`POSES`; QoS, rates and limits as shipped."""
     from ..ros.params import flatten_parameters
 
     params = flatten_parameters(yaml.safe_load(path.read_text()))
@@ -54,6 +57,8 @@ def shipped_parameters(path: Path = ROOT / "config" / "desktop.yaml") -> dict:
             "camera_topics": [FRONT, REAR],
             "camera_transports": ["compressed", "raw"],
             "camera_names": ["front", "rear"],
+            "pose_topic": POSES,
+            "pose_msg_type": "odometry",
             "diagnostics_period_s": 0.5,
         }
     )
@@ -61,28 +66,39 @@ def shipped_parameters(path: Path = ROOT / "config" / "desktop.yaml") -> dict:
 
 
 def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
-    """Publisher process: ``frames`` ``tiny`` (8x8 rgb8 at ``hz`` for ``seconds``), or ``4k`` /
-    ``oversized`` (one raw frame each time a line arrives on stdin, stamped by the line's number;
-    ``4k`` alternates rgb8 and bgra8). Default publisher QoS (reliable, depth 10). Prints
+    """Publisher process: ``frames`` ``tiny`` (8x8 rgb8 at ``hz`` for ``seconds``), ``odometry``
+    (``nav_msgs/Odometry`` on :data:`POSES` at ``hz`` for ``seconds``), or ``4k`` / ``oversized``
+    (one raw frame each time a line arrives on stdin, stamped by the line's number; ``4k``
+    alternates rgb8 and bgra8). Default publisher QoS (reliable, depth 10). Prints
     ``shared memory <status>`` first (:func:`~infmllm_ros.ros.shared_memory.transport_status`),
     then ``published I`` for each raw frame and ``sent N`` at the end."""
     import rclpy
     from builtin_interfaces.msg import Time
     from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
 
     from ..ros.shared_memory import transport_status
 
     rclpy.init()
     node = rclpy.create_node("limits_publisher")
     print(f"shared memory {transport_status()}", flush=True)
-    pub = node.create_publisher(Image, topic, 10)
+    if frames == "odometry":
+        from nav_msgs.msg import Odometry
+
+        pub = node.create_publisher(Odometry, POSES, 10)
+    else:
+        pub = node.create_publisher(Image, topic, 10)
     deadline = time.monotonic() + 30
     while pub.get_subscription_count() == 0 and time.monotonic() < deadline:  # the node has matched
         time.sleep(0.1)
     time.sleep(0.5)
     sent = 0
-    if frames == "tiny":
-        msg = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(192))
+    if frames in ("tiny", "odometry"):
+        if frames == "tiny":
+            msg = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(192))
+        else:
+            msg = pub.msg_type(header=Header(frame_id="odom"))
+            msg.pose.pose.orientation.w = 1.0
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             stamp = T0 + 100_000 + sent / hz
@@ -309,6 +325,25 @@ def flood(env: dict, front: Front, pid: int, hz: float, seconds: float) -> dict:
     }
 
 
+def odometry(env: dict, front: Front, pid: int, hz: float, seconds: float) -> dict:
+    """The odometry step of the module docstring: poses sent and received, and the node's CPU
+    over the publisher's life (its start and the idle node included)."""
+    before, cpu0, t0 = int(front.status.get("poses_received", 0)), cpu_s(pid), time.monotonic()
+    publisher = start_publisher(env, "odometry", hz, seconds)
+    sent = int(publisher.communicate(timeout=seconds + 60)[0].split()[-1])
+    cpu1, t1 = cpu_s(pid), time.monotonic()
+    time.sleep(1.5)  # the last diagnostics
+    received = int(front.status.get("poses_received", 0)) - before
+    return {
+        "pose_hz": hz,
+        "pose_s": seconds,
+        "sent": sent,
+        "received": received,
+        "node_cpu_cores": (cpu1 - cpu0) / (t1 - t0),
+        "node_cpu_us_per_pose": 1e6 * (cpu1 - cpu0) / max(1, sent),
+    }
+
+
 @contextmanager
 def shipped_node():
     """A node with :func:`shipped_parameters` in its own process and a :class:`Front` beside it,
@@ -331,7 +366,7 @@ def shipped_node():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int) -> dict:
+def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int, pose_hz: float, pose_s: float) -> dict:
     """The whole benchmark; returns the result dict (also written to ``out``.json/.md)."""
     with shipped_node() as (env, pid, front):
         assert front.send_front() == "ingested", "the node did not take a front frame"
@@ -346,6 +381,8 @@ def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int) -> dict:
         print(f"oversized frame: {oversized}; memory {before} -> {after} KiB", flush=True)
         flooded = flood(env, front, pid, flood_hz, flood_s)
         print(f"flood: {flooded}", flush=True)
+        poses = odometry(env, front, pid, pose_hz, pose_s)
+        print(f"odometry: {poses}", flush=True)
     done = [x for x in flooded["latencies_s"] if x is not None]
     result = {
         "machine": machine(),
@@ -362,6 +399,7 @@ def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int) -> dict:
         },
         "idle_latency_s": idle,
         "flood": flooded,
+        "odometry": poses,
         "latency_ratio_median": statistics.median(done) / statistics.median(idle) if done else None,
         "latency_ratio_max": max(done) / statistics.median(idle) if done else None,
     }
@@ -390,6 +428,11 @@ def run(out: Path, flood_hz: float, flood_s: float, frames_4k: int) -> dict:
             f"{flooded['node_cpu_cores']:.2f} cores, "
             f"{flooded['node_cpu_us_per_rear_frame']:.0f} us per rear frame not ingested",
         ],
+        [
+            f"odometry at {pose_hz:.0f} Hz for {pose_s:.0f} s: received / sent, node CPU",
+            f"{poses['received']} / {poses['sent']}, {poses['node_cpu_cores']:.2f} cores, "
+            f"{poses['node_cpu_us_per_pose']:.0f} us per pose",
+        ],
     ]
     markdown = (
         f"# Limits as shipped\n\n{describe(result['machine'])} {result['date']}, `{result['command']}`.\n\n"
@@ -408,13 +451,15 @@ def main(argv=None) -> int:
     p.add_argument("--flood-hz", type=float, default=500.0, help="rear camera rate during the flood")
     p.add_argument("--flood-s", type=float, default=60.0, help="seconds of flood")
     p.add_argument("--frames-4k", type=int, default=10, help="raw 4K frames sent (rgb8 and bgra8 in turn)")
+    p.add_argument("--pose-hz", type=float, default=500.0, help="odometry rate")
+    p.add_argument("--pose-s", type=float, default=20.0, help="seconds of odometry")
     p.add_argument("--publish", nargs=3, metavar=("FRAMES", "HZ", "SECONDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.publish:
         frames, hz, seconds = args.publish
         publish(REAR, frames, float(hz), float(seconds))
         return 0
-    run(Path(args.json), args.flood_hz, args.flood_s, args.frames_4k)
+    run(Path(args.json), args.flood_hz, args.flood_s, args.frames_4k, args.pose_hz, args.pose_s)
     return 0
 
 

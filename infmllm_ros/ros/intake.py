@@ -71,7 +71,8 @@ class SubscriberThread:
     served by a single-threaded executor on a thread of their own, out of the parent's
     ``MultiThreadedExecutor``: rclpy's multi-threaded executor hands each message to its thread
     pool as a task and, until a pool thread starts it, yields that task again, holding the GIL
-    (ros2/rclpy#1452), which at sensor rates starves the model's worker.
+    (ros2/rclpy#1452). At sensor rates that starves the model's worker and loses messages
+    (bench/results/README.md, "Limits as shipped": 500 Hz odometry).
 
     Subclasses add their subscriptions to :attr:`node`; :meth:`_run` spins until :meth:`stop`.
     """
