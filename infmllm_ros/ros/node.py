@@ -202,20 +202,23 @@ class InfMLLMNode(LifecycleNode):
 
     def _declare(self, p: Param) -> None:
         """Declare ``p`` with its descriptor and the value given for it (parameter file,
-        ``--ros-args -p``). A given value of another type would make rclpy raise here and end the
-        process: an integer given for a double is declared as that double, anything else is
-        declared as the default and kept aside, and configure refuses it by name."""
+        ``--ros-args -p``). A given value of another ROS type would make rclpy raise here and end
+        the process: an integer given for a double is declared as that double; anything else is
+        declared as the default and kept aside for configure, which validates it as given (and
+        refuses a wrong type by name)."""
         descriptor = ParameterDescriptor(description=p.description, read_only=not p.dynamic)
         try:
             self.declare_parameter(p.name, p.default, descriptor)
         except InvalidParameterTypeException:
             given = self._parameter_overrides[p.name].value  # rclpy keeps the given values here
-            if problem := type_problem(p, given):
-                self._wrong_types[p.name] = given
-                self.get_logger().error(f"parameter {p.name}={given!r}: {problem}; configure refuses it")
-                self.declare_parameter(p.name, p.default, descriptor, ignore_override=True)
-            else:
+            problem = type_problem(p, given)
+            if isinstance(p.default, float) and not problem:
                 self.declare_parameter(p.name, float(given), descriptor, ignore_override=True)
+                return
+            self._wrong_types[p.name] = given  # configure validates it as given
+            if problem:
+                self.get_logger().error(f"parameter {p.name}={given!r}: {problem}; configure refuses it")
+            self.declare_parameter(p.name, p.default, descriptor, ignore_override=True)
 
     def _parameter_values(self) -> dict:
         """Every parameter's declared value by name."""
