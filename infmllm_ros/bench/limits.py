@@ -67,7 +67,7 @@ def shipped_parameters(path: Path = ROOT / "config" / "desktop.yaml") -> dict:
 
 def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
     """Publisher process: ``frames`` ``tiny`` (8x8 rgb8 at ``hz`` for ``seconds``), ``odometry``
-    (``nav_msgs/Odometry`` on :data:`POSES` at ``hz`` for ``seconds``), or ``4k`` / ``oversized``
+    (``nav_msgs/Odometry`` at ``hz`` for ``seconds``), or ``4k`` / ``oversized``
     (one raw frame each time a line arrives on stdin, stamped by the line's number; ``4k``
     alternates rgb8 and bgra8). Default publisher QoS (reliable, depth 10). Prints
     ``shared memory <status>`` first (:func:`~infmllm_ros.ros.shared_memory.transport_status`),
@@ -85,20 +85,17 @@ def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
     if frames == "odometry":
         from nav_msgs.msg import Odometry
 
-        pub = node.create_publisher(Odometry, POSES, 10)
-    else:
-        pub = node.create_publisher(Image, topic, 10)
+        msg = Odometry(header=Header(frame_id="odom"))
+        msg.pose.pose.orientation.w = 1.0
+    else:  # tiny's frame; a raw frame is made for each line
+        msg = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(192))
+    pub = node.create_publisher(type(msg), topic, 10)
     deadline = time.monotonic() + 30
     while pub.get_subscription_count() == 0 and time.monotonic() < deadline:  # the node has matched
         time.sleep(0.1)
     time.sleep(0.5)
     sent = 0
     if frames in ("tiny", "odometry"):
-        if frames == "tiny":
-            msg = Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(192))
-        else:
-            msg = pub.msg_type(header=Header(frame_id="odom"))
-            msg.pose.pose.orientation.w = 1.0
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             stamp = T0 + 100_000 + sent / hz
@@ -129,6 +126,11 @@ def publish(topic: str, frames: str, hz: float, seconds: float) -> None:
 def first_stamp(kind: str) -> int:
     """The stamp (seconds) of the first raw frame of ``kind``; the next ones are 10 s apart."""
     return T0 + (1000 if kind == "4k" else 5000)
+
+
+def sent_count(publisher: subprocess.Popen, timeout_s: float) -> int:
+    """Wait for a rate publisher of :func:`start_publisher` to end; the messages it sent."""
+    return int(publisher.communicate(timeout=timeout_s)[0].split()[-1])
 
 
 def start_publisher(env: dict, frames: str, hz: float = 0.0, seconds: float = 0.0) -> subprocess.Popen:
@@ -302,7 +304,7 @@ def flood(env: dict, front: Front, pid: int, hz: float, seconds: float) -> dict:
         time.sleep(max(0.0, tick + 2.0 - time.monotonic()))
     camera.join()
     cpu1, t1 = cpu_s(pid), time.monotonic()
-    sent = int(flooder.communicate(timeout=seconds + 30)[0].split()[-1])
+    sent = sent_count(flooder, seconds + 30)
     time.sleep(1.5)
     status1 = dict(front.status)
 
@@ -330,7 +332,7 @@ def odometry(env: dict, front: Front, pid: int, hz: float, seconds: float) -> di
     over the publisher's life (its start and the idle node included)."""
     before, cpu0, t0 = int(front.status.get("poses_received", 0)), cpu_s(pid), time.monotonic()
     publisher = start_publisher(env, "odometry", hz, seconds)
-    sent = int(publisher.communicate(timeout=seconds + 60)[0].split()[-1])
+    sent = sent_count(publisher, seconds + 60)
     cpu1, t1 = cpu_s(pid), time.monotonic()
     time.sleep(1.5)  # the last diagnostics
     received = int(front.status.get("poses_received", 0)) - before
@@ -457,7 +459,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.publish:
         frames, hz, seconds = args.publish
-        publish(REAR, frames, float(hz), float(seconds))
+        publish(POSES if frames == "odometry" else REAR, frames, float(hz), float(seconds))
         return 0
     run(Path(args.json), args.flood_hz, args.flood_s, args.frames_4k, args.pose_hz, args.pose_s)
     return 0
